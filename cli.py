@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""llmgw's command line: set up, run and manage the gateway.
+
+    python cli.py init                          create config.yaml, the database, the admin token
+    python cli.py serve [--host H] [--port P]   run the gateway
+    python cli.py keys create NAME [--tier T] [--rpm N] [--output json]
+    python cli.py keys list [--output json]
+    python cli.py keys revoke ID
+    python cli.py config set-key PROVIDER KEY   store a provider key in the database
+    python cli.py config list-keys              each provider's key, masked, and its source
+    python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
+                        [--project NAME] [--output json]
+    python cli.py admin-token                   issue a new admin token, retiring the old one
+
+Files: config.yaml (CONFIG_PATH) and gateway.db (DB_PATH). Each command is a
+few lines over one call into llmgw; errors print one line and exit 1.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import llmgw
+
+
+def _store():
+    return llmgw.Store(llmgw.db_path_from_env())
+
+
+def _print_json(value):
+    print(json.dumps(value, indent=2))
+
+
+def _print_table(rows, columns):
+    """Rows of dicts as aligned text columns: (field, heading) pairs."""
+    cells = [[heading for _, heading in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(field) is None else str(row[field]) for field, _ in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def cmd_init(args):
+    config_path = llmgw.config_path_from_env()
+    if os.path.exists(config_path):
+        os.chmod(config_path, 0o600)
+        print("Kept existing %s (mode 0600)." % config_path)
+    else:
+        llmgw.write_private_file(config_path, llmgw.CONFIG_TEMPLATE)
+        print("Created %s (mode 0600)." % config_path)
+    llmgw.load_config(config_path)  # a broken file is reported now, not at serve
+    store = _store()
+    print("Database ready at %s (mode 0600)." % store.path)
+    if store.get_setting(llmgw.ADMIN_TOKEN_SETTING):
+        print("An admin token already exists and was kept (python cli.py admin-token issues a new one).")
+    else:
+        print("Admin token: %s" % llmgw.issue_admin_token(store))
+        print("(Shown once. Only its hash is stored.)")
+    print("\nNext steps:\n"
+          "  python cli.py config set-key openai sk-...\n"
+          "  python cli.py config set-key anthropic sk-ant-...\n"
+          "  python cli.py keys create \"My Project\"\n"
+          "  python cli.py serve")
+    return 0
+
+
+def cmd_admin_token(args):
+    token = llmgw.issue_admin_token(_store())
+    print("Admin token: %s" % token)
+    print("(Shown once. The previous admin token no longer works.)")
+    return 0
+
+
+def cmd_serve(args):
+    llmgw.serve(llmgw.load_config(), host=args.host, port=args.port)
+    return 0
+
+
+KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rpm", "RPM"),
+               ("is_active", "ACTIVE"), ("created_at", "CREATED"), ("last_used_at", "LAST USED"),
+               ("key_hint", "KEY")]
+
+
+def cmd_keys_create(args):
+    config = llmgw.load_config()
+    record, secret = llmgw.create_virtual_key(_store(), config, args.name, args.tier, args.rpm)
+    fields = ("id", "project_name", "created_at", "is_active", "tier", "rpm")
+    if args.output == "json":
+        _print_json(dict({field: record[field] for field in fields}, key=secret))
+        return 0
+    print("Created virtual key %s for project %r (tier %s)." % (record["id"], record["project_name"],
+                                                               record["tier"]))
+    print("Key (shown once, store it now): %s" % secret)
+    return 0
+
+
+def cmd_keys_list(args):
+    keys = _store().list_keys()
+    if args.output == "json":
+        _print_json(keys)
+    elif not keys:
+        print("No virtual keys yet: python cli.py keys create NAME")
+    else:
+        _print_table(keys, KEY_COLUMNS)
+    return 0
+
+
+def cmd_keys_revoke(args):
+    store = _store()
+    if not store.revoke_key(args.id):
+        raise llmgw.ConfigError("no virtual key with id %s (see: python cli.py keys list)" % args.id)
+    print("Revoked %s; running gateways refuse it from their next request." % args.id)
+    return 0
+
+
+def cmd_config_set_key(args):
+    config = llmgw.load_config()
+    provider = config.providers.get(args.provider)
+    if provider is None:
+        raise llmgw.ConfigError("unknown provider %r (configured: %s)"
+                                % (args.provider, ", ".join(config.providers) or "none"))
+    llmgw.check_provider_key(args.provider, args.key)
+    _store().set_provider_key(args.provider, args.key)
+    print("Stored the %s key in the database (%s); running gateways use it within a second."
+          % (args.provider, llmgw.mask_secret(args.key)))
+    if provider.api_key is not None:
+        print("Note: config.yaml sets providers.%s.api_key, which takes precedence." % args.provider)
+    return 0
+
+
+def cmd_config_list_keys(args):
+    config = llmgw.load_config()
+    stored = _store().provider_keys()
+    rows = []
+    for name, provider in config.providers.items():
+        try:
+            key, source = llmgw.resolve_provider_key(provider, stored)
+        except llmgw.ConfigError as exc:
+            key, source = None, "invalid: %s" % exc.message
+        rows.append({"provider": name, "key": llmgw.mask_secret(key) if key else "(none)",
+                     "source": source or "-", "base_url": provider.base_url})
+    _print_table(rows, [("provider", "PROVIDER"), ("key", "KEY"), ("source", "SOURCE"),
+                        ("base_url", "BASE URL")])
+    return 0
+
+
+STATS_COLUMNS = {
+    "key": [("virtual_key_id", "KEY ID"), ("project_name", "PROJECT")],
+    "project": [("project_name", "PROJECT")],
+    "model": [("model", "MODEL")],
+    "provider": [("provider", "PROVIDER")],
+    "day": [("day", "DAY")],
+}
+STATS_TOTAL_COLUMNS = [("requests", "REQUESTS"), ("errors", "ERRORS"), ("request_tokens", "REQUEST TOKENS"),
+                       ("response_tokens", "RESPONSE TOKENS"), ("cost", "COST (USD)")]
+
+
+def cmd_stats(args):
+    store = _store()
+    rows = store.usage_stats(args.by,
+                             args.since and llmgw.parse_time_bound(args.since),
+                             args.until and llmgw.parse_time_bound(args.until, end=True),
+                             args.project)
+    if args.output == "json":
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("No usage recorded yet.")
+        return 0
+    for row in rows:
+        row["cost"] = "%.6f" % row["estimated_cost"]
+    _print_table(rows, STATS_COLUMNS[args.by] + STATS_TOTAL_COLUMNS)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python cli.py", description="llmgw: a self-hosted LLM API gateway.")
+    parser.add_argument("--version", action="version", version="llmgw " + llmgw.__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser("init", help="create config.yaml, the database and an admin token").set_defaults(
+        run=cmd_init)
+    commands.add_parser("admin-token", help="issue a new admin token").set_defaults(run=cmd_admin_token)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (default: server.host in config.yaml)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.set_defaults(run=cmd_serve)
+
+    keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(dest="keys", metavar="ACTION")
+    keys.required = True
+    create = keys.add_parser("create", help="create a virtual key (printed once)")
+    create.add_argument("name", help="project name")
+    create.add_argument("--tier", default="default", help="rate-limit tier from config.yaml (default: default)")
+    create.add_argument("--rpm", type=int, help="requests per minute, overriding the tier")
+    create.add_argument("--output", choices=("table", "json"), default="table")
+    create.set_defaults(run=cmd_keys_create)
+    listing = keys.add_parser("list", help="list virtual keys (never their secrets)")
+    listing.add_argument("--output", choices=("table", "json"), default="table")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a virtual key by id")
+    revoke.add_argument("id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+
+    config = commands.add_parser("config", help="provider keys").add_subparsers(dest="config", metavar="ACTION")
+    config.required = True
+    set_key = config.add_parser("set-key", help="store a provider's API key in the database")
+    set_key.add_argument("provider")
+    set_key.add_argument("key")
+    set_key.set_defaults(run=cmd_config_set_key)
+    config.add_parser("list-keys", help="show provider keys, masked, with their source").set_defaults(
+        run=cmd_config_list_keys)
+
+    stats = commands.add_parser("stats", help="usage and cost per virtual key")
+    stats.add_argument("--by", choices=sorted(llmgw.STATS_GROUPS), default="key")
+    stats.add_argument("--since", help="from this date (YYYY-MM-DD, UTC) or ISO time")
+    stats.add_argument("--until", help="up to and including this date, or before this ISO time")
+    stats.add_argument("--project", help="only this project")
+    stats.add_argument("--output", choices=("table", "json"), default="table")
+    stats.set_defaults(run=cmd_stats)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.run(args)
+    except llmgw.GatewayError as exc:
+        print("error: %s" % exc.message, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

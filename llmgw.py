@@ -1,0 +1,2392 @@
+#!/usr/bin/env python3
+"""llmgw: a self-hosted LLM API gateway in one file.
+
+Teams point their OpenAI or Anthropic SDK at llmgw with a per-project *virtual
+key*. llmgw checks the key, forwards the call to the provider with the real
+provider key, relays the answer (streamed or not) and records exactly what the
+project used and what it cost. It needs the Python standard library and PyYAML.
+
+The request path, in one sentence: parse -> authenticate -> route -> rate
+limit -> write a pending usage row -> forward -> relay -> settle the usage row
+(committed before the reply's last bytes leave) -> access log.
+
+Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
+
+1. Constants and errors   -- defaults, the ``GatewayError`` tree.
+2. Config                 -- ``load_config``: config.yaml, validated, frozen.
+3. Storage                -- ``Store``: SQLite schema, keys, usage rows, stats.
+4. Pricing and usage      -- ``Usage``, usage normalisation, ``PriceTable``.
+5. Providers              -- ``Provider``: pooled upstream connections.
+6. Rate limiting          -- ``RateLimiter``: requests per minute per key.
+7. Streams                -- SSE event splitting and per-API stream meters.
+8. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
+9. HTTP handler           -- ``GatewayHandler``: bytes <-> Request/Reply.
+10. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
+
+Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
+vendored copy of this file keeps this notice.
+"""
+
+import base64
+import dataclasses
+import datetime
+import decimal
+import fnmatch
+import hashlib
+import hmac
+import http.client
+import http.server
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import ssl
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Dict, Optional, Tuple
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - only a vendored copy without PyYAML
+    yaml = None
+
+__version__ = "0.1.0"
+__all__ = [
+    "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
+    "PriceTable", "Store", "Usage", "load_config", "make_server", "serve",
+]
+
+# ==== 1. Constants and errors ===============================================
+
+logger = logging.getLogger("llmgw")
+access_logger = logging.getLogger("llmgw.access")
+logger.addHandler(logging.NullHandler())
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+DEFAULT_DB_PATH = "gateway.db"
+ADMIN_TOKEN_ENV = "LLMGW_ADMIN_TOKEN"
+
+#: Prefix of every virtual key secret, so secret scanners can spot leaked ones.
+VIRTUAL_KEY_PREFIX = "llmgw-"
+ADMIN_TOKEN_PREFIX = "llmgw-admin-"
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+OPENAI = "openai"          # an API dialect: request, error and stream shapes
+ANTHROPIC = "anthropic"
+
+
+class GatewayError(Exception):
+    """An error the gateway answers with; status and code travel with it."""
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message, code=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers or []
+
+
+class BadRequestError(GatewayError):
+    status, code = 400, "invalid_request"
+
+
+class AuthenticationError(GatewayError):
+    status, code = 401, "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status, code = 403, "permission_denied"
+
+
+class NotFoundError(GatewayError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTimeoutError(GatewayError):
+    status, code = 408, "request_timeout"
+
+
+class LengthRequiredError(GatewayError):
+    status, code = 411, "length_required"
+
+
+class PayloadTooLargeError(GatewayError):
+    status, code = 413, "request_too_large"
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status, code = 415, "unsupported_media_type"
+
+
+class RateLimitError(GatewayError):
+    status, code = 429, "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    status, code = 502, "upstream_error"
+
+
+class ServiceUnavailableError(GatewayError):
+    status, code = 503, "service_unavailable"
+
+
+class UpstreamTimeoutError(GatewayError):
+    status, code = 504, "upstream_timeout"
+
+
+class ConfigError(GatewayError):
+    """A bad config file or CLI input; raised at start-up and by the CLI."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was complete."""
+
+
+#: The error "type" both APIs use for a status (Anthropic's list; OpenAI's
+#: types are a subset of the same words).
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error",
+    403: "permission_error", 404: "not_found_error",
+    405: "invalid_request_error", 408: "timeout_error",
+    411: "invalid_request_error", 413: "request_too_large",
+    415: "invalid_request_error", 429: "rate_limit_error",
+    502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+}
+
+
+def error_body(exc, dialect):
+    """The JSON error body for ``exc`` in the shape of the API called."""
+    error_type = ERROR_TYPES.get(exc.status, "api_error")
+    if dialect == ANTHROPIC:
+        return {"type": "error", "error": {"type": error_type, "message": exc.message}}
+    return {"error": {"message": exc.message, "type": error_type,
+                      "param": None, "code": exc.code}}
+
+
+# ==== 2. Config =============================================================
+#
+# config.yaml holds settings only, never a secret written by a tool. A
+# provider's key is looked up, in order, in: its ``api_key`` in config.yaml
+# (a literal or ``${ENV_VAR}``), the database (``cli.py config set-key``), and
+# the ``<NAME>_API_KEY`` environment variable.
+
+CONFIG_TEMPLATE = """\
+# llmgw configuration. Settings only: keep secrets out of this file.
+# Provider keys: `python cli.py config set-key NAME KEY` (stored in the
+# database), or the environment (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...).
+# Admin token: `python cli.py init` / `python cli.py admin-token`, or the
+# LLMGW_ADMIN_TOKEN environment variable.
+# Changes take effect when the gateway starts.
+
+server:
+  host: 0.0.0.0
+  port: 8000
+  # max_connections: 512           # open client connections; beyond: 503
+  # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
+  # client_timeout: 30             # seconds to send a request, and keep-alive idle
+  # upstream_connect_timeout: 10   # seconds to connect to a provider
+  # upstream_timeout: 600          # seconds for a provider's first byte or next stream event
+  # request_deadline: 3600         # seconds a whole proxied request may take
+
+providers:
+  openai:
+    base_url: https://api.openai.com
+    # api_key: ${MY_OPENAI_KEY}    # optional; a literal or ${ENV_VAR}
+  anthropic:
+    base_url: https://api.anthropic.com
+    # models: ["claude-*"]         # also send OpenAI-format calls for these models
+                                   # to Anthropic's OpenAI-compatible endpoint
+  # An OpenAI-compatible provider needs only config:
+  # mistral:
+  #   base_url: https://api.mistral.ai
+  #   format: openai
+  #   models: ["mistral-*", "codestral-*"]   # key: MISTRAL_API_KEY or set-key
+
+logging:
+  level: INFO
+  # file: llmgw.log
+
+rate_limits:                       # requests per minute per virtual key, by tier
+  default: 100
+  premium: 1000
+
+pricing: {}                        # USD per million tokens; overrides built-in prices
+#  gpt-4o: {input: 2.5, output: 10, cached_input: 1.25, cache_write: 0}
+#  my-local-model: {input: 0, output: 0}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_connections: int = 512
+    max_body_bytes: int = 10 * 1024 * 1024
+    client_timeout: float = 30.0
+    upstream_connect_timeout: float = 10.0
+    upstream_timeout: float = 600.0
+    request_deadline: float = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    file: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    base_url: str
+    format: str = OPENAI
+    api_key: Optional[str] = None
+    models: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
+    logging: LoggingConfig = LoggingConfig()
+    rate_limits: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"default": 100, "premium": 1000})
+    pricing: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    path: Optional[str] = None
+
+
+_SECTIONS = ("server", "providers", "logging", "rate_limits", "pricing")
+_PROVIDER_KEYS = ("base_url", "api_key", "format", "models")
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def config_path_from_env(environ=os.environ):
+    return environ.get("CONFIG_PATH") or DEFAULT_CONFIG_PATH
+
+
+def db_path_from_env(environ=os.environ):
+    return environ.get("DB_PATH") or DEFAULT_DB_PATH
+
+
+def load_config(path=None):
+    """Read and validate config.yaml. Raises ConfigError naming the problem."""
+    path = path or config_path_from_env()
+    if yaml is None:
+        raise ConfigError("PyYAML is required to read %s: pip install -r requirements.txt" % path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError("config file %s not found (run: python cli.py init)" % path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("%s is not valid YAML: %s" % (path, str(exc).splitlines()[0])) from None
+    return parse_config(document if document is not None else {}, path)
+
+
+def parse_config(document, path=None):
+    """Build a Config from a parsed YAML document, validating every value."""
+    _expect(document, dict, "config")
+    for section in document:
+        if section not in _SECTIONS:
+            raise ConfigError("unknown section %r (known: %s)" % (section, ", ".join(_SECTIONS)))
+    server = _parse_dataclass(ServerConfig, document.get("server"), "server")
+    if not 0 <= server.port <= 65535:
+        raise ConfigError("server.port: %d is not a port number" % server.port)
+    for field in ("max_connections", "max_body_bytes", "client_timeout", "upstream_connect_timeout",
+                  "upstream_timeout", "request_deadline"):
+        if getattr(server, field) <= 0:
+            raise ConfigError("server.%s: must be positive" % field)
+    log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
+    if log.level.upper() not in _LOG_LEVELS:
+        raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
+    providers = _parse_providers(document.get("providers"))
+    rate_limits = _parse_rate_limits(document.get("rate_limits"))
+    pricing = _parse_pricing(document.get("pricing"), "pricing")
+    return Config(server=server, providers=providers, logging=log,
+                  rate_limits=rate_limits, pricing=pricing, path=path)
+
+
+def _expect(value, kind, where):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+                 float: "a number", bool: "true or false"}
+        raise ConfigError("%s: expected %s, got %r" % (where, names.get(kind, kind.__name__), value))
+    return value
+
+
+def _parse_dataclass(cls, section, where):
+    """Fill ``cls`` from a mapping whose keys must be ``cls`` fields."""
+    if section is None:
+        return cls()
+    _expect(section, dict, where)
+    values = {}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in section.items():
+        if key not in types:
+            raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(types)))
+        kind = types[key]
+        if kind is Optional[str]:
+            values[key] = None if value is None else _expect(value, str, "%s.%s" % (where, key))
+        else:
+            values[key] = _expect(value, kind, "%s.%s" % (where, key))
+    return cls(**values)
+
+
+def _parse_providers(section):
+    if section is None:
+        section = {"openai": {"base_url": "https://api.openai.com"},
+                   "anthropic": {"base_url": "https://api.anthropic.com"}}
+    _expect(section, dict, "providers")
+    providers = {}
+    for name, entry in section.items():
+        where = "providers.%s" % name
+        if not isinstance(name, str) or not _PROVIDER_NAME.match(name):
+            raise ConfigError("%s: a provider name is lowercase letters, digits, - and _" % where)
+        _expect(entry, dict, where)
+        for key in entry:
+            if key not in _PROVIDER_KEYS:
+                raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(_PROVIDER_KEYS)))
+        if not entry.get("base_url"):
+            raise ConfigError("%s.base_url: missing" % where)
+        base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where)
+        api_format = entry.get("format") or (ANTHROPIC if name == "anthropic" else OPENAI)
+        if api_format not in (OPENAI, ANTHROPIC):
+            raise ConfigError("%s.format: %r is not openai or anthropic" % (where, api_format))
+        api_key = entry.get("api_key")
+        if api_key is not None:
+            _expect(api_key, str, where + ".api_key")
+            if not _ENV_REFERENCE.match(api_key):
+                check_provider_key(name, api_key)
+        models = tuple(_expect(glob, str, where + ".models[]")
+                       for glob in _expect(entry.get("models") or [], list, where + ".models"))
+        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models)
+    return providers
+
+
+def _check_base_url(url, where):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s.base_url: %r is not an http(s) URL with a host" % (where, url))
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("%s.base_url: credentials, query and fragment are not allowed" % where)
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError("%s.base_url: bad port in %r" % (where, url)) from None
+    return url.rstrip("/")
+
+
+def _parse_rate_limits(section):
+    limits = {"default": 100, "premium": 1000}
+    if section is None:
+        return limits
+    _expect(section, dict, "rate_limits")
+    for tier, rpm in section.items():
+        _expect(tier, str, "rate_limits")
+        if _expect(rpm, int, "rate_limits.%s" % tier) <= 0:
+            raise ConfigError("rate_limits.%s: must be a positive number of requests per minute" % tier)
+        limits[tier] = rpm
+    return limits
+
+
+def _parse_pricing(section, where):
+    """Validate per-model prices (USD per million tokens) into plain dicts."""
+    if section is None:
+        return {}
+    _expect(section, dict, where)
+    prices = {}
+    for model, entry in section.items():
+        entry_where = "%s.%s" % (where, model)
+        _expect(model, str, where)
+        _expect(entry, dict, entry_where)
+        for field in entry:
+            if field not in PRICE_FIELDS:
+                raise ConfigError("%s: unknown key %r (known: %s)" % (entry_where, field, ", ".join(PRICE_FIELDS)))
+        for field in ("input", "output"):
+            if field not in entry:
+                raise ConfigError("%s.%s: missing" % (entry_where, field))
+        for field, value in entry.items():
+            if value is not None and _expect(value, float, "%s.%s" % (entry_where, field)) < 0:
+                raise ConfigError("%s.%s: a price cannot be negative" % (entry_where, field))
+        prices[model] = dict(entry)
+    return prices
+
+
+def check_provider_key(provider, key):
+    """Refuse a key that would corrupt a header (and leak in an error message)."""
+    if not key or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise ConfigError("the API key for provider %s is empty or contains whitespace "
+                          "or control characters" % provider)
+    return key
+
+
+def resolve_provider_key(provider, stored_keys, environ=os.environ):
+    """Return (key, source) for ``provider``, source being config, database,
+    environment or None. Precedence: config.yaml, database, environment."""
+    if provider.api_key is not None:
+        reference = _ENV_REFERENCE.match(provider.api_key)
+        if not reference:
+            return provider.api_key, "config"
+        value = environ.get(reference.group(1))
+        if value:
+            return check_provider_key(provider.name, value), "config"
+    if provider.name in stored_keys:
+        return check_provider_key(provider.name, stored_keys[provider.name]), "database"
+    value = environ.get("%s_API_KEY" % provider.name.upper().replace("-", "_"))
+    if value:
+        return check_provider_key(provider.name, value), "environment"
+    return None, None
+
+
+def mask_secret(secret):
+    """``sk-...cdef``: enough to recognise a key, not to use it."""
+    if not secret:
+        return ""
+    head = secret[:3] if len(secret) > 12 else ""
+    return "%s...%s" % (head, secret[-4:] if len(secret) > 8 else "")
+
+
+def write_private_file(path, text):
+    """Create ``path`` readable by its owner only (0600) and write ``text``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+# ==== 3. Storage ============================================================
+#
+# One SQLite file holds virtual keys (hashes only), provider keys set with the
+# CLI, the admin token's hash, imported prices and usage rows. It is shared by
+# the CLI and any number of gateway processes: WAL, a busy timeout, short
+# write transactions begun IMMEDIATE. Every change to keys or settings bumps
+# a ``generation`` counter, which running gateways watch to drop their caches.
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS virtual_keys (
+    id            TEXT PRIMARY KEY,
+    key_hash      TEXT NOT NULL UNIQUE,
+    key_hint      TEXT NOT NULL,
+    project_name  TEXT NOT NULL,
+    tier          TEXT NOT NULL,
+    rpm           INTEGER,
+    is_active     INTEGER NOT NULL DEFAULT 1,
+    created_at    REAL NOT NULL,
+    revoked_at    REAL
+);
+CREATE TABLE IF NOT EXISTS provider_keys (
+    provider      TEXT PRIMARY KEY,
+    api_key       TEXT NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name          TEXT PRIMARY KEY,
+    value         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id                    INTEGER PRIMARY KEY,
+    request_id            TEXT NOT NULL UNIQUE,
+    virtual_key_id        TEXT NOT NULL,
+    provider              TEXT NOT NULL,
+    endpoint              TEXT NOT NULL,
+    model                 TEXT,
+    streamed              INTEGER NOT NULL,
+    status                TEXT NOT NULL,
+    http_status           INTEGER,
+    usage_source          TEXT NOT NULL DEFAULT 'none',
+    request_tokens        INTEGER NOT NULL DEFAULT 0,
+    response_tokens       INTEGER NOT NULL DEFAULT 0,
+    input_tokens          INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens     INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens    INTEGER NOT NULL DEFAULT 0,
+    cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens         INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens      INTEGER NOT NULL DEFAULT 0,
+    cost_nanousd          INTEGER NOT NULL DEFAULT 0,
+    priced                INTEGER NOT NULL DEFAULT 1,
+    started_at            REAL NOT NULL,
+    finished_at           REAL,
+    latency_ms            REAL,
+    owner_pid             INTEGER
+);
+CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
+CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
+CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner_pid) WHERE status = 'pending';
+"""
+
+INSERT_KEY = """INSERT INTO virtual_keys (id, key_hash, key_hint, project_name, tier, rpm, created_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)"""
+KEY_COLUMNS = "id, project_name, tier, rpm, is_active, created_at, revoked_at, key_hint"
+LOOKUP_KEY = "SELECT %s FROM virtual_keys WHERE key_hash = ?" % KEY_COLUMNS
+LIST_KEYS = ("SELECT %s, (SELECT MAX(started_at) FROM usage WHERE virtual_key_id = virtual_keys.id) "
+             "FROM virtual_keys ORDER BY created_at, id" % KEY_COLUMNS)
+REVOKE_KEY = "UPDATE virtual_keys SET is_active = 0, revoked_at = ? WHERE id = ? AND is_active = 1"
+KEY_EXISTS = "SELECT 1 FROM virtual_keys WHERE id = ?"
+UPSERT_PROVIDER_KEY = """INSERT INTO provider_keys (provider, api_key, updated_at) VALUES (?, ?, ?)
+                         ON CONFLICT (provider) DO UPDATE SET api_key = excluded.api_key,
+                                                              updated_at = excluded.updated_at"""
+ALL_PROVIDER_KEYS = "SELECT provider, api_key FROM provider_keys"
+GET_SETTING = "SELECT value FROM settings WHERE name = ?"
+PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value"""
+BUMP_GENERATION = """INSERT INTO settings (name, value) VALUES ('generation', '1')
+                     ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"""
+INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
+                                     status, started_at, owner_pid)
+                  VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"""
+USAGE_RESULT_COLUMNS = (
+    "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
+    "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
+    "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms")
+FINISH_USAGE = "UPDATE usage SET %s WHERE id = ?" % ", ".join("%s = ?" % c for c in USAGE_RESULT_COLUMNS)
+PENDING_OWNERS = "SELECT DISTINCT owner_pid FROM usage WHERE status = 'pending'"
+INTERRUPT_OWNER = """UPDATE usage SET status = 'interrupted', finished_at = ?
+                     WHERE status = 'pending' AND owner_pid IS ? AND started_at < ?"""
+
+#: How ``stats`` may group rows: name -> (key columns, SQL expressions).
+STATS_GROUPS = {
+    "key": (("virtual_key_id", "project_name"), ("u.virtual_key_id", "k.project_name")),
+    "project": (("project_name",), ("k.project_name",)),
+    "model": (("model",), ("u.model",)),
+    "provider": (("provider",), ("u.provider",)),
+    "day": (("day",), ("date(u.started_at, 'unixepoch')",)),
+}
+STATS_TOTALS = """COUNT(*),
+    SUM(u.status NOT IN ('ok', 'pending')),
+    SUM(u.request_tokens), SUM(u.response_tokens), SUM(u.cache_read_tokens),
+    SUM(u.cache_write_tokens + u.cache_write_1h_tokens), SUM(u.reasoning_tokens),
+    SUM(u.cost_nanousd), SUM(u.priced = 0 AND u.request_tokens + u.response_tokens > 0),
+    SUM(u.usage_source = 'estimated'),
+    SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)"""
+STATS_TOTAL_FIELDS = ("requests", "errors", "request_tokens", "response_tokens", "cache_read_tokens",
+                      "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "unpriced_requests",
+                      "estimated_usage_requests", "estimated_usage_cost_nanousd")
+
+
+ADMIN_TOKEN_SETTING = "admin_token_hash"
+
+
+class StorageError(ServiceUnavailableError):
+    code = "storage_unavailable"
+
+
+def hash_secret(secret):
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def iso_time(epoch):
+    """Epoch seconds as ISO 8601 UTC (``2026-11-27T03:49:49Z``), or None."""
+    if epoch is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class _Ticket:
+    __slots__ = ("operation", "result", "error", "done")
+
+    def __init__(self, operation):
+        self.operation, self.result, self.error, self.done = operation, None, None, False
+
+
+class _GroupCommit:
+    """Run write operations on one connection, many per transaction.
+
+    A thread queues its operation, then takes the leader lock. If another
+    leader already committed the operation, it is done; otherwise it commits
+    everything queued so far in one ``BEGIN IMMEDIATE`` transaction. Alone,
+    a request pays one commit; under load, concurrent requests share one.
+    Each operation runs inside a savepoint, so one failing operation does not
+    undo its neighbours.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._leader = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue = []
+
+    def run(self, operation):
+        ticket = _Ticket(operation)
+        with self._queue_lock:
+            self._queue.append(ticket)
+        with self._leader:
+            if not ticket.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def _commit(self, batch):
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for ticket in batch:
+                    conn.execute("SAVEPOINT operation")
+                    try:
+                        ticket.result = ticket.operation(conn)
+                    except Exception as exc:  # handed to the thread that asked
+                        conn.execute("ROLLBACK TO operation")
+                        ticket.error = exc
+                    conn.execute("RELEASE operation")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            logger.error("database write failed: %s", exc)
+            for ticket in batch:
+                ticket.error = StorageError("the gateway's database is unavailable")
+        finally:
+            for ticket in batch:
+                ticket.done = True
+
+
+class Store:
+    """The gateway's SQLite database: keys, settings, usage rows, stats.
+
+    Thread-safe. Writes go through one group-committed connection; hot-path
+    reads use a second connection behind a lock, so a long stats query (on
+    its own short-lived connection) never stalls a request.
+    """
+
+    busy_timeout_s = 10.0
+
+    def __init__(self, path, synchronous="NORMAL"):
+        self.path = str(path)
+        self._synchronous = synchronous
+        if not os.path.exists(self.path):
+            # Create it private before SQLite does; -wal and -shm inherit the mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._writer = self._connect()
+        self._migrate()
+        self._reader = self._connect()
+        self._read_lock = threading.Lock()
+        self._commits = _GroupCommit(self._writer)
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = %s" % self._synchronous)
+        except sqlite3.Error as exc:
+            raise StorageError("cannot open database %s: %s" % (self.path, exc)) from None
+        return conn
+
+    def _migrate(self):
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise StorageError("database %s was written by a newer llmgw" % self.path)
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError("cannot prepare database %s: %s" % (self.path, exc)) from None
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chmod(self.path + suffix, 0o600)
+            except OSError:
+                pass
+
+    def close(self):
+        for conn in (self._reader, self._writer):
+            conn.close()
+
+    # -- reads on the hot path ----------------------------------------------
+
+    def _read(self, sql, params=()):
+        try:
+            with self._read_lock:
+                return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("the gateway's database is unavailable: %s" % exc) from None
+
+    def data_version(self):
+        """Changes whenever another connection commits: a cheap 'anything new?'."""
+        return self._read("PRAGMA data_version")[0][0]
+
+    def generation(self):
+        rows = self._read(GET_SETTING, ("generation",))
+        return int(rows[0][0]) if rows else 0
+
+    def find_key(self, key_hash):
+        rows = self._read(LOOKUP_KEY, (key_hash,))
+        return _key_record(rows[0]) if rows else None
+
+    def provider_keys(self):
+        return dict(self._read(ALL_PROVIDER_KEYS))
+
+    def get_setting(self, name):
+        rows = self._read(GET_SETTING, (name,))
+        return rows[0][0] if rows else None
+
+    # -- administrative writes ------------------------------------------------
+
+    def _write(self, operation):
+        return self._commits.run(operation)
+
+    def create_key(self, project_name, tier="default", rpm=None):
+        """Create a virtual key. Returns (record, secret); the secret is shown once."""
+        secret = VIRTUAL_KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "vk_" + secrets.token_hex(6)
+        now = time.time()
+
+        def insert(conn):
+            conn.execute(INSERT_KEY, (key_id, hash_secret(secret), VIRTUAL_KEY_PREFIX + "..." + secret[-4:],
+                                      project_name, tier, rpm, now))
+            conn.execute(BUMP_GENERATION)
+        self._write(insert)
+        return self.get_key(key_id), secret
+
+    def get_key(self, key_id):
+        rows = self._read("SELECT %s FROM virtual_keys WHERE id = ?" % KEY_COLUMNS, (key_id,))
+        return _key_record(rows[0]) if rows else None
+
+    def list_keys(self):
+        keys = []
+        for row in self._read(LIST_KEYS):
+            record = _key_record(row[:-1])
+            record["last_used_at"] = iso_time(row[-1])
+            keys.append(record)
+        return keys
+
+    def revoke_key(self, key_id):
+        """Revoke a key. Returns False if there is no such key; revoking twice is fine."""
+        def revoke(conn):
+            if conn.execute(KEY_EXISTS, (key_id,)).fetchone() is None:
+                return False
+            if conn.execute(REVOKE_KEY, (time.time(), key_id)).rowcount:
+                conn.execute(BUMP_GENERATION)
+            return True
+        return self._write(revoke)
+
+    def set_provider_key(self, provider, api_key):
+        def upsert(conn):
+            conn.execute(UPSERT_PROVIDER_KEY, (provider, api_key, time.time()))
+            conn.execute(BUMP_GENERATION)
+        self._write(upsert)
+
+    def set_setting(self, name, value):
+        def put(conn):
+            conn.execute(PUT_SETTING, (name, value))
+            conn.execute(BUMP_GENERATION)
+        self._write(put)
+
+    # -- usage rows -------------------------------------------------------------
+
+    def begin_usage(self, request_id, key_id, provider, endpoint, model, streamed, started_at):
+        """Write the pending row for an upstream attempt; returns its row id."""
+        values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, os.getpid())
+        return self._write(lambda conn: conn.execute(INSERT_USAGE, values).lastrowid)
+
+    def finish_usage(self, row_id, result):
+        """Settle a usage row; ``result`` maps USAGE_RESULT_COLUMNS to values."""
+        values = tuple(result[column] for column in USAGE_RESULT_COLUMNS) + (row_id,)
+        self._write(lambda conn: conn.execute(FINISH_USAGE, values))
+
+    def recover_interrupted(self, started_at):
+        """Mark rows left pending by dead processes as ``interrupted``.
+
+        A row is abandoned if its owner process is gone, or if it carries our
+        own pid but predates us (a restarted container reuses pid 1).
+        """
+        def recover(conn):
+            count = 0
+            for (pid,) in conn.execute(PENDING_OWNERS).fetchall():
+                if pid == os.getpid():
+                    cutoff = started_at
+                elif pid is None or not _pid_alive(pid):
+                    cutoff = float("inf")
+                else:
+                    continue
+                count += conn.execute(INTERRUPT_OWNER, (time.time(), pid, cutoff)).rowcount
+            return count
+        return self._write(recover)
+
+    def usage_rows(self, where="1", params=()):
+        """Usage rows as dicts (for tests, audits and exports)."""
+        conn = self._connect()
+        try:
+            cursor = conn.execute("SELECT * FROM usage WHERE %s ORDER BY id" % where, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+        finally:
+            conn.close()
+
+    def usage_stats(self, group_by="key", since=None, until=None, project=None):
+        """Per-group totals of usage rows, as dicts ready for JSON.
+
+        ``since``/``until`` are epoch seconds (until exclusive); ``group_by`` is
+        one of STATS_GROUPS.
+        """
+        if group_by not in STATS_GROUPS:
+            raise BadRequestError("cannot group by %r (choose: %s)" % (group_by, ", ".join(STATS_GROUPS)))
+        names, expressions = STATS_GROUPS[group_by]
+        clauses, params = [], []
+        for clause, value in (("u.started_at >= ?", since), ("u.started_at < ?", until),
+                              ("k.project_name = ?", project)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id" % (
+            ", ".join(expressions), STATS_TOTALS)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " GROUP BY %s ORDER BY %s" % (", ".join(expressions), ", ".join(expressions))
+        conn = self._connect()
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("cannot read usage: %s" % exc) from None
+        finally:
+            conn.close()
+        result = []
+        for row in rows:
+            entry = dict(zip(names, row[:len(names)]))
+            totals = dict(zip(STATS_TOTAL_FIELDS, (value or 0 for value in row[len(names):])))
+            entry.update(totals)
+            entry["estimated_cost"] = nanousd_to_usd(totals.pop("cost_nanousd"))
+            entry["estimated_usage_cost"] = nanousd_to_usd(totals["estimated_usage_cost_nanousd"])
+            del entry["cost_nanousd"], entry["estimated_usage_cost_nanousd"]
+            result.append(entry)
+        return result
+
+
+def issue_admin_token(store):
+    """Create a new admin token, retire the old one; returns the token (shown once)."""
+    token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    store.set_setting(ADMIN_TOKEN_SETTING, hash_secret(token))
+    return token
+
+
+def _key_record(row):
+    key_id, project_name, tier, rpm, is_active, created_at, revoked_at, key_hint = row
+    return {"id": key_id, "project_name": project_name, "tier": tier, "rpm": rpm,
+            "is_active": bool(is_active), "created_at": iso_time(created_at),
+            "revoked_at": iso_time(revoked_at), "key_hint": key_hint}
+
+
+def nanousd_to_usd(nanos):
+    """Integer nano-dollars to a float for display (ledgers stay integer)."""
+    return round((nanos or 0) / 1e9, 9)
+
+
+# ==== 4. Pricing and usage ==================================================
+#
+# Usage is normalised the same way for every provider: request_tokens counts
+# all input (uncached + cache reads + cache writes), response_tokens all output
+# (reasoning included). The raw parts are kept so a price change can be
+# re-applied. Money is integer nano-dollars (1e-9 USD): the cheapest listed
+# token costs 5 of them, so nothing rounds away.
+
+#: Built-in list prices, USD per million tokens, standard tier:
+#: model -> (input, output, cached input / cache read, cache write 5m, cache write 1h).
+#: Source: shared/prices.json (2026-11-27), compiled from the LiteLLM price map
+#: 1.110.2 and cross-checked against the providers' pricing pages
+#: (developers.openai.com/api/docs/pricing, platform.claude.com pricing);
+#: retired models keep their historical list prices.
+BUILTIN_PRICES_SOURCE = "built-in (list prices as of 2026-11-27)"
+BUILTIN_PRICES = {
+    # openai
+    "gpt-3.5-turbo":               ("0.5", "1.5", None, None, None),
+    "gpt-4o":                      ("2.5", "10", "1.25", None, None),
+    "gpt-4o-mini":                 ("0.15", "0.6", "0.075", None, None),
+    "gpt-4.1":                     ("2", "8", "0.5", None, None),
+    "gpt-4.1-mini":                ("0.4", "1.6", "0.1", None, None),
+    "gpt-4.1-nano":                ("0.1", "0.4", "0.025", None, None),
+    "o1":                          ("15", "60", "7.5", None, None),
+    "o1-pro":                      ("150", "600", None, None, None),
+    "o3":                          ("2", "8", "0.5", None, None),
+    "o3-mini":                     ("1.1", "4.4", "0.55", None, None),
+    "o3-pro":                      ("20", "80", None, None, None),
+    "o4-mini":                     ("1.1", "4.4", "0.275", None, None),
+    "gpt-5":                       ("1.25", "10", "0.125", None, None),
+    "gpt-5-mini":                  ("0.25", "2", "0.025", None, None),
+    "gpt-5-nano":                  ("0.05", "0.4", "0.005", None, None),
+    "gpt-5-pro":                   ("15", "120", None, None, None),
+    "gpt-5.1":                     ("1.25", "10", "0.125", None, None),
+    "gpt-5.2":                     ("1.75", "14", "0.175", None, None),
+    "gpt-5.4":                     ("2.5", "15", "0.25", None, None),
+    "gpt-5.4-mini":                ("0.75", "4.5", "0.075", None, None),
+    "gpt-5.4-nano":                ("0.2", "1.25", "0.02", None, None),
+    "gpt-5.5":                     ("5", "30", "0.5", None, None),
+    "gpt-5.5-pro":                 ("30", "180", None, None, None),
+    "gpt-5.6":                     ("4", "20", "0.4", "5", None),
+    "gpt-6-sol":                   ("2", "10", "0.2", "2.5", None),
+    "gpt-6-luna":                  ("0.1", "0.5", "0.01", "0.125", None),
+    "text-embedding-3-small":      ("0.02", "0", None, None, None),
+    "text-embedding-3-large":      ("0.13", "0", None, None, None),
+    "text-embedding-ada-002":      ("0.1", "0", None, None, None),
+    # anthropic
+    "claude-3-haiku-20240307":     ("0.25", "1.25", "0.03", "0.3", None),
+    "claude-3-sonnet-20240229":    ("3", "15", None, None, None),
+    "claude-3-opus-20240229":      ("15", "75", "1.5", "18.75", None),
+    "claude-3-5-haiku-20241022":   ("0.8", "4", "0.08", "1", "1.6"),
+    "claude-3-5-sonnet-20241022":  ("3", "15", "0.3", "3.75", "6"),
+    "claude-3-7-sonnet-20250219":  ("3", "15", "0.3", "3.75", "6"),
+    "claude-sonnet-4-20250514":    ("3", "15", "0.3", "3.75", "6"),
+    "claude-opus-4-20250514":      ("15", "75", "1.5", "18.75", "30"),
+    "claude-opus-4-1-20250805":    ("15", "75", "1.5", "18.75", "30"),
+    "claude-sonnet-4-5":           ("3", "15", "0.3", "3.75", "6"),
+    "claude-haiku-4-5":            ("1", "5", "0.1", "1.25", "2"),
+    "claude-opus-4-5":             ("5", "25", "0.5", "6.25", "10"),
+    "claude-sonnet-4-6":           ("3", "15", "0.3", "3.75", "6"),
+    "claude-opus-4-6":             ("5", "25", "0.5", "6.25", "10"),
+    "claude-opus-4-7":             ("5", "25", "0.5", "6.25", "10"),
+    "claude-opus-4-8":             ("5", "25", "0.5", "6.25", "10"),
+    "claude-opus-5":               ("5", "25", "0.5", "6.25", "10"),
+    "claude-opus-5-5":             ("4", "20", "0.2", "5", "8"),
+    "claude-sonnet-5":             ("2", "10", "0.2", "2.5", "4"),
+    "claude-sonnet-5-5":           ("2", "10", "0.1", "2.5", "4"),
+    "claude-haiku-5-5":            ("0.1", "0.5", "0.01", "0.125", "0.2"),
+    "claude-fable-5-1":            ("10", "50", "0.25", "12.5", "20"),
+    # gemini
+    "gemini-2.5-pro":              ("1.25", "10", "0.125", None, None),
+    "gemini-2.5-flash":            ("0.3", "2.5", "0.03", None, None),
+    "gemini-2.5-flash-lite":       ("0.1", "0.4", "0.01", None, None),
+    "gemini-3.1-flash-lite":       ("0.25", "1.5", "0.025", None, None),
+    "gemini-3.1-pro-preview":      ("2", "12", "0.2", None, None),
+    "gemini-3.5-flash-lite":       ("0.3", "2.5", "0.03", None, None),
+    "gemini-3.8-flash":            ("0.75", "3.75", "0.075", None, None),
+    # mistral
+    "mistral-large-latest":        ("0.5", "1.5", "0.05", None, None),
+    "mistral-medium-latest":       ("1.5", "7.5", "0.15", None, None),
+    "mistral-small-latest":        ("0.15", "0.6", "0.015", None, None),
+    "codestral-latest":            ("0.3", "0.9", "0.03", None, None),
+    "ministral-8b-latest":         ("0.15", "0.15", "0.015", None, None),
+    "mistral-embed":               ("0.1", "0", None, None, None),
+    # deepseek
+    "deepseek-flash":              ("0.3", "1.2", "0.006", None, None),
+    "deepseek-v4-pro":             ("1.32", "3.96", "0.044", None, None),
+    "deepseek-chat":               ("0.28", "0.42", "0.028", None, None),
+    "deepseek-reasoner":           ("0.28", "0.42", "0.028", None, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Price:
+    """One model's prices in USD per million tokens (Decimal, exact)."""
+    input: decimal.Decimal
+    output: decimal.Decimal
+    cached_input: Optional[decimal.Decimal] = None
+    cache_write: Optional[decimal.Decimal] = None
+    cache_write_1h: Optional[decimal.Decimal] = None
+    source: str = BUILTIN_PRICES_SOURCE
+
+    @classmethod
+    def from_fields(cls, fields, source):
+        """Build from a mapping of PRICE_FIELDS names to numbers or None."""
+        values = {name: None if fields.get(name) is None else decimal.Decimal(str(fields[name]))
+                  for name in PRICE_FIELDS}
+        return cls(source=source, **values)
+
+    def as_dict(self):
+        return {name: None if getattr(self, name) is None else float(getattr(self, name))
+                for name in PRICE_FIELDS}
+
+
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+class PriceTable:
+    """Model prices in force: built-in, overridden by config.yaml ``pricing``."""
+
+    def __init__(self, prices):
+        self._prices = dict(prices)
+
+    @classmethod
+    def build(cls, config_pricing=None):
+        prices = {model: Price.from_fields(dict(zip(PRICE_FIELDS, values)), BUILTIN_PRICES_SOURCE)
+                  for model, values in BUILTIN_PRICES.items()}
+        for model, fields in (config_pricing or {}).items():
+            prices[model] = Price.from_fields(fields, "config.yaml")
+        return cls(prices)
+
+    def items(self):
+        return sorted(self._prices.items())
+
+    def lookup(self, model):
+        """The price of ``model``, trying it bare of a provider prefix and of a
+        date suffix (``gpt-4o-2024-08-06`` costs what ``gpt-4o`` costs)."""
+        if not model:
+            return None
+        for candidate in (model, model.rsplit("/", 1)[-1]):
+            for name in (candidate, candidate.lower(), _DATE_SUFFIX.sub("", candidate.lower())):
+                price = self._prices.get(name)
+                if price is not None:
+                    return price
+        return None
+
+
+@dataclasses.dataclass
+class Usage:
+    """Token counts for one call, normalised across providers."""
+    input_tokens: int = 0            # uncached input
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0      # 5-minute (or unspecified) cache writes
+    cache_write_1h_tokens: int = 0
+    output_tokens: int = 0           # reasoning included
+    reasoning_tokens: int = 0        # informational: already inside output
+    source: str = "none"             # reported | estimated | none
+
+    @property
+    def request_tokens(self):
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens + self.cache_write_1h_tokens
+
+    @property
+    def response_tokens(self):
+        return self.output_tokens
+
+
+def _count(value):
+    """A token count from a provider's JSON; garbage counts as 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return 0
+    return int(value)
+
+
+def _details(usage, name):
+    details = usage.get(name)
+    return details if isinstance(details, dict) else {}
+
+
+def openai_usage(usage):
+    """Chat, completions and embeddings ``usage``: prompt_tokens includes
+    cached and cache-write tokens; completion_tokens includes reasoning."""
+    prompt = _count(usage.get("prompt_tokens"))
+    details = _details(usage, "prompt_tokens_details")
+    cached = _count(details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens"))
+    written = _count(details.get("cache_write_tokens"))
+    return Usage(input_tokens=max(prompt - cached - written, 0), cache_read_tokens=cached,
+                 cache_write_tokens=written, output_tokens=_count(usage.get("completion_tokens")),
+                 reasoning_tokens=_count(_details(usage, "completion_tokens_details").get("reasoning_tokens")),
+                 source="reported")
+
+
+def responses_usage(usage):
+    """Responses API ``usage``: the same rules under other names."""
+    prompt = _count(usage.get("input_tokens"))
+    details = _details(usage, "input_tokens_details")
+    cached, written = _count(details.get("cached_tokens")), _count(details.get("cache_write_tokens"))
+    return Usage(input_tokens=max(prompt - cached - written, 0), cache_read_tokens=cached,
+                 cache_write_tokens=written, output_tokens=_count(usage.get("output_tokens")),
+                 reasoning_tokens=_count(_details(usage, "output_tokens_details").get("reasoning_tokens")),
+                 source="reported")
+
+
+def anthropic_usage(usage):
+    """Messages ``usage``: input_tokens excludes cache reads and writes; the
+    1-hour share of cache writes is priced apart when reported."""
+    written = _count(usage.get("cache_creation_input_tokens"))
+    written_1h = min(_count(_details(usage, "cache_creation").get("ephemeral_1h_input_tokens")), written)
+    return Usage(input_tokens=_count(usage.get("input_tokens")),
+                 cache_read_tokens=_count(usage.get("cache_read_input_tokens")),
+                 cache_write_tokens=written - written_1h, cache_write_1h_tokens=written_1h,
+                 output_tokens=_count(usage.get("output_tokens")),
+                 reasoning_tokens=_count(_details(usage, "output_tokens_details").get("thinking_tokens")),
+                 source="reported")
+
+
+def cost_nanousd(price, usage):
+    """The cost of ``usage`` at ``price`` in integer nano-dollars.
+
+    A missing cache price falls back to the price the tokens would otherwise
+    carry: cache reads and writes to input, 1-hour writes to 5-minute writes.
+    """
+    cached = price.cached_input if price.cached_input is not None else price.input
+    write = price.cache_write if price.cache_write is not None else price.input
+    write_1h = price.cache_write_1h if price.cache_write_1h is not None else write
+    usd_per_mtok_tokens = (usage.input_tokens * price.input + usage.cache_read_tokens * cached
+                           + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
+                           + usage.output_tokens * price.output)
+    # USD per million tokens * tokens = micro-dollars; * 1000 = nano-dollars.
+    return int((usd_per_mtok_tokens * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+def estimate_tokens(characters):
+    """The documented estimate when a provider reports nothing: 4 characters a token."""
+    return (characters + 3) // 4
+
+
+def text_characters(value):
+    """Characters of text in a JSON value (all strings, recursively)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_characters(v) for k, v in value.items() if k != "model")
+    if isinstance(value, list):
+        return sum(text_characters(v) for v in value)
+    return 0
+
+
+# ==== 5. Providers ==========================================================
+#
+# A provider is a configured base URL, the API dialects it can serve and a
+# pool of keep-alive connections to it: no request pays a TCP or TLS
+# handshake when a connection is idle. Nothing but a configured base URL is
+# ever contacted, and redirects are never followed.
+
+#: Request headers passed to a provider; everything else (credentials,
+#: hop-by-hop headers, cookies, forwarding headers) stays behind.
+FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "anthropic-beta", "openai-beta")
+#: Response headers passed back to the client.
+FORWARDED_RESPONSE_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms",
+                              "openai-processing-ms")
+FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
+class UpstreamPool:
+    """A bounded LIFO pool of keep-alive connections to one base URL."""
+
+    def __init__(self, base_url, connect_timeout, read_timeout, max_idle=32):
+        parts = urllib.parse.urlsplit(base_url)
+        self.scheme, self.host = parts.scheme, parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._max_idle = max_idle
+        self._idle = []
+        self._lock = threading.Lock()
+        self._tls = ssl.create_default_context() if self.scheme == "https" else None
+
+    def acquire(self):
+        """Return (connection, reused)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        if self._tls is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
+                                               context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        return conn, False
+
+    def release(self, conn):
+        """Return a connection whose last response was read to the end."""
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class Provider:
+    """One configured upstream: where to send, how to authenticate."""
+
+    def __init__(self, config, server_config):
+        self.name = config.name
+        self.format = config.format
+        self.models = config.models
+        self.config = config
+        self.pool = UpstreamPool(config.base_url, server_config.upstream_connect_timeout,
+                                 server_config.upstream_timeout)
+
+    def serves(self, dialect):
+        """Anthropic-format providers serve both dialects (Anthropic has an
+        OpenAI-compatible endpoint); OpenAI-format ones only OpenAI calls."""
+        return dialect == OPENAI or self.format == ANTHROPIC
+
+    def matches(self, model):
+        return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
+
+    def send(self, method, path, dialect, api_key, client_headers, body):
+        """Send one request; returns (connection, response) with the
+        response's headers read. Raises UpstreamError / UpstreamTimeoutError.
+
+        A pooled connection the provider has closed in the meantime fails
+        before any response byte; only then is the request sent once more,
+        on a fresh connection, so a call is never billed twice.
+        """
+        headers = {"Content-Type": "application/json"}
+        for name in FORWARDED_REQUEST_HEADERS:
+            if name in client_headers:
+                headers[name] = client_headers[name]
+        if dialect == ANTHROPIC:
+            headers["x-api-key"] = api_key
+            headers["anthropic-version"] = client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION)
+        else:
+            headers["Authorization"] = "Bearer " + api_key
+        target = self.pool.base_path + path
+        for attempt in (1, 2):
+            conn, reused = self.pool.acquire()
+            try:
+                conn.request(method, target, body=body if method != "GET" else None, headers=headers)
+                conn.sock.settimeout(self.pool.read_timeout)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                raise UpstreamError("provider %s closed the connection: %s" % (self.name, type(exc).__name__),
+                                    code="upstream_unavailable") from None
+            except socket.timeout:
+                conn.close()
+                raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
+            except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+                conn.close()
+                raise UpstreamError("provider %s is unreachable (%s)" % (self.name, type(exc).__name__),
+                                    code="upstream_unavailable") from None
+
+
+def response_headers(upstream_response):
+    """The provider's response headers a client may see."""
+    kept = []
+    for name, value in upstream_response.getheaders():
+        lower = name.lower()
+        if lower in FORWARDED_RESPONSE_HEADERS or lower.startswith(FORWARDED_RESPONSE_PREFIXES):
+            kept.append((lower, value))
+    return kept
+
+
+# ==== 6. Rate limiting ======================================================
+
+class RateLimiter:
+    """Requests per minute per key, as a generic cell rate algorithm.
+
+    A key may spend its whole minute's allowance at once, then one request
+    per 60/rpm seconds. O(1) time and memory per key; the clock is injectable.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._next_free = {}
+        self._lock = threading.Lock()
+
+    def check(self, key_id, per_minute):
+        """Count one request, or raise RateLimitError with a Retry-After."""
+        interval = 60.0 / per_minute
+        with self._lock:
+            now = self._clock()
+            theoretical = max(self._next_free.get(key_id, now), now)
+            wait = theoretical - now - (60.0 - interval)
+            if wait > 0:
+                retry_after = max(1, math.ceil(wait))
+                raise RateLimitError(
+                    "Rate limit of %d requests per minute exceeded; retry in %d s" % (per_minute, retry_after),
+                    headers=[("retry-after", str(retry_after)),
+                             ("x-ratelimit-limit-requests", str(per_minute)),
+                             ("x-ratelimit-remaining-requests", "0"),
+                             ("x-ratelimit-reset-requests", "%ds" % retry_after)])
+            self._next_free[key_id] = theoretical + interval
+
+
+# ==== 7. Streams ============================================================
+#
+# Server-sent events are relayed as the provider's own bytes, event by event.
+# A meter reads a copy of each event only as far as usage needs: most events
+# are matched with a regular expression and never JSON-parsed.
+
+#: The blank line that ends an SSE event, in any of the three line endings.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
+_USAGE_OBJECT = re.compile(rb'"(?:usage|x_groq)"\s*:\s*\{')
+_ERROR_OBJECT = re.compile(rb'"error"\s*:\s*\{')
+#: Generated text in any API's stream events, counted for estimates.
+_TEXT_FIELD = re.compile(
+    rb'"(?:content|text|delta|partial_json|thinking|arguments|refusal)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+class UpstreamStreamError(Exception):
+    """The provider's stream broke: cut mid-event, oversized, or too slow."""
+
+
+def iter_sse_events(response, deadline):
+    """Yield complete SSE events (bytes, terminator included) as they arrive.
+
+    Raises UpstreamStreamError if the stream ends inside an event, an event
+    grows past MAX_EVENT_BYTES, or the request deadline passes; socket and
+    protocol errors propagate.
+    """
+    buffer = b""
+    while True:
+        if time.monotonic() > deadline:
+            raise UpstreamStreamError("deadline")
+        data = response.read1(65536)
+        if not data:
+            if buffer.strip():
+                raise UpstreamStreamError("cut mid-event")
+            return
+        buffer += data
+        start = 0
+        while True:
+            end = _EVENT_END.search(buffer, start)
+            if end is None:
+                break
+            yield buffer[start:end.end()]
+            start = end.end()
+        buffer = buffer[start:]
+        if len(buffer) > MAX_EVENT_BYTES:
+            raise UpstreamStreamError("oversized event")
+
+
+def sse_fields(event):
+    """(event name or None, data) of one SSE event; data lines joined by \\n."""
+    name, data = None, []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            name = line[6:].strip()
+    return name, b"\n".join(data)
+
+
+def _json_object(data):
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _error_message(error, default="The provider reported an error"):
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return default
+
+
+class StreamMeter:
+    """Follows one stream: usage, whether it finished, errors, text relayed.
+
+    ``feed(event)`` returns False for an event the client must not see.
+    ``finished`` turns true on the event that ends the stream (held back by
+    the gateway until the usage row is committed); ``usage_final`` when the
+    provider's usage is complete.
+    """
+
+    def __init__(self, hide_usage_chunk=False):
+        self.hide_usage_chunk = hide_usage_chunk
+        self.usage = None
+        self.usage_final = False
+        self.finished = False
+        self.error = None
+        self.text_bytes = 0
+
+    def _count_text(self, data):
+        for match in _TEXT_FIELD.finditer(data):
+            self.text_bytes += len(match.group(1))
+
+
+class ChatStreamMeter(StreamMeter):
+    """Chat and legacy completions: data-only frames ending in ``[DONE]``;
+    usage rides the last chunk (``choices: []``) when include_usage is on."""
+
+    def feed(self, event):
+        _, data = sse_fields(event)
+        if data == b"[DONE]":
+            self.finished = True
+            return True
+        self._count_text(data)
+        if _USAGE_OBJECT.search(data) or _ERROR_OBJECT.search(data):
+            chunk = _json_object(data)
+            if chunk is not None:
+                if chunk.get("error"):
+                    self.error = _error_message(chunk["error"])
+                usage = chunk.get("usage")
+                if not isinstance(usage, dict):  # Groq's older streams
+                    usage = _details(_details(chunk, "x_groq"), "usage") or None
+                if usage:
+                    self.usage, self.usage_final = openai_usage(usage), True
+                    if self.hide_usage_chunk and chunk.get("choices") == []:
+                        return False
+        return True
+
+
+class ResponsesStreamMeter(StreamMeter):
+    """Responses API: typed events; usage in the terminal response event."""
+    TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+
+    def feed(self, event):
+        name, data = sse_fields(event)
+        if name in self.TERMINAL or name == b"error" or (
+                name is None and (_USAGE_OBJECT.search(data) or b'"error"' in data)):
+            payload = _json_object(data) or {}
+            kind = payload.get("type", "")
+            if kind.encode() in self.TERMINAL:
+                self.finished = True
+                response = _details(payload, "response")
+                if isinstance(response.get("usage"), dict):
+                    self.usage, self.usage_final = responses_usage(response["usage"]), True
+                if kind == "response.failed":
+                    self.error = _error_message(response.get("error"), "The response failed")
+            elif kind == "error":
+                self.error = _error_message(payload)
+        else:
+            self._count_text(data)
+        return True
+
+
+class MessagesStreamMeter(StreamMeter):
+    """Anthropic Messages: ``message_start`` seeds input and cache counts;
+    every ``message_delta`` overrides the fields it carries (they are
+    cumulative, output included); ``message_stop`` ends the stream."""
+
+    def __init__(self, hide_usage_chunk=False):
+        super().__init__(hide_usage_chunk)
+        self._counts = {}
+
+    def feed(self, event):
+        name, data = sse_fields(event)
+        if name == b"message_start":
+            message = _details(_json_object(data) or {}, "message")
+            self._merge(_details(message, "usage"))
+        elif name == b"message_delta":
+            usage = _details(_json_object(data) or {}, "usage")
+            if usage:
+                self._merge(usage)
+                self.usage_final = True
+        elif name == b"message_stop":
+            self.finished = True
+        elif name == b"error":
+            self.error = _error_message(_details(_json_object(data) or {}, "error"))
+        else:
+            self._count_text(data)
+        return True
+
+    def _merge(self, usage):
+        self._counts.update(usage)
+        self.usage = anthropic_usage(self._counts)
+
+
+def stream_error_event(dialect, endpoint, message, code):
+    """An error event in the stream format of the API called."""
+    if dialect == ANTHROPIC:
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    if endpoint == "/v1/responses":
+        payload = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    payload = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+# ==== 8. Gateway ============================================================
+#
+# The product as plain Python: ``Gateway.handle(request) -> Reply``. The HTTP
+# handler below turns bytes into a Request and a Reply back into bytes; every
+# decision is made here.
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """A proxied endpoint and what the gateway knows about it."""
+    method: str
+    dialect: Optional[str]               # None: Anthropic if anthropic-version is sent
+    usage_parser: Optional[object] = None  # None: nothing billable
+    stream_meter: Optional[type] = None
+    injects_stream_usage: bool = False   # ask OpenAI for usage on streams
+
+
+ROUTES = {
+    "/v1/chat/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
+    "/v1/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
+    "/v1/embeddings": Route("POST", OPENAI, openai_usage),
+    "/v1/responses": Route("POST", OPENAI, responses_usage, ResponsesStreamMeter),
+    "/v1/messages": Route("POST", ANTHROPIC, anthropic_usage, MessagesStreamMeter),
+    "/v1/messages/count_tokens": Route("POST", ANTHROPIC),
+    "/v1/models": Route("GET", None),
+}
+
+
+class Request:
+    """One client request, as the handler parsed it. The body is read only
+    when the gateway asks, after the key is checked."""
+
+    def __init__(self, method, path, headers, content_length, read_body, send_continue=None, query=""):
+        self.method = method
+        self.path = path
+        self.query = query                  # never forwarded
+        self.headers = headers              # lower-cased name -> value
+        self.content_length = content_length
+        self._read_body = read_body
+        self._send_continue = send_continue  # set when the client sent Expect: 100-continue
+        self.body_consumed = not content_length
+        self.log = {}                        # what the access log line reports
+
+    def read_body(self):
+        if self._send_continue is not None:
+            self._send_continue()
+        body = self._read_body(self.content_length or 0)
+        self.body_consumed = True
+        return body
+
+
+class Reply:
+    """A response: a complete body, or a stream of events (``stream``)."""
+    __slots__ = ("status", "headers", "body", "stream", "close")
+
+    def __init__(self, status, headers, body=b"", stream=None, close=False):
+        self.status, self.headers, self.body, self.stream, self.close = status, headers, body, stream, close
+
+
+def json_reply(status, payload, headers=()):
+    return Reply(status, [("content-type", "application/json")] + list(headers),
+                 json.dumps(payload).encode())
+
+
+def error_reply(exc, dialect):
+    return json_reply(exc.status, error_body(exc, dialect), exc.headers)
+
+
+_JSON_CONTENT_TYPE = re.compile(r"^application/json\s*(;\s*charset\s*=\s*\"?utf-8\"?\s*)?$", re.I)
+
+
+def _reject_duplicate_keys(pairs):
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key")
+    return result
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def parse_json_body(request, max_bytes):
+    """Read and parse a JSON object body. Raises a 4xx GatewayError."""
+    if request.content_length is None:
+        raise LengthRequiredError("A request body with a Content-Length header is required")
+    if request.content_length > max_bytes:
+        raise PayloadTooLargeError("The request body is larger than the gateway's limit of %d bytes" % max_bytes)
+    if not _JSON_CONTENT_TYPE.match(request.headers.get("content-type", "")):
+        raise UnsupportedMediaTypeError("Content-Type must be application/json")
+    raw = request.read_body()
+    try:
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
+                          parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequestError("The request body is not valid JSON (UTF-8, no duplicate keys)") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object")
+    return raw, body
+
+
+def parse_time_bound(text, end=False):
+    """``YYYY-MM-DD`` or an ISO 8601 time (UTC unless it says otherwise) as
+    epoch seconds. With ``end``, a bare date means the end of that day."""
+    try:
+        if len(text) == 10:
+            day = datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
+            return (day + datetime.timedelta(days=1 if end else 0)).timestamp()
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequestError("%r is not a date (YYYY-MM-DD) or ISO 8601 time" % text) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def create_virtual_key(store, config, project_name, tier="default", rpm=None):
+    """Validate and create a virtual key (CLI and admin API alike).
+    Returns (record, secret)."""
+    if not isinstance(project_name, str) or not project_name.strip() or len(project_name) > 200:
+        raise BadRequestError("project_name must be a non-empty string of at most 200 characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in project_name):
+        raise BadRequestError("project_name must not contain control characters")
+    if tier not in config.rate_limits:
+        raise BadRequestError("unknown tier %r (configured: %s)" % (tier, ", ".join(config.rate_limits)))
+    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm <= 0):
+        raise BadRequestError("rpm must be a positive integer")
+    return store.create_key(project_name.strip(), tier, rpm)
+
+
+class _Call:
+    """One upstream attempt and its usage row, from pending to settled."""
+
+    def __init__(self, gateway, request, key, provider, route, dialect, model, body, streamed):
+        self.gateway, self.request, self.key, self.provider = gateway, request, key, provider
+        self.route, self.dialect, self.model, self.body = route, dialect, model, body
+        self.request_id = gateway.next_request_id()
+        self.started = time.monotonic()
+        self.row_id = gateway.store.begin_usage(
+            self.request_id, key["id"], provider.name, request.path, model, streamed, time.time())
+        self.settled = False
+
+    def settle(self, status, http_status, usage):
+        """Price and record the outcome; committed when this returns. A
+        database failure is logged, not raised: the client's answer is
+        already paid for, and the pending row marks the attempt."""
+        if self.settled:
+            return
+        self.settled = True
+        price = self.gateway.price_for(self.model) if usage.request_tokens or usage.response_tokens else None
+        result = {
+            "status": status, "http_status": http_status, "usage_source": usage.source,
+            "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
+            "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "cost_nanousd": cost_nanousd(price, usage) if price is not None else 0,
+            "priced": int(price is not None or not (usage.request_tokens or usage.response_tokens)),
+            "finished_at": time.time(), "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
+        }
+        self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
+                                outcome=status)
+        try:
+            self.gateway.store.finish_usage(self.row_id, result)
+        except GatewayError:
+            logger.error("usage row %s could not be settled; it stays pending", self.request_id)
+
+    def estimate(self, usage, text_bytes):
+        """Fill what the provider did not report with the documented estimate:
+        prompt characters / 4 in, generated characters / 4 out."""
+        estimated = dataclasses.replace(usage) if usage is not None else Usage()
+        estimated.source = "estimated"
+        if usage is None:
+            estimated.input_tokens = estimate_tokens(text_characters(self.body))
+        estimated.output_tokens = max(estimated.output_tokens, estimate_tokens(text_bytes))
+        return estimated
+
+
+class Gateway:
+    """Authenticates, routes, limits, forwards and accounts for requests."""
+
+    def __init__(self, config, store, environ=None, clock=time.monotonic):
+        self.config = config
+        self.store = store
+        self._environ = os.environ if environ is None else environ
+        self.providers = {name: Provider(p, config.server) for name, p in config.providers.items()}
+        self.limiter = RateLimiter(clock)
+        self.prices = PriceTable.build(config.pricing)
+        self._lock = threading.Lock()
+        self._data_version = None
+        self._generation = None
+        self._keys = {}               # secret hash -> key record, for active keys
+        self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
+        self._admin_token_hash = None
+        self._unpriced_models = set()
+        self._request_prefix = secrets.token_hex(4)
+        self._request_numbers = itertools.count(1)
+        self.refresh()
+
+    def close(self):
+        for provider in self.providers.values():
+            provider.pool.close()
+
+    def next_request_id(self):
+        return "%s-%d" % (self._request_prefix, next(self._request_numbers))
+
+    # -- state shared with the CLI and other processes -----------------------
+
+    def refresh(self):
+        """Drop cached keys and settings if anyone changed them.
+
+        ``PRAGMA data_version`` costs microseconds and moves on any commit by
+        another connection; only then is the generation counter read, and only
+        a new generation (a key, provider key or admin token changed) clears
+        the caches. So a revoke, from any process, holds from the next request.
+        """
+        version = self.store.data_version()
+        if version == self._data_version:
+            return
+        generation = self.store.generation()
+        with self._lock:
+            self._data_version = version
+            if generation == self._generation:
+                return
+        stored = self.store.provider_keys()
+        provider_keys = {}
+        for name, provider in self.providers.items():
+            try:
+                provider_keys[name] = resolve_provider_key(provider.config, stored, self._environ)
+            except ConfigError as exc:
+                provider_keys[name] = exc
+        env_token = self._environ.get(ADMIN_TOKEN_ENV)
+        admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
+        with self._lock:
+            self._generation = generation
+            self._keys = {}
+            self._provider_keys = provider_keys
+            self._admin_token_hash = admin_hash
+
+    def authenticate(self, headers):
+        """The active key record for the request's credential, or AuthenticationError."""
+        secret = client_credential(headers)
+        digest = hash_secret(secret)
+        record = self._keys.get(digest)
+        if record is None:
+            generation = self._generation
+            record = self.store.find_key(digest)
+            if record is None or not record["is_active"]:
+                raise AuthenticationError("Invalid or revoked virtual key")
+            with self._lock:
+                if generation == self._generation:  # not stale: no refresh since the read
+                    self._keys[digest] = record
+        return record
+
+    def provider_key(self, provider):
+        entry = self._provider_keys.get(provider.name)
+        if isinstance(entry, ConfigError):
+            logger.error("%s", entry.message)
+            raise ServiceUnavailableError("The gateway's key for provider %s is unusable" % provider.name,
+                                          code="provider_key_invalid")
+        if entry is None or entry[0] is None:
+            raise ServiceUnavailableError(
+                "No API key is configured for provider %s (python cli.py config set-key %s KEY)"
+                % (provider.name, provider.name), code="provider_key_missing")
+        return entry[0]
+
+    def price_for(self, model):
+        price = self.prices.lookup(model)
+        if price is None and model not in self._unpriced_models:
+            self._unpriced_models.add(model)
+            logger.warning("model %s has no price; its usage is recorded at cost 0 (add it under "
+                           "pricing: in config.yaml)", printable(model))
+        return price
+
+    # -- the request path --------------------------------------------------
+
+    def handle(self, request):
+        """Answer one request. Never raises, except ClientDisconnected."""
+        path = request.path
+        if path == "/health":
+            return json_reply(200, {"status": "ok", "version": __version__})
+        if path == "/admin" or path.startswith("/admin/"):
+            dialect = OPENAI
+            handler = self._admin
+        else:
+            route = ROUTES.get(path)
+            dialect = dialect_for(route, request)
+            handler = self._proxy
+        try:
+            return handler(request)
+        except GatewayError as exc:
+            return error_reply(exc, dialect)
+        except ClientDisconnected:
+            raise
+        except Exception:
+            logger.exception("unexpected error on %s %s", request.method, printable(path))
+            return error_reply(GatewayError("The gateway hit an internal error"), dialect)
+
+    def _proxy(self, request):
+        route = ROUTES.get(request.path)
+        if route is None:
+            raise NotFoundError("Unknown path %s: the gateway serves only the proxied API endpoints"
+                                % printable(request.path)[:200])
+        if request.method != route.method:
+            raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
+        dialect = dialect_for(route, request)
+        self.refresh()
+        key = self.authenticate(request.headers)
+        request.log.update(key_id=key["id"], project=key["project_name"])
+        if route.method == "POST":
+            raw, body = parse_json_body(request, self.config.server.max_body_bytes)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise BadRequestError("The request body must name a model (\"model\": \"...\")")
+        else:
+            raw, body, model = None, {}, None
+        provider, upstream_model = self._route(dialect, model)
+        request.log.update(provider=provider.name, model=model)
+        api_key = self.provider_key(provider)
+        self.limiter.check(key["id"], key["rpm"] or self.config.rate_limits.get(
+            key["tier"], self.config.rate_limits["default"]))
+        streamed = body.get("stream") is True
+        upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
+        for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
+            if name in request.headers and not _HEADER_VALUE.match(request.headers[name]):
+                raise BadRequestError("Malformed %s header" % name)
+
+        call = _Call(self, request, key, provider, route, dialect, model, body, streamed)
+        try:
+            conn, response = provider.send(request.method, request.path, dialect, api_key,
+                                           request.headers, upstream_body)
+        except GatewayError as exc:
+            call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
+            raise
+        headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
+        content_type = response.getheader("content-type", "")
+        if (route.stream_meter is not None and 200 <= response.status < 300
+                and content_type.startswith("text/event-stream")):
+            meter = route.stream_meter(hide_usage_chunk)
+            stream = self._relay(call, conn, response, meter)
+            return Reply(response.status, headers + [("content-type", content_type),
+                                                     ("cache-control", "no-cache")], stream=stream)
+        return self._complete(call, conn, response, headers)
+
+    def _route(self, dialect, model):
+        """Pick the provider: a ``provider/`` prefix on the model (stripped),
+        else a provider whose ``models`` globs match, else the default one."""
+        if model and "/" in model:
+            prefix, rest = model.split("/", 1)
+            provider = self.providers.get(prefix)
+            if provider is not None:
+                if not provider.serves(dialect):
+                    raise BadRequestError("Provider %s does not serve the Anthropic Messages API" % prefix)
+                return provider, rest
+        if model:
+            for provider in self.providers.values():
+                if provider.serves(dialect) and provider.matches(model):
+                    return provider, model
+        default = self.providers.get(dialect)
+        if default is None or not default.serves(dialect):
+            default = next((p for p in self.providers.values() if p.format == dialect), None)
+        if default is None:
+            raise NotFoundError("No provider is configured for model %s" % printable(model or "")[:100],
+                                code="model_not_found")
+        return default, model
+
+    def _complete(self, call, conn, response, headers):
+        """Read a whole (non-streamed) answer, record it, then reply."""
+        provider = call.provider
+        try:
+            body = response.read(MAX_UPSTREAM_BODY_BYTES + 1)
+            if len(body) > MAX_UPSTREAM_BODY_BYTES:
+                raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
+            body += response.read()
+        except socket.timeout:
+            conn.close()
+            call.settle("timeout", response.status, Usage())
+            raise UpstreamTimeoutError("Provider %s stopped answering" % provider.name) from None
+        except (OSError, http.client.HTTPException, UpstreamError) as exc:
+            conn.close()
+            call.settle("upstream_error", response.status, Usage())
+            if isinstance(exc, UpstreamError):
+                raise
+            raise UpstreamError("Provider %s broke off its answer" % provider.name) from None
+        if response.will_close:
+            conn.close()
+        else:
+            provider.pool.release(conn)
+        status = response.status
+        if status in (401, 403):
+            call.settle("upstream_error", status, Usage())
+            logger.warning("provider %s rejected the gateway's credentials with HTTP %d; check its API key",
+                           provider.name, status)
+            raise UpstreamError("The provider rejected the gateway's credentials; the operator has been told",
+                                code="upstream_auth_error")
+        if 300 <= status < 400:
+            call.settle("upstream_error", status, Usage())
+            raise UpstreamError("The provider answered with a redirect, which the gateway does not follow")
+        payload = _json_object(body)
+        if payload is None:
+            call.settle("upstream_error", status, Usage())
+            raise UpstreamError("The provider answered HTTP %d with a body that is not JSON" % status,
+                                code="upstream_bad_response")
+        ok = 200 <= status < 300
+        usage = Usage()
+        if call.route.usage_parser is not None:
+            if isinstance(payload.get("usage"), dict):
+                usage = call.route.usage_parser(payload["usage"])
+            elif ok:
+                generated = {k: payload.get(k) for k in ("choices", "content", "output")}
+                usage = call.estimate(None, text_characters(generated))
+        call.settle("ok" if ok else "upstream_error", status, usage)
+        return Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
+                     body)
+
+    def _relay(self, call, conn, response, meter):
+        """Relay a stream event by event; settle the usage row before the
+        event that ends the stream goes out, so a client that saw the end
+        of its answer is always on the books."""
+        held, closing_event, outcome = [], None, "ok"
+        deadline = call.started + self.config.server.request_deadline
+        try:
+            try:
+                for event in iter_sse_events(response, deadline):
+                    relay = meter.feed(event)
+                    if meter.finished:
+                        if relay:
+                            held.append(event)
+                    elif relay:
+                        yield event
+            except ClientDisconnected:
+                outcome = "client_disconnected"
+            except (socket.timeout, UpstreamStreamError) as exc:
+                timed_out = isinstance(exc, socket.timeout) or str(exc) == "deadline"
+                outcome = "timeout" if timed_out else "upstream_truncated"
+            except (OSError, http.client.HTTPException):
+                outcome = "upstream_truncated"
+            if outcome == "ok" and not meter.finished:
+                outcome = "upstream_truncated"
+            if outcome == "ok" and not response.will_close:
+                call.provider.pool.release(conn)
+            else:
+                conn.close()
+            if outcome in ("upstream_truncated", "timeout"):
+                message = ("The provider's stream stopped before it was complete" if outcome != "timeout"
+                           else "The provider's stream timed out")
+                closing_event = stream_error_event(call.dialect, call.request.path, message, outcome)
+            elif meter.error is not None:
+                outcome = "upstream_error"
+            usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
+            call.settle(outcome, response.status, usage)
+        finally:
+            if not call.settled:  # the handler closed us without a word
+                conn.close()
+                call.settle("client_disconnected", response.status, call.estimate(meter.usage, meter.text_bytes))
+        if outcome == "client_disconnected":
+            return
+        for event in held:
+            yield event
+        if closing_event is not None:
+            yield closing_event
+
+    # -- admin API -----------------------------------------------------------
+
+    def _admin(self, request):
+        self.refresh()
+        if self._admin_token_hash is None:
+            raise PermissionDeniedError(
+                "The admin API is off. Turn it on with LLMGW_ADMIN_TOKEN in the environment, "
+                "or run: python cli.py admin-token", code="admin_disabled")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hash_secret(token) if scheme.lower() == "bearer" and token else ""
+        if not hmac.compare_digest(presented, self._admin_token_hash):
+            raise AuthenticationError("Admin routes need Authorization: Bearer <admin token>",
+                                      code="invalid_admin_token")
+        parts = request.path.split("/")  # "", "admin", collection, [id]
+        collection = parts[2] if len(parts) > 2 else ""
+        if collection == "virtual-keys" and len(parts) == 3:
+            if request.method == "POST":
+                _, body = parse_json_body(request, 64 * 1024)
+                unknown = set(body) - {"project_name", "tier", "rpm"}
+                if unknown:
+                    raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
+                record, secret = create_virtual_key(self.store, self.config, body.get("project_name"),
+                                                    body.get("tier", "default"), body.get("rpm"))
+                logger.info("admin API created virtual key %s for project %s", record["id"],
+                            printable(record["project_name"]))
+                return json_reply(201, dict(record, key=secret))
+            if request.method == "GET":
+                return json_reply(200, {"data": self.store.list_keys()})
+            raise MethodNotAllowedError("Use GET or POST on /admin/virtual-keys")
+        if collection == "virtual-keys" and len(parts) == 4 and parts[3]:
+            if request.method != "DELETE":
+                raise MethodNotAllowedError("Use DELETE on /admin/virtual-keys/{id}")
+            if not self.store.revoke_key(parts[3]):
+                raise NotFoundError("No virtual key with that id")
+            logger.info("admin API revoked virtual key %s", printable(parts[3]))
+            return json_reply(200, dict(self.store.get_key(parts[3]), revoked=True))
+        if collection == "usage-stats" and len(parts) == 3:
+            if request.method != "GET":
+                raise MethodNotAllowedError("Use GET on /admin/usage-stats")
+            query = urllib.parse.parse_qs(request.query, strict_parsing=False)
+            options = {name: values[-1] for name, values in query.items()}
+            return json_reply(200, self.usage_stats(options.get("by", "key"), options.get("since"),
+                                                    options.get("until"), options.get("project")))
+        raise NotFoundError("Unknown admin route")
+
+    def usage_stats(self, group_by="key", since=None, until=None, project=None):
+        return self.store.usage_stats(group_by, since and parse_time_bound(since),
+                                      until and parse_time_bound(until, end=True), project)
+
+
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
+
+
+def dialect_for(route, request):
+    """The API whose shapes the client expects: Anthropic on /v1/messages*,
+    and on /v1/models when the client sends anthropic-version."""
+    if route is not None and route.dialect is not None:
+        return route.dialect
+    if route is None:
+        return ANTHROPIC if request.path.startswith("/v1/messages") else OPENAI
+    return ANTHROPIC if "anthropic-version" in request.headers else OPENAI
+
+
+def client_credential(headers):
+    """The virtual key from ``Authorization: Bearer`` or ``x-api-key``."""
+    secret = None
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value or value != value.strip():
+            raise AuthenticationError("Send the virtual key as Authorization: Bearer <key> or x-api-key: <key>")
+        secret = value
+    api_key = headers.get("x-api-key")
+    if api_key is not None:
+        if secret is not None and not hmac.compare_digest(secret.encode(), api_key.encode()):
+            raise AuthenticationError("Authorization and x-api-key carry different keys",
+                                      code="ambiguous_credentials")
+        secret = api_key
+    if not secret:
+        raise AuthenticationError("Missing virtual key: send Authorization: Bearer <key> or x-api-key: <key>",
+                                  code="missing_api_key")
+    if len(secret) > 512:
+        raise AuthenticationError("Invalid or revoked virtual key")
+    return secret
+
+
+def _upstream_body(route, raw, body, upstream_model, streamed):
+    """The bytes to forward, and whether the client must not see the usage
+    chunk the gateway asked for. The client's bytes go unchanged unless the
+    model lost its provider prefix or the stream needs usage switched on."""
+    if raw is None:
+        return None, False
+    options = body.get("stream_options")
+    asked_for_usage = isinstance(options, dict) and options.get("include_usage") is True
+    needs_usage = streamed and route.injects_stream_usage and not asked_for_usage
+    if upstream_model == body.get("model") and not needs_usage:
+        return raw, False
+    changed = dict(body, model=upstream_model)
+    if needs_usage:
+        changed["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), needs_usage
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """``text`` with control characters escaped, safe for one log line."""
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
+
+# ==== 9. HTTP handler =======================================================
+#
+# The only code that touches client sockets. http.server parses the request
+# line and headers; this class adds what a gateway on the edge of a network
+# needs: strict framing (no Transfer-Encoding, one well-formed Content-Length),
+# JSON errors, 100-continue only after the key is checked, one write per
+# response, chunked streams flushed per event, and no query strings in logs.
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
+#: Headers that may appear once: a second copy is a smuggling attempt or a mistake.
+_SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "content-type", "host",
+                             "anthropic-version", "transfer-encoding", "expect"))
+
+
+class GatewayHandler(http.server.BaseHTTPRequestHandler):
+    """Translate HTTP/1.1 bytes to Requests for the gateway and Replies back."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llmgw/" + __version__
+    sys_version = ""
+    #: Nagle's algorithm would hold small writes back by up to ~40 ms.
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        self.timeout = self.server.gateway.config.server.client_timeout
+        super().setup()
+
+    def parse_request(self):
+        self._expects_continue = False
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9" or not self.path.startswith("/"):
+            self.send_error(400, "Malformed request line")
+            return False
+        return True
+
+    def handle_expect_100(self):
+        # Answered in _send_continue, once the key is checked and the size is
+        # known: a client must not upload a body the gateway will refuse.
+        self._expects_continue = True
+        return True
+
+    def do_GET(self):
+        started = time.monotonic()
+        request = reply = None
+        try:
+            request = self._request()
+            reply = self.server.gateway.handle(request)
+        except GatewayError as exc:  # framing errors, found before the gateway
+            self.close_connection = True
+            reply = error_reply(exc, OPENAI)
+        except ClientDisconnected:
+            self.close_connection = True
+            return
+        if request is not None and not request.body_consumed:
+            self.close_connection = True  # unread body bytes would be taken for a request
+        self._send(reply)
+        self._log_access(request, reply, started)
+
+    do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
+
+    def _request(self):
+        headers = {}
+        for name, value in self.headers.items():
+            lower = name.lower()
+            if not _HEADER_NAME.match(name) or _BAD_HEADER_VALUE.search(value):
+                raise BadRequestError("Malformed header")
+            if lower in headers and lower in _SINGLE_HEADERS:
+                raise BadRequestError("Duplicate %s header" % lower)
+            headers[lower] = value.strip()
+        if "transfer-encoding" in headers:
+            if "content-length" in headers:
+                raise BadRequestError("Content-Length and Transfer-Encoding together are refused")
+            raise LengthRequiredError("Chunked request bodies are not supported: send Content-Length")
+        length = headers.get("content-length")
+        if length is not None:
+            if not _CONTENT_LENGTH.match(length):
+                raise BadRequestError("Malformed Content-Length")
+            length = int(length)
+        path, _, query = self.path.partition("?")
+        send_continue = self._send_continue if self._expects_continue else None
+        return Request(self.command, path, headers, length, self._read_body, send_continue, query)
+
+    def _send_continue(self):
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _read_body(self, length):
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:
+            raise RequestTimeoutError("The request body did not arrive in time") from None
+        except OSError:
+            raise ClientDisconnected() from None
+        if len(body) < length:
+            raise ClientDisconnected()
+        return body
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, oversized headers) as JSON."""
+        exc = GatewayError(message or http.HTTPStatus(code).phrase)
+        exc.status, exc.code = code, "invalid_request" if code < 500 else "internal_error"
+        self.close_connection = True
+        try:
+            self._send(error_reply(exc, OPENAI))
+        except OSError:
+            pass
+
+    def _head(self, reply, framing):
+        lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)),
+                 "server: " + self.server_version]
+        lines.extend("%s: %s" % header for header in reply.headers)
+        lines.append(framing)
+        if self.close_connection or reply.close:
+            self.close_connection = True
+            lines.append("connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send(self, reply):
+        if reply.stream is None:
+            # One write: headers and body leave in the same segment.
+            self.wfile.write(self._head(reply, "content-length: %d" % len(reply.body)) + reply.body)
+            return
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True  # an HTTP/1.0 stream ends when the connection does
+        head = self._head(reply, "transfer-encoding: chunked" if chunked else "x-framing: close")
+        stream = reply.stream
+        try:
+            for event in stream:
+                data = b"%x\r\n%s\r\n" % (len(event), event) if chunked else event
+                if head:
+                    data, head = head + data, b""  # headers ride with the first event
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    self.close_connection = True
+                    try:
+                        stream.throw(ClientDisconnected())
+                    except (StopIteration, ClientDisconnected):
+                        pass
+                    return
+            self.wfile.write(head + (b"0\r\n\r\n" if chunked else b""))
+        except OSError:
+            self.close_connection = True
+        finally:
+            stream.close()
+
+    def _log_access(self, request, reply, started):
+        log = request.log if request is not None else {}
+        access_logger.info(
+            "%s %s %d key=%s project=%s provider=%s model=%s tokens=%s outcome=%s latency_ms=%.1f",
+            self.command, printable(request.path if request is not None else "-")[:200], reply.status,
+            log.get("key_id", "-"), printable(log.get("project", "-")), log.get("provider", "-"),
+            printable(log.get("model") or "-")[:100], log.get("tokens", "-"), log.get("outcome", "-"),
+            (time.monotonic() - started) * 1000)
+
+    def log_request(self, code="-", size="-"):
+        pass  # the gateway writes its own access line, without the query string
+
+    def log_message(self, format, *args):
+        logger.debug("http: %s", printable(format % args)[:300])
+
+
+def _reason(status):
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Status %d" % status
+
+
+# ==== 10. Server lifecycle ==================================================
+
+class GatewayServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server with a cap on open connections.
+
+    Beyond ``server.max_connections`` a connection gets an immediate 503 with
+    Retry-After instead of a thread, so load cannot exhaust threads or memory.
+    """
+
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog; http.server's 5 drops bursts
+
+    def __init__(self, address, gateway):
+        self.gateway = gateway
+        self._connection_slots = threading.BoundedSemaphore(gateway.config.server.max_connections)
+        super().__init__(address, GatewayHandler)
+
+    def process_request(self, request, client_address):
+        if not self._connection_slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # can't start new thread
+            self._connection_slots.release()
+            self._refuse(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
+
+    def _refuse(self, request):
+        body = json.dumps(error_body(ServiceUnavailableError(
+            "The gateway is at its connection limit; retry shortly"), OPENAI)).encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                            % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            logger.debug("client connection ended: %s", type(exc).__name__)
+        else:  # no traceback by default: it could carry request data
+            logger.error("unexpected %s while serving a connection", type(exc).__name__)
+            logger.debug("traceback", exc_info=True)
+
+    def server_close(self):
+        super().server_close()
+        self.gateway.close()
+
+
+def make_server(config, store=None, host=None, port=None, environ=None):
+    """A listening GatewayServer (not yet serving). Port 0 picks a free port."""
+    started_at = time.time()
+    store = store if store is not None else Store(db_path_from_env(os.environ if environ is None else environ))
+    recovered = store.recover_interrupted(started_at)
+    if recovered:
+        logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
+    gateway = Gateway(config, store, environ=environ)
+    address = (host if host is not None else config.server.host,
+               port if port is not None else config.server.port)
+    return GatewayServer(address, gateway)
+
+
+def configure_logging(log_config):
+    """Send llmgw's log lines to stderr or to ``logging.file`` (created 0600)."""
+    if log_config.file:
+        if not os.path.exists(log_config.file):
+            os.close(os.open(log_config.file, os.O_WRONLY | os.O_CREAT, 0o600))
+        handler = logging.FileHandler(log_config.file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(log_config.level.upper())
+    logger.propagate = False
+
+
+def warn_if_exposed(path):
+    """Config and database should be private to their owner."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("%s is readable by other users (mode %o); run: chmod 600 %s",
+                       path, stat.S_IMODE(mode), path)
+
+
+def serve(config, host=None, port=None):
+    """Run the gateway until SIGTERM or SIGINT."""
+    configure_logging(config.logging)
+    server = make_server(config, host=host, port=port)
+    for path in (config.path, server.gateway.store.path):
+        if path:
+            warn_if_exposed(path)
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    bound_host, bound_port = server.server_address[:2]
+    logger.info("llmgw %s listening on http://%s:%d (providers: %s)", __version__, bound_host, bound_port,
+                ", ".join(server.gateway.providers) or "none")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        server.gateway.store.close()
+        logger.info("llmgw stopped")
+
+
+def main(argv=None):
+    """``python llmgw.py``: serve with config.yaml (CONFIG_PATH) and gateway.db (DB_PATH)."""
+    try:
+        serve(load_config())
+    except GatewayError as exc:
+        print("error: %s" % exc.message, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
