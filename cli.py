@@ -10,6 +10,9 @@
     python cli.py config list-keys              each provider's key, masked, and its source
     python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
                         [--project NAME] [--output json]
+                        [--reprice [--apply]]
+    python cli.py prices list [--output json]   prices in force and where each came from
+    python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
 
 Files: config.yaml (CONFIG_PATH) and gateway.db (DB_PATH). Each command is a
@@ -53,7 +56,9 @@ def cmd_init(args):
     llmgw.load_config(config_path)  # a broken file is reported now, not at serve
     store = _store()
     print("Database ready at %s (mode 0600)." % store.path)
-    if store.get_setting(llmgw.ADMIN_TOKEN_SETTING):
+    if os.environ.get(llmgw.ADMIN_TOKEN_ENV):
+        print("The admin token comes from %s in the environment; none generated." % llmgw.ADMIN_TOKEN_ENV)
+    elif store.get_setting(llmgw.ADMIN_TOKEN_SETTING):
         print("An admin token already exists and was kept (python cli.py admin-token issues a new one).")
     else:
         print("Admin token: %s" % llmgw.issue_admin_token(store))
@@ -157,12 +162,17 @@ STATS_TOTAL_COLUMNS = [("requests", "REQUESTS"), ("errors", "ERRORS"), ("request
                        ("response_tokens", "RESPONSE TOKENS"), ("cost", "COST (USD)")]
 
 
+def _price_table(store):
+    return llmgw.PriceTable.build(llmgw.load_config().pricing, store.imported_prices())
+
+
 def cmd_stats(args):
     store = _store()
-    rows = store.usage_stats(args.by,
-                             args.since and llmgw.parse_time_bound(args.since),
-                             args.until and llmgw.parse_time_bound(args.until, end=True),
-                             args.project)
+    window = (args.since and llmgw.parse_time_bound(args.since),
+              args.until and llmgw.parse_time_bound(args.until, end=True), args.project)
+    if args.reprice:
+        return _reprice(store, window, args)
+    rows = store.usage_stats(args.by, *window)
     if args.output == "json":
         _print_json(rows)
         return 0
@@ -172,6 +182,57 @@ def cmd_stats(args):
     for row in rows:
         row["cost"] = "%.6f" % row["estimated_cost"]
     _print_table(rows, STATS_COLUMNS[args.by] + STATS_TOTAL_COLUMNS)
+    estimated = sum(row["estimated_usage_requests"] for row in rows)
+    if estimated:
+        print("\n%d request(s) carry estimated usage (USD %.6f of the cost): the provider reported none."
+              % (estimated, sum(row["estimated_usage_cost"] for row in rows)))
+    unpriced = [row for row in store.usage_stats("model", *window) if row["unpriced_requests"]]
+    if unpriced:
+        print("\nUnpriced models (counted at cost 0; add them under pricing: in config.yaml):")
+        _print_table(unpriced, [("model", "MODEL"), ("unpriced_requests", "REQUESTS"),
+                                ("request_tokens", "REQUEST TOKENS"), ("response_tokens", "RESPONSE TOKENS")])
+    return 0
+
+
+def _reprice(store, window, args):
+    totals = llmgw.reprice_usage(store, _price_table(store), *window, apply=args.apply)
+    if args.output == "json":
+        _print_json(totals)
+        return 0
+    print("Re-priced %d usage row(s) with today's prices: %d would change."
+          % (totals["rows"], totals["changed_rows"]))
+    print("Old total: USD %.6f\nNew total: USD %.6f" % (totals["old_cost"], totals["new_cost"]))
+    print("Applied." if args.apply else "Nothing written; add --apply to store the new costs.")
+    return 0
+
+
+def cmd_prices_list(args):
+    store = _store()
+    rows = [dict(price.as_dict(), model=model, source=price.source)
+            for model, price in _price_table(store).items()]
+    if args.output == "json":
+        _print_json(rows)
+        return 0
+    _print_table(rows, [("model", "MODEL"), ("input", "INPUT"), ("output", "OUTPUT"),
+                        ("cached_input", "CACHED INPUT"), ("cache_write", "CACHE WRITE"),
+                        ("cache_write_1h", "CACHE WRITE 1H"), ("source", "SOURCE")])
+    print("USD per million tokens. Precedence: config.yaml, then imported packs, then built-in.")
+    return 0
+
+
+def cmd_prices_import(args):
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise llmgw.ConfigError("cannot read price pack %s: %s" % (args.file, exc)) from None
+    prices = llmgw.parse_price_pack(document)
+    if not prices:
+        raise llmgw.ConfigError("%s holds no usable prices (our format or LiteLLM's)" % args.file)
+    source = "imported %s (%s)" % (os.path.basename(args.file), llmgw.iso_time(os.path.getmtime(args.file))[:10])
+    _store().import_prices(prices, source)
+    print("Imported prices for %d model(s) from %s; running gateways use them from their next request."
+          % (len(prices), args.file))
     return 0
 
 
@@ -219,7 +280,19 @@ def build_parser():
     stats.add_argument("--until", help="up to and including this date, or before this ISO time")
     stats.add_argument("--project", help="only this project")
     stats.add_argument("--output", choices=("table", "json"), default="table")
+    stats.add_argument("--reprice", action="store_true",
+                       help="recompute costs from the stored token counts with today's prices")
+    stats.add_argument("--apply", action="store_true", help="with --reprice: write the new costs")
     stats.set_defaults(run=cmd_stats)
+
+    prices = commands.add_parser("prices", help="model prices").add_subparsers(dest="prices", metavar="ACTION")
+    prices.required = True
+    price_list = prices.add_parser("list", help="the prices in force, with their source")
+    price_list.add_argument("--output", choices=("table", "json"), default="table")
+    price_list.set_defaults(run=cmd_prices_list)
+    price_import = prices.add_parser("import", help="load a price pack (our JSON format or LiteLLM's)")
+    price_import.add_argument("file")
+    price_import.set_defaults(run=cmd_prices_import)
     return parser
 
 

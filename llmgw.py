@@ -505,6 +505,16 @@ CREATE TABLE IF NOT EXISTS settings (
     name          TEXT PRIMARY KEY,
     value         TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS prices (
+    model          TEXT PRIMARY KEY,
+    input          TEXT NOT NULL,
+    output         TEXT NOT NULL,
+    cached_input   TEXT,
+    cache_write    TEXT,
+    cache_write_1h TEXT,
+    source         TEXT NOT NULL,
+    imported_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage (
     id                    INTEGER PRIMARY KEY,
     request_id            TEXT NOT NULL UNIQUE,
@@ -561,6 +571,18 @@ USAGE_RESULT_COLUMNS = (
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
     "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms")
 FINISH_USAGE = "UPDATE usage SET %s WHERE id = ?" % ", ".join("%s = ?" % c for c in USAGE_RESULT_COLUMNS)
+UPSERT_PRICE = """INSERT INTO prices (model, input, output, cached_input, cache_write, cache_write_1h, source,
+                                         imported_at)
+                  VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                  ON CONFLICT (model) DO UPDATE SET input = excluded.input, output = excluded.output,
+                      cached_input = excluded.cached_input, cache_write = excluded.cache_write,
+                      cache_write_1h = excluded.cache_write_1h, source = excluded.source,
+                      imported_at = excluded.imported_at"""
+ALL_PRICES = "SELECT model, input, output, cached_input, cache_write, cache_write_1h, source FROM prices"
+USAGE_COSTS = """SELECT u.id, u.model, u.input_tokens, u.cache_read_tokens, u.cache_write_tokens,
+                        u.cache_write_1h_tokens, u.output_tokens, u.cost_nanousd
+                 FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id"""
+SET_COST = "UPDATE usage SET cost_nanousd = ?, priced = ? WHERE id = ?"
 PENDING_OWNERS = "SELECT DISTINCT owner_pid FROM usage WHERE status = 'pending'"
 INTERRUPT_OWNER = """UPDATE usage SET status = 'interrupted', finished_at = ?
                      WHERE status = 'pending' AND owner_pid IS ? AND started_at < ?"""
@@ -817,6 +839,22 @@ class Store:
             conn.execute(BUMP_GENERATION)
         self._write(put)
 
+    def import_prices(self, prices, source):
+        """Store a price pack (model -> PRICE_FIELDS mapping) for every process."""
+        now = time.time()
+
+        def upsert(conn):
+            for model, fields in prices.items():
+                conn.execute(UPSERT_PRICE, (model,) + tuple(
+                    None if fields.get(name) is None else str(fields[name]) for name in PRICE_FIELDS)
+                    + (source, now))
+            conn.execute(BUMP_GENERATION)
+        self._write(upsert)
+
+    def imported_prices(self):
+        """Prices imported with ``prices import``: model -> (fields, source)."""
+        return {row[0]: (dict(zip(PRICE_FIELDS, row[1:6])), row[6]) for row in self._read(ALL_PRICES)}
+
     # -- usage rows -------------------------------------------------------------
 
     def begin_usage(self, request_id, key_id, provider, endpoint, model, streamed, started_at):
@@ -858,6 +896,20 @@ class Store:
         finally:
             conn.close()
 
+    def usage_costs(self, since=None, until=None, project=None):
+        """(row id, model, raw token counts, cost) of usage rows, for re-pricing.
+        The counts are Usage's first five fields, in order."""
+        where, params = _usage_filter(since, until, project)
+        conn = self._connect()
+        try:
+            return [(row[0], row[1], row[2:7], row[7]) for row in conn.execute(USAGE_COSTS + where, params)]
+        finally:
+            conn.close()
+
+    def set_costs(self, updates):
+        """Write (cost_nanousd, priced, row id) triples in one transaction."""
+        self._write(lambda conn: conn.executemany(SET_COST, updates))
+
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
         """Per-group totals of usage rows, as dicts ready for JSON.
 
@@ -867,16 +919,9 @@ class Store:
         if group_by not in STATS_GROUPS:
             raise BadRequestError("cannot group by %r (choose: %s)" % (group_by, ", ".join(STATS_GROUPS)))
         names, expressions = STATS_GROUPS[group_by]
-        clauses, params = [], []
-        for clause, value in (("u.started_at >= ?", since), ("u.started_at < ?", until),
-                              ("k.project_name = ?", project)):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id" % (
-            ", ".join(expressions), STATS_TOTALS)
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
+        where, params = _usage_filter(since, until, project)
+        sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s" % (
+            ", ".join(expressions), STATS_TOTALS, where)
         sql += " GROUP BY %s ORDER BY %s" % (", ".join(expressions), ", ".join(expressions))
         conn = self._connect()
         try:
@@ -895,6 +940,17 @@ class Store:
             del entry["cost_nanousd"], entry["estimated_usage_cost_nanousd"]
             result.append(entry)
         return result
+
+
+def _usage_filter(since, until, project):
+    """A WHERE clause (and its parameters) over usage ``u`` joined with keys ``k``."""
+    clauses, params = [], []
+    for clause, value in (("u.started_at >= ?", since), ("u.started_at < ?", until),
+                          ("k.project_name = ?", project)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def issue_admin_token(store):
@@ -1034,15 +1090,18 @@ _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
 class PriceTable:
-    """Model prices in force: built-in, overridden by config.yaml ``pricing``."""
+    """Model prices in force. Precedence: config.yaml ``pricing``, then price
+    packs imported into the database (``cli.py prices import``), then built-in."""
 
     def __init__(self, prices):
         self._prices = dict(prices)
 
     @classmethod
-    def build(cls, config_pricing=None):
+    def build(cls, config_pricing=None, imported=None):
         prices = {model: Price.from_fields(dict(zip(PRICE_FIELDS, values)), BUILTIN_PRICES_SOURCE)
                   for model, values in BUILTIN_PRICES.items()}
+        for model, (fields, source) in (imported or {}).items():
+            prices[model] = Price.from_fields(fields, source)
         for model, fields in (config_pricing or {}).items():
             prices[model] = Price.from_fields(fields, "config.yaml")
         return cls(prices)
@@ -1061,6 +1120,66 @@ class PriceTable:
                 if price is not None:
                     return price
         return None
+
+
+#: Our price-pack format (shared/prices.json): per-million-token fields.
+_PACK_FIELDS = {"input": "input_per_mtok", "output": "output_per_mtok",
+                "cache_write": "cache_write_per_mtok", "cache_write_1h": "cache_write_1h_per_mtok"}
+#: LiteLLM's model_prices_and_context_window.json: per-token fields.
+_LITELLM_FIELDS = {"input": "input_cost_per_token", "output": "output_cost_per_token",
+                   "cached_input": "cache_read_input_token_cost",
+                   "cache_write": "cache_creation_input_token_cost",
+                   "cache_write_1h": "cache_creation_input_token_cost_above_1hr"}
+_LITELLM_MODES = (None, "chat", "completion", "embedding", "responses")
+
+
+def parse_price_pack(document):
+    """Prices from a price pack, as model -> PRICE_FIELDS (USD per million).
+
+    Two formats: ours (``{"models": {name: {"input_per_mtok": ...}}}``, as in
+    shared/prices.json) and LiteLLM's flat map of per-token costs, whose
+    provider-prefixed keys (``mistral/mistral-large``) also price the bare
+    name when the pack has no entry of that name. Entries without an input
+    price, or without an output price outside embeddings, are skipped:
+    unknown is not zero. Raises ConfigError if the document is neither.
+    """
+    if not isinstance(document, dict):
+        raise ConfigError("a price pack is a JSON object")
+    prices = {}
+    if isinstance(document.get("models"), dict):
+        for model, entry in document["models"].items():
+            if not isinstance(entry, dict):
+                continue
+            fields = {name: entry.get(key) for name, key in _PACK_FIELDS.items()}
+            fields["cached_input"] = entry.get("cached_input_per_mtok", entry.get("cache_read_per_mtok"))
+            if _valid_prices(fields):
+                prices[model] = fields
+        return prices
+    million = decimal.Decimal(1000000)
+    bare = {}
+    for model, entry in document.items():
+        if model == "sample_spec" or not isinstance(entry, dict) or entry.get("mode") not in _LITELLM_MODES:
+            continue
+        fields = {name: entry.get(key) for name, key in _LITELLM_FIELDS.items()}
+        if fields["output"] is None and entry.get("mode") == "embedding":
+            fields["output"] = 0
+        if not _valid_prices(fields):
+            continue
+        # Per-token floats to per-million decimals, exactly: 2.5e-06 -> 2.5.
+        prices[model] = {name: None if value is None else
+                         format((decimal.Decimal(str(value)) * million).normalize(), "f")
+                         for name, value in fields.items()}
+        bare.setdefault(model.rsplit("/", 1)[-1], prices[model])
+    for model, fields in bare.items():
+        prices.setdefault(model, fields)
+    return prices
+
+
+def _valid_prices(fields):
+    if fields.get("input") is None or fields.get("output") is None:
+        return False
+    return all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+               for value in fields.values())
 
 
 @dataclasses.dataclass
@@ -1640,6 +1759,27 @@ def create_virtual_key(store, config, project_name, tier="default", rpm=None):
     return store.create_key(project_name.strip(), tier, rpm)
 
 
+def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
+    """Recompute stored costs from the raw counts with today's ``prices``.
+    Returns old and new totals; ``apply`` writes the new costs."""
+    totals = {"rows": 0, "changed_rows": 0, "old_cost": 0, "new_cost": 0}
+    updates = []
+    for row_id, model, counts, old_cost in store.usage_costs(since, until, project):
+        price = prices.lookup(model)
+        new_cost = cost_nanousd(price, Usage(*counts)) if price is not None else 0
+        totals["rows"] += 1
+        totals["old_cost"] += old_cost
+        totals["new_cost"] += new_cost
+        if new_cost != old_cost:
+            updates.append((new_cost, int(price is not None or not any(counts)), row_id))
+    totals["changed_rows"] = len(updates)
+    if apply and updates:
+        store.set_costs(updates)
+    totals["old_cost"], totals["new_cost"] = nanousd_to_usd(totals["old_cost"]), nanousd_to_usd(totals["new_cost"])
+    totals["applied"] = bool(apply)
+    return totals
+
+
 class _Call:
     """One upstream attempt and its usage row, from pending to settled."""
 
@@ -1698,7 +1838,7 @@ class Gateway:
         self._environ = os.environ if environ is None else environ
         self.providers = {name: Provider(p, config.server) for name, p in config.providers.items()}
         self.limiter = RateLimiter(clock)
-        self.prices = PriceTable.build(config.pricing)
+        self.prices = None            # PriceTable, rebuilt when prices are imported
         self._lock = threading.Lock()
         self._data_version = None
         self._generation = None
@@ -1744,11 +1884,13 @@ class Gateway:
                 provider_keys[name] = exc
         env_token = self._environ.get(ADMIN_TOKEN_ENV)
         admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
+        prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
         with self._lock:
             self._generation = generation
             self._keys = {}
             self._provider_keys = provider_keys
             self._admin_token_hash = admin_hash
+            self.prices = prices
 
     def authenticate(self, headers):
         """The active key record for the request's credential, or AuthenticationError."""

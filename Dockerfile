@@ -1,0 +1,24 @@
+# llmgw in a standard Python service image. The database lives on the /data
+# volume and is created when the container starts, never baked into the image.
+# Provider keys and the admin token come from the environment:
+#   OPENAI_API_KEY, ANTHROPIC_API_KEY, <NAME>_API_KEY, LLMGW_ADMIN_TOKEN
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CONFIG_PATH=/app/config.yaml \
+    DB_PATH=/data/gateway.db
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt \
+    && useradd --system --uid 10001 --home-dir /app llmgw \
+    && mkdir /data && chown llmgw /data
+COPY --chown=llmgw llmgw.py cli.py config.yaml ./
+
+USER llmgw
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"
+# init is idempotent: it creates the database on the volume on first start.
+CMD ["sh", "-c", "python cli.py init > /dev/null && exec python cli.py serve"]
