@@ -273,8 +273,8 @@ _SECTIONS = ("server", "providers", "logging", "rate_limits", "pricing")
 _PROVIDER_KEYS = ("base_url", "api_key", "format", "models")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
+_PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 
 
 def config_path_from_env(environ=os.environ):
@@ -328,6 +328,8 @@ def parse_config(document, path=None):
 def _expect(value, kind, where):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError("%s: expected a finite number, got %r" % (where, value))
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
                  float: "a number", bool: "true or false"}
@@ -360,9 +362,9 @@ def _parse_providers(section):
     _expect(section, dict, "providers")
     providers = {}
     for name, entry in section.items():
-        where = "providers.%s" % name
         if not isinstance(name, str) or not _PROVIDER_NAME.match(name):
-            raise ConfigError("%s: a provider name is lowercase letters, digits, - and _" % where)
+            raise ConfigError("providers: %r is not a provider name (lowercase letters, digits, - and _)" % (name,))
+        where = "providers.%s" % name
         _expect(entry, dict, where)
         for key in entry:
             if key not in _PROVIDER_KEYS:
@@ -375,7 +377,8 @@ def _parse_providers(section):
             raise ConfigError("%s.format: %r is not openai or anthropic" % (where, api_format))
         api_key = entry.get("api_key")
         if api_key is not None:
-            _expect(api_key, str, where + ".api_key")
+            if not isinstance(api_key, str):  # never echo a key, even a mistyped one
+                raise ConfigError("%s.api_key: expected a string (quote the key)" % where)
             if not _ENV_REFERENCE.match(api_key):
                 check_provider_key(name, api_key)
         models = tuple(_expect(glob, str, where + ".models[]")
@@ -1178,7 +1181,8 @@ def parse_price_pack(document):
 def _valid_prices(fields):
     if fields.get("input") is None or fields.get("output") is None:
         return False
-    return all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+    return all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 and math.isfinite(value) and value >= 0)
                for value in fields.values())
 
 
@@ -1202,9 +1206,12 @@ class Usage:
         return self.output_tokens
 
 
+_MAX_COUNT = 10 ** 12  # more tokens than one call can use: garbage, like NaN
+
+
 def _count(value):
     """A token count from a provider's JSON; garbage counts as 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _MAX_COUNT:
         return 0
     return int(value)
 
