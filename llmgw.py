@@ -1605,8 +1605,9 @@ class MessagesStreamMeter(StreamMeter):
     def feed(self, event):
         name, data = sse_fields(event)
         if name == b"message_start":
-            message = _details(_json_object(data) or {}, "message")
-            self._merge(_details(message, "usage"))
+            usage = _details(_details(_json_object(data) or {}, "message"), "usage")
+            if usage:
+                self._merge(usage)
         elif name == b"message_delta":
             usage = _details(_json_object(data) or {}, "usage")
             if usage:
@@ -2097,7 +2098,7 @@ class Gateway:
                 outcome = "timeout" if timed_out else "upstream_truncated"
             except (OSError, http.client.HTTPException):
                 outcome = "upstream_truncated"
-            if outcome == "ok" and not meter.finished:
+            if outcome == "ok" and not meter.finished and meter.error is None:
                 outcome = "upstream_truncated"
             if outcome == "ok" and not response.will_close:
                 call.provider.pool.release(conn)

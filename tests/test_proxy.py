@@ -1,0 +1,854 @@
+"""Proxying: paths, usage rows, routing, forwarded headers, client
+credentials, errors, rate limits and upstream connection reuse.
+
+Every test runs the real gateway against tests/fake_upstream.py over
+sockets and reads the usage rows back from the database file.
+"""
+
+import decimal
+import json
+import re
+
+import pytest
+
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, call, free_port, post
+
+MISTRAL_KEY = "sk-CANARY-MISTRAL-0123456789abcdef"
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+MODELS = "/v1/models"
+
+ANTHROPIC_PATHS = (MESSAGES, COUNT_TOKENS)
+TOKEN_COLUMNS = ("request_tokens", "response_tokens", "input_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+
+
+# ---- helpers ---------------------------------------------------------------
+
+def body_for(path, model):
+    """A minimal valid request body for ``path``."""
+    if path == CHAT:
+        return {"model": model, "messages": [{"role": "user", "content": "hi there"}]}
+    if path == COMPLETIONS:
+        return {"model": model, "prompt": "hi there"}
+    if path == EMBEDDINGS:
+        return {"model": model, "input": ["first", "second"]}
+    if path == RESPONSES:
+        return {"model": model, "input": "hi there"}
+    if path == MESSAGES:
+        return {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi there"}]}
+    if path == COUNT_TOKENS:
+        return {"model": model, "messages": [{"role": "user", "content": "hi there"}]}
+    raise AssertionError(path)
+
+
+def expected_columns(path, usage):
+    """The usage row's token columns for a provider ``usage`` object."""
+    zero = dict.fromkeys(TOKEN_COLUMNS, 0)
+    if path in (CHAT, COMPLETIONS, EMBEDDINGS):
+        prompt = usage["prompt_tokens"]
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        output = usage.get("completion_tokens", 0)
+        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
+                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
+    if path == RESPONSES:
+        prompt = usage["input_tokens"]
+        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
+        output = usage["output_tokens"]
+        reasoning = usage.get("output_tokens_details", {}).get("reasoning_tokens", 0)
+        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
+                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
+    if path == MESSAGES:
+        written = usage.get("cache_creation_input_tokens", 0)
+        written_1h = usage.get("cache_creation", {}).get("ephemeral_1h_input_tokens", 0)
+        read = usage.get("cache_read_input_tokens", 0)
+        return dict(zero, request_tokens=usage["input_tokens"] + read + written,
+                    response_tokens=usage["output_tokens"], input_tokens=usage["input_tokens"],
+                    cache_read_tokens=read, cache_write_tokens=written - written_1h,
+                    cache_write_1h_tokens=written_1h, output_tokens=usage["output_tokens"])
+    raise AssertionError(path)
+
+
+def tokens_of(row):
+    return {column: row[column] for column in TOKEN_COLUMNS}
+
+
+def expected_cost(columns, input_price, output_price, cached=None, write=None, write_1h=None):
+    """Nano-dollars, computed here independently of llmgw."""
+    D = decimal.Decimal
+    cached = input_price if cached is None else cached
+    write = input_price if write is None else write
+    write_1h = write if write_1h is None else write_1h
+    usd_mtok = (columns["input_tokens"] * D(str(input_price)) + columns["cache_read_tokens"] * D(str(cached))
+                + columns["cache_write_tokens"] * D(str(write))
+                + columns["cache_write_1h_tokens"] * D(str(write_1h))
+                + columns["output_tokens"] * D(str(output_price)))
+    return int((usd_mtok * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+def normalise_ids(raw):
+    """The fake puts its request counter in ids (chatcmpl-fake3, msg_fake3)."""
+    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
+
+
+def assert_error(response, status, dialect, error_type=None, code=None):
+    """A JSON error in the shape of ``dialect``; returns the error object."""
+    assert response.status == status, response.body
+    assert response.header("content-type").startswith("application/json")
+    payload = response.json()
+    if dialect == "anthropic":
+        assert set(payload) == {"type", "error"}, payload
+        assert payload["type"] == "error"
+        assert set(payload["error"]) == {"type", "message"}, payload
+    else:
+        assert set(payload) == {"error"}, payload
+        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
+        if code is not None:
+            assert payload["error"]["code"] == code
+    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
+    if error_type is not None:
+        assert payload["error"]["type"] == error_type
+    return payload["error"]
+
+
+def dialect_of(path):
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def assert_still_serving(gw, key, upstream):
+    """A normal request still succeeds and is forwarded."""
+    before = len(upstream.requests)
+    response = post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), key)
+    assert response.status == 200, response.body
+    assert len(upstream.requests) == before + 1
+
+
+def sent_headers(upstream, index=-1):
+    return upstream.requests[index]["headers"]
+
+
+# ---- paths -----------------------------------------------------------------
+
+def test_post_paths_are_forwarded_to_the_same_path(gateway, vkey, upstream):
+    paths = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS)
+    for index, path in enumerate(paths):
+        response = post(gateway, path, body_for(path, "some-model"), vkey)
+        assert response.status == 200, response.body
+        assert len(upstream.requests) == index + 1
+        forwarded = upstream.requests[index]
+        assert (forwarded["method"], forwarded["path"]) == ("POST", path)
+        assert forwarded["json"] == body_for(path, "some-model")
+    assert [row["endpoint"] for row in gateway.rows()] == list(paths)
+
+
+def test_models_goes_to_openai_without_anthropic_version(gateway, vkey, upstream):
+    response = call(gateway, "GET", MODELS, key=vkey)
+    assert response.status == 200, response.body
+    payload = response.json()
+    assert payload["object"] == "list"
+    assert [m["id"] for m in payload["data"]] == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+    forwarded = upstream.requests[0]
+    assert (forwarded["method"], forwarded["path"]) == ("GET", MODELS)
+    assert forwarded["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert "anthropic-version" not in forwarded["headers"]
+    assert response.header("x-request-id") == forwarded["request_id"]
+    row, = gateway.rows()
+    assert (row["provider"], row["endpoint"], row["status"], row["http_status"]) == ("openai", MODELS, "ok", 200)
+
+
+def test_models_goes_to_anthropic_with_anthropic_version(gateway, vkey, upstream):
+    response = call(gateway, "GET", MODELS, key=vkey, headers={"anthropic-version": "2023-06-01"})
+    assert response.status == 200, response.body
+    payload = response.json()
+    assert payload["has_more"] is False
+    assert [m["id"] for m in payload["data"]] == ["claude-sonnet-4-5", "claude-haiku-4-5"]
+    assert all(m["type"] == "model" for m in payload["data"])
+    forwarded = upstream.requests[0]
+    assert forwarded["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert forwarded["headers"]["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in forwarded["headers"]
+    assert response.header("request-id") == forwarded["request_id"]
+    row, = gateway.rows()
+    assert (row["provider"], row["status"], row["http_status"]) == ("anthropic", "ok", 200)
+
+
+UNKNOWN_PATHS = [
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("POST", "/v1/chat/completions/../files"),
+    ("POST", "/v1/chat/completion"),
+    ("POST", "/v1/chat/completions/"),
+    ("POST", "/v1//chat/completions"),
+    ("POST", "/v1/chat%2Fcompletions"),
+    ("POST", "/V1/chat/completions"),
+    ("POST", "/chat/completions"),
+    ("GET", "/adminx"),
+    ("GET", "/admin-keys"),
+    ("GET", "/v1/admin"),
+    ("POST", "/v1/messages/batches"),
+    ("GET", "/v1/messages/batches"),
+    ("POST", "/v1/messages/"),
+    ("POST", "/v1/messages/count_tokens/x"),
+    ("POST", "/v1/messagesx"),
+    ("GET", "/"),
+]
+
+
+def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream):
+    for method, path in UNKNOWN_PATHS:
+        body = body_for(CHAT, "gpt-4o-mini") if method == "POST" else None
+        response = call(gateway, method, path, body, key=vkey)
+        error = assert_error(response, 404, dialect_of(path), "not_found_error")
+        assert vkey not in response.body.decode()
+        if dialect_of(path) == "openai":
+            assert error["code"] == "not_found", path
+    assert upstream.requests == []
+    assert gateway.rows() == []
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_unknown_path_is_404_even_without_a_key(gateway, vkey, upstream):
+    response = post(gateway, "/v1/files", {"model": "x"})
+    assert_error(response, 404, "openai", "not_found_error")
+    assert upstream.requests == []
+
+
+# ---- usage rows, non-streamed ----------------------------------------------
+
+USAGE_CASES = [
+    (CHAT, "gpt-4o-mini"),
+    (CHAT, "gpt-4o-cache-reasoning"),
+    (COMPLETIONS, "gpt-3.5-turbo-instruct-cache"),
+    (COMPLETIONS, "babbage-reasoning"),
+    (EMBEDDINGS, "text-embedding-3-small"),
+    (RESPONSES, "gpt-4o-mini"),
+    (RESPONSES, "o3-cache-reasoning"),
+    (MESSAGES, "claude-sonnet-4-5"),
+    (MESSAGES, "claude-sonnet-4-5-cache"),
+]
+
+
+def test_nonstreamed_usage_rows_equal_reported(gateway, vkey, upstream):
+    for index, (path, model) in enumerate(USAGE_CASES):
+        check_usage_row(gateway, vkey, upstream, path, model, index)
+    assert len(gateway.rows()) == len(USAGE_CASES)
+
+
+def check_usage_row(gateway, vkey, upstream, path, model, index):
+    response = post(gateway, path, body_for(path, model), vkey)
+    assert response.status == 200, response.body
+    assert len(upstream.reported) == index + 1
+    reported = upstream.reported[index]
+    assert response.json()["usage"] == reported["usage"]
+    row = gateway.rows()[index]
+    assert tokens_of(row) == expected_columns(path, reported["usage"])
+    assert row["request_tokens"] > 0
+    assert (row["status"], row["http_status"], row["usage_source"], row["streamed"]) == ("ok", 200, "reported", 0)
+    assert (row["endpoint"], row["model"]) == (path, model)
+    assert row["provider"] == ("anthropic" if path == MESSAGES else "openai")
+    assert row["finished_at"] is not None and row["latency_ms"] >= 0
+    if "cache" in model:
+        assert row["cache_read_tokens"] > 0
+        if path == MESSAGES:
+            assert row["cache_write_tokens"] > 0 and row["cache_write_1h_tokens"] > 0
+    if "reasoning" in model:
+        assert row["reasoning_tokens"] > 0
+
+
+def test_builtin_price_gpt_4o(gateway, vkey, upstream):
+    response = post(gateway, CHAT, body_for(CHAT, "gpt-4o"), vkey)
+    assert response.status == 200
+    row, = gateway.rows()
+    columns = expected_columns(CHAT, upstream.reported[0]["usage"])
+    assert row["cost_nanousd"] == expected_cost(columns, 2.5, 10, cached=1.25)
+    # 2.5 USD/Mtok = 2500 nano-USD a token; 10 USD/Mtok = 10000.
+    assert row["cost_nanousd"] == columns["request_tokens"] * 2500 + columns["response_tokens"] * 10000
+    assert row["priced"] == 1
+
+
+def test_cost_with_cached_input_openai(make_gateway, upstream):
+    gw = make_gateway(pricing={"gpt-4o-cache": {"input": 2.5, "output": 10, "cached_input": 1.25}})
+    key = gw.create_key()[1]
+    response = post(gw, CHAT, body_for(CHAT, "gpt-4o-cache"), key)
+    assert response.status == 200
+    row, = gw.rows()
+    columns = expected_columns(CHAT, upstream.reported[0]["usage"])
+    assert columns["cache_read_tokens"] > 0
+    expected = columns["input_tokens"] * 2500 + columns["cache_read_tokens"] * 1250 + columns["output_tokens"] * 10000
+    assert row["cost_nanousd"] == expected == expected_cost(columns, 2.5, 10, cached=1.25)
+    assert row["priced"] == 1
+
+
+def test_cost_with_cache_reads_and_writes_anthropic(make_gateway, upstream):
+    gw = make_gateway(pricing={"claude-x-cache": {"input": 3, "output": 15, "cached_input": 0.3,
+                                                  "cache_write": 3.75, "cache_write_1h": 6}})
+    key = gw.create_key()[1]
+    response = post(gw, MESSAGES, body_for(MESSAGES, "claude-x-cache"), key)
+    assert response.status == 200
+    row, = gw.rows()
+    columns = expected_columns(MESSAGES, upstream.reported[0]["usage"])
+    expected = (columns["input_tokens"] * 3000 + columns["cache_read_tokens"] * 300
+                + columns["cache_write_tokens"] * 3750 + columns["cache_write_1h_tokens"] * 6000
+                + columns["output_tokens"] * 15000)
+    assert row["cost_nanousd"] == expected
+    assert tokens_of(row) == columns
+
+
+def test_unpriced_model_is_recorded_at_cost_zero(gateway, vkey, upstream):
+    post(gateway, CHAT, body_for(CHAT, "no-such-model-xyz"), vkey)
+    row, = gateway.rows()
+    assert row["request_tokens"] > 0
+    assert (row["cost_nanousd"], row["priced"]) == (0, 0)
+
+
+def test_count_tokens_row_has_no_tokens(gateway, vkey, upstream):
+    response = post(gateway, COUNT_TOKENS, body_for(COUNT_TOKENS, "claude-sonnet-4-5"), vkey)
+    assert response.status == 200
+    assert set(response.json()) == {"input_tokens"}
+    assert response.json()["input_tokens"] > 0
+    row, = gateway.rows()
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert (row["status"], row["http_status"], row["cost_nanousd"], row["endpoint"]) == \
+        ("ok", 200, 0, COUNT_TOKENS)
+    assert row["provider"] == "anthropic"
+
+
+def test_models_rows_have_no_tokens(gateway, vkey, upstream):
+    for headers in ({}, {"anthropic-version": "2023-06-01"}):
+        assert call(gateway, "GET", MODELS, key=vkey, headers=headers).status == 200
+    rows = gateway.rows()
+    assert [row["provider"] for row in rows] == ["openai", "anthropic"]
+    for row in rows:
+        assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+        assert (row["status"], row["http_status"], row["cost_nanousd"], row["streamed"]) == ("ok", 200, 0, 0)
+        assert row["endpoint"] == MODELS
+
+
+def test_rows_are_attributed_to_the_key(gateway, upstream):
+    record_a, key_a = gateway.create_key("project a")
+    record_b, key_b = gateway.create_key("project b")
+    post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key_a)
+    post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key_b)
+    rows = gateway.rows()
+    assert [r["virtual_key_id"] for r in rows] == [record_a["id"], record_b["id"]]
+    assert len({r["request_id"] for r in rows}) == 2
+
+
+# ---- routing ---------------------------------------------------------------
+
+def test_provider_prefix_is_stripped(gateway, vkey, upstream):
+    response = post(gateway, CHAT, body_for(CHAT, "openai/gpt-4o"), vkey)
+    assert response.status == 200
+    forwarded = upstream.requests[0]
+    assert forwarded["json"] == body_for(CHAT, "gpt-4o")
+    assert forwarded["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    row, = gateway.rows()
+    assert row["provider"] == "openai"
+    assert tokens_of(row) == expected_columns(CHAT, upstream.reported[0]["usage"])
+
+
+def test_anthropic_prefix_on_messages(gateway, vkey, upstream):
+    response = post(gateway, MESSAGES, body_for(MESSAGES, "anthropic/claude-sonnet-4-5"), vkey)
+    assert response.status == 200
+    assert upstream.requests[0]["json"]["model"] == "claude-sonnet-4-5"
+    assert upstream.requests[0]["headers"]["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_unknown_prefix_is_not_stripped(gateway, vkey, upstream):
+    post(gateway, CHAT, body_for(CHAT, "meta-llama/llama-3"), vkey)
+    assert upstream.requests[0]["json"]["model"] == "meta-llama/llama-3"
+    assert upstream.requests[0]["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert gateway.rows()[0]["provider"] == "openai"
+
+
+def mistral_gateway(make_gateway, upstream):
+    return make_gateway(providers={"mistral": {"base_url": upstream.url, "format": "openai",
+                                               "models": ["mistral-*"], "api_key": MISTRAL_KEY}})
+
+
+def test_models_glob_routes_to_provider(make_gateway, upstream):
+    gw = mistral_gateway(make_gateway, upstream)
+    key = gw.create_key()[1]
+    response = post(gw, CHAT, body_for(CHAT, "mistral-large-latest"), key)
+    assert response.status == 200, response.body
+    forwarded = upstream.requests[0]
+    assert forwarded["headers"]["authorization"] == "Bearer " + MISTRAL_KEY
+    assert forwarded["json"]["model"] == "mistral-large-latest"
+    row, = gw.rows()
+    assert row["provider"] == "mistral"
+    assert tokens_of(row) == expected_columns(CHAT, upstream.reported[0]["usage"])
+    # A model matching no glob goes to the default provider.
+    post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), key)
+    assert upstream.requests[1]["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert gw.rows()[1]["provider"] == "openai"
+
+
+def test_prefix_names_a_configured_provider(make_gateway, upstream):
+    gw = mistral_gateway(make_gateway, upstream)
+    key = gw.create_key()[1]
+    post(gw, EMBEDDINGS, body_for(EMBEDDINGS, "mistral/codestral-embed"), key)
+    forwarded = upstream.requests[0]
+    assert forwarded["json"]["model"] == "codestral-embed"
+    assert forwarded["headers"]["authorization"] == "Bearer " + MISTRAL_KEY
+    assert gw.rows()[0]["provider"] == "mistral"
+
+
+def test_openai_format_provider_is_not_used_for_messages(make_gateway, upstream):
+    gw = mistral_gateway(make_gateway, upstream)
+    key = gw.create_key()[1]
+    response = post(gw, MESSAGES, body_for(MESSAGES, "mistral-large-latest"), key)
+    assert response.status == 200
+    assert upstream.requests[0]["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert gw.rows()[0]["provider"] == "anthropic"
+
+
+def test_default_provider_is_openai(gateway, vkey, upstream):
+    post(gateway, CHAT, body_for(CHAT, "claude-sonnet-4-5"), vkey)
+    assert upstream.requests[0]["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert gateway.rows()[0]["provider"] == "openai"
+
+
+def test_messages_go_to_the_anthropic_provider(gateway, vkey, upstream):
+    post(gateway, MESSAGES, body_for(MESSAGES, "gpt-4o"), vkey)
+    assert upstream.requests[0]["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert gateway.rows()[0]["provider"] == "anthropic"
+
+
+# ---- forwarded headers -----------------------------------------------------
+
+HOSTILE_HEADERS = {
+    "Connection": "keep-alive, X-Hop-Secret",
+    "X-Hop-Secret": "hop-by-hop-value",
+    "Keep-Alive": "timeout=5",
+    "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+    "Cookie": "session=cookie-secret",
+    "X-Forwarded-For": "203.0.113.7",
+    "X-Forwarded-Host": "evil.example",
+    "Forwarded": "for=203.0.113.7",
+    "X-Real-IP": "203.0.113.7",
+    "Host": "evil.example",
+    "TE": "trailers",
+}
+
+
+def assert_one_credential(upstream, header, value, vkey):
+    forwarded = upstream.requests[-1]
+    names = [name.lower() for name, _ in forwarded["header_list"]]
+    present = [name for name in names if name in CREDENTIAL_HEADERS]
+    assert present == [header], forwarded["header_list"]
+    assert forwarded["headers"][header] == value
+    for name, val in forwarded["header_list"]:
+        assert vkey not in val, name
+    assert vkey.encode() not in forwarded["body"]
+
+
+def credential_headers(kind, vkey):
+    return {"x-api-key": vkey} if kind == "x-api-key" else {"Authorization": "Bearer " + vkey}
+
+
+def test_openai_paths_get_the_real_key(gateway, vkey, upstream):
+    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
+        for kind in ("authorization", "x-api-key"):
+            response = post(gateway, path, body_for(path, "gpt-4o-mini"), headers=credential_headers(kind, vkey))
+            assert response.status == 200, response.body
+            assert_one_credential(upstream, "authorization", "Bearer " + OPENAI_KEY, vkey)
+            assert "anthropic-version" not in upstream.requests[-1]["headers"]
+    assert len(upstream.requests) == 8
+
+
+def test_anthropic_paths_get_the_real_key(gateway, vkey, upstream):
+    for path in (MESSAGES, COUNT_TOKENS):
+        for kind in ("authorization", "x-api-key"):
+            response = post(gateway, path, body_for(path, "claude-haiku-4-5"), headers=credential_headers(kind, vkey))
+            assert response.status == 200, response.body
+            assert_one_credential(upstream, "x-api-key", ANTHROPIC_KEY, vkey)
+            assert sent_headers(upstream)["anthropic-version"] == "2023-06-01"
+    assert len(upstream.requests) == 4
+
+
+@pytest.mark.parametrize("name", ["x-api-key", "Authorization"])
+def test_models_accepts_both_credential_headers(gateway, vkey, upstream, name):
+    value = vkey if name == "x-api-key" else "Bearer " + vkey
+    for extra, header, secret in (({}, "authorization", "Bearer " + OPENAI_KEY),
+                                  ({"anthropic-version": "2023-06-01"}, "x-api-key", ANTHROPIC_KEY)):
+        response = call(gateway, "GET", MODELS, headers=dict(extra, **{name: value}))
+        assert response.status == 200, response.body
+        assert_one_credential(upstream, header, secret, vkey)
+
+
+def test_anthropic_version_is_passed_through(gateway, vkey, upstream):
+    post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), vkey,
+         headers={"anthropic-version": "2024-10-22"})
+    assert sent_headers(upstream)["anthropic-version"] == "2024-10-22"
+
+
+def test_beta_headers_are_forwarded(gateway, vkey, upstream):
+    post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), vkey,
+         headers={"anthropic-beta": "prompt-caching-2024-07-31,files-api-2025-04-14"})
+    assert sent_headers(upstream)["anthropic-beta"] == "prompt-caching-2024-07-31,files-api-2025-04-14"
+    post(gateway, RESPONSES, body_for(RESPONSES, "gpt-4o-mini"), vkey, headers={"OpenAI-Beta": "assistants=v2"})
+    assert sent_headers(upstream)["openai-beta"] == "assistants=v2"
+
+
+def test_hop_by_hop_and_forwarding_headers_stay_behind(gateway, vkey, upstream):
+    for path in (CHAT, MESSAGES):
+        check_hop_by_hop(gateway, vkey, upstream, path)
+
+
+def check_hop_by_hop(gateway, vkey, upstream, path):
+    response = post(gateway, path, body_for(path, "gpt-4o-mini"), vkey, headers=HOSTILE_HEADERS)
+    assert response.status == 200, response.body
+    forwarded = upstream.requests[-1]
+    headers = forwarded["headers"]
+    for name in ("x-hop-secret", "keep-alive", "proxy-authorization", "cookie", "x-forwarded-for",
+                 "x-forwarded-host", "forwarded", "x-real-ip", "te"):
+        assert name not in headers, (name, forwarded["header_list"])
+    assert headers["host"] == "127.0.0.1:%d" % upstream.port
+    assert "x-hop-secret" not in headers.get("connection", "").lower()
+    for secret in ("hop-by-hop-value", "cHJveHk6c2VjcmV0", "cookie-secret", "203.0.113.7", "evil.example"):
+        assert all(secret not in value for _, value in forwarded["header_list"])
+    assert_one_credential(upstream, "authorization" if path == CHAT else "x-api-key",
+                          "Bearer " + OPENAI_KEY if path == CHAT else ANTHROPIC_KEY, vkey)
+
+
+def test_client_gets_upstream_status_body_type_and_request_id(gateway, vkey, upstream):
+    raw = json.dumps(body_for(CHAT, "gpt-4o-cache")).encode()
+    direct = post(upstream.url, CHAT, None, raw_body=raw)
+    response = post(gateway, CHAT, None, vkey, raw_body=raw)
+    assert response.status == 200
+    assert upstream.requests[1]["body"] == raw  # forwarded unchanged
+    assert normalise_ids(response.body) == normalise_ids(direct.body)
+    assert response.header("content-type") == "application/json"
+    assert response.header("x-request-id") == upstream.requests[1]["request_id"] == "req_2"
+    assert response.json()["id"] == "chatcmpl-fake2"
+    assert response.header("x-llmgw-request-id") == gateway.rows()[0]["request_id"]
+
+
+def test_anthropic_request_id_is_passed(gateway, vkey, upstream):
+    response = post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), vkey)
+    assert response.status == 200
+    assert response.header("request-id") == upstream.requests[0]["request_id"]
+    assert response.json()["id"] == "msg_fake1"
+    assert response.json()["usage"] == upstream.reported[0]["usage"]
+
+
+# ---- client credentials ----------------------------------------------------
+
+ALL_PATHS = [(p, "POST") for p in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS)] + \
+    [(MODELS, "GET")]
+
+
+def _send(gw, path, method, key=None, headers=None, query=""):
+    body = body_for(path, "gpt-4o-mini") if method == "POST" else None
+    return call(gw, method, path + query, body, key=key, headers=headers)
+
+
+def test_missing_key_is_401(gateway, vkey, upstream):
+    for path, method in ALL_PATHS:
+        response = _send(gateway, path, method)
+        assert_error(response, 401, dialect_of(path), "authentication_error")
+        for headers in ({"Authorization": "Bearer "}, {"x-api-key": ""}):
+            response = _send(gateway, path, method, headers=headers)
+            assert_error(response, 401, dialect_of(path), "authentication_error")
+    assert upstream.requests == []
+    assert gateway.rows() == []
+
+
+def test_key_in_query_string_is_not_accepted(gateway, vkey, upstream):
+    for path, method in ALL_PATHS:
+        for query in ("?api_key=" + vkey, "?key=" + vkey, "?x-api-key=" + vkey):
+            response = _send(gateway, path, method, query=query)
+            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert vkey not in response.body.decode()
+    assert upstream.requests == []
+
+
+def test_unknown_key_is_401_and_not_echoed(gateway, vkey, upstream):
+    bogus = "llmgw-NOT-A-REAL-KEY-zyxwvutsrq9876543210"
+    for path, method in ALL_PATHS:
+        for headers in ({"Authorization": "Bearer " + bogus}, {"x-api-key": bogus},
+                        {"x-api-key": "llmgw-" + "A" * 600}):
+            response = _send(gateway, path, method, headers=headers)
+            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert bogus not in response.body.decode()
+            assert "zyxwvutsrq" not in response.body.decode() and "AAAAAAAA" not in response.body.decode()
+    assert upstream.requests == []
+
+
+def test_different_keys_in_both_headers_is_401(gateway, vkey, upstream):
+    other = gateway.create_key("other")[1]
+    for path, method in ALL_PATHS:
+        response = _send(gateway, path, method, headers={"Authorization": "Bearer " + vkey, "x-api-key": other})
+        assert_error(response, 401, dialect_of(path), "authentication_error")
+        assert vkey not in response.body.decode() and other not in response.body.decode()
+    assert upstream.requests == []
+    # The same key in both headers is fine.
+    response = _send(gateway, CHAT, "POST", headers={"Authorization": "Bearer " + vkey, "x-api-key": vkey})
+    assert response.status == 200
+
+
+def test_malformed_authorization_is_401(gateway, vkey, upstream):
+    for authorization in ("Basic {k}", "Bearer", "Bearer  {k}", "{k}", "Token {k}"):
+        response = _send(gateway, CHAT, "POST", headers={"Authorization": authorization.format(k=vkey)})
+        assert_error(response, 401, "openai", "authentication_error")
+        assert vkey not in response.body.decode()
+    assert upstream.requests == []
+
+
+def test_revoked_key_is_401(gateway, upstream):
+    record, secret = gateway.create_key("to revoke")
+    for path, method in ALL_PATHS:
+        assert _send(gateway, path, method, key=secret).status == 200  # cached now
+    assert gateway.store.revoke_key(record["id"]) is True
+    for path, method in ALL_PATHS:
+        for headers in ({"Authorization": "Bearer " + secret}, {"x-api-key": secret}):
+            response = _send(gateway, path, method, headers=headers)
+            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert secret not in response.body.decode()
+    assert len(upstream.requests) == len(ALL_PATHS)
+
+
+# ---- request errors --------------------------------------------------------
+
+BAD_BODIES = [b"not json", b"{\"model\": ", b"[1, 2]", b"\"gpt-4o\"", b"null", b"{}",
+              b"{\"model\": 5}", b"{\"model\": \"\"}", b"{\"model\": null}", b"{\"messages\": []}", b""]
+
+
+def test_bad_bodies_are_400(gateway, vkey, upstream):
+    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
+        for raw in BAD_BODIES:
+            response = post(gateway, path, None, vkey, raw_body=raw)
+            assert_error(response, 400, dialect_of(path), "invalid_request_error")
+            assert vkey not in response.body.decode()
+    assert upstream.requests == []
+    assert gateway.rows() == []
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_server_keeps_serving_after_request_errors(gateway, vkey, upstream):
+    post(gateway, CHAT, None, vkey, raw_body=b"not json")
+    post(gateway, MESSAGES, None, vkey, raw_body=b"[]")
+    post(gateway, "/v1/files", {"model": "x"}, vkey)
+    post(gateway, CHAT, {"model": "x"}, "llmgw-bogus")
+    assert_still_serving(gateway, vkey, upstream)
+
+
+# ---- upstream errors -------------------------------------------------------
+
+def test_unreachable_upstream_is_502_and_recorded(make_gateway, upstream):
+    dead = "http://127.0.0.1:%d" % free_port()
+    gw = make_gateway(providers={"dead": {"base_url": dead, "format": "openai", "models": ["dead-*"],
+                                          "api_key": "sk-dead-0123456789"}})
+    key = gw.create_key()[1]
+    response = post(gw, CHAT, body_for(CHAT, "dead-model"), key)
+    assert_error(response, 502, "openai", "api_error")
+    row, = gw.rows()
+    assert (row["status"], row["provider"], row["model"]) == ("upstream_error", "dead", "dead-model")
+    assert row["http_status"] is None
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert row["cost_nanousd"] == 0
+    assert upstream.requests == []
+    assert_still_serving(gw, key, upstream)
+
+
+def test_unreachable_anthropic_upstream_is_502_anthropic_shape(make_gateway, upstream):
+    dead = "http://127.0.0.1:%d" % free_port()
+    gw = make_gateway(providers={"anthropic": {"base_url": dead, "api_key": ANTHROPIC_KEY}})
+    key = gw.create_key()[1]
+    response = post(gw, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key)
+    assert_error(response, 502, "anthropic", "api_error")
+    row, = gw.rows()
+    assert (row["status"], row["provider"]) == ("upstream_error", "anthropic")
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert_still_serving(gw, key, upstream)
+
+
+def test_upstream_errors_are_passed_through(gateway, vkey, upstream):
+    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
+        for fault, status in (("fail400", 400), ("fail429", 429), ("fail500", 500), ("fail529", 529)):
+            upstream.reset()
+            check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, status)
+
+
+def check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, status):
+    model = "gpt-4o-" + fault
+    raw = json.dumps(body_for(path, model)).encode()
+    direct = post(upstream.url, path, None, raw_body=raw)
+    response = post(gateway, path, None, vkey, raw_body=raw)
+    assert response.status == status == direct.status
+    assert response.header("content-type") == "application/json"
+    forwarded = upstream.requests[1]
+    assert forwarded["body"] == raw
+    payload = response.json()
+    expected = direct.json()
+    if dialect_of(path) == "anthropic":
+        expected["request_id"] = forwarded["request_id"]  # the fake quotes its request id
+        assert response.header("request-id") == forwarded["request_id"]
+    else:
+        assert response.header("x-request-id") == forwarded["request_id"]
+    assert payload == expected
+    if fault == "fail429":
+        assert response.header("retry-after") == "7"
+    else:
+        assert response.header("retry-after") is None
+    row = gateway.rows()[-1]
+    assert (row["status"], row["http_status"], row["endpoint"]) == ("upstream_error", status, path)
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert row["cost_nanousd"] == 0
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_upstream_401_is_withheld(gateway, vkey, upstream):
+    for path in (CHAT, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
+        upstream.reset()
+        check_upstream_401(gateway, vkey, upstream, path)
+
+
+def check_upstream_401(gateway, vkey, upstream, path):
+    response = post(gateway, path, body_for(path, "gpt-4o-leak401"), vkey)
+    assert_error(response, 502, dialect_of(path), "api_error")
+    if dialect_of(path) == "openai":
+        assert response.json()["error"]["code"] == "upstream_auth_error"
+    text = response.body.decode()
+    real = ANTHROPIC_KEY if dialect_of(path) == "anthropic" else OPENAI_KEY
+    for fragment in (real, real[:8], "Incorrect API key", vkey):
+        assert fragment not in text
+    assert len(upstream.requests) == 1
+    row = gateway.rows()[-1]
+    assert (row["status"], row["http_status"], row["endpoint"]) == ("upstream_error", 401, path)
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_upstream_401_code_on_anthropic_path_is_not_leaked(gateway, vkey, upstream):
+    response = post(gateway, MESSAGES, body_for(MESSAGES, "claude-leak401"), vkey)
+    assert response.status == 502
+    assert "CANARY" not in response.body.decode()
+
+
+def test_upstream_non_json_is_502(gateway, vkey, upstream):
+    for path in (CHAT, MESSAGES):
+        for fault, upstream_status in (("badjson", 200), ("html502", 502)):
+            check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_status)
+
+
+def check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_status):
+    response = post(gateway, path, body_for(path, "gpt-4o-" + fault), vkey)
+    error = assert_error(response, 502, dialect_of(path), "api_error")
+    if dialect_of(path) == "openai":
+        assert error["code"] == "upstream_bad_response"
+    assert b"<html" not in response.body.lower() and b"doctype" not in response.body.lower()
+    row = [r for r in gateway.rows() if r["model"] == "gpt-4o-" + fault and r["endpoint"] == path][-1]
+    assert (row["status"], row["http_status"]) == ("upstream_error", upstream_status)
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_upstream_redirect_is_502_and_not_followed(gateway, vkey, upstream):
+    for path in (CHAT, MESSAGES):
+        upstream.reset()
+        check_redirect(gateway, vkey, upstream, path)
+
+
+def check_redirect(gateway, vkey, upstream, path):
+    response = post(gateway, path, body_for(path, "gpt-4o-redirect"), vkey)
+    assert_error(response, 502, dialect_of(path), "api_error")
+    assert response.header("location") is None
+    assert b"169.254" not in response.body
+    assert len(upstream.requests) == 1
+    row = gateway.rows()[-1]
+    assert (row["status"], row["http_status"]) == ("upstream_error", 302)
+    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_unknown_client_headers_are_not_forwarded(gateway, vkey, upstream):
+    # The fake would answer 500 if it saw x-fake-fault: only known headers go.
+    response = call(gateway, "GET", MODELS, key=vkey, headers={"x-fake-fault": "fail500"})
+    assert response.status == 200
+    assert "x-fake-fault" not in upstream.requests[0]["headers"]
+
+
+# ---- rate limits -----------------------------------------------------------
+
+def test_key_rpm_limit_openai_shape(gateway, upstream):
+    record, key = gateway.create_key("limited", rpm=2)
+    for _ in range(2):
+        assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status == 200
+    response = post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key)
+    assert_error(response, 429, "openai", "rate_limit_error", code="rate_limit_exceeded")
+    retry_after = int(response.header("retry-after"))
+    assert 1 <= retry_after <= 60
+    assert len(upstream.requests) == 2
+    assert len(gateway.rows()) == 2
+    # Another key is not affected.
+    other = gateway.create_key("other")[1]
+    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), other).status == 200
+
+
+def test_key_rpm_limit_anthropic_shape(gateway, upstream):
+    record, key = gateway.create_key("limited", rpm=2)
+    for _ in range(2):
+        assert post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key).status == 200
+    response = post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key)
+    assert_error(response, 429, "anthropic", "rate_limit_error")
+    assert 1 <= int(response.header("retry-after")) <= 60
+    assert len(upstream.requests) == 2
+
+
+def test_rpm_limit_counts_across_paths(gateway, upstream):
+    key = gateway.create_key("limited", rpm=2)[1]
+    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status == 200
+    assert call(gateway, "GET", MODELS, key=key).status == 200
+    response = post(gateway, COUNT_TOKENS, body_for(COUNT_TOKENS, "claude-haiku-4-5"), key, headers={})
+    assert_error(response, 429, "anthropic", "rate_limit_error")
+    assert len(upstream.requests) == 2
+
+
+def test_tier_limits_from_config(make_gateway, upstream):
+    gw = make_gateway(rate_limits={"default": 1, "premium": 3})
+    default_key = gw.create_key("default tier")[1]
+    premium_key = gw.create_key("premium tier", tier="premium")[1]
+    assert post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), default_key).status == 200
+    response = post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), default_key)
+    assert_error(response, 429, "openai", "rate_limit_error")
+    assert response.header("retry-after") is not None
+    for _ in range(3):
+        assert post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), premium_key).status == 200
+    assert post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), premium_key).status == 429
+    assert len(upstream.requests) == 4
+
+
+def test_key_rpm_overrides_tier(make_gateway, upstream):
+    gw = make_gateway(rate_limits={"default": 1})
+    key = gw.create_key("own rpm", rpm=3)[1]
+    statuses = [post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+# ---- upstream connections --------------------------------------------------
+
+def test_upstream_connection_is_reused(gateway, vkey, upstream):
+    for path in (CHAT, EMBEDDINGS, COMPLETIONS, RESPONSES, CHAT):
+        assert post(gateway, path, body_for(path, "gpt-4o-mini"), vkey).status == 200
+    stream = dict(body_for(CHAT, "gpt-4o-mini"), stream=True)
+    assert post(gateway, CHAT, stream, vkey).status == 200
+    assert call(gateway, "GET", MODELS, key=vkey).status == 200
+    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-fail500"), vkey).status == 500
+    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), vkey).status == 200
+    assert len(upstream.requests) == 9
+    assert upstream.connections_opened == 1
+    assert {r["connection_id"] for r in upstream.requests} == {1}
+
+
+def test_anthropic_connection_is_reused(gateway, vkey, upstream):
+    for path in (MESSAGES, COUNT_TOKENS, MESSAGES):
+        assert post(gateway, path, body_for(path, "claude-haiku-4-5"), vkey).status == 200
+    assert upstream.connections_opened == 1

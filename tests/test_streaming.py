@@ -1,0 +1,484 @@
+"""Streaming: metering of every streamed endpoint, include_usage handling,
+event relay as produced, broken and errored upstream streams, client
+hang-ups, and byte-exact relay of awkwardly split events.
+
+The real gateway runs against tests/fake_upstream.py; usage rows are read
+back from the database file. Some tests read the gateway's chunked answer
+off a raw socket to see when each event arrives and how the body ends.
+"""
+
+import json
+import re
+import socket
+import struct
+import time
+
+import pytest
+
+from conftest import post, sse_events
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+STREAM_PATHS = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
+
+TOKEN_COLUMNS = ("request_tokens", "response_tokens", "input_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
+
+
+# ---- helpers ---------------------------------------------------------------
+
+def stream_body(path, model, **extra):
+    if path == CHAT:
+        body = {"model": model, "messages": [{"role": "user", "content": "tell me a story"}]}
+    elif path == COMPLETIONS:
+        body = {"model": model, "prompt": "tell me a story"}
+    elif path == RESPONSES:
+        body = {"model": model, "input": "tell me a story"}
+    elif path == MESSAGES:
+        body = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "tell me a story"}]}
+    else:
+        raise AssertionError(path)
+    body["stream"] = True
+    body.update(extra)
+    return body
+
+
+def expected_columns(path, usage):
+    """A usage row's token columns for the provider's ``usage`` object."""
+    zero = dict.fromkeys(TOKEN_COLUMNS, 0)
+    if path in (CHAT, COMPLETIONS):
+        prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+    elif path == RESPONSES:
+        prompt, output = usage["input_tokens"], usage["output_tokens"]
+        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
+        reasoning = usage.get("output_tokens_details", {}).get("reasoning_tokens", 0)
+    else:
+        written = usage.get("cache_creation_input_tokens", 0)
+        written_1h = usage.get("cache_creation", {}).get("ephemeral_1h_input_tokens", 0)
+        read = usage.get("cache_read_input_tokens", 0)
+        return dict(zero, request_tokens=usage["input_tokens"] + read + written,
+                    response_tokens=usage["output_tokens"], input_tokens=usage["input_tokens"],
+                    cache_read_tokens=read, cache_write_tokens=written - written_1h,
+                    cache_write_1h_tokens=written_1h, output_tokens=usage["output_tokens"])
+    return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
+                cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
+
+
+def tokens_of(row):
+    return {column: row[column] for column in TOKEN_COLUMNS}
+
+
+def dialect_of(path):
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def settled_rows(gw, count=1, timeout=5.0):
+    """Rows once ``count`` of them exist and none is pending."""
+    rows = gw.wait_for_rows(lambda rows: len(rows) >= count and all(r["status"] != "pending" for r in rows),
+                            timeout)
+    assert len(rows) >= count and all(r["status"] != "pending" for r in rows), rows
+    return rows
+
+
+def normalise_ids(raw):
+    """The fake puts its request counter in ids (chatcmpl-fake3, msg_fake3)."""
+    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
+
+
+def assert_still_serving(gw, key, upstream):
+    before = len(upstream.requests)
+    response = post(gw, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, key)
+    assert response.status == 200, response.body
+    assert len(upstream.requests) == before + 1
+
+
+class RawStream:
+    """One request on a raw socket; the chunked answer read chunk by chunk,
+    each chunk stamped with the time it arrived."""
+
+    def __init__(self, gw, path, body, key, headers=None, timeout=10.0):
+        self.sock = socket.create_connection(("127.0.0.1", gw.port), timeout=timeout)
+        payload = json.dumps(body).encode()
+        lines = ["POST %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % gw.port,
+                 "Authorization: Bearer " + key, "Content-Type: application/json",
+                 "Content-Length: %d" % len(payload)]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        self.sent_at = time.monotonic()
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        self._buffer = b""
+        self.eof = False
+        self.status, self.headers = self._read_head()
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            self.eof = True
+            raise EOFError("connection closed")
+        self._buffer += data
+
+    def _read_until(self, marker):
+        while marker not in self._buffer:
+            self._fill()
+        head, _, self._buffer = self._buffer.partition(marker)
+        return head
+
+    def _read_exactly(self, size):
+        while len(self._buffer) < size:
+            self._fill()
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def _read_head(self):
+        head = self._read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        assert headers.get("transfer-encoding") == "chunked", headers
+        return status, headers
+
+    def next_chunk(self):
+        """(arrival time, bytes) of the next chunk; b"" for the terminator.
+        Raises EOFError if the connection closes first."""
+        size_line = self._read_until(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        arrived = time.monotonic()
+        if size == 0:
+            assert self._read_until(b"\r\n") == b""  # no trailers
+            return arrived, b""
+        data = self._read_exactly(size)
+        assert self._read_exactly(2) == b"\r\n"
+        return arrived, data
+
+    def read_all(self):
+        """All chunks up to the terminator: ([(time, bytes)], terminated)."""
+        chunks = []
+        try:
+            while True:
+                arrived, data = self.next_chunk()
+                if not data:
+                    return chunks, True
+                chunks.append((arrived, data))
+        except EOFError:
+            return chunks, False
+
+    def reset(self):
+        """Close with an RST (SO_LINGER 0), as a killed client would."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self):
+        self.sock.close()
+
+
+# ---- every streamed endpoint is metered ------------------------------------
+
+STREAM_CASES = [
+    (CHAT, "gpt-4o-mini"),
+    (CHAT, "gpt-4o-cache-reasoning"),
+    (COMPLETIONS, "gpt-3.5-turbo-instruct-cache-reasoning"),
+    (RESPONSES, "o3-cache-reasoning"),
+    (RESPONSES, "gpt-4o-mini"),
+    (MESSAGES, "claude-sonnet-4-5"),
+    (MESSAGES, "claude-sonnet-4-5-cache"),
+]
+
+
+def test_stream_usage_rows_equal_reported(gateway, vkey, upstream):
+    for index, (path, model) in enumerate(STREAM_CASES):
+        check_stream_usage_row(gateway, vkey, upstream, path, model, index)
+
+
+def check_stream_usage_row(gateway, vkey, upstream, path, model, index):
+    response = post(gateway, path, stream_body(path, model), vkey)
+    assert response.status == 200
+    assert response.header("content-type") == "text/event-stream"
+    assert len(upstream.reported) == index + 1
+    reported = upstream.reported[index]
+    assert reported["stream"] is True and reported["complete"] is True
+    row = gateway.rows()[index]
+    assert tokens_of(row) == expected_columns(path, reported["usage"])
+    assert row["request_tokens"] > 0 and row["response_tokens"] > 0
+    assert (row["status"], row["http_status"], row["usage_source"], row["streamed"]) == ("ok", 200, "reported", 1)
+    assert (row["endpoint"], row["model"]) == (path, model)
+    if "cache" in model:
+        assert row["cache_read_tokens"] > 0
+        if path == MESSAGES:
+            assert row["cache_write_tokens"] > 0 and row["cache_write_1h_tokens"] > 0
+    if "reasoning" in model:
+        assert row["reasoning_tokens"] > 0
+
+
+def test_stream_cost_is_computed(gateway, vkey, upstream):
+    post(gateway, CHAT, stream_body(CHAT, "gpt-4o"), vkey)
+    row, = gateway.rows()
+    usage = upstream.reported[0]["usage"]
+    # gpt-4o: 2.5 USD/Mtok in (1.25 cached), 10 USD/Mtok out; no cache token here.
+    assert row["cost_nanousd"] == usage["prompt_tokens"] * 2500 + usage["completion_tokens"] * 10000
+    assert row["cost_nanousd"] > 0
+
+
+# ---- OpenAI include_usage --------------------------------------------------
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_include_usage_injected_and_usage_chunk_hidden(gateway, vkey, upstream, path):
+    for asked in ("absent", False, True):
+        upstream.reset()
+        check_include_usage(gateway, vkey, upstream, path, asked)
+    assert len(gateway.rows()) == 3
+
+
+def check_include_usage(gateway, vkey, upstream, path, asked):
+    extra = {} if asked == "absent" else {"stream_options": {"include_usage": asked}}
+    body = stream_body(path, "gpt-4o-cache", **extra)
+    response = post(gateway, path, body, vkey)
+    assert response.status == 200
+    forwarded = upstream.requests[0]["json"]
+    assert forwarded["stream_options"]["include_usage"] is True
+    assert {k: v for k, v in forwarded.items() if k != "stream_options"} == \
+        {k: v for k, v in body.items() if k != "stream_options"}
+    events = sse_events(response.body)
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    usage_chunks = [c for c in chunks if c.get("choices") == []]
+    reported = upstream.reported[0]["usage"]
+    if asked is True:
+        assert upstream.requests[0]["body"] == json.dumps(body).encode()  # sent unchanged
+        assert len(usage_chunks) == 1
+        assert usage_chunks[0]["usage"] == reported
+        assert all(c["usage"] is None for c in chunks if c.get("choices") != [])
+    else:
+        assert usage_chunks == []
+        assert all(c.get("usage") is None for c in chunks)
+        assert b'"prompt_tokens"' not in response.body
+    assert len(chunks) >= 6
+    row = gateway.rows()[-1]
+    assert tokens_of(row) == expected_columns(path, reported)
+    assert row["usage_source"] == "reported"
+
+
+# ---- Anthropic event names and cumulative deltas ---------------------------
+
+def test_anthropic_event_lines_preserved(gateway, vkey, upstream):
+    response = post(gateway, MESSAGES, stream_body(MESSAGES, "claude-haiku-4-5-cache"), vkey)
+    blocks = [b for b in response.body.decode().split("\n\n") if b.strip()]
+    names = []
+    for block in blocks:
+        first, second = block.split("\n")
+        assert first.startswith("event: ") and second.startswith("data: "), block
+        name = first[len("event: "):]
+        assert json.loads(second[len("data: "):])["type"] == name
+        names.append(name)
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    row, = gateway.rows()
+    usage = upstream.reported[0]["usage"]
+    assert row["cache_read_tokens"] == usage["cache_read_input_tokens"] > 0
+    assert row["cache_write_tokens"] + row["cache_write_1h_tokens"] == usage["cache_creation_input_tokens"]
+    assert row["cache_write_1h_tokens"] == usage["cache_creation"]["ephemeral_1h_input_tokens"] > 0
+
+
+def test_anthropic_cumulative_deltas_are_not_summed(gateway, vkey, upstream):
+    response = post(gateway, MESSAGES, stream_body(MESSAGES, "claude-sonnet-4-5-cache-cumdelta"), vkey)
+    assert response.status == 200
+    deltas = [json.loads(data) for name, data in sse_events(response.body) if name == "message_delta"]
+    assert len(deltas) == 3
+    start = json.loads(sse_events(response.body)[0][1])["message"]["usage"]
+    final = upstream.reported[0]["usage"]
+    assert start["input_tokens"] != final["input_tokens"]  # the last delta revised it
+    row, = gateway.rows()
+    assert tokens_of(row) == expected_columns(MESSAGES, final)
+    assert row["output_tokens"] == final["output_tokens"] == deltas[-1]["usage"]["output_tokens"]
+    assert row["input_tokens"] == final["input_tokens"]
+    assert row["cache_read_tokens"] == final["cache_read_input_tokens"]
+    assert (row["usage_source"], row["status"]) == ("reported", "ok")
+
+
+# ---- Responses -------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,terminal", [("", "response.completed"), ("-incomplete", "response.incomplete")])
+def test_responses_usage_from_terminal_event(gateway, vkey, upstream, variant, terminal):
+    response = post(gateway, RESPONSES, stream_body(RESPONSES, "gpt-4o-cache" + variant), vkey)
+    events = sse_events(response.body)
+    assert events[-1][0] == terminal
+    assert all(name is not None for name, _ in events)
+    final = json.loads(events[-1][1])["response"]["usage"]
+    assert final == upstream.reported[0]["usage"]
+    row, = gateway.rows()
+    assert tokens_of(row) == expected_columns(RESPONSES, final)
+    assert (row["usage_source"], row["streamed"]) == ("reported", 1)
+    assert row["status"] == "ok"
+
+
+# ---- events are relayed as produced ----------------------------------------
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_events_arrive_as_produced(gateway, vkey, upstream, path):
+    # slowstream: 0.2 s between upstream events; events1 keeps the stream short.
+    stream = RawStream(gateway, path, stream_body(path, "gpt-4o-slowstream-events1"), vkey)
+    try:
+        assert stream.status == 200
+        chunks, terminated = stream.read_all()
+    finally:
+        stream.close()
+    assert terminated
+    ended = chunks[-1][0]
+    first = chunks[0][0]
+    assert ended - stream.sent_at >= 0.6          # 4+ gaps of 0.2 s upstream
+    assert first - stream.sent_at < 0.3, "first event held back"
+    # Each event left when it was produced: arrivals are spread out.
+    gaps = [b[0] - a[0] for a, b in zip(chunks, chunks[1:])]
+    assert sum(1 for gap in gaps if gap >= 0.12) >= 3, gaps
+    body = b"".join(data for _, data in chunks)
+    assert sse_events(body)[0][0] in (None, "message_start")
+
+
+# ---- broken upstream streams -----------------------------------------------
+
+@pytest.mark.parametrize("path", STREAM_PATHS)
+def test_broken_upstream_stream(gateway, vkey, upstream, path):
+    for fault in ("dropstream", "cutmidevent"):
+        upstream.reset()
+        check_broken_stream(gateway, vkey, upstream, path, fault)
+
+
+def check_broken_stream(gateway, vkey, upstream, path, fault):
+    stream = RawStream(gateway, path, stream_body(path, "gpt-4o-cache-" + fault), vkey)
+    try:
+        chunks, terminated = stream.read_all()
+    finally:
+        stream.close()
+    assert stream.status == 200
+    assert terminated, "the client's chunked stream must end cleanly"
+    body = b"".join(data for _, data in chunks)
+    events = sse_events(body)
+    name, data = events[-1]
+    payload = json.loads(data)
+    if path == MESSAGES:
+        assert name == "error"
+        assert payload["type"] == "error" and isinstance(payload["error"]["message"], str)
+    elif path == RESPONSES:
+        assert name == "error"
+        assert payload["type"] == "error" and isinstance(payload["message"], str)
+    else:
+        assert name is None
+        assert isinstance(payload["error"], dict) and isinstance(payload["error"]["message"], str)
+        assert (None, "[DONE]") not in events
+    # The half event of cutmidevent is not relayed: every event parses.
+    for _, event_data in events:
+        if event_data != "[DONE]":
+            json.loads(event_data)
+    row = [r for r in settled_rows(gateway) if r["model"] == "gpt-4o-cache-" + fault][0]
+    assert (row["status"], row["usage_source"], row["streamed"]) == ("upstream_truncated", "estimated", 1)
+    assert row["request_tokens"] > 0 and row["response_tokens"] > 0
+    if path == MESSAGES:
+        started = upstream.reported[0]["usage"]  # message_start's usage
+        assert upstream.reported[0]["complete"] is False
+        assert row["input_tokens"] == started["input_tokens"]
+        assert row["cache_read_tokens"] == started["cache_read_input_tokens"]
+        assert row["request_tokens"] == (started["input_tokens"] + started["cache_read_input_tokens"]
+                                         + started["cache_creation_input_tokens"])
+    assert_still_serving(gateway, vkey, upstream)
+
+
+def test_stream_without_usage_is_estimated(gateway, vkey, upstream):
+    for index, path in enumerate(STREAM_PATHS):
+        check_nousage(gateway, vkey, upstream, path, index)
+
+
+def check_nousage(gateway, vkey, upstream, path, index):
+    response = post(gateway, path, stream_body(path, "gpt-4o-nousage"), vkey)
+    assert response.status == 200
+    assert upstream.reported == []
+    row = gateway.rows()[index]
+    assert row["endpoint"] == path
+    assert (row["status"], row["usage_source"], row["http_status"]) == ("ok", "estimated", 200)
+    assert row["request_tokens"] > 0 and row["response_tokens"] > 0
+    assert row["input_tokens"] == row["request_tokens"]
+
+
+def test_midstream_error_event_is_forwarded(gateway, vkey, upstream):
+    for path in STREAM_PATHS:
+        check_errevent(gateway, vkey, upstream, path)
+
+
+def check_errevent(gateway, vkey, upstream, path):
+    response = post(gateway, path, stream_body(path, "gpt-4o-errevent"), vkey)
+    assert response.status == 200
+    events = sse_events(response.body)
+    if path == MESSAGES:
+        assert ("error", json.dumps({"type": "error", "error": {"type": "overloaded_error",
+                                                               "message": "Overloaded"}},
+                                    separators=(",", ":"))) in events
+    elif path == RESPONSES:
+        assert any(name == "error" and "errevent" in data for name, data in events)
+    else:
+        assert any(name is None and data.startswith("{\"error\"") and "errevent" in data for name, data in events)
+    # The provider's error is the one error the client sees.
+    errors = [e for e in events if e[0] == "error" or (e[0] is None and e[1].startswith("{\"error\""))]
+    assert len(errors) == 1, events
+    row = [r for r in settled_rows(gateway) if r["model"] == "gpt-4o-errevent" and r["endpoint"] == path][0]
+    assert (row["status"], row["streamed"], row["http_status"]) == ("upstream_error", 1, 200)
+    assert row["usage_source"] == "estimated"
+    assert_still_serving(gateway, vkey, upstream)
+
+
+# ---- client hang-up ---------------------------------------------------------
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_client_disconnect_mid_stream(gateway, vkey, upstream, path):
+    stream = RawStream(gateway, path, stream_body(path, "gpt-4o-drip"), vkey)
+    assert stream.status == 200
+    stream.next_chunk()
+    assert upstream.open_connections == 1
+    stream.reset()
+    row, = settled_rows(gateway)
+    assert (row["status"], row["usage_source"], row["streamed"]) == ("client_disconnected", "estimated", 1)
+    assert row["request_tokens"] > 0
+    deadline = time.monotonic() + 3
+    while upstream.open_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.open_connections == 0, "the upstream stream was left running"
+    assert_still_serving(gateway, vkey, upstream)
+
+
+# ---- awkward framing is relayed byte for byte -------------------------------
+
+@pytest.mark.parametrize("path", STREAM_PATHS)
+def test_split_events_relayed_byte_identical(gateway, vkey, upstream, path):
+    for framing in ("bytewise", "crlf", "bytewise-crlf"):
+        upstream.reset()
+        check_split_events(gateway, vkey, upstream, path, framing)
+
+
+def check_split_events(gateway, vkey, upstream, path, framing):
+    extra = {"stream_options": {"include_usage": True}} if path in (CHAT, COMPLETIONS) else {}
+    raw = json.dumps(stream_body(path, "gpt-4o-cache-" + framing, **extra)).encode()
+    direct = post(upstream.url, path, None, raw_body=raw)
+    assert direct.status == 200
+    response = post(gateway, path, None, vkey, raw_body=raw)
+    assert response.status == 200
+    assert upstream.requests[1]["body"] == raw
+    assert normalise_ids(response.body) == normalise_ids(direct.body)
+    if "crlf" in framing:
+        assert b"\r\n\r\n" in response.body
+    row = gateway.rows()[-1]
+    assert row["model"] == "gpt-4o-cache-" + framing
+    assert tokens_of(row) == expected_columns(path, upstream.reported[1]["usage"])
+    assert upstream.reported[1]["usage"] == upstream.reported[0]["usage"]
+    assert (row["status"], row["usage_source"]) == ("ok", "reported")
+
+
+# ---- request ids on streams --------------------------------------------------
+
+def test_request_id_passed_on_streams(gateway, vkey, upstream):
+    for index, path in enumerate(STREAM_PATHS):
+        response = post(gateway, path, stream_body(path, "gpt-4o-mini"), vkey)
+        header = "request-id" if path == MESSAGES else "x-request-id"
+        assert response.header(header) == upstream.requests[index]["request_id"] == "req_%d" % (index + 1)
+        assert response.header("x-llmgw-request-id") == gateway.rows()[index]["request_id"]
