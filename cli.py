@@ -27,8 +27,12 @@ import sys
 import llmgw
 
 
-def _store():
-    return llmgw.Store(llmgw.db_path_from_env())
+def _store(create=False):
+    """The database at DB_PATH; only ``init`` may create it."""
+    path = llmgw.db_path_from_env()
+    if not create and not os.path.exists(path):
+        raise llmgw.ConfigError("database %s not found (run: python cli.py init)" % path)
+    return llmgw.Store(path)
 
 
 def _print_json(value):
@@ -54,7 +58,7 @@ def cmd_init(args):
         llmgw.write_private_file(config_path, llmgw.CONFIG_TEMPLATE)
         print("Created %s (mode 0600)." % config_path)
     llmgw.load_config(config_path)  # a broken file is reported now, not at serve
-    store = _store()
+    store = _store(create=True)
     print("Database ready at %s (mode 0600)." % store.path)
     if os.environ.get(llmgw.ADMIN_TOKEN_ENV):
         print("The admin token comes from %s in the environment; none generated." % llmgw.ADMIN_TOKEN_ENV)
@@ -75,6 +79,9 @@ def cmd_admin_token(args):
     token = llmgw.issue_admin_token(_store())
     print("Admin token: %s" % token)
     print("(Shown once. The previous admin token no longer works.)")
+    if os.environ.get(llmgw.ADMIN_TOKEN_ENV):
+        print("Note: %s is set in this environment; gateways that see it use it instead."
+              % llmgw.ADMIN_TOKEN_ENV)
     return 0
 
 
