@@ -27,7 +27,7 @@ Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
 """
 
-import base64
+import collections
 import dataclasses
 import datetime
 import decimal
@@ -41,8 +41,10 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sqlite3
@@ -129,12 +131,20 @@ class PayloadTooLargeError(GatewayError):
     status, code = 413, "request_too_large"
 
 
+class URITooLongError(GatewayError):
+    status, code = 414, "uri_too_long"
+
+
 class UnsupportedMediaTypeError(GatewayError):
     status, code = 415, "unsupported_media_type"
 
 
 class RateLimitError(GatewayError):
     status, code = 429, "rate_limit_exceeded"
+
+
+class HeaderTooLargeError(GatewayError):
+    status, code = 431, "request_header_fields_too_large"
 
 
 class UpstreamError(GatewayError):
@@ -147,6 +157,10 @@ class ServiceUnavailableError(GatewayError):
 
 class UpstreamTimeoutError(GatewayError):
     status, code = 504, "upstream_timeout"
+
+
+class HTTPVersionError(GatewayError):
+    status, code = 505, "http_version_not_supported"
 
 
 class ConfigError(GatewayError):
@@ -163,8 +177,8 @@ ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error",
     403: "permission_error", 404: "not_found_error",
     405: "invalid_request_error", 408: "timeout_error",
-    411: "invalid_request_error", 413: "request_too_large",
-    415: "invalid_request_error", 429: "rate_limit_error",
+    411: "invalid_request_error", 413: "request_too_large", 414: "invalid_request_error",
+    415: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
     502: "api_error", 503: "overloaded_error", 504: "timeout_error",
 }
 
@@ -196,12 +210,21 @@ CONFIG_TEMPLATE = """\
 server:
   host: 0.0.0.0
   port: 8000
-  # max_connections: 512           # open client connections; beyond: 503
+  # workers: 256                   # threads serving requests; each open stream holds one
+  # max_connections: 1024          # open client connections; beyond: 503 + Retry-After
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
-  # client_timeout: 30             # seconds to send a request, and keep-alive idle
+  # max_header_bytes: 32768        # request line + headers; beyond: 431
+  # max_header_fields: 100
+  # max_request_line_bytes: 8192   # beyond: 414
+  # header_timeout: 10             # seconds to send the request line and headers
+  # body_timeout: 30               # seconds to send the body
+  # keepalive_timeout: 30          # seconds an idle connection stays open
+  # send_timeout: 30               # seconds a client may stall reading its answer
   # upstream_connect_timeout: 10   # seconds to connect to a provider
-  # upstream_timeout: 600          # seconds for a provider's first byte or next stream event
+  # upstream_timeout: 600          # seconds for a provider's first byte
+  # stream_idle_timeout: 300       # seconds between a provider's stream events
   # request_deadline: 3600         # seconds a whole proxied request may take
+  # drain_timeout: 30              # seconds in-flight requests get at shutdown
 
 providers:
   openai:
@@ -235,12 +258,21 @@ pricing: {}                        # USD per million tokens; overrides built-in 
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
-    max_connections: int = 512
+    workers: int = 256                  # threads serving requests (streams included)
+    max_connections: int = 1024
     max_body_bytes: int = 10 * 1024 * 1024
-    client_timeout: float = 30.0
+    max_header_bytes: int = 32 * 1024
+    max_header_fields: int = 100
+    max_request_line_bytes: int = 8 * 1024
+    header_timeout: float = 10.0        # request line and headers, from their first byte
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 30.0     # an idle connection between requests
+    send_timeout: float = 30.0          # a client that stops reading its answer
     upstream_connect_timeout: float = 10.0
-    upstream_timeout: float = 600.0
-    request_deadline: float = 3600.0
+    upstream_timeout: float = 600.0     # a provider's first byte
+    stream_idle_timeout: float = 300.0  # between a provider's stream events
+    request_deadline: float = 3600.0    # a whole proxied request
+    drain_timeout: float = 30.0         # in-flight requests at shutdown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,10 +343,9 @@ def parse_config(document, path=None):
     server = _parse_dataclass(ServerConfig, document.get("server"), "server")
     if not 0 <= server.port <= 65535:
         raise ConfigError("server.port: %d is not a port number" % server.port)
-    for field in ("max_connections", "max_body_bytes", "client_timeout", "upstream_connect_timeout",
-                  "upstream_timeout", "request_deadline"):
-        if getattr(server, field) <= 0:
-            raise ConfigError("server.%s: must be positive" % field)
+    for field in dataclasses.fields(ServerConfig):
+        if field.type in (int, float) and field.name != "port" and getattr(server, field.name) <= 0:
+            raise ConfigError("server.%s: must be positive" % field.name)
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
@@ -2000,6 +2031,7 @@ class Gateway:
         if (route.stream_meter is not None and 200 <= response.status < 300
                 and content_type.startswith("text/event-stream")):
             meter = route.stream_meter(hide_usage_chunk)
+            conn.sock.settimeout(self.config.server.stream_idle_timeout)
             stream = self._relay(call, conn, response, meter)
             return Reply(response.status, headers + [("content-type", content_type),
                                                      ("cache-control", "no-cache")], stream=stream)
@@ -2234,118 +2266,396 @@ def printable(text):
     return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
 
 
-# ==== 9. HTTP handler =======================================================
+# ==== 9. HTTP connections ===================================================
 #
-# The only code that touches client sockets. http.server parses the request
-# line and headers; this class adds what a gateway on the edge of a network
-# needs: strict framing (no Transfer-Encoding, one well-formed Content-Length),
-# JSON errors, 100-continue only after the key is checked, one write per
-# response, chunked streams flushed per event, and no query strings in logs.
+# The only code that touches client sockets. http.server's defaults do not
+# survive the edge of a network (a thread per connection without limit, no
+# deadline on a slow client, lenient framing), so connections are served in
+# three stages:
+#
+# * the accept loop (ThreadingHTTPServer.serve_forever) takes a connection,
+#   or answers 503 at once when ``max_connections`` are open;
+# * one watcher thread holds every connection that is between requests or
+#   still sending one. It reads without blocking, enforces the header and
+#   body deadlines and size limits, and parses the request head strictly;
+# * a request whose head (and small body) has arrived goes to a pool of
+#   worker threads, which run the gateway and write the reply. A slow or
+#   idle client therefore costs a socket, never a worker.
 
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ ]+) HTTP/([0-9])\.([0-9])$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
 #: Headers that may appear once: a second copy is a smuggling attempt or a mistake.
 _SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "content-type", "host",
                              "anthropic-version", "transfer-encoding", "expect"))
+#: Bodies up to this size are read by the watcher, so their senders never hold a worker.
+INLINE_BODY_BYTES = 256 * 1024
+
+
+class RequestHead:
+    """The parsed request line and header fields of one request."""
+    __slots__ = ("method", "target", "version", "headers", "content_length", "expects_continue", "keep_alive")
+
+    def __init__(self, method, target, version, headers, content_length):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        self.content_length = content_length
+        self.expects_continue = version >= (1, 1) and headers.get("expect", "").lower() == "100-continue"
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = "close" not in connection if version >= (1, 1) else "keep-alive" in connection
+
+
+def parse_request_head(data, max_fields):
+    """Parse a request line and header fields (bytes, without the blank
+    line). Strict where leniency would let requests be smuggled: raises
+    BadRequestError, LengthRequiredError or HeaderTooLargeError."""
+    lines = data.decode("latin-1").split("\n")
+    match = _REQUEST_LINE.match(lines[0].rstrip("\r"))
+    if match is None:
+        raise BadRequestError("Malformed request line")
+    method, target, major, minor = match.groups()
+    if (major, minor) not in (("1", "0"), ("1", "1")):
+        raise HTTPVersionError("Only HTTP/1.0 and HTTP/1.1 are served")
+    if not target.startswith("/"):
+        raise BadRequestError("The request target must be a path")
+    if len(lines) - 1 > max_fields:
+        raise HeaderTooLargeError("More than %d header fields" % max_fields)
+    headers = {}
+    for line in lines[1:]:
+        line = line.rstrip("\r")
+        name, colon, value = line.partition(":")
+        if not colon or not _HEADER_NAME.match(name) or _BAD_HEADER_VALUE.search(value):
+            raise BadRequestError("Malformed header field")  # obs-fold, "Name :", control bytes
+        name = name.lower()
+        if name in headers and name in _SINGLE_HEADERS:
+            raise BadRequestError("Duplicate %s header" % name)
+        headers[name] = value.strip(" \t")
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise BadRequestError("Content-Length and Transfer-Encoding together are refused")
+        raise LengthRequiredError("Chunked request bodies are not supported: send Content-Length")
+    length = headers.get("content-length")
+    if length is not None:
+        if not _CONTENT_LENGTH.match(length):
+            raise BadRequestError("Malformed Content-Length")
+        length = int(length)
+    return RequestHead(method.upper(), target, (int(major), int(minor)), headers, length)
+
+
+class Connection:
+    """A client connection: its socket, bytes read ahead, the request being
+    assembled, and the deadline the watcher enforces."""
+    __slots__ = ("sock", "address", "buffer", "head", "error", "deadline", "idle")
+
+    def __init__(self, sock, address):
+        self.sock, self.address = sock, address
+        self.buffer = b""
+        self.head = None        # RequestHead once the head is complete
+        self.error = None       # GatewayError to answer instead of a request
+        self.deadline = 0.0
+        self.idle = True        # between requests: no byte of the next one yet
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class ConnectionWatcher:
+    """The thread that holds connections until a whole request has arrived."""
+
+    def __init__(self, server):
+        self.server = server
+        self.limits = server.gateway.config.server
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._arrivals = collections.deque()
+        self._connections = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llmgw-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, connection):
+        """Take a new connection, or one back from a worker after its reply."""
+        self._arrivals.append(connection)
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:  # full: the watcher is awake anyway
+            pass
+
+    def stop(self):
+        self._stopping = True
+        self.watch(None)
+        self._thread.join(5)
+
+    def _run(self):
+        next_sweep = 0.0
+        while not self._stopping:
+            for key, _ in self._selector.select(timeout=0.25):
+                if key.fileobj is self._wake_reader:
+                    try:
+                        self._wake_reader.recv(4096)
+                    except OSError:
+                        pass
+                else:
+                    self._receive(key.data)
+            while self._arrivals:
+                connection = self._arrivals.popleft()
+                if connection is not None:
+                    self._adopt(connection)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._expire(now)
+                next_sweep = now + 0.25
+        for connection in list(self._connections):
+            self._drop(connection)
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _adopt(self, connection):
+        connection.sock.setblocking(False)
+        connection.head = connection.error = None
+        connection.idle = not connection.buffer
+        timeout = self.limits.keepalive_timeout if connection.idle else self.limits.header_timeout
+        connection.deadline = time.monotonic() + timeout
+        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+        self._connections.add(connection)
+        if connection.buffer:  # a pipelined request, already read
+            self._assemble(connection)
+
+    def _receive(self, connection):
+        try:
+            data = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(connection)
+            return
+        if connection.idle:
+            connection.idle = False
+            connection.deadline = time.monotonic() + self.limits.header_timeout
+        connection.buffer += data
+        self._assemble(connection)
+
+    def _assemble(self, connection):
+        """Dispatch the connection once its request is complete enough."""
+        limits = self.limits
+        if connection.head is None:
+            end = _HEAD_END.search(connection.buffer)
+            if end is None:
+                if len(connection.buffer) > limits.max_header_bytes:
+                    self._reject(connection, HeaderTooLargeError("The request head is too large"))
+                elif b"\n" not in connection.buffer[:limits.max_request_line_bytes + 2] and \
+                        len(connection.buffer) > limits.max_request_line_bytes:
+                    self._reject(connection, URITooLongError("The request line is too long"))
+                return
+            head_bytes, connection.buffer = connection.buffer[:end.start()], connection.buffer[end.end():]
+            if end.start() > limits.max_header_bytes:
+                self._reject(connection, HeaderTooLargeError("The request head is too large"))
+                return
+            if len(head_bytes.split(b"\n", 1)[0]) > limits.max_request_line_bytes:
+                self._reject(connection, URITooLongError("The request line is too long"))
+                return
+            try:
+                connection.head = parse_request_head(head_bytes, limits.max_header_fields)
+            except GatewayError as exc:
+                self._reject(connection, exc)
+                return
+            connection.deadline = time.monotonic() + limits.body_timeout
+        head = connection.head
+        wanted = head.content_length or 0
+        if head.expects_continue or wanted > INLINE_BODY_BYTES or len(connection.buffer) >= wanted:
+            self._dispatch(connection)
+
+    def _reject(self, connection, error):
+        connection.error = error
+        self._dispatch(connection)
+
+    def _dispatch(self, connection):
+        self._selector.unregister(connection.sock)
+        self._connections.discard(connection)
+        self.server.workers.submit(connection)
+
+    def _expire(self, now):
+        for connection in [c for c in self._connections if c.deadline <= now]:
+            if connection.idle:
+                self._drop(connection)  # keep-alive ran out: close quietly
+            else:
+                self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
+
+    def _drop(self, connection):
+        if connection in self._connections:
+            self._selector.unregister(connection.sock)
+            self._connections.discard(connection)
+        self.server.release(connection)
+
+
+class WorkerPool:
+    """At most ``size`` threads running ``work(item)``; started on demand,
+    retired after a minute idle, so an idle gateway holds few threads."""
+
+    idle_seconds = 60.0
+
+    def __init__(self, work, size):
+        self._work, self._size = work, size
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._queued = 0
+        self._busy = 0
+        self._drained = threading.Condition(self._lock)
+
+    def submit(self, item):
+        with self._lock:
+            self._queued += 1
+            start = self._queued > self._idle and self._threads < self._size
+            if start:
+                self._threads += 1
+        self._queue.put(item)
+        if start:
+            threading.Thread(target=self._run, name="llmgw-worker", daemon=True).start()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                item = self._queue.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._queued == 0:
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
+                self._busy += 1
+            try:
+                if item is None:
+                    with self._lock:
+                        self._threads -= 1
+                    return
+                self._work(item)
+            except Exception:
+                logger.exception("unexpected error in a worker")
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._drained.notify_all()
+
+    def busy(self):
+        with self._lock:
+            return self._busy + self._queued
+
+    def wait_idle(self, timeout):
+        """Wait until no work is running or queued; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._busy or self._queued:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(remaining)
+        return True
+
+    def stop(self):
+        with self._lock:
+            threads = self._threads
+        for _ in range(threads):
+            self.submit(None)
 
 
 class GatewayHandler(http.server.BaseHTTPRequestHandler):
-    """Translate HTTP/1.1 bytes to Requests for the gateway and Replies back."""
+    """Serve one request whose head the watcher has parsed: Request in,
+    Reply out. One write per response; chunked streams flushed per event."""
 
     protocol_version = "HTTP/1.1"
     server_version = "llmgw/" + __version__
-    sys_version = ""
-    #: Nagle's algorithm would hold small writes back by up to ~40 ms.
-    disable_nagle_algorithm = True
+
+    def __init__(self, connection, server):
+        self.connection_state = connection
+        super().__init__(connection.sock, connection.address, server)
 
     def setup(self):
-        self.timeout = self.server.gateway.config.server.client_timeout
-        super().setup()
+        self.connection = self.request
+        self.connection.settimeout(self.server.gateway.config.server.send_timeout)
+        head = self.connection_state.head
+        self.close_connection = head is None or not head.keep_alive
+        self.request_version = "HTTP/%d.%d" % head.version if head is not None else "HTTP/1.1"
+        self.command = head.method if head is not None else "-"
 
-    def parse_request(self):
-        self._expects_continue = False
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9" or not self.path.startswith("/"):
-            self.send_error(400, "Malformed request line")
-            return False
-        return True
-
-    def handle_expect_100(self):
-        # Answered in _send_continue, once the key is checked and the size is
-        # known: a client must not upload a body the gateway will refuse.
-        self._expects_continue = True
-        return True
-
-    def do_GET(self):
+    def handle(self):
+        state = self.connection_state
         started = time.monotonic()
-        request = reply = None
+        request = None
+        if state.error is not None:
+            self.close_connection = True
+            reply = error_reply(state.error, OPENAI)
+        else:
+            head = state.head
+            path, _, query = head.target.partition("?")
+            send_continue = self._send_continue if head.expects_continue else None
+            request = Request(head.method, path, head.headers, head.content_length, self._read_body,
+                              send_continue, query)
+            try:
+                reply = self.server.gateway.handle(request)
+            except ClientDisconnected:
+                self.close_connection = True
+                return
+            if not request.body_consumed:
+                self.close_connection = True  # unread body bytes would be taken for a request
         try:
-            request = self._request()
-            reply = self.server.gateway.handle(request)
-        except GatewayError as exc:  # framing errors, found before the gateway
+            self._send(reply)
+        except OSError:
             self.close_connection = True
-            reply = error_reply(exc, OPENAI)
-        except ClientDisconnected:
-            self.close_connection = True
-            return
-        if request is not None and not request.body_consumed:
-            self.close_connection = True  # unread body bytes would be taken for a request
-        self._send(reply)
         self._log_access(request, reply, started)
 
-    do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
-
-    def _request(self):
-        headers = {}
-        for name, value in self.headers.items():
-            lower = name.lower()
-            if not _HEADER_NAME.match(name) or _BAD_HEADER_VALUE.search(value):
-                raise BadRequestError("Malformed header")
-            if lower in headers and lower in _SINGLE_HEADERS:
-                raise BadRequestError("Duplicate %s header" % lower)
-            headers[lower] = value.strip()
-        if "transfer-encoding" in headers:
-            if "content-length" in headers:
-                raise BadRequestError("Content-Length and Transfer-Encoding together are refused")
-            raise LengthRequiredError("Chunked request bodies are not supported: send Content-Length")
-        length = headers.get("content-length")
-        if length is not None:
-            if not _CONTENT_LENGTH.match(length):
-                raise BadRequestError("Malformed Content-Length")
-            length = int(length)
-        path, _, query = self.path.partition("?")
-        send_continue = self._send_continue if self._expects_continue else None
-        return Request(self.command, path, headers, length, self._read_body, send_continue, query)
+    def finish(self):
+        pass  # the connection outlives the request: the server decides
 
     def _send_continue(self):
-        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self, length):
+        state = self.connection_state
+        body, state.buffer = state.buffer[:length], state.buffer[length:]
+        if len(body) == length:
+            return body
+        parts = [body]
+        received = len(body)
+        deadline = time.monotonic() + self.server.gateway.config.server.body_timeout
         try:
-            body = self.rfile.read(length)
+            while received < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                self.connection.settimeout(remaining)
+                data = self.connection.recv(min(length - received, 1024 * 1024))
+                if not data:
+                    raise ClientDisconnected()
+                parts.append(data)
+                received += len(data)
         except socket.timeout:
             raise RequestTimeoutError("The request body did not arrive in time") from None
         except OSError:
             raise ClientDisconnected() from None
-        if len(body) < length:
-            raise ClientDisconnected()
-        return body
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, oversized headers) as JSON."""
-        exc = GatewayError(message or http.HTTPStatus(code).phrase)
-        exc.status, exc.code = code, "invalid_request" if code < 500 else "internal_error"
-        self.close_connection = True
-        try:
-            self._send(error_reply(exc, OPENAI))
-        except OSError:
-            pass
+        finally:
+            self.connection.settimeout(self.server.gateway.config.server.send_timeout)
+        return b"".join(parts)
 
     def _head(self, reply, framing):
-        lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)),
-                 "server: " + self.server_version]
+        lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)), "server: " + self.server_version]
         lines.extend("%s: %s" % header for header in reply.headers)
         lines.append(framing)
         if self.close_connection or reply.close:
@@ -2354,9 +2664,10 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _send(self, reply):
+        write = self.connection.sendall
         if reply.stream is None:
             # One write: headers and body leave in the same segment.
-            self.wfile.write(self._head(reply, "content-length: %d" % len(reply.body)) + reply.body)
+            write(self._head(reply, "content-length: %d" % len(reply.body)) + reply.body)
             return
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
@@ -2369,7 +2680,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
                 if head:
                     data, head = head + data, b""  # headers ride with the first event
                 try:
-                    self.wfile.write(data)
+                    write(data)
                 except OSError:
                     self.close_connection = True
                     try:
@@ -2377,9 +2688,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
                     except (StopIteration, ClientDisconnected):
                         pass
                     return
-            self.wfile.write(head + (b"0\r\n\r\n" if chunked else b""))
-        except OSError:
-            self.close_connection = True
+            write(head + (b"0\r\n\r\n" if chunked else b""))
         finally:
             stream.close()
 
@@ -2392,12 +2701,6 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
             printable(log.get("model") or "-")[:100], log.get("tokens", "-"), log.get("outcome", "-"),
             (time.monotonic() - started) * 1000)
 
-    def log_request(self, code="-", size="-"):
-        pass  # the gateway writes its own access line, without the query string
-
-    def log_message(self, format, *args):
-        logger.debug("http: %s", printable(format % args)[:300])
-
 
 def _reason(status):
     try:
@@ -2409,35 +2712,59 @@ def _reason(status):
 # ==== 10. Server lifecycle ==================================================
 
 class GatewayServer(http.server.ThreadingHTTPServer):
-    """A threaded HTTP server with a cap on open connections.
+    """The listening socket and its accept loop (``serve_forever``), feeding
+    the connection watcher and the worker pool above.
 
-    Beyond ``server.max_connections`` a connection gets an immediate 503 with
-    Retry-After instead of a thread, so load cannot exhaust threads or memory.
+    Beyond ``server.max_connections`` open connections, a new one gets an
+    immediate 503 with Retry-After. ``server_close`` drains: in-flight
+    requests and streams may finish within ``server.drain_timeout``.
     """
 
-    daemon_threads = True
     request_queue_size = 1024  # the listen backlog; http.server's 5 drops bursts
 
-    def __init__(self, address, gateway):
+    def __init__(self, address, gateway, reuse_port=False):
         self.gateway = gateway
-        self._connection_slots = threading.BoundedSemaphore(gateway.config.server.max_connections)
+        self._reuse_port = reuse_port
+        self._open = 0
+        self._open_lock = threading.Lock()
         super().__init__(address, GatewayHandler)
+        self.workers = WorkerPool(self._serve_request, gateway.config.server.workers)
+        self.watcher = ConnectionWatcher(self)
+
+    def server_bind(self):
+        if self._reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def process_request(self, request, client_address):
-        if not self._connection_slots.acquire(blocking=False):
+        with self._open_lock:
+            admitted = self._open < self.gateway.config.server.max_connections
+            if admitted:
+                self._open += 1
+        if not admitted:
             self._refuse(request)
             return
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError:  # can't start new thread
-            self._connection_slots.release()
-            self._refuse(request)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.watcher.watch(Connection(request, client_address))
 
-    def process_request_thread(self, request, client_address):
+    def _serve_request(self, connection):
+        """A worker's job: one request, then the connection goes back to the
+        watcher for the next one, or is closed."""
+        handler = GatewayHandler(connection, self)
+        if handler.close_connection:
+            self.release(connection)
+        else:
+            self.watcher.watch(connection)
+
+    def release(self, connection):
+        """Close a connection and free its place."""
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connection_slots.release()
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        connection.close()
+        with self._open_lock:
+            self._open -= 1
 
     def _refuse(self, request):
         body = json.dumps(error_body(ServiceUnavailableError(
@@ -2453,14 +2780,17 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, socket.timeout)):
-            logger.debug("client connection ended: %s", type(exc).__name__)
-        else:  # no traceback by default: it could carry request data
-            logger.error("unexpected %s while serving a connection", type(exc).__name__)
-            logger.debug("traceback", exc_info=True)
+        logger.error("unexpected %s in the accept loop", type(exc).__name__)
+        logger.debug("traceback", exc_info=True)
 
     def server_close(self):
+        """Stop accepting, let in-flight requests finish (bounded), close."""
         super().server_close()
+        self.watcher.stop()
+        if not self.workers.wait_idle(self.gateway.config.server.drain_timeout):
+            logger.warning("%d request(s) still running after the drain timeout; their usage rows "
+                           "will be marked interrupted at the next start", self.workers.busy())
+        self.workers.stop()
         self.gateway.close()
 
 

@@ -40,7 +40,7 @@ def upstream():
 def base_config(upstream_url, **sections):
     """A config document pointing both providers at the fake upstream."""
     document = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
         "providers": {
             "openai": {"base_url": upstream_url, "api_key": OPENAI_KEY},
             "anthropic": {"base_url": upstream_url, "api_key": ANTHROPIC_KEY},

@@ -106,7 +106,7 @@ def test_empty_file_gives_defaults(tmp_path):
 
 def test_yaml_values_are_typed(tmp_path):
     config = llmgw.load_config(write(tmp_path, """\
-server: {host: 127.0.0.1, port: 9000, client_timeout: 5, max_body_bytes: 1024}
+server: {host: 127.0.0.1, port: 9000, send_timeout: 5, max_body_bytes: 1024}
 providers:
   local-llm:
     base_url: http://127.0.0.1:11434/
@@ -119,7 +119,7 @@ pricing:
   llama-3: {input: 0.1, output: 0.2, cached_input: null}
 """))
     assert config.server.port == 9000
-    assert config.server.client_timeout == 5.0 and isinstance(config.server.client_timeout, float)
+    assert config.server.send_timeout == 5.0 and isinstance(config.server.send_timeout, float)
     assert config.server.max_body_bytes == 1024
     provider = config.providers["local-llm"]
     assert provider == llmgw.ProviderConfig("local-llm", "http://127.0.0.1:11434", "openai",
@@ -146,7 +146,7 @@ INVALID = [
     ("port too big", with_change(("server", "port"), 70000), ["server.port"]),
     ("port negative", with_change(("server", "port"), -1), ["server.port"]),
     ("host not a string", with_change(("server", "host"), 127), ["server.host"]),
-    ("timeout zero", with_change(("server", "client_timeout"), 0), ["server.client_timeout"]),
+    ("timeout zero", with_change(("server", "send_timeout"), 0), ["server.send_timeout"]),
     ("timeout nan", with_change(("server", "upstream_timeout"), float("nan")), ["server.upstream_timeout"]),
     ("max_connections negative", with_change(("server", "max_connections"), -5), ["server.max_connections"]),
     ("providers not a mapping", with_change(("providers",), ["openai"]), ["providers"]),
@@ -445,7 +445,7 @@ def test_mask_secret_examples():
 def test_gateway_accepts_a_full_valid_config(make_gateway, upstream):
     gateway = make_gateway(
         environ={"LOCAL_LLM_API_KEY": "sk-local-5555"},
-        server={"max_connections": 64, "max_body_bytes": 65536, "client_timeout": 5,
+        server={"max_connections": 64, "max_body_bytes": 65536, "send_timeout": 5,
                 "upstream_connect_timeout": 2, "upstream_timeout": 10, "request_deadline": 30},
         providers={"local-llm": {"base_url": upstream.url, "format": "openai", "models": ["llama-*"]}},
         logging={"level": "WARNING"},

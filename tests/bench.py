@@ -1,0 +1,881 @@
+#!/usr/bin/env python3
+"""llmgw benchmark: the gateway against a fast fake upstream, and that upstream called directly.
+
+Run it from the repository root (standard library only; not collected by pytest):
+
+    python tests/bench.py              # full run, under three minutes
+    python tests/bench.py --quick      # smoke run, about 30 seconds
+    python tests/bench.py --duration 10 --loadgen python --requests 50000
+
+What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
+
+* a fake OpenAI upstream (this file, ``_upstream`` mode: one asyncio process, HTTP/1.1
+  keep-alive). ``POST /v1/chat/completions`` answers a small JSON completion with ``usage``;
+  with ``"stream": true`` it answers a chunked SSE stream of ``--stream-events`` (50) data-only
+  chunks, one write each, then a usage chunk when ``stream_options.include_usage`` is true,
+  then ``data: [DONE]``;
+* the gateway, ``python llmgw.py``, with CONFIG_PATH/DB_PATH in a temporary directory, the
+  openai provider pointed at the upstream, the provider key in OPENAI_API_KEY, logging at
+  WARNING, and one virtual key made with ``python cli.py keys create bench --rpm 100000000``;
+* the load generator: ``wrk`` when installed (a Lua script sets the POST body and headers and
+  prints exact counts and percentiles), else a built-in Python one (this file, ``_loadgen``
+  mode: closed-loop keep-alive raw sockets driven by ``selectors``, pre-built request bytes,
+  minimal response parsing). The output says which one ran.
+
+Pinning (when the machine has two or more CPUs): the gateway on core 0; the upstream, the load
+generator and this script on core 1. The direct rows therefore measure the upstream sharing
+one core with the load generator.
+
+The numbers:
+
+* ``req/s``       completed requests per second over ``--duration`` seconds of closed-loop load
+                  at 1, 16 and 64 keep-alive connections (non-streamed chat completions);
+* ``p50``/``p99`` latency percentiles of those requests (wrk's, or exact from all samples);
+* ``errors``      non-2xx responses plus socket errors (connect/read/write/timeout); any
+                  non-zero value is listed under "Problems";
+* ``CPU/req``     the gateway's user+system CPU time (``/proc/<pid>/stat``) during the level,
+                  divided by the requests completed;
+* ``overhead p50 @1``   gateway p50 minus direct p50 at one connection: what a sequential
+                  client pays for the gateway;
+* stream ``first event`` / ``total``   median over ``--stream-runs`` sequential requests (one
+                  keep-alive connection) of the time from sending the request to receiving the
+                  first ``data:`` event, and to the end of the chunked body;
+* memory: the gateway's VmRSS (``/proc/<pid>/status``) idle right after start, peak sampled
+                  every 20 ms during the 64-connection run, after the load levels, and after
+                  ``--requests`` (100,000) further requests; "growth" is the last minus the
+                  after-levels value (both have already seen 64 connections), i.e. a leak check.
+* usage rows: rows the gateway wrote to its database, by status, against the requests sent.
+
+Exit code 0 when the run completed (problems are reported, not fatal); 1 on a setup failure.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODEL = "gpt-4o-mini"
+PROVIDER_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
+CHAT_BODY = json.dumps({"model": MODEL, "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "Say hi"}]},
+                       separators=(",", ":")).encode()
+STREAM_BODY = json.dumps({"model": MODEL, "max_tokens": 64, "stream": True,
+                          "stream_options": {"include_usage": True},
+                          "messages": [{"role": "user", "content": "Count to fifty"}]},
+                         separators=(",", ":")).encode()
+PATH = "/v1/chat/completions"
+
+
+def build_request(port, key, body):
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (PATH.encode(), port, key.encode(), len(body), body))
+
+
+# ==== HTTP response parsing (shared by the load generator and the stream client) ==========
+
+def parse_response(buf):
+    """A complete HTTP/1.1 response at the start of ``buf``, or None if more bytes are needed.
+
+    Returns (bytes consumed, status, body, keep_alive). Content-Length and chunked bodies; a
+    response with neither is not supported (the caller treats it as read-until-close)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    status = int(buf[9:12])
+    head = buf[:end].lower()
+    keep_alive = b"connection: close" not in head
+    start = end + 4
+    i = head.find(b"\r\ncontent-length:")
+    if i >= 0:
+        j = head.find(b"\r\n", i + 2)
+        length = int(head[i + 17:j if j >= 0 else len(head)])
+        if len(buf) < start + length:
+            return None
+        return start + length, status, buf[start:start + length], keep_alive
+    if b"transfer-encoding: chunked" in head:
+        body, pos = [], start
+        while True:
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                return None
+            size = int(buf[pos:line_end].split(b";")[0], 16)
+            if size == 0:
+                if buf.find(b"\r\n\r\n", line_end) != line_end:  # no trailers expected
+                    return None
+                return line_end + 4, status, b"".join(body), keep_alive
+            if len(buf) < line_end + 2 + size + 2:
+                return None
+            body.append(buf[line_end + 2:line_end + 2 + size])
+            pos = line_end + 2 + size + 2
+    if status in (204, 304) or 100 <= status < 200:
+        return start, status, b"", keep_alive
+    return None
+
+
+# ==== The fake upstream (``_upstream`` mode) ================================================
+
+def upstream_main(events, gap_ms):
+    """Serve the fake OpenAI API on 127.0.0.1 (ephemeral port, printed on stdout)."""
+    completion = json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there! How can I help?"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}},
+        separators=(",", ":")).encode()
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+             % (len(completion), completion))
+    reply_close = reply.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    stream_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+
+    def chunk(payload):
+        return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+    def event(obj):
+        return chunk(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, "model": MODEL}
+    stream_chunks = []
+    for n in range(events):
+        delta = {"role": "assistant", "content": ""} if n == 0 else {"content": "%d " % n}
+        stream_chunks.append(event(dict(base, choices=[{"index": 0, "delta": delta,
+                                                        "finish_reason": "stop" if n == events - 1 else None}])))
+    usage_chunk = event(dict(base, choices=[], usage={"prompt_tokens": 12, "completion_tokens": events,
+                                                      "total_tokens": 12 + events}))
+    done_chunk = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    stream_re = re.compile(rb'"stream"\s*:\s*true')
+    usage_re = re.compile(rb'"include_usage"\s*:\s*true')
+
+    class Upstream(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buf = b""
+            self.busy = False  # a paced stream is being written; later requests wait
+
+        def data_received(self, data):
+            self.buf = self.buf + data if self.buf else data
+            self.process()
+
+        def process(self):
+            buf = self.buf
+            while not self.busy:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buf[:end].lower()
+                i = head.find(b"\r\ncontent-length:")
+                length = 0
+                if i >= 0:
+                    j = head.find(b"\r\n", i + 2)
+                    length = int(head[i + 17:j if j >= 0 else len(head)])
+                if len(buf) < end + 4 + length:
+                    break
+                body = buf[end + 4:end + 4 + length]
+                buf = buf[end + 4 + length:]
+                close = b"\r\nconnection: close" in head
+                if not head.startswith(b"post /v1/chat/completions "):
+                    self.transport.write(not_found)
+                elif stream_re.search(body):
+                    self.stream(bool(usage_re.search(body)), close)
+                    if self.busy:
+                        break
+                else:
+                    self.transport.write(reply_close if close else reply)
+                if close:
+                    self.transport.close()
+                    buf = b""
+                    break
+            self.buf = buf
+
+        def stream(self, with_usage, close):
+            tail = ([usage_chunk] if with_usage else []) + [done_chunk]
+            write = self.transport.write
+            if gap_ms <= 0:
+                write(stream_head)
+                for piece in stream_chunks:
+                    write(piece)
+                for piece in tail:
+                    write(piece)
+                return
+            self.busy = True
+            pieces = [stream_head] + stream_chunks + tail
+            loop = asyncio.get_event_loop()
+
+            def step(index=0):
+                if self.transport.is_closing():
+                    return
+                write(pieces[index])
+                if index + 1 < len(pieces):
+                    loop.call_later(gap_ms / 1000.0, step, index + 1)
+                else:
+                    self.busy = False
+                    if close:
+                        self.transport.close()
+                    else:
+                        self.process()
+            step()
+
+        def connection_lost(self, exc):
+            self.buf = b""
+
+    async def run():
+        server = await asyncio.get_event_loop().create_server(Upstream, "127.0.0.1", 0, backlog=4096,
+                                                              reuse_address=True)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        asyncio.run(run())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+# ==== The built-in load generator (``_loadgen`` mode) =======================================
+
+def loadgen_main(port, connections, duration, request_hex):
+    """Closed loop over ``connections`` keep-alive sockets for ``duration`` seconds; JSON out."""
+    import selectors
+    request = bytes.fromhex(request_hex)
+    sel = selectors.DefaultSelector()
+    latencies, statuses = [], {}
+    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    state = {}
+
+    def open_conn():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            errors["connect"] += 1
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ)
+        return sock
+
+    def send(sock):
+        try:
+            sock.sendall(request)  # small: fits the socket buffer, never blocks in practice
+        except OSError:
+            errors["write"] += 1
+            return False
+        state[sock] = [b"", time.perf_counter()]
+        return True
+
+    def replace(sock):
+        sel.unregister(sock)
+        state.pop(sock, None)
+        sock.close()
+        new = open_conn()
+        if new is not None and time.perf_counter() < deadline:
+            send(new)
+
+    start = time.perf_counter()
+    deadline = start + duration
+    for _ in range(connections):
+        sock = open_conn()
+        if sock is not None:
+            send(sock)
+    perf = time.perf_counter
+    while state:
+        now = perf()
+        if now >= deadline:
+            break
+        ready = sel.select(timeout=min(1.0, deadline - now))
+        if not ready:
+            continue
+        for key, _ in ready:
+            sock = key.fileobj
+            try:
+                data = sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError:
+                errors["read"] += 1
+                replace(sock)
+                continue
+            if not data:
+                errors["read"] += 1
+                replace(sock)
+                continue
+            entry = state[sock]
+            entry[0] += data
+            parsed = parse_response(entry[0])
+            if parsed is None:
+                continue
+            done = perf()
+            latencies.append(done - entry[1])
+            statuses[parsed[1]] = statuses.get(parsed[1], 0) + 1
+            if not parsed[3]:
+                replace(sock)
+            elif done < deadline:
+                send(sock)
+    elapsed = perf() - start
+    # requests still in flight at the deadline are not counted (as wrk does)
+    errors["timeout"] += sum(1 for entry in state.values() if perf() - entry[1] > 10)
+    for sock in list(state):
+        sock.close()
+    latencies.sort()
+    json.dump({"requests": len(latencies), "elapsed": elapsed, "statuses": statuses, "errors": errors,
+               "latencies_us": [int(x * 1e6) for x in latencies]}, sys.stdout)
+
+
+# ==== Process management =====================================================================
+
+class Processes:
+    """Every process we start, each in its own session/process group; all killed on exit."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, args, cpu=None, **kwargs):
+        def preexec():
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+        proc = subprocess.Popen(args, start_new_session=True, preexec_fn=preexec, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc, timeout=5):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        else:  # the leader exited; its group may still hold children
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self):
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("process exited with code %s before listening" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("nothing listening on port %d after %ss" % (port, timeout))
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+# ==== Load runs =============================================================================
+
+WRK_LUA = r"""
+wrk.method = "POST"
+wrk.body = %s
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCHJSON {\"requests\":%%d,\"elapsed_us\":%%d,\"non2xx\":%%d,\"connect\":%%d,\"read\":%%d,\"write\":%%d,\"timeout\":%%d,\"p50\":%%d,\"p99\":%%d,\"max\":%%d}\n",
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+class LoadGen:
+    """Runs one closed-loop level against a port and returns a result dict."""
+
+    def __init__(self, kind, procs, cpu, workdir):
+        self.kind, self.procs, self.cpu, self.workdir = kind, procs, cpu, workdir
+
+    def run(self, port, key, connections, duration, on_tick=None):
+        if self.kind == "wrk":
+            return self._wrk(port, key, connections, duration, on_tick)
+        return self._python(port, key, connections, duration, on_tick)
+
+    def _start_and_wait(self, args, duration, on_tick):
+        """Run a load generator to completion (output to files: a full pipe would block it)."""
+        out_path, err_path = (os.path.join(self.workdir, "loadgen." + name) for name in ("out", "err"))
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = self.procs.start(args, cpu=self.cpu, stdout=out, stderr=err)
+        deadline = time.monotonic() + duration + 30
+        while proc.poll() is None:
+            if on_tick:
+                on_tick()
+            time.sleep(0.02)
+            if time.monotonic() > deadline:
+                self.procs.stop(proc)
+                raise RuntimeError("load generator hung")
+        self.procs.stop(proc)
+        with open(out_path, "rb") as out, open(err_path, "rb") as err:
+            return proc.returncode, out.read(), err.read()
+
+    def _wrk(self, port, key, connections, duration, on_tick):
+        script = os.path.join(self.workdir, "bench-%d.lua" % port)
+        with open(script, "w") as f:
+            f.write(WRK_LUA % (json.dumps(CHAT_BODY.decode()), key))
+        duration = max(1, int(round(duration)))  # wrk takes whole seconds only
+        threads = 1 if self.cpu is not None else max(1, min(connections, (os.cpu_count() or 2) // 2))
+        _, out, err = self._start_and_wait(
+            ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % duration, "--timeout", "10s",
+             "-s", script, "http://127.0.0.1:%d%s" % (port, PATH)], duration, on_tick)
+        match = re.search(rb"BENCHJSON (\{.*\})", out)
+        if not match:
+            raise RuntimeError("wrk failed: %s %s" % (out.decode(errors="replace"), err.decode(errors="replace")))
+        r = json.loads(match.group(1))
+        elapsed = r["elapsed_us"] / 1e6
+        errors = {"non-2xx": r["non2xx"], "connect": r["connect"], "read": r["read"],
+                  "write": r["write"], "timeout": r["timeout"]}
+        return {"requests": r["requests"], "rps": r["requests"] / elapsed if elapsed else 0.0,
+                "p50_ms": r["p50"] / 1000.0, "p99_ms": r["p99"] / 1000.0, "max_ms": r["max"] / 1000.0,
+                "errors": errors}
+
+    def _python(self, port, key, connections, duration, on_tick):
+        request = build_request(port, key, CHAT_BODY)
+        code, out, err = self._start_and_wait(
+            [sys.executable, os.path.abspath(__file__), "_loadgen", str(port), str(connections),
+             str(duration), request.hex()], duration, on_tick)
+        if code != 0 or not out:
+            raise RuntimeError("python load generator failed: %s" % err.decode(errors="replace"))
+        r = json.loads(out)
+        lat = r["latencies_us"]
+        non2xx = sum(n for status, n in r["statuses"].items() if not 200 <= int(status) < 300)
+        errors = dict({"non-2xx": non2xx}, **r["errors"])
+
+        def pct(p):
+            return lat[min(len(lat) - 1, int(len(lat) * p / 100.0))] / 1000.0 if lat else float("nan")
+        return {"requests": r["requests"], "rps": r["requests"] / r["elapsed"] if r["elapsed"] else 0.0,
+                "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": lat[-1] / 1000.0 if lat else float("nan"),
+                "errors": errors, "statuses": r["statuses"]}
+
+
+def stream_runs(port, key, runs):
+    """Sequential streamed completions on one keep-alive connection: medians and checks."""
+    request = build_request(port, key, STREAM_BODY)
+    firsts, totals, problems = [], [], []
+    sock = None
+    for _ in range(runs):
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf, first = b"", None
+        t0 = time.perf_counter()
+        sock.sendall(request)
+        parsed = None
+        while parsed is None:
+            data = sock.recv(262144)
+            if not data:
+                break
+            buf += data
+            if first is None:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end >= 0 and buf.find(b"data:", head_end) >= 0:
+                    first = time.perf_counter() - t0
+            parsed = parse_response(buf)
+        total = time.perf_counter() - t0
+        if parsed is None:
+            problems.append("stream: connection closed before the end of the response")
+            sock.close()
+            sock = None
+            continue
+        status, body, keep_alive = parsed[1], parsed[2], parsed[3]
+        if status != 200:
+            problems.append("stream: HTTP %d: %s" % (status, body[:200]))
+        else:
+            data_lines = [line for line in body.split(b"\n") if line.startswith(b"data:")]
+            if not data_lines or data_lines[-1].strip() != b"data: [DONE]":
+                problems.append("stream: no final data: [DONE]")
+            if not any(b'"usage"' in line and b'"choices":[]' in line.replace(b" ", b"") for line in data_lines):
+                problems.append("stream: no usage chunk")
+            firsts.append(first if first is not None else total)
+            totals.append(total)
+        if not keep_alive:
+            sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
+    return {"first_ms": statistics.median(firsts) * 1000 if firsts else float("nan"),
+            "total_ms": statistics.median(totals) * 1000 if totals else float("nan"),
+            "runs": len(totals), "problems": sorted(set(problems))}
+
+
+def one_request(port, key, body, timeout=10):
+    """A single request on a fresh connection: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(build_request(port, key, body))
+        buf = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise RuntimeError("connection closed mid-response: %r" % buf[:200])
+            buf += data
+            parsed = parse_response(buf)
+            if parsed:
+                return parsed[1], parsed[2]
+
+
+# ==== Main ==================================================================================
+
+def machine_info():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%d CPUs (%s), Python %s, %s" % (os.cpu_count() or 0, model, platform.python_version(),
+                                           platform.platform())
+
+
+def fmt_ms(value):
+    if value != value:  # NaN
+        return "-"
+    return "%.3f" % value if value < 10 else "%.1f" % value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per load level (5; wrk rounds to whole seconds)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 s levels, 20 stream runs, 10,000 requests for the memory check")
+    parser.add_argument("--connections", default="1,16,64", help="keep-alive connection levels (1,16,64)")
+    parser.add_argument("--requests", type=int, default=100000,
+                        help="requests sent after the levels for the memory-growth check (100000)")
+    parser.add_argument("--memory-budget", type=float, default=110.0,
+                        help="seconds the memory run may take at most (110), to bound the total runtime")
+    parser.add_argument("--stream-runs", type=int, default=50, help="sequential streams measured (50)")
+    parser.add_argument("--stream-events", type=int, default=50, help="events per stream (50)")
+    parser.add_argument("--stream-gap-ms", type=float, default=0.0,
+                        help="pause between upstream stream events (0: written back to back)")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration = min(args.duration, 1.0)
+        args.stream_runs = min(args.stream_runs, 20)
+        args.requests = min(args.requests, 10000)
+        args.memory_budget = min(args.memory_budget, 15.0)
+    levels = [int(c) for c in args.connections.split(",")]
+
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pin = not args.no_pin and hasattr(os, "sched_setaffinity") and ncpu >= 2
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        gw_cpu, load_cpu = cpus[0], cpus[1]
+        os.sched_setaffinity(0, {load_cpu})  # this script (stream client, sampling) too
+        pinning = "gateway on core %d; upstream, load generator and this script on core %d" % (gw_cpu, load_cpu)
+    else:
+        gw_cpu = load_cpu = None
+        pinning = "none (%s)" % ("--no-pin" if args.no_pin else "fewer than 2 CPUs or no sched_setaffinity")
+    kind = args.loadgen
+    if kind == "auto":
+        kind = "wrk" if shutil.which("wrk") else "python"
+    elif kind == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk is not installed")
+
+    print("llmgw benchmark")
+    print("machine:   %s" % machine_info())
+    print("pinning:   %s" % pinning)
+    print("load gen:  %s" % ("wrk (%s), 1 thread, Lua script for body and headers" % shutil.which("wrk")
+                             if kind == "wrk" else "built-in Python (selectors, raw keep-alive sockets, 1 process)"))
+    print("upstream:  built-in asyncio fake OpenAI (this file); nginx %s"
+          % ("found but not used: it cannot stream SSE on its own" if shutil.which("nginx") else "not installed"))
+    print("settings:  %.1f s per level, connections %s, %d stream runs of %d events, %d requests for memory"
+          % (args.duration, levels, args.stream_runs, args.stream_events, args.requests))
+    print(flush=True)
+
+    procs = Processes()
+    workdir = tempfile.mkdtemp(prefix="llmgw-bench-")
+    problems = []
+    started = time.monotonic()
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt()
+    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        # -- upstream ------------------------------------------------------------------------
+        up = procs.start([sys.executable, os.path.abspath(__file__), "_upstream", str(args.stream_events),
+                          str(args.stream_gap_ms)], cpu=load_cpu, stdout=subprocess.PIPE)
+        line = up.stdout.readline()
+        if not line.strip():
+            raise RuntimeError("the fake upstream did not start")
+        up_port = int(line)
+        status, body = one_request(up_port, PROVIDER_KEY, CHAT_BODY)
+        if status != 200 or json.loads(body)["usage"]["total_tokens"] != 20:
+            raise RuntimeError("fake upstream sanity request: HTTP %d %r" % (status, body[:300]))
+
+        loadgen = LoadGen(kind, procs, load_cpu, workdir)
+
+        # -- gateway ---------------------------------------------------------------------------
+        gw_port = free_port()
+        config_path = os.path.join(workdir, "config.yaml")
+        db_path = os.path.join(workdir, "gateway.db")
+        config = {"server": {"host": "127.0.0.1", "port": gw_port},
+                  "providers": {"openai": {"base_url": "http://127.0.0.1:%d" % up_port}},
+                  "logging": {"level": "WARNING", "file": os.path.join(workdir, "gateway.log")}}
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)  # JSON is YAML
+        os.chmod(config_path, 0o600)
+        env = dict(os.environ, CONFIG_PATH=config_path, DB_PATH=db_path, OPENAI_API_KEY=PROVIDER_KEY)
+        env.pop("LLMGW_ADMIN_TOKEN", None)
+        for command in (["init"], ["keys", "create", "bench", "--rpm", "100000000", "--output", "json"]):
+            created = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py")] + command,
+                                     env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+            if created.returncode != 0:
+                raise RuntimeError("cli.py %s failed: %s%s" % (command[0], created.stdout, created.stderr))
+        vkey = json.loads(created.stdout)["key"]
+        gw_stderr = open(os.path.join(workdir, "gateway.stderr"), "wb")
+        gw = procs.start([sys.executable, os.path.join(ROOT, "llmgw.py")], cpu=gw_cpu, env=env, cwd=workdir,
+                         stdout=gw_stderr, stderr=subprocess.STDOUT)
+        wait_for_port(gw_port, gw)
+        time.sleep(0.3)
+        rss_idle = rss_kb(gw.pid)
+        gw_sent = 0  # requests sent to the gateway, for the usage-row check
+
+        status, body = one_request(gw_port, vkey, CHAT_BODY)
+        gw_sent += 1
+        if status != 200 or json.loads(body).get("usage", {}).get("total_tokens") != 20:
+            raise RuntimeError("gateway sanity request: HTTP %d %r" % (status, body[:300]))
+        status, _ = one_request(gw_port, "llmgw-not-a-key", CHAT_BODY)
+        gw_sent += 1
+        if status != 401:
+            problems.append("gateway answered %d to an unknown virtual key (expected 401)" % status)
+
+        # -- non-streamed levels ---------------------------------------------------------------
+        warm = 1.0
+        results = {"direct": {}, "gateway": {}}
+        peak = {"rss": 0}
+        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey)):
+            r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
+            if target == "gateway":
+                gw_sent += r["requests"]
+            for conns in levels:
+                on_tick = None
+                if target == "gateway":
+                    if gw.poll() is not None:
+                        raise RuntimeError("the gateway exited with code %s" % gw.returncode)
+                    cpu0 = cpu_seconds(gw.pid)
+                    if conns == max(levels):
+                        def on_tick():
+                            peak["rss"] = max(peak["rss"], rss_kb(gw.pid))
+                r = loadgen.run(port, key, conns, args.duration, on_tick)
+                if target == "gateway":
+                    r["cpu_ms_per_req"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / r["requests"] if r["requests"] else float("nan")
+                    gw_sent += r["requests"]
+                results[target][conns] = r
+                bad = {k: v for k, v in r["errors"].items() if v}
+                if bad:
+                    problems.append("%s at %d connections: %s (of %d requests)" % (target, conns, bad, r["requests"]))
+                print("  %-7s %3d conns: %8.0f req/s  p50 %s ms  p99 %s ms%s" % (
+                    target, conns, r["rps"], fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]),
+                    "  errors %s" % bad if bad else ""), flush=True)
+
+        # -- streams ---------------------------------------------------------------------------
+        streams = {}
+        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey)):
+            stream_runs(port, key, 3)  # warm-up
+            streams[target] = stream_runs(port, key, args.stream_runs)
+            if target == "gateway":
+                gw_sent += 3 + args.stream_runs
+            for p in streams[target]["problems"]:
+                problems.append("%s %s" % (target, p))
+        print("  streams measured", flush=True)
+
+        # -- memory growth ---------------------------------------------------------------------
+        time.sleep(0.5)
+        rss_after_levels = rss_kb(gw.pid)
+        rate = max(results["gateway"].get(16, results["gateway"][levels[-1]])["rps"], 50.0)
+        sent, mem_errors, cpu0, t0 = 0, {}, cpu_seconds(gw.pid), time.monotonic()
+        while sent < args.requests:
+            if gw.poll() is not None:
+                raise RuntimeError("the gateway exited with code %s" % gw.returncode)
+            left = args.memory_budget - (time.monotonic() - t0)
+            if left < 1:
+                problems.append("memory run stopped by --memory-budget after %d of %d requests"
+                                % (sent, args.requests))
+                break
+            chunk = min(max((args.requests - sent) / rate * 1.05, 1.0), 60.0, left)
+            r = loadgen.run(gw_port, vkey, 16, chunk)
+            sent += r["requests"]
+            for k, v in r["errors"].items():
+                mem_errors[k] = mem_errors.get(k, 0) + v
+            if r["requests"] == 0:
+                break
+        mem_seconds = time.monotonic() - t0
+        mem_cpu = (cpu_seconds(gw.pid) - cpu0) * 1000 / sent if sent else float("nan")
+        gw_sent += sent
+        if any(mem_errors.values()):
+            problems.append("memory run (%d requests): %s" % (sent, {k: v for k, v in mem_errors.items() if v}))
+        time.sleep(0.5)
+        rss_final = rss_kb(gw.pid)
+        print("  memory run: %d requests in %.1f s" % (sent, mem_seconds), flush=True)
+
+        # -- usage rows ------------------------------------------------------------------------
+        time.sleep(0.3)
+        conn = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=10)
+        try:
+            by_status = dict(conn.execute("SELECT status || ' ' || COALESCE(http_status, '-'), COUNT(*) "
+                                          "FROM usage GROUP BY 1 ORDER BY 2 DESC").fetchall())
+            tokens = conn.execute("SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage "
+                                  "WHERE streamed = 0 AND http_status = 200").fetchone()
+        finally:
+            conn.close()
+        if gw.poll() is not None:
+            problems.append("the gateway exited with code %s during the run" % gw.returncode)
+        gw_cpu_total = cpu_seconds(gw.pid) if gw.poll() is None else float("nan")
+        procs.stop(gw)
+        gw_stderr.close()
+        with open(os.path.join(workdir, "gateway.stderr"), "rb") as f:
+            gw_output = f.read().decode(errors="replace").strip()
+        log_path = os.path.join(workdir, "gateway.log")
+        log_lines = open(log_path, errors="replace").read().strip().splitlines() if os.path.exists(log_path) else []
+        serious = [line for line in log_lines if " ERROR " in line or " CRITICAL " in line]
+        if serious:
+            problems.append("gateway log: %d ERROR line(s), e.g. %s" % (len(serious), serious[0]))
+        if gw_output:
+            problems.append("gateway stderr: %s" % gw_output[-500:])
+
+        # -- report ----------------------------------------------------------------------------
+        print()
+        print("Non-streamed chat completions (closed loop, keep-alive, %.1f s per level)" % args.duration)
+        header = "| %-8s | %5s | %9s | %9s | %9s | %10s | %7s |" % (
+            "target", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors")
+        print(header)
+        print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
+        for target in ("gateway", "direct"):
+            for conns in levels:
+                r = results[target][conns]
+                cpu = "%.3f" % r["cpu_ms_per_req"] if "cpu_ms_per_req" in r else "-"
+                print("| %-8s | %5d | %9.0f | %9s | %9s | %10s | %7d |" % (
+                    target, conns, r["rps"], fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]), cpu,
+                    sum(r["errors"].values())))
+        print()
+        g1, d1 = results["gateway"][levels[0]], results["direct"][levels[0]]
+        print("Overhead p50 at %d connection(s): %.3f ms (gateway %.3f - direct %.3f)"
+              % (levels[0], g1["p50_ms"] - d1["p50_ms"], g1["p50_ms"], d1["p50_ms"]))
+        top = max(levels)
+        print("Throughput ratio gateway/direct: %s" % ", ".join(
+            "%d conns %.1f%%" % (c, 100.0 * results["gateway"][c]["rps"] / results["direct"][c]["rps"])
+            for c in levels if results["direct"][c]["rps"]))
+        print()
+        print("Stream of %d events (median of %d sequential runs, one keep-alive connection)"
+              % (args.stream_events, args.stream_runs))
+        print("| %-8s | %14s | %10s |" % ("target", "first event ms", "total ms"))
+        print("|----------|----------------|------------|")
+        for target in ("gateway", "direct"):
+            s = streams[target]
+            print("| %-8s | %14s | %10s |" % (target, fmt_ms(s["first_ms"]), fmt_ms(s["total_ms"])))
+        print("Stream overhead: first event +%.3f ms, total +%.3f ms"
+              % (streams["gateway"]["first_ms"] - streams["direct"]["first_ms"],
+                 streams["gateway"]["total_ms"] - streams["direct"]["total_ms"]))
+        print()
+        print("Gateway memory (VmRSS)")
+        print("| %-46s | %8s |" % ("when", "MB"))
+        print("|" + "-" * 48 + "|" + "-" * 10 + "|")
+        for label, kb in (("idle, after start", rss_idle),
+                          ("peak during the %d-connection run" % top, peak["rss"]),
+                          ("after the load levels and streams", rss_after_levels),
+                          ("after %d more requests" % sent, rss_final)):
+            print("| %-46s | %8.1f |" % (label, kb / 1024.0))
+        print("Growth over the last %d requests: %+.1f MB (%+.2f KB per 1,000 requests)"
+              % (sent, (rss_final - rss_after_levels) / 1024.0,
+                 (rss_final - rss_after_levels) / (sent / 1000.0) if sent else 0.0))
+        print("Memory run: %.0f req/s at 16 connections, gateway CPU %.3f ms/request"
+              % (sent / mem_seconds if mem_seconds else 0, mem_cpu))
+        print()
+        print("Usage rows in the gateway database: %d (requests sent to the gateway: about %d; load generators"
+              " do not count requests in flight at a level's end)" % (sum(by_status.values()), gw_sent))
+        print("  by status: %s" % ", ".join("%s: %d" % kv for kv in by_status.items()))
+        print("  non-streamed 200 rows: %d, input tokens %s, output tokens %s (12 and 8 each expected)"
+              % (tokens[0], tokens[1], tokens[2]))
+        if tokens[0] and (tokens[1] != 12 * tokens[0] or tokens[2] != 8 * tokens[0]):
+            problems.append("usage rows do not carry 12 input / 8 output tokens each")
+        if sum(by_status.values()) < gw_sent - 2 * 64 * (2 * len(levels) + 4):
+            problems.append("fewer usage rows (%d) than requests answered (~%d)" % (sum(by_status.values()), gw_sent))
+        print("Gateway CPU total: %.1f s; bench wall time %.0f s" % (gw_cpu_total, time.monotonic() - started))
+        print()
+        if problems:
+            print("Problems:")
+            for p in problems:
+                print("  - %s" % p)
+        else:
+            print("Problems: none (no non-2xx responses, no socket errors, no gateway errors logged)")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print("\nbenchmark failed: %s: %s" % (type(exc).__name__, exc), file=sys.stderr)
+        for name in ("gateway.stderr", "gateway.log"):
+            path = os.path.join(workdir, name)
+            if os.path.exists(path):
+                tail = open(path, errors="replace").read()[-2000:]
+                if tail.strip():
+                    print("--- %s (tail)\n%s" % (name, tail), file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
+        upstream_main(int(sys.argv[2]), float(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
+        loadgen_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+    else:
+        sys.exit(main())
