@@ -14,6 +14,7 @@
     python cli.py prices list [--output json]   prices in force and where each came from
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
+    python cli.py audit [--limit N] [--output json]   administrative actions, newest first
 
 Files: config.yaml (CONFIG_PATH) and gateway.db (DB_PATH). Each command is a
 few lines over one call into llmgw; errors print one line and exit 1.
@@ -243,6 +244,18 @@ def cmd_prices_import(args):
     return 0
 
 
+def cmd_audit(args):
+    entries = _store().audit_log(args.limit)
+    if args.output == "json":
+        _print_json(entries)
+    elif not entries:
+        print("No administrative actions recorded yet.")
+    else:
+        _print_table(entries, [("at", "WHEN"), ("actor", "WHO"), ("action", "ACTION"), ("target", "TARGET"),
+                               ("detail", "DETAIL")])
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python cli.py", description="llmgw: a self-hosted LLM API gateway.")
     parser.add_argument("--version", action="version", version="llmgw " + llmgw.__version__)
@@ -300,6 +313,10 @@ def build_parser():
     price_import = prices.add_parser("import", help="load a price pack (our JSON format or LiteLLM's)")
     price_import.add_argument("file")
     price_import.set_defaults(run=cmd_prices_import)
+    audit = commands.add_parser("audit", help="administrative actions: keys, provider keys, tokens, prices")
+    audit.add_argument("--limit", type=int, default=100, help="how many entries (default 100)")
+    audit.add_argument("--output", choices=("table", "json"), default="table")
+    audit.set_defaults(run=cmd_audit)
     return parser
 
 

@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
@@ -240,6 +241,9 @@ providers:
   #   format: openai
   #   models: ["mistral-*", "codestral-*"]   # key: MISTRAL_API_KEY or set-key
 
+database:                          # the file itself: DB_PATH (default gateway.db)
+  synchronous: normal              # normal: commits survive a crash; full: also power loss
+
 logging:
   level: INFO
   # file: llmgw.log
@@ -276,6 +280,11 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatabaseConfig:
+    synchronous: str = "normal"         # normal: survives a crash; full: also power loss
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     file: Optional[str] = None
@@ -288,12 +297,14 @@ class ProviderConfig:
     format: str = OPENAI
     api_key: Optional[str] = None
     models: Tuple[str, ...] = ()
+    allow_link_local: bool = False      # 169.254.0.0/16, fe80::/10, cloud metadata
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
+    database: DatabaseConfig = DatabaseConfig()
     logging: LoggingConfig = LoggingConfig()
     rate_limits: Dict[str, int] = dataclasses.field(
         default_factory=lambda: {"default": 100, "premium": 1000})
@@ -301,8 +312,8 @@ class Config:
     path: Optional[str] = None
 
 
-_SECTIONS = ("server", "providers", "logging", "rate_limits", "pricing")
-_PROVIDER_KEYS = ("base_url", "api_key", "format", "models")
+_SECTIONS = ("server", "providers", "database", "logging", "rate_limits", "pricing")
+_PROVIDER_KEYS = ("base_url", "api_key", "format", "models", "allow_link_local")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
@@ -346,13 +357,16 @@ def parse_config(document, path=None):
     for field in dataclasses.fields(ServerConfig):
         if field.type in (int, float) and field.name != "port" and getattr(server, field.name) <= 0:
             raise ConfigError("server.%s: must be positive" % field.name)
+    database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
+    if database.synchronous not in ("normal", "full"):
+        raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
     providers = _parse_providers(document.get("providers"))
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
-    return Config(server=server, providers=providers, logging=log,
+    return Config(server=server, providers=providers, database=database, logging=log,
                   rate_limits=rate_limits, pricing=pricing, path=path)
 
 
@@ -414,8 +428,27 @@ def _parse_providers(section):
                 check_provider_key(name, api_key)
         models = tuple(_expect(glob, str, where + ".models[]")
                        for glob in _expect(entry.get("models") or [], list, where + ".models"))
-        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models)
+        allow_link_local = _expect(entry.get("allow_link_local", False), bool, where + ".allow_link_local")
+        host = urllib.parse.urlsplit(base_url).hostname
+        if not allow_link_local and is_link_local(host):
+            raise ConfigError("%s.base_url: %s is a link-local or cloud-metadata address; set "
+                              "allow_link_local: true if that is really the provider" % (where, host))
+        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local)
     return providers
+
+
+_METADATA_ADDRESSES = frozenset((ipaddress.ip_address("fd00:ec2::254"),))
+
+
+def is_link_local(host):
+    """True for a literal link-local or cloud-metadata address (where SSRF
+    attacks send provider keys); host names are checked when resolved."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_link_local or address in _METADATA_ADDRESSES
 
 
 def _check_base_url(url, where):
@@ -539,6 +572,14 @@ CREATE TABLE IF NOT EXISTS settings (
     name          TEXT PRIMARY KEY,
     value         TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_log (
+    id            INTEGER PRIMARY KEY,
+    at            REAL NOT NULL,
+    actor         TEXT NOT NULL,
+    action        TEXT NOT NULL,
+    target        TEXT,
+    detail        TEXT
+);
 CREATE TABLE IF NOT EXISTS prices (
     model          TEXT PRIMARY KEY,
     input          TEXT NOT NULL,
@@ -592,6 +633,8 @@ UPSERT_PROVIDER_KEY = """INSERT INTO provider_keys (provider, api_key, updated_a
                          ON CONFLICT (provider) DO UPDATE SET api_key = excluded.api_key,
                                                               updated_at = excluded.updated_at"""
 ALL_PROVIDER_KEYS = "SELECT provider, api_key FROM provider_keys"
+INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
+RECENT_AUDIT = "SELECT at, actor, action, target, detail FROM audit_log ORDER BY id DESC LIMIT ?"
 GET_SETTING = "SELECT value FROM settings WHERE name = ?"
 PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
                  ON CONFLICT (name) DO UPDATE SET value = excluded.value"""
@@ -826,7 +869,7 @@ class Store:
     def _write(self, operation):
         return self._commits.run(operation)
 
-    def create_key(self, project_name, tier="default", rpm=None):
+    def create_key(self, project_name, tier="default", rpm=None, actor="cli"):
         """Create a virtual key. Returns (record, secret); the secret is shown once."""
         secret = VIRTUAL_KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "vk_" + secrets.token_hex(6)
@@ -836,6 +879,7 @@ class Store:
             conn.execute(INSERT_KEY, (key_id, hash_secret(secret), VIRTUAL_KEY_PREFIX + "..." + secret[-4:],
                                       project_name, tier, rpm, now))
             conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "key_created", key_id, "project=%s tier=%s" % (project_name, tier))
         self._write(insert)
         return self.get_key(key_id), secret
 
@@ -851,29 +895,41 @@ class Store:
             keys.append(record)
         return keys
 
-    def revoke_key(self, key_id):
+    def revoke_key(self, key_id, actor="cli"):
         """Revoke a key. Returns False if there is no such key; revoking twice is fine."""
         def revoke(conn):
             if conn.execute(KEY_EXISTS, (key_id,)).fetchone() is None:
                 return False
             if conn.execute(REVOKE_KEY, (time.time(), key_id)).rowcount:
                 conn.execute(BUMP_GENERATION)
+                _audit(conn, actor, "key_revoked", key_id)
             return True
         return self._write(revoke)
 
-    def set_provider_key(self, provider, api_key):
+    def set_provider_key(self, provider, api_key, actor="cli"):
         def upsert(conn):
             conn.execute(UPSERT_PROVIDER_KEY, (provider, api_key, time.time()))
             conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "provider_key_set", provider)
         self._write(upsert)
 
-    def set_setting(self, name, value):
+    def set_setting(self, name, value, actor="cli"):
         def put(conn):
             conn.execute(PUT_SETTING, (name, value))
             conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "setting_changed", name)
         self._write(put)
 
-    def import_prices(self, prices, source):
+    def audit(self, actor, action, target=None, detail=None):
+        """Record an administrative action that changed no table of its own."""
+        self._write(lambda conn: _audit(conn, actor, action, target, detail))
+
+    def audit_log(self, limit=100):
+        """The most recent audit entries, newest first."""
+        return [{"at": iso_time(at), "actor": actor, "action": action, "target": target, "detail": detail}
+                for at, actor, action, target, detail in self._read(RECENT_AUDIT, (limit,))]
+
+    def import_prices(self, prices, source, actor="cli"):
         """Store a price pack (model -> PRICE_FIELDS mapping) for every process."""
         now = time.time()
 
@@ -883,6 +939,7 @@ class Store:
                     None if fields.get(name) is None else str(fields[name]) for name in PRICE_FIELDS)
                     + (source, now))
             conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "prices_imported", source, "%d models" % len(prices))
         self._write(upsert)
 
     def imported_prices(self):
@@ -987,10 +1044,14 @@ def _usage_filter(since, until, project):
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
-def issue_admin_token(store):
+def _audit(conn, actor, action, target=None, detail=None):
+    conn.execute(INSERT_AUDIT, (time.time(), actor, action, target, detail))
+
+
+def issue_admin_token(store, actor="cli"):
     """Create a new admin token, retire the old one; returns the token (shown once)."""
     token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    store.set_setting(ADMIN_TOKEN_SETTING, hash_secret(token))
+    store.set_setting(ADMIN_TOKEN_SETTING, hash_secret(token), actor)
     return token
 
 
@@ -1340,8 +1401,9 @@ FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 class UpstreamPool:
     """A bounded LIFO pool of keep-alive connections to one base URL."""
 
-    def __init__(self, base_url, connect_timeout, read_timeout, max_idle=32):
+    def __init__(self, base_url, connect_timeout, read_timeout, allow_link_local=False, max_idle=32):
         parts = urllib.parse.urlsplit(base_url)
+        self.allow_link_local = allow_link_local
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
@@ -1352,7 +1414,7 @@ class UpstreamPool:
         self._tls = ssl.create_default_context() if self.scheme == "https" else None
 
     def acquire(self):
-        """Return (connection, reused)."""
+        """Return (connection, reused): an idle one, or a new one connected now."""
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
@@ -1361,7 +1423,34 @@ class UpstreamPool:
                                                context=self._tls)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        conn.sock = self._connect()
         return conn, False
+
+    def _connect(self):
+        """A TCP (and verified TLS) socket to the first reachable address of
+        the host, refusing link-local and metadata addresses unless allowed."""
+        error = None
+        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+            if not self.allow_link_local and is_link_local(address[0]):
+                raise UpstreamError("The provider's address is link-local; the gateway refuses it",
+                                    code="upstream_address_refused")
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self.connect_timeout)
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is None:
+                return sock
+            try:
+                return self._tls.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        raise error or OSError("no address for %s" % self.host)
 
     def release(self, conn):
         """Return a connection whose last response was read to the end."""
@@ -1387,7 +1476,7 @@ class Provider:
         self.models = config.models
         self.config = config
         self.pool = UpstreamPool(config.base_url, server_config.upstream_connect_timeout,
-                                 server_config.upstream_timeout)
+                                 server_config.upstream_timeout, config.allow_link_local)
 
     def serves(self, dialect):
         """Anthropic-format providers serve both dialects (Anthropic has an
@@ -1416,22 +1505,19 @@ class Provider:
             headers["Authorization"] = "Bearer " + api_key
         target = self.pool.base_path + path
         for attempt in (1, 2):
-            conn, reused = self.pool.acquire()
+            conn, reused = None, False
             try:
+                conn, reused = self.pool.acquire()
                 conn.request(method, target, body=body if method != "GET" else None, headers=headers)
                 conn.sock.settimeout(self.pool.read_timeout)
                 return conn, conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                conn.close()
-                if reused and attempt == 1:
+            except (OSError, http.client.HTTPException) as exc:  # timeouts and TLS errors included
+                if conn is not None:
+                    conn.close()
+                if isinstance(exc, socket.timeout):
+                    raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
+                if reused and attempt == 1 and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                     continue
-                raise UpstreamError("provider %s closed the connection: %s" % (self.name, type(exc).__name__),
-                                    code="upstream_unavailable") from None
-            except socket.timeout:
-                conn.close()
-                raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
-            except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
-                conn.close()
                 raise UpstreamError("provider %s is unreachable (%s)" % (self.name, type(exc).__name__),
                                     code="upstream_unavailable") from None
 
@@ -1784,7 +1870,7 @@ def parse_time_bound(text, end=False):
     return moment.timestamp()
 
 
-def create_virtual_key(store, config, project_name, tier="default", rpm=None):
+def create_virtual_key(store, config, project_name, tier="default", rpm=None, actor="cli"):
     """Validate and create a virtual key (CLI and admin API alike).
     Returns (record, secret)."""
     if not isinstance(project_name, str) or not project_name.strip() or len(project_name) > 200:
@@ -1795,7 +1881,7 @@ def create_virtual_key(store, config, project_name, tier="default", rpm=None):
         raise BadRequestError("unknown tier %r (configured: %s)" % (tier, ", ".join(config.rate_limits)))
     if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm <= 0):
         raise BadRequestError("rpm must be a positive integer")
-    return store.create_key(project_name.strip(), tier, rpm)
+    return store.create_key(project_name.strip(), tier, rpm, actor)
 
 
 def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
@@ -1891,6 +1977,28 @@ class Gateway:
 
     def close(self):
         for provider in self.providers.values():
+            provider.pool.close()
+
+    def reload(self, config):
+        """Apply a re-read config.yaml: providers, keys in it, prices, rate
+        limits and timeouts. Providers whose settings did not change keep
+        their pooled connections; requests in flight finish as they began."""
+        providers = {}
+        for name, provider_config in config.providers.items():
+            current = self.providers.get(name)
+            if current is not None and current.config == provider_config and config.server == self.config.server:
+                providers[name] = current
+            else:
+                providers[name] = Provider(provider_config, config.server)
+        for field in ("host", "port", "workers", "max_connections"):
+            if getattr(config.server, field) != getattr(self.config.server, field):
+                logger.warning("server.%s changed; it takes effect at the next start", field)
+        retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
+        with self._lock:
+            self.config, self.providers = config, providers
+            self._data_version = self._generation = None  # re-read keys and prices
+        self.refresh()
+        for provider in retired:
             provider.pool.close()
 
     def next_request_id(self):
@@ -2177,7 +2285,7 @@ class Gateway:
                 if unknown:
                     raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
                 record, secret = create_virtual_key(self.store, self.config, body.get("project_name"),
-                                                    body.get("tier", "default"), body.get("rpm"))
+                                                    body.get("tier", "default"), body.get("rpm"), "admin-api")
                 logger.info("admin API created virtual key %s for project %s", record["id"],
                             printable(record["project_name"]))
                 return json_reply(201, dict(record, key=secret))
@@ -2187,7 +2295,7 @@ class Gateway:
         if collection == "virtual-keys" and len(parts) == 4 and parts[3]:
             if request.method != "DELETE":
                 raise MethodNotAllowedError("Use DELETE on /admin/virtual-keys/{id}")
-            if not self.store.revoke_key(parts[3]):
+            if not self.store.revoke_key(parts[3], "admin-api"):
                 raise NotFoundError("No virtual key with that id")
             logger.info("admin API revoked virtual key %s", printable(parts[3]))
             return json_reply(200, dict(self.store.get_key(parts[3]), revoked=True))
@@ -2451,7 +2559,11 @@ class ConnectionWatcher:
         if connection.head is None:
             end = _HEAD_END.search(connection.buffer)
             if end is None:
-                if len(connection.buffer) > limits.max_header_bytes:
+                line_end = connection.buffer.find(b"\n")
+                if line_end >= 0 and not _REQUEST_LINE.match(
+                        connection.buffer[:line_end].rstrip(b"\r").decode("latin-1")):
+                    self._reject(connection, BadRequestError("Malformed request line"))
+                elif len(connection.buffer) > limits.max_header_bytes:
                     self._reject(connection, HeaderTooLargeError("The request head is too large"))
                 elif b"\n" not in connection.buffer[:limits.max_request_line_bytes + 2] and \
                         len(connection.buffer) > limits.max_request_line_bytes:
@@ -2797,7 +2909,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 def make_server(config, store=None, host=None, port=None, environ=None):
     """A listening GatewayServer (not yet serving). Port 0 picks a free port."""
     started_at = time.time()
-    store = store if store is not None else Store(db_path_from_env(os.environ if environ is None else environ))
+    if store is None:
+        store = Store(db_path_from_env(os.environ if environ is None else environ),
+                      synchronous=config.database.synchronous.upper())
     recovered = store.recover_interrupted(started_at)
     if recovered:
         logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
@@ -2844,9 +2958,23 @@ def serve(config, host=None, port=None):
     def request_stop(signum, frame):
         if not stop.is_set():
             stop.set()
+            logger.info("stopping: no new connections; draining requests in flight")
             threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def reload():
+        try:
+            new_config = load_config(config.path)
+        except ConfigError as exc:
+            logger.error("config reload refused, the running config stays: %s", exc.message)
+            return
+        configure_logging(new_config.logging)
+        server.gateway.reload(new_config)
+        server.gateway.store.audit("gateway", "config_reloaded", config.path)
+        logger.info("config reloaded from %s", config.path)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload, daemon=True).start())
     bound_host, bound_port = server.server_address[:2]
     logger.info("llmgw %s listening on http://%s:%d (providers: %s)", __version__, bound_host, bound_port,
                 ", ".join(server.gateway.providers) or "none")

@@ -31,8 +31,9 @@ The numbers:
 * ``req/s``       completed requests per second over ``--duration`` seconds of closed-loop load
                   at 1, 16 and 64 keep-alive connections (non-streamed chat completions);
 * ``p50``/``p99`` latency percentiles of those requests (wrk's, or exact from all samples);
-* ``errors``      non-2xx responses plus socket errors (connect/read/write/timeout); any
-                  non-zero value is listed under "Problems";
+* ``errors``      error responses (wrk counts statuses >= 400, the Python generator any
+                  non-2xx) plus socket errors (connect/read/write/timeout); any non-zero value
+                  is listed under "Problems";
 * ``CPU/req``     the gateway's user+system CPU time (``/proc/<pid>/stat``) during the level,
                   divided by the requests completed;
 * ``overhead p50 @1``   gateway p50 minus direct p50 at one connection: what a sequential
@@ -46,7 +47,8 @@ The numbers:
                   after-levels value (both have already seen 64 connections), i.e. a leak check.
 * usage rows: rows the gateway wrote to its database, by status, against the requests sent.
 
-Exit code 0 when the run completed (problems are reported, not fatal); 1 on a setup failure.
+Exit code 0 when the run completed (problems are listed, not fatal); 1 when the run could not
+complete (setup failure, gateway died); 130 on Ctrl-C or SIGTERM. Linux only (/proc, affinity).
 """
 
 import argparse
@@ -214,7 +216,7 @@ def upstream_main(events, gap_ms):
                 return
             self.busy = True
             pieces = [stream_head] + stream_chunks + tail
-            loop = asyncio.get_event_loop()
+            loop = asyncio.get_running_loop()
 
             def step(index=0):
                 if self.transport.is_closing():
@@ -234,7 +236,7 @@ def upstream_main(events, gap_ms):
             self.buf = b""
 
     async def run():
-        server = await asyncio.get_event_loop().create_server(Upstream, "127.0.0.1", 0, backlog=4096,
+        server = await asyncio.get_running_loop().create_server(Upstream, "127.0.0.1", 0, backlog=4096,
                                                               reuse_address=True)
         print(server.sockets[0].getsockname()[1], flush=True)
         await asyncio.Event().wait()
