@@ -3,9 +3,15 @@
 
     python cli.py init                          create config.yaml, the database, the admin token
     python cli.py serve [--host H] [--port P]   run the gateway
-    python cli.py keys create NAME [--tier T] [--rpm N] [--output json]
+    python cli.py keys create NAME [policy flags] [--output json]
+    python cli.py keys update ID [policy flags]
     python cli.py keys list [--output json]
     python cli.py keys revoke ID
+    python cli.py keys rotate ID [--grace 24h]  new secret; the old one works for the grace period
+    python cli.py keys topup ID AMOUNT          add USD to the current budget period (or balance)
+      policy flags: --tier T --rpm N --tpm N --max-parallel N --budget USD
+                    --budget-period daily|weekly|monthly|never --expires-in 30d | --expires-at ISO
+                    --models "gpt-4o*,claude-*" --label team=search (repeatable); "none" clears
     python cli.py config set-key PROVIDER KEY   store a provider key in the database
     python cli.py config list-keys              each provider's key, masked, and its source
     python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import llmgw
 
@@ -92,20 +99,83 @@ def cmd_serve(args):
 
 
 KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rpm", "RPM"),
+               ("max_budget", "BUDGET"), ("budget_period", "PERIOD"), ("expires_at", "EXPIRES"),
                ("is_active", "ACTIVE"), ("created_at", "CREATED"), ("last_used_at", "LAST USED"),
                ("key_hint", "KEY")]
 
 
+def _number(convert, flag):
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError:
+            raise llmgw.ConfigError("%s: %r is not a number" % (flag, text)) from None
+    return parse
+
+
+#: (argparse destination, policy field, converter) for the shared key flags.
+POLICY_FLAGS = [("tier", "tier", str), ("rpm", "rpm", _number(int, "--rpm")), ("tpm", "tpm", _number(int, "--tpm")),
+                ("max_parallel", "max_parallel", _number(int, "--max-parallel")),
+                ("budget", "max_budget", _number(float, "--budget")), ("budget_period", "budget_period", str),
+                ("expires_in", "expires_in", str), ("expires_at", "expires_at", str), ("models", "models", str)]
+
+
+def _policy_fields(args):
+    """The policy flags given on the command line; the word none clears one."""
+    fields = {}
+    for destination, field, convert in POLICY_FLAGS:
+        value = getattr(args, destination)
+        if value is not None:
+            fields[field] = None if value == "none" else convert(value)
+    if args.label:
+        labels = {}
+        for label in args.label:
+            name, equals, value = label.partition("=")
+            if not equals:
+                raise llmgw.ConfigError("--label %r: write NAME=VALUE" % label)
+            labels[name] = value
+        fields["metadata"] = labels
+    return fields
+
+
 def cmd_keys_create(args):
     config = llmgw.load_config()
-    record, secret = llmgw.create_virtual_key(_store(), config, args.name, args.tier, args.rpm)
-    fields = ("id", "project_name", "created_at", "is_active", "tier", "rpm")
+    record, secret = llmgw.create_virtual_key(_store(), config, args.name, _policy_fields(args))
     if args.output == "json":
-        _print_json(dict({field: record[field] for field in fields}, key=secret))
+        _print_json(dict(record, key=secret))
         return 0
     print("Created virtual key %s for project %r (tier %s)." % (record["id"], record["project_name"],
                                                                record["tier"]))
     print("Key (shown once, store it now): %s" % secret)
+    return 0
+
+
+def cmd_keys_update(args):
+    config = llmgw.load_config()
+    policy = llmgw.parse_key_policy(_policy_fields(args), config, time.time())
+    store = _store()
+    if not store.update_key(args.id, policy, time.time()):
+        raise llmgw.ConfigError("no virtual key with id %s (see: python cli.py keys list)" % args.id)
+    _print_json(store.get_key(args.id))
+    return 0
+
+
+def cmd_keys_rotate(args):
+    grace = llmgw.parse_duration(args.grace)
+    secret = _store().rotate_key(args.id, grace, time.time())
+    if secret is None:
+        raise llmgw.ConfigError("no active virtual key with id %s" % args.id)
+    print("New key for %s (shown once, store it now): %s" % (args.id, secret))
+    print("The previous key works until %s." % llmgw.iso_time(time.time() + grace))
+    return 0
+
+
+def cmd_keys_topup(args):
+    amount = llmgw.parse_key_policy({"max_budget": args.amount}, llmgw.load_config(), 0)["max_budget_nanousd"]
+    store = _store()
+    if not amount or not store.topup(args.id, amount, time.time()):
+        raise llmgw.ConfigError("the amount must be positive, and key %s must exist and have a budget" % args.id)
+    print("Added USD %.2f to %s's current budget period." % (args.amount, args.id))
     return 0
 
 
@@ -180,7 +250,7 @@ def cmd_stats(args):
               args.until and llmgw.parse_time_bound(args.until, end=True), args.project)
     if args.reprice:
         return _reprice(store, window, args)
-    rows = store.usage_stats(args.by, *window)
+    rows = llmgw.usage_stats(store, args.by, *window)
     if args.output == "json":
         _print_json(rows)
         return 0
@@ -189,7 +259,10 @@ def cmd_stats(args):
         return 0
     for row in rows:
         row["cost"] = "%.6f" % row["estimated_cost"]
-    _print_table(rows, STATS_COLUMNS[args.by] + STATS_TOTAL_COLUMNS)
+    columns = STATS_COLUMNS.get(args.by, [("label", args.by.upper())]) + STATS_TOTAL_COLUMNS
+    if args.by == "key" and any(row["max_budget"] is not None for row in rows):
+        columns += [("max_budget", "BUDGET (USD)"), ("budget_used_pct", "BUDGET USED %")]
+    _print_table(rows, columns)
     estimated = sum(row["estimated_usage_requests"] for row in rows)
     if estimated:
         print("\n%d request(s) carry estimated usage (USD %.6f of the cost): the provider reported none."
@@ -256,6 +329,19 @@ def cmd_audit(args):
     return 0
 
 
+def _add_policy_flags(parser):
+    parser.add_argument("--tier", help="rate-limit tier from config.yaml (default: default)")
+    parser.add_argument("--rpm", help="requests per minute, overriding the tier")
+    parser.add_argument("--tpm", help="tokens per minute")
+    parser.add_argument("--max-parallel", dest="max_parallel", help="requests in flight at once")
+    parser.add_argument("--budget", help="maximum spend in USD per budget period")
+    parser.add_argument("--budget-period", dest="budget_period", help="daily, weekly, monthly (default) or never")
+    parser.add_argument("--expires-in", dest="expires_in", help="e.g. 30d, 12h")
+    parser.add_argument("--expires-at", dest="expires_at", help="ISO 8601 time (UTC unless it says)")
+    parser.add_argument("--models", help="comma-separated model names or globs this key may use")
+    parser.add_argument("--label", action="append", help="NAME=VALUE label for stats (repeatable)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python cli.py", description="llmgw: a self-hosted LLM API gateway.")
     parser.add_argument("--version", action="version", version="llmgw " + llmgw.__version__)
@@ -274,10 +360,21 @@ def build_parser():
     keys.required = True
     create = keys.add_parser("create", help="create a virtual key (printed once)")
     create.add_argument("name", help="project name")
-    create.add_argument("--tier", default="default", help="rate-limit tier from config.yaml (default: default)")
-    create.add_argument("--rpm", type=int, help="requests per minute, overriding the tier")
+    _add_policy_flags(create)
     create.add_argument("--output", choices=("table", "json"), default="table")
-    create.set_defaults(run=cmd_keys_create)
+    create.set_defaults(run=cmd_keys_create, tier="default")
+    update = keys.add_parser("update", help="change a key's limits, budget, expiry, models or labels")
+    update.add_argument("id")
+    _add_policy_flags(update)
+    update.set_defaults(run=cmd_keys_update)
+    rotate = keys.add_parser("rotate", help="issue a new secret for a key, keeping its id, history and budget")
+    rotate.add_argument("id")
+    rotate.add_argument("--grace", default="0s", help="how long the old secret keeps working (e.g. 24h)")
+    rotate.set_defaults(run=cmd_keys_rotate)
+    topup = keys.add_parser("topup", help="add USD to a key's current budget period (or balance)")
+    topup.add_argument("id")
+    topup.add_argument("amount", type=float)
+    topup.set_defaults(run=cmd_keys_topup)
     listing = keys.add_parser("list", help="list virtual keys (never their secrets)")
     listing.add_argument("--output", choices=("table", "json"), default="table")
     listing.set_defaults(run=cmd_keys_list)
@@ -295,7 +392,7 @@ def build_parser():
         run=cmd_config_list_keys)
 
     stats = commands.add_parser("stats", help="usage and cost per virtual key")
-    stats.add_argument("--by", choices=sorted(llmgw.STATS_GROUPS), default="key")
+    stats.add_argument("--by", default="key", help="key (default), project, model, provider, day or label:NAME")
     stats.add_argument("--since", help="from this date (YYYY-MM-DD, UTC) or ISO time")
     stats.add_argument("--until", help="up to and including this date, or before this ISO time")
     stats.add_argument("--project", help="only this project")

@@ -144,6 +144,15 @@ class RateLimitError(GatewayError):
     status, code = 429, "rate_limit_exceeded"
 
 
+class BudgetExceededError(RateLimitError):
+    """Over budget: retrying cannot help until the period resets, so the
+    SDKs are told not to (they retry every other 429)."""
+    code = "budget_exceeded"
+
+    def __init__(self, message):
+        super().__init__(message, headers=[("x-should-retry", "false")])
+
+
 class HeaderTooLargeError(GatewayError):
     status, code = 431, "request_header_fields_too_large"
 
@@ -185,8 +194,11 @@ ERROR_TYPES = {
 
 
 def error_body(exc, dialect):
-    """The JSON error body for ``exc`` in the shape of the API called."""
+    """The JSON error body for ``exc`` in the shape of the API called. On
+    Anthropic paths a budget stop's code is its type: that API has no code."""
     error_type = ERROR_TYPES.get(exc.status, "api_error")
+    if isinstance(exc, BudgetExceededError):
+        error_type = exc.code if dialect == ANTHROPIC else error_type
     if dialect == ANTHROPIC:
         return {"type": "error", "error": {"type": error_type, "message": exc.message}}
     return {"error": {"message": exc.message, "type": error_type,
@@ -252,9 +264,13 @@ rate_limits:                       # requests per minute per virtual key, by tie
   default: 100
   premium: 1000
 
+budgets:
+  max_output_tokens: 32768         # worst-case output reserved for a budgeted call without max_tokens
+
 pricing: {}                        # USD per million tokens; overrides built-in prices
 #  gpt-4o: {input: 2.5, output: 10, cached_input: 1.25, cache_write: 0}
 #  my-local-model: {input: 0, output: 0}
+#  default: {input: 10, output: 30}   # any model without a price of its own
 """
 
 
@@ -277,6 +293,12 @@ class ServerConfig:
     stream_idle_timeout: float = 300.0  # between a provider's stream events
     request_deadline: float = 3600.0    # a whole proxied request
     drain_timeout: float = 30.0         # in-flight requests at shutdown
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetsConfig:
+    #: Worst-case output for a budgeted call that sets no max_tokens.
+    max_output_tokens: int = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +327,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
     database: DatabaseConfig = DatabaseConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
     logging: LoggingConfig = LoggingConfig()
     rate_limits: Dict[str, int] = dataclasses.field(
         default_factory=lambda: {"default": 100, "premium": 1000})
@@ -312,7 +335,7 @@ class Config:
     path: Optional[str] = None
 
 
-_SECTIONS = ("server", "providers", "database", "logging", "rate_limits", "pricing")
+_SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing")
 _PROVIDER_KEYS = ("base_url", "api_key", "format", "models", "allow_link_local")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -360,13 +383,16 @@ def parse_config(document, path=None):
     database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
     if database.synchronous not in ("normal", "full"):
         raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
+    budgets = _parse_dataclass(BudgetsConfig, document.get("budgets"), "budgets")
+    if budgets.max_output_tokens <= 0:
+        raise ConfigError("budgets.max_output_tokens: must be positive")
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
     providers = _parse_providers(document.get("providers"))
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
-    return Config(server=server, providers=providers, database=database, logging=log,
+    return Config(server=server, providers=providers, database=database, budgets=budgets, logging=log,
                   rate_limits=rate_limits, pricing=pricing, path=path)
 
 
@@ -561,7 +587,37 @@ CREATE TABLE IF NOT EXISTS virtual_keys (
     rpm           INTEGER,
     is_active     INTEGER NOT NULL DEFAULT 1,
     created_at    REAL NOT NULL,
-    revoked_at    REAL
+    revoked_at    REAL,
+    tpm           INTEGER,
+    max_parallel  INTEGER,
+    max_budget_nanousd INTEGER,
+    budget_period TEXT NOT NULL DEFAULT 'monthly',
+    expires_at    REAL,
+    models        TEXT,
+    metadata      TEXT,
+    previous_key_hash TEXT,
+    previous_key_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS keys_by_previous_hash ON virtual_keys (previous_key_hash);
+CREATE TABLE IF NOT EXISTS key_spend (
+    key_id        TEXT NOT NULL,
+    period_start  REAL NOT NULL,
+    spent_nanousd INTEGER NOT NULL DEFAULT 0,
+    reserved_nanousd INTEGER NOT NULL DEFAULT 0,
+    topup_nanousd INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, period_start)
+);
+CREATE TABLE IF NOT EXISTS key_activity (
+    key_id        TEXT NOT NULL,
+    owner         TEXT NOT NULL,
+    window        INTEGER NOT NULL,
+    requests      INTEGER NOT NULL,
+    tokens        INTEGER NOT NULL,
+    previous_requests INTEGER NOT NULL,
+    previous_tokens INTEGER NOT NULL,
+    in_flight     INTEGER NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (key_id, owner)
 );
 CREATE TABLE IF NOT EXISTS provider_keys (
     provider      TEXT PRIMARY KEY,
@@ -614,19 +670,48 @@ CREATE TABLE IF NOT EXISTS usage (
     started_at            REAL NOT NULL,
     finished_at           REAL,
     latency_ms            REAL,
-    owner_pid             INTEGER
+    owner_pid             INTEGER,
+    reserved_nanousd      INTEGER NOT NULL DEFAULT 0,
+    budget_period_start   REAL
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner_pid) WHERE status = 'pending';
 """
 
-INSERT_KEY = """INSERT INTO virtual_keys (id, key_hash, key_hint, project_name, tier, rpm, created_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?)"""
-KEY_COLUMNS = "id, project_name, tier, rpm, is_active, created_at, revoked_at, key_hint"
-LOOKUP_KEY = "SELECT %s FROM virtual_keys WHERE key_hash = ?" % KEY_COLUMNS
+#: A key's limits and budget: the columns ``keys create/update`` may set.
+POLICY_COLUMNS = ("tier", "rpm", "tpm", "max_parallel", "max_budget_nanousd", "budget_period", "expires_at",
+                  "models", "metadata")
+KEY_COLUMNS = ("id", "project_name", "is_active", "created_at", "revoked_at", "key_hint") + POLICY_COLUMNS
+_KEY_SELECT = ", ".join(KEY_COLUMNS)
+INSERT_KEY = "INSERT INTO virtual_keys (key_hash, %s) VALUES (?, %s)" % (
+    _KEY_SELECT, ", ".join("?" * len(KEY_COLUMNS)))
+LOOKUP_KEY = """SELECT %s, previous_key_hash = ?1, previous_key_expires_at FROM virtual_keys
+                WHERE key_hash = ?1 OR previous_key_hash = ?1""" % _KEY_SELECT
+GET_KEY = "SELECT %s FROM virtual_keys WHERE id = ?" % _KEY_SELECT
 LIST_KEYS = ("SELECT %s, (SELECT MAX(started_at) FROM usage WHERE virtual_key_id = virtual_keys.id) "
-             "FROM virtual_keys ORDER BY created_at, id" % KEY_COLUMNS)
+             "FROM virtual_keys ORDER BY created_at, id" % _KEY_SELECT)
+ROTATE_KEY = """UPDATE virtual_keys SET previous_key_hash = key_hash, previous_key_expires_at = ?,
+                                        key_hash = ?, key_hint = ? WHERE id = ? AND is_active = 1"""
+KEY_BUDGET = "SELECT max_budget_nanousd, budget_period FROM virtual_keys WHERE id = ?"
+GET_SPEND = "SELECT spent_nanousd, reserved_nanousd, topup_nanousd FROM key_spend WHERE key_id = ? AND period_start = ?"
+ENSURE_SPEND = "INSERT OR IGNORE INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?, ?, ?)"
+RESERVE_SPEND = "UPDATE key_spend SET reserved_nanousd = reserved_nanousd + ? WHERE key_id = ? AND period_start = ?"
+SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ?
+                  WHERE key_id = ? AND period_start = ?"""
+TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
+PERIOD_COST = "SELECT COALESCE(SUM(cost_nanousd + reserved_nanousd), 0) FROM usage WHERE virtual_key_id = ? AND started_at >= ?"
+PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, window, requests, tokens, previous_requests,
+                                                previous_tokens, in_flight, updated_at)
+                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      ON CONFLICT (key_id, owner) DO UPDATE SET window = excluded.window,
+                          requests = excluded.requests, tokens = excluded.tokens,
+                          previous_requests = excluded.previous_requests,
+                          previous_tokens = excluded.previous_tokens, in_flight = excluded.in_flight,
+                          updated_at = excluded.updated_at"""
+OTHERS_ACTIVITY = """SELECT key_id, window, requests, tokens, previous_requests, previous_tokens, in_flight, updated_at
+                     FROM key_activity WHERE owner != ? AND updated_at >= ?"""
+FORGET_ACTIVITY = "DELETE FROM key_activity WHERE updated_at < ?"
 REVOKE_KEY = "UPDATE virtual_keys SET is_active = 0, revoked_at = ? WHERE id = ? AND is_active = 1"
 KEY_EXISTS = "SELECT 1 FROM virtual_keys WHERE id = ?"
 UPSERT_PROVIDER_KEY = """INSERT INTO provider_keys (provider, api_key, updated_at) VALUES (?, ?, ?)
@@ -641,8 +726,8 @@ PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
 BUMP_GENERATION = """INSERT INTO settings (name, value) VALUES ('generation', '1')
                      ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"""
 INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
-                                     status, started_at, owner_pid)
-                  VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"""
+                                     status, started_at, owner_pid, reserved_nanousd, budget_period_start)
+                  VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"""
 USAGE_RESULT_COLUMNS = (
     "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
@@ -661,8 +746,14 @@ USAGE_COSTS = """SELECT u.id, u.model, u.input_tokens, u.cache_read_tokens, u.ca
                  FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id"""
 SET_COST = "UPDATE usage SET cost_nanousd = ?, priced = ? WHERE id = ?"
 PENDING_OWNERS = "SELECT DISTINCT owner_pid FROM usage WHERE status = 'pending'"
-INTERRUPT_OWNER = """UPDATE usage SET status = 'interrupted', finished_at = ?
-                     WHERE status = 'pending' AND owner_pid IS ? AND started_at < ?"""
+ABANDONED_ROWS = """SELECT id, virtual_key_id, reserved_nanousd, budget_period_start FROM usage
+                    WHERE status = 'pending' AND owner_pid IS ? AND started_at < ?"""
+#: A reservation left by a dead process is charged in full: the provider may
+#: have done the work, and a budget must never be overshot.
+INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cost_nanousd = reserved_nanousd,
+                          usage_source = CASE WHEN reserved_nanousd > 0 THEN 'estimated' ELSE 'none' END,
+                          reserved_nanousd = 0
+                   WHERE id = ?"""
 
 #: How ``stats`` may group rows: name -> (key columns, SQL expressions).
 STATS_GROUPS = {
@@ -854,8 +945,16 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     def find_key(self, key_hash):
+        """The VirtualKey whose secret (or, within a rotation's grace, whose
+        previous secret) hashes to ``key_hash``; None if there is none."""
         rows = self._read(LOOKUP_KEY, (key_hash,))
-        return _key_record(rows[0]) if rows else None
+        if not rows:
+            return None
+        row = rows[0]
+        key = VirtualKey.from_row(row[:len(KEY_COLUMNS)])
+        if row[-2]:  # matched the previous secret
+            key = dataclasses.replace(key, previous_secret_until=row[-1])
+        return key
 
     def provider_keys(self):
         return dict(self._read(ALL_PROVIDER_KEYS))
@@ -869,28 +968,98 @@ class Store:
     def _write(self, operation):
         return self._commits.run(operation)
 
-    def create_key(self, project_name, tier="default", rpm=None, actor="cli"):
-        """Create a virtual key. Returns (record, secret); the secret is shown once."""
+    def create_key(self, project_name, policy, actor="cli"):
+        """Create a virtual key with ``policy`` (POLICY_COLUMNS values).
+        Returns (record, secret); the secret is shown once."""
         secret = VIRTUAL_KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "vk_" + secrets.token_hex(6)
-        now = time.time()
+        columns = dict(DEFAULT_POLICY, **policy)
+        values = {"id": key_id, "project_name": project_name, "is_active": 1, "created_at": time.time(),
+                  "revoked_at": None, "key_hint": _key_hint(secret)}
+        values.update((name, _column_value(name, columns[name])) for name in POLICY_COLUMNS)
 
         def insert(conn):
-            conn.execute(INSERT_KEY, (key_id, hash_secret(secret), VIRTUAL_KEY_PREFIX + "..." + secret[-4:],
-                                      project_name, tier, rpm, now))
+            conn.execute(INSERT_KEY, (hash_secret(secret),) + tuple(values[name] for name in KEY_COLUMNS))
             conn.execute(BUMP_GENERATION)
-            _audit(conn, actor, "key_created", key_id, "project=%s tier=%s" % (project_name, tier))
+            _audit(conn, actor, "key_created", key_id, "project=%s tier=%s" % (project_name, columns["tier"]))
         self._write(insert)
         return self.get_key(key_id), secret
 
+    def update_key(self, key_id, policy, now, actor="cli"):
+        """Change some of a key's POLICY_COLUMNS. Returns False for an unknown key.
+
+        A budget set on a key that has been spending starts from what the
+        key already spent in the current period, so it cannot be dodged.
+        """
+        if not policy:
+            raise BadRequestError("nothing to change")
+        assignments = ", ".join("%s = ?" % name for name in policy)
+        values = tuple(_column_value(name, value) for name, value in policy.items())
+
+        def update(conn):
+            if conn.execute("UPDATE virtual_keys SET %s WHERE id = ?" % assignments, values + (key_id,)).rowcount == 0:
+                return False
+            budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
+            if budget is not None:
+                start = budget_period_bounds(now, period)[0]
+                spent = conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]
+                conn.execute(ENSURE_SPEND, (key_id, start, spent))
+            conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "key_updated", key_id, ", ".join(sorted(policy)))
+            return True
+        return self._write(update)
+
+    def rotate_key(self, key_id, grace_seconds, now, actor="cli"):
+        """Give a key a new secret; the old one works ``grace_seconds`` more.
+        Returns the new secret, or None for an unknown or revoked key."""
+        secret = VIRTUAL_KEY_PREFIX + secrets.token_urlsafe(32)
+
+        def rotate(conn):
+            if not conn.execute(ROTATE_KEY, (now + grace_seconds, hash_secret(secret), _key_hint(secret),
+                                             key_id)).rowcount:
+                return None
+            conn.execute(BUMP_GENERATION)
+            _audit(conn, actor, "key_rotated", key_id, "grace=%ds" % grace_seconds)
+            return secret
+        return self._write(rotate)
+
+    def topup(self, key_id, amount_nanousd, now, actor="cli"):
+        """Add to the current period's allowance (for ``never``: the balance).
+        Returns False for an unknown key or one without a budget."""
+        def topup(conn):
+            row = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
+            if row is None or row[0] is None:
+                return False
+            start = budget_period_bounds(now, row[1])[0]
+            conn.execute(ENSURE_SPEND, (key_id, start, conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]))
+            conn.execute(TOPUP_SPEND, (amount_nanousd, key_id, start))
+            _audit(conn, actor, "key_topped_up", key_id, "usd=%s" % nanousd_to_usd(amount_nanousd))
+            return True
+        return self._write(topup)
+
+    def key_spend(self, key, now):
+        """Spend of ``key`` (a VirtualKey) in its current budget period."""
+        start, end = budget_period_bounds(now, key.budget_period)
+        rows = self._read(GET_SPEND, (key.id, start))
+        if rows:
+            spent, reserved, topup = rows[0]
+        else:
+            spent, reserved, topup = self._read(PERIOD_COST, (key.id, start))[0][0], 0, 0
+        return {"period_start": start, "period_end": end, "spent_nanousd": spent, "reserved_nanousd": reserved,
+                "topup_nanousd": topup}
+
     def get_key(self, key_id):
-        rows = self._read("SELECT %s FROM virtual_keys WHERE id = ?" % KEY_COLUMNS, (key_id,))
-        return _key_record(rows[0]) if rows else None
+        key = self.find_key_by_id(key_id)
+        return key.as_dict() if key is not None else None
+
+    def find_key_by_id(self, key_id):
+        rows = self._read(GET_KEY, (key_id,))
+        return VirtualKey.from_row(rows[0]) if rows else None
 
     def list_keys(self):
         keys = []
         for row in self._read(LIST_KEYS):
-            record = _key_record(row[:-1])
+            record = VirtualKey.from_row(row[:-1]).as_dict()
             record["last_used_at"] = iso_time(row[-1])
             keys.append(record)
         return keys
@@ -948,15 +1117,45 @@ class Store:
 
     # -- usage rows -------------------------------------------------------------
 
-    def begin_usage(self, request_id, key_id, provider, endpoint, model, streamed, started_at):
-        """Write the pending row for an upstream attempt; returns its row id."""
-        values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, os.getpid())
-        return self._write(lambda conn: conn.execute(INSERT_USAGE, values).lastrowid)
+    def begin_usage(self, request_id, key_id, provider, endpoint, model, streamed, started_at,
+                    reservation=None):
+        """Write the pending row for an upstream attempt; returns (row id,
+        budget period start or None).
 
-    def finish_usage(self, row_id, result):
-        """Settle a usage row; ``result`` maps USAGE_RESULT_COLUMNS to values."""
+        With ``reservation`` (nano-dollars, the call's worst-case cost) and a
+        budget on the key, the same transaction checks what is left and
+        reserves it, so concurrent requests in any number of processes can
+        never spend past the budget. Raises BudgetExceededError.
+        """
+        def begin(conn):
+            period_start = None
+            if reservation is not None:
+                period_start = _reserve(conn, key_id, reservation, started_at)
+            values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, os.getpid(),
+                      reservation if period_start is not None else 0, period_start)
+            return conn.execute(INSERT_USAGE, values).lastrowid, period_start
+        return self._write(begin)
+
+    def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None):
+        """Settle a usage row (``result`` maps USAGE_RESULT_COLUMNS to values)
+        and turn its budget reservation into the real cost."""
         values = tuple(result[column] for column in USAGE_RESULT_COLUMNS) + (row_id,)
-        self._write(lambda conn: conn.execute(FINISH_USAGE, values))
+
+        def finish(conn):
+            conn.execute(FINISH_USAGE, values)
+            if period_start is not None:
+                conn.execute(SETTLE_SPEND, (reserved, result["cost_nanousd"], key_id, period_start))
+        self._write(finish)
+
+    def publish_activity(self, owner, rows, now, forget_before):
+        """This process's request counters (see KeyLimits), for the others."""
+        def publish(conn):
+            conn.executemany(PUBLISH_ACTIVITY, [row[:1] + (owner,) + row[1:] + (now,) for row in rows])
+            conn.execute(FORGET_ACTIVITY, (forget_before,))
+        self._write(publish)
+
+    def others_activity(self, owner, since):
+        return self._read(OTHERS_ACTIVITY, (owner, since))
 
     def recover_interrupted(self, started_at):
         """Mark rows left pending by dead processes as ``interrupted``.
@@ -973,7 +1172,12 @@ class Store:
                     cutoff = float("inf")
                 else:
                     continue
-                count += conn.execute(INTERRUPT_OWNER, (time.time(), pid, cutoff)).rowcount
+                for row_id, key_id, reserved, period_start in conn.execute(
+                        ABANDONED_ROWS, (pid, cutoff)).fetchall():
+                    conn.execute(INTERRUPT_ROW, (time.time(), row_id))
+                    if period_start is not None:
+                        conn.execute(SETTLE_SPEND, (reserved, reserved, key_id, period_start))
+                    count += 1
             return count
         return self._write(recover)
 
@@ -1007,9 +1211,15 @@ class Store:
         ``since``/``until`` are epoch seconds (until exclusive); ``group_by`` is
         one of STATS_GROUPS.
         """
-        if group_by not in STATS_GROUPS:
-            raise BadRequestError("cannot group by %r (choose: %s)" % (group_by, ", ".join(STATS_GROUPS)))
-        names, expressions = STATS_GROUPS[group_by]
+        label = group_by[len("label:"):] if group_by.startswith("label:") else None
+        if label is not None and re.match(r"^[A-Za-z0-9_.-]{1,64}$", label):
+            # A validated name, so the JSON path is safe to write into the SQL.
+            names, expressions = ("label",), ("json_extract(k.metadata, '$.\"%s\"')" % label,)
+        elif group_by in STATS_GROUPS:
+            names, expressions = STATS_GROUPS[group_by]
+        else:
+            raise BadRequestError("cannot group by %r (choose: %s, or label:NAME)"
+                                  % (group_by, ", ".join(STATS_GROUPS)))
         where, params = _usage_filter(since, until, project)
         sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s" % (
             ", ".join(expressions), STATS_TOTALS, where)
@@ -1055,11 +1265,106 @@ def issue_admin_token(store, actor="cli"):
     return token
 
 
-def _key_record(row):
-    key_id, project_name, tier, rpm, is_active, created_at, revoked_at, key_hint = row
-    return {"id": key_id, "project_name": project_name, "tier": tier, "rpm": rpm,
-            "is_active": bool(is_active), "created_at": iso_time(created_at),
-            "revoked_at": iso_time(revoked_at), "key_hint": key_hint}
+BUDGET_PERIODS = ("daily", "weekly", "monthly", "never")
+_PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
+DEFAULT_POLICY = {"tier": "default", "rpm": None, "tpm": None, "max_parallel": None, "max_budget_nanousd": None,
+                  "budget_period": "monthly", "expires_at": None, "models": None, "metadata": None}
+
+
+def budget_period_bounds(now, period):
+    """(start, end) of the calendar period (UTC) containing ``now``: days
+    start at midnight, weeks on Monday, months on the 1st. ``never`` is one
+    period from the epoch, with no end: a prepaid balance."""
+    if period == "never":
+        return 0.0, None
+    day = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(
+        hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        start, end = day, day + datetime.timedelta(days=1)
+    elif period == "weekly":
+        start = day - datetime.timedelta(days=day.weekday())
+        end = start + datetime.timedelta(days=7)
+    else:
+        start = day.replace(day=1)
+        end = (start + datetime.timedelta(days=32)).replace(day=1)
+    return start.timestamp(), end.timestamp()
+
+
+def _reserve(conn, key_id, amount, now):
+    """Reserve ``amount`` against the key's budget inside the caller's
+    transaction; returns the period start, or None for a key without one."""
+    budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
+    if budget is None:
+        return None
+    start, end = budget_period_bounds(now, period)
+    conn.execute(ENSURE_SPEND, (key_id, start, conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]))
+    spent, reserved, topup = conn.execute(GET_SPEND, (key_id, start)).fetchone()
+    allowance = budget + topup
+    if spent + reserved + amount > allowance or spent + reserved >= allowance:
+        when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
+        raise BudgetExceededError(
+            "Budget exceeded: USD %.6f of USD %.6f %s spent or reserved, this request may cost up to USD %.6f; "
+            "the budget %s" % (nanousd_to_usd(spent + reserved), nanousd_to_usd(allowance),
+                               "in total" if end is None else "this " + _PERIOD_NOUNS[period],
+                               nanousd_to_usd(amount), when))
+    conn.execute(RESERVE_SPEND, (amount, key_id, start))
+    return start
+
+
+def _key_hint(secret):
+    return VIRTUAL_KEY_PREFIX + "..." + secret[-4:]
+
+
+def _column_value(name, value):
+    """A policy value as stored: lists and labels as JSON text."""
+    if name in ("models", "metadata") and value is not None:
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualKey:
+    """A virtual key as the request path sees it (never its secret)."""
+    id: str
+    project_name: str
+    is_active: bool
+    created_at: float
+    revoked_at: Optional[float]
+    key_hint: str
+    tier: str
+    rpm: Optional[int]
+    tpm: Optional[int]
+    max_parallel: Optional[int]
+    max_budget_nanousd: Optional[int]
+    budget_period: str
+    expires_at: Optional[float]
+    models: Optional[Tuple[str, ...]]
+    metadata: Tuple[Tuple[str, str], ...]
+    previous_secret_until: Optional[float] = None  # set when found by a rotated-out secret
+
+    @classmethod
+    def from_row(cls, row):
+        values = dict(zip(KEY_COLUMNS, row))
+        values["is_active"] = bool(values["is_active"])
+        values["models"] = tuple(json.loads(values["models"])) if values["models"] else None
+        values["metadata"] = tuple(sorted(json.loads(values["metadata"]).items())) if values["metadata"] else ()
+        return cls(**values)
+
+    def valid_at(self, now):
+        """Active, unexpired, and (for a rotated-out secret) within its grace."""
+        return (self.is_active and (self.expires_at is None or now < self.expires_at)
+                and (self.previous_secret_until is None or now < self.previous_secret_until))
+
+    def as_dict(self):
+        """The key's public fields, JSON-ready: times ISO 8601, money in USD."""
+        return {"id": self.id, "project_name": self.project_name, "tier": self.tier, "rpm": self.rpm,
+                "tpm": self.tpm, "max_parallel": self.max_parallel,
+                "max_budget": None if self.max_budget_nanousd is None else nanousd_to_usd(self.max_budget_nanousd),
+                "budget_period": self.budget_period, "expires_at": iso_time(self.expires_at),
+                "models": list(self.models) if self.models is not None else None,
+                "metadata": dict(self.metadata), "is_active": self.is_active,
+                "created_at": iso_time(self.created_at), "revoked_at": iso_time(self.revoked_at),
+                "key_hint": self.key_hint}
 
 
 def nanousd_to_usd(nanos):
@@ -1214,7 +1519,7 @@ class PriceTable:
                 price = self._prices.get(name)
                 if price is not None:
                     return price
-        return None
+        return self._prices.get("default")
 
 
 #: Our price-pack format (shared/prices.json): per-million-token fields.
@@ -1533,35 +1838,129 @@ def response_headers(upstream_response):
 
 
 # ==== 6. Rate limiting ======================================================
+#
+# Requests per minute, tokens per minute and requests in flight, per key,
+# counted in memory on the request path and shared with the other gateway
+# processes on the same database by a background thread every quarter
+# second. Across processes the limits are therefore approximate: a burst
+# may pass up to the other processes' last quarter second of traffic.
+# Budgets are not approximate: they are enforced in the database (section 3).
 
-class RateLimiter:
-    """Requests per minute per key, as a generic cell rate algorithm.
+class _KeyCounters:
+    __slots__ = ("window", "requests", "tokens", "previous_requests", "previous_tokens", "in_flight", "dirty")
 
-    A key may spend its whole minute's allowance at once, then one request
-    per 60/rpm seconds. O(1) time and memory per key; the clock is injectable.
+    def __init__(self, window):
+        self.window = window
+        self.requests = self.tokens = self.previous_requests = self.previous_tokens = self.in_flight = 0
+        self.dirty = False
+
+    def roll(self, window):
+        """Move to minute ``window``: the current minute becomes the previous one."""
+        if window != self.window:
+            adjacent = window == self.window + 1
+            self.previous_requests = self.requests if adjacent else 0
+            self.previous_tokens = self.tokens if adjacent else 0
+            self.requests = self.tokens = 0
+            self.window = window
+
+
+class KeyLimits:
+    """RPM, TPM and parallel-request limits per key, over a sliding minute
+    (the previous minute's count weighted by how much of it still overlaps).
+
+    ``acquire`` on the way in (raises RateLimitError), ``release`` on the way
+    out with the tokens the call used; ``sync`` exchanges counts with the
+    other processes. The clock is injectable.
     """
 
-    def __init__(self, clock=time.monotonic):
-        self._clock = clock
-        self._next_free = {}
+    sync_interval = 0.25
+    heartbeat = 5.0  # other processes' in-flight counts older than this are stale
+
+    def __init__(self, store=None, clock=time.time):
+        self._store, self._clock = store, clock
+        self._owner = "%d-%s" % (os.getpid(), secrets.token_hex(4))
+        self._counters = {}
+        self._others = {}     # key id -> [(window, requests, tokens, previous requests, previous tokens,
+                              #             in flight)] of the other processes
         self._lock = threading.Lock()
 
-    def check(self, key_id, per_minute):
-        """Count one request, or raise RateLimitError with a Retry-After."""
-        interval = 60.0 / per_minute
+    def acquire(self, key_id, rpm, tpm, max_parallel):
+        """Count one request in flight, or raise RateLimitError."""
+        now = self._clock()
+        window, into = divmod(now, 60.0)
+        window = int(window)
         with self._lock:
-            now = self._clock()
-            theoretical = max(self._next_free.get(key_id, now), now)
-            wait = theoretical - now - (60.0 - interval)
-            if wait > 0:
-                retry_after = max(1, math.ceil(wait))
-                raise RateLimitError(
-                    "Rate limit of %d requests per minute exceeded; retry in %d s" % (per_minute, retry_after),
-                    headers=[("retry-after", str(retry_after)),
-                             ("x-ratelimit-limit-requests", str(per_minute)),
-                             ("x-ratelimit-remaining-requests", "0"),
-                             ("x-ratelimit-reset-requests", "%ds" % retry_after)])
-            self._next_free[key_id] = theoretical + interval
+            counters = self._counters.get(key_id)
+            if counters is None:
+                counters = self._counters[key_id] = _KeyCounters(window)
+            counters.roll(window)
+            requests, tokens, in_flight = self._totals(key_id, counters, window, into / 60.0)
+            if rpm is not None and requests + 1 > rpm:
+                self._refuse("requests", rpm, "requests per minute", counters, into)
+            if tpm is not None and tokens >= tpm:
+                self._refuse("tokens", tpm, "tokens per minute", counters, into)
+            if max_parallel is not None and in_flight >= max_parallel:
+                raise RateLimitError("Limit of %d requests in flight reached; retry when one finishes"
+                                     % max_parallel, headers=[("retry-after", "1")])
+            counters.requests += 1
+            counters.in_flight += 1
+            counters.dirty = True
+
+    def release(self, key_id, tokens):
+        with self._lock:
+            counters = self._counters[key_id]
+            counters.roll(int(self._clock() // 60))
+            counters.in_flight -= 1
+            counters.tokens += tokens
+            counters.dirty = True
+
+    def _totals(self, key_id, counters, window, fraction):
+        """Sliding-minute requests and tokens, and requests in flight, here and elsewhere."""
+        requests, tokens = counters.requests, counters.tokens
+        previous_requests, previous_tokens = counters.previous_requests, counters.previous_tokens
+        in_flight = counters.in_flight
+        for other_window, other_requests, other_tokens, other_previous_requests, other_previous_tokens, \
+                other_in_flight in self._others.get(key_id, ()):
+            if other_window == window:
+                requests += other_requests
+                tokens += other_tokens
+                previous_requests += other_previous_requests
+                previous_tokens += other_previous_tokens
+            elif other_window == window - 1:
+                previous_requests += other_requests
+                previous_tokens += other_tokens
+            in_flight += other_in_flight
+        weight = 1.0 - fraction
+        return requests + previous_requests * weight, tokens + previous_tokens * weight, in_flight
+
+    def _refuse(self, unit, limit, what, counters, into):
+        retry_after = max(1, math.ceil(60.0 - into))
+        raise RateLimitError(
+            "Rate limit of %d %s exceeded; retry in %d s" % (limit, what, retry_after),
+            headers=[("retry-after", str(retry_after)), ("x-ratelimit-limit-%s" % unit, str(limit)),
+                     ("x-ratelimit-remaining-%s" % unit, "0"), ("x-ratelimit-reset-%s" % unit, "%ds" % retry_after)])
+
+    def sync(self):
+        """Publish this process's changed counters; read everyone else's."""
+        if self._store is None:
+            return
+        now = self._clock()
+        with self._lock:
+            rows = []
+            for key_id, counters in self._counters.items():
+                counters.roll(int(now // 60))
+                if counters.dirty or counters.in_flight:
+                    rows.append((key_id, counters.window, counters.requests, counters.tokens,
+                                 counters.previous_requests, counters.previous_tokens, counters.in_flight))
+                    counters.dirty = False
+        if rows:
+            self._store.publish_activity(self._owner, rows, now, now - 180)
+        others = {}
+        for row in self._store.others_activity(self._owner, now - 120):
+            key_id, counts, in_flight, updated = row[0], row[1:6], row[6], row[7]
+            others.setdefault(key_id, []).append(counts + (in_flight if now - updated < self.heartbeat else 0,))
+        with self._lock:
+            self._others = others
 
 
 # ==== 7. Streams ============================================================
@@ -1779,7 +2178,10 @@ ROUTES = {
     "/v1/messages": Route("POST", ANTHROPIC, anthropic_usage, MessagesStreamMeter),
     "/v1/messages/count_tokens": Route("POST", ANTHROPIC),
     "/v1/models": Route("GET", None),
+    "/v1/key/info": Route("GET", OPENAI),
 }
+#: A key asks about itself; answered by the gateway, never forwarded.
+KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
 
 
 class Request:
@@ -1870,18 +2272,107 @@ def parse_time_bound(text, end=False):
     return moment.timestamp()
 
 
-def create_virtual_key(store, config, project_name, tier="default", rpm=None, actor="cli"):
+_DURATION = re.compile(r"^([0-9]+)([smhdw])$")
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: The fields a key's policy is set with, from the CLI or the admin API.
+POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
+                 "models", "metadata")
+
+
+def parse_duration(text):
+    """``30d``, ``24h``, ``15m``, ``90s`` or ``2w`` as seconds."""
+    match = _DURATION.match(str(text).strip())
+    if match is None:
+        raise BadRequestError("%r is not a duration like 30d, 24h, 15m or 90s" % (text,))
+    return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+
+
+def _positive_int_or_none(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise BadRequestError("%s must be a positive integer" % name)
+    return value
+
+
+def parse_key_policy(fields, config, now):
+    """Validate policy fields (POLICY_FIELDS, user-facing units) into the
+    stored POLICY_COLUMNS. Only the fields given are returned; None clears."""
+    unknown = set(fields) - set(POLICY_FIELDS)
+    if unknown:
+        raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
+    policy = {}
+    if "tier" in fields:
+        if fields["tier"] not in config.rate_limits:
+            raise BadRequestError("unknown tier %r (configured: %s)" % (fields["tier"], ", ".join(config.rate_limits)))
+        policy["tier"] = fields["tier"]
+    for name in ("rpm", "tpm", "max_parallel"):
+        if name in fields:
+            policy[name] = _positive_int_or_none(name, fields[name])
+    if "max_budget" in fields:
+        budget = fields["max_budget"]
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget < 0):
+            raise BadRequestError("max_budget must be a non-negative amount in USD")
+        policy["max_budget_nanousd"] = None if budget is None else int(
+            (decimal.Decimal(str(budget)) * 1000000000).to_integral_value())
+    if "budget_period" in fields:
+        if fields["budget_period"] not in BUDGET_PERIODS:
+            raise BadRequestError("budget_period must be one of %s" % ", ".join(BUDGET_PERIODS))
+        policy["budget_period"] = fields["budget_period"]
+    if fields.get("expires_at") is not None and fields.get("expires_in") is not None:
+        raise BadRequestError("give expires_at or expires_in, not both")
+    if "expires_in" in fields:
+        policy["expires_at"] = None if fields["expires_in"] is None else now + parse_duration(fields["expires_in"])
+    if "expires_at" in fields and fields["expires_at"] is not None:
+        if not isinstance(fields["expires_at"], str):
+            raise BadRequestError("expires_at must be an ISO 8601 time")
+        policy["expires_at"] = parse_time_bound(fields["expires_at"])
+    elif "expires_at" in fields and "expires_in" not in fields:
+        policy["expires_at"] = None
+    if "models" in fields:
+        models = fields["models"]
+        if isinstance(models, str):
+            models = [glob.strip() for glob in models.split(",") if glob.strip()]
+        if models is not None and (not isinstance(models, list) or not models
+                                   or not all(isinstance(glob, str) and glob for glob in models)):
+            raise BadRequestError("models must be a non-empty list of model names or globs")
+        policy["models"] = models
+    if "metadata" in fields:
+        metadata = fields["metadata"] or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and _LABEL_NAME.match(k) and isinstance(v, str) and len(v) <= 200
+                for k, v in metadata.items()):
+            raise BadRequestError("metadata must map label names (letters, digits, _ . -) to strings")
+        policy["metadata"] = metadata or None
+    return policy
+
+
+def create_virtual_key(store, config, project_name, fields=None, actor="cli", now=None):
     """Validate and create a virtual key (CLI and admin API alike).
     Returns (record, secret)."""
     if not isinstance(project_name, str) or not project_name.strip() or len(project_name) > 200:
         raise BadRequestError("project_name must be a non-empty string of at most 200 characters")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in project_name):
         raise BadRequestError("project_name must not contain control characters")
-    if tier not in config.rate_limits:
-        raise BadRequestError("unknown tier %r (configured: %s)" % (tier, ", ".join(config.rate_limits)))
-    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int) or rpm <= 0):
-        raise BadRequestError("rpm must be a positive integer")
-    return store.create_key(project_name.strip(), tier, rpm, actor)
+    policy = parse_key_policy(fields or {}, config, time.time() if now is None else now)
+    return store.create_key(project_name.strip(), policy, actor)
+
+
+def usage_stats(store, group_by="key", since=None, until=None, project=None, now=None):
+    """Store.usage_stats, plus each key's budget use in its current period
+    (max_budget, budget_spent, budget_used_pct) when grouped by key."""
+    rows = store.usage_stats(group_by, since, until, project)
+    if group_by == "key":
+        now = time.time() if now is None else now
+        for row in rows:
+            row.update(max_budget=None, budget_spent=None, budget_used_pct=None)
+            key = store.find_key_by_id(row["virtual_key_id"])
+            if key is not None and key.max_budget_nanousd is not None:
+                spend = store.key_spend(key, now)
+                allowance = key.max_budget_nanousd + spend["topup_nanousd"]
+                row.update(max_budget=nanousd_to_usd(allowance), budget_spent=nanousd_to_usd(spend["spent_nanousd"]),
+                           budget_used_pct=round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None)
+    return rows
 
 
 def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
@@ -1908,13 +2399,14 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
 class _Call:
     """One upstream attempt and its usage row, from pending to settled."""
 
-    def __init__(self, gateway, request, key, provider, route, dialect, model, body, streamed):
+    def __init__(self, gateway, request, key, provider, route, dialect, model, body, streamed, reservation):
         self.gateway, self.request, self.key, self.provider = gateway, request, key, provider
         self.route, self.dialect, self.model, self.body = route, dialect, model, body
         self.request_id = gateway.next_request_id()
         self.started = time.monotonic()
-        self.row_id = gateway.store.begin_usage(
-            self.request_id, key["id"], provider.name, request.path, model, streamed, time.time())
+        self.reservation = reservation
+        self.row_id, self.period_start = gateway.store.begin_usage(
+            self.request_id, key.id, provider.name, request.path, model, streamed, gateway.clock(), reservation)
         self.settled = False
 
     def settle(self, status, http_status, usage):
@@ -1934,12 +2426,13 @@ class _Call:
             "reasoning_tokens": usage.reasoning_tokens,
             "cost_nanousd": cost_nanousd(price, usage) if price is not None else 0,
             "priced": int(price is not None or not (usage.request_tokens or usage.response_tokens)),
-            "finished_at": time.time(), "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "finished_at": self.gateway.clock(), "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
         }
         self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
                                 outcome=status)
+        self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
         try:
-            self.gateway.store.finish_usage(self.row_id, result)
+            self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
         except GatewayError:
             logger.error("usage row %s could not be settled; it stays pending", self.request_id)
 
@@ -1957,12 +2450,17 @@ class _Call:
 class Gateway:
     """Authenticates, routes, limits, forwards and accounts for requests."""
 
-    def __init__(self, config, store, environ=None, clock=time.monotonic):
+    #: How often the background thread looks for usage rows abandoned by
+    #: crashed processes (their budget reservations would block keys).
+    janitor_interval = 60.0
+
+    def __init__(self, config, store, environ=None, clock=time.time):
         self.config = config
         self.store = store
+        self.clock = clock            # wall time; injectable for budget periods and limits
         self._environ = os.environ if environ is None else environ
         self.providers = {name: Provider(p, config.server) for name, p in config.providers.items()}
-        self.limiter = RateLimiter(clock)
+        self.limits = KeyLimits(store, clock)
         self.prices = None            # PriceTable, rebuilt when prices are imported
         self._lock = threading.Lock()
         self._data_version = None
@@ -1974,10 +2472,28 @@ class Gateway:
         self._request_prefix = secrets.token_hex(4)
         self._request_numbers = itertools.count(1)
         self.refresh()
+        self._stopped = threading.Event()
+        self._background = threading.Thread(target=self._maintain, name="llmgw-limits", daemon=True)
+        self._background.start()
 
     def close(self):
+        self._stopped.set()
+        self._background.join(2)
         for provider in self.providers.values():
             provider.pool.close()
+
+    def _maintain(self):
+        """Share rate-limit counters with other processes; now and then,
+        settle usage rows that crashed processes left pending."""
+        next_janitor = time.monotonic() + self.janitor_interval
+        while not self._stopped.wait(KeyLimits.sync_interval):
+            try:
+                self.limits.sync()
+                if time.monotonic() >= next_janitor:
+                    next_janitor = time.monotonic() + self.janitor_interval
+                    self.store.recover_interrupted(0)
+            except GatewayError as exc:
+                logger.warning("background sync failed: %s", exc.message)
 
     def reload(self, config):
         """Apply a re-read config.yaml: providers, keys in it, prices, rate
@@ -2040,19 +2556,22 @@ class Gateway:
             self.prices = prices
 
     def authenticate(self, headers):
-        """The active key record for the request's credential, or AuthenticationError."""
+        """The VirtualKey for the request's credential, if active and not
+        expired; otherwise AuthenticationError (the same for every reason)."""
         secret = client_credential(headers)
         digest = hash_secret(secret)
-        record = self._keys.get(digest)
-        if record is None:
+        key = self._keys.get(digest)
+        if key is None:
             generation = self._generation
-            record = self.store.find_key(digest)
-            if record is None or not record["is_active"]:
-                raise AuthenticationError("Invalid or revoked virtual key")
+            key = self.store.find_key(digest)
+            if key is None:
+                raise AuthenticationError("Invalid, revoked or expired virtual key")
             with self._lock:
                 if generation == self._generation:  # not stale: no refresh since the read
-                    self._keys[digest] = record
-        return record
+                    self._keys[digest] = key
+        if not key.valid_at(self.clock()):
+            raise AuthenticationError("Invalid, revoked or expired virtual key")
+        return key
 
     def provider_key(self, provider):
         entry = self._provider_keys.get(provider.name)
@@ -2108,7 +2627,9 @@ class Gateway:
         dialect = dialect_for(route, request)
         self.refresh()
         key = self.authenticate(request.headers)
-        request.log.update(key_id=key["id"], project=key["project_name"])
+        request.log.update(key_id=key.id, project=key.project_name)
+        if route is KEY_INFO_ROUTE:
+            return json_reply(200, self.key_info(key))
         if route.method == "POST":
             raw, body = parse_json_body(request, self.config.server.max_body_bytes)
             model = body.get("model")
@@ -2118,16 +2639,25 @@ class Gateway:
             raw, body, model = None, {}, None
         provider, upstream_model = self._route(dialect, model)
         request.log.update(provider=provider.name, model=model)
+        if model is not None and key.models is not None and not any(
+                fnmatch.fnmatchcase(name, glob) for glob in key.models
+                for name in (model, "%s/%s" % (provider.name, upstream_model))):
+            raise PermissionDeniedError("This key may not use model %s" % printable(model)[:100],
+                                        code="model_not_allowed")
         api_key = self.provider_key(provider)
-        self.limiter.check(key["id"], key["rpm"] or self.config.rate_limits.get(
-            key["tier"], self.config.rate_limits["default"]))
-        streamed = body.get("stream") is True
-        upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
         for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
             if name in request.headers and not _HEADER_VALUE.match(request.headers[name]):
                 raise BadRequestError("Malformed %s header" % name)
-
-        call = _Call(self, request, key, provider, route, dialect, model, body, streamed)
+        reservation = self._worst_case_cost(key, route, model, raw, body)
+        streamed = body.get("stream") is True
+        upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
+        self.limits.acquire(key.id, key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"]),
+                            key.tpm, key.max_parallel)
+        try:
+            call = _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
+        except BaseException:
+            self.limits.release(key.id, 0)
+            raise
         try:
             conn, response = provider.send(request.method, request.path, dialect, api_key,
                                            request.headers, upstream_body)
@@ -2144,6 +2674,48 @@ class Gateway:
             return Reply(response.status, headers + [("content-type", content_type),
                                                      ("cache-control", "no-cache")], stream=stream)
         return self._complete(call, conn, response, headers)
+
+    def _worst_case_cost(self, key, route, model, raw, body):
+        """For a key with a budget: an upper bound of what this call can cost
+        (nano-dollars), reserved before it is forwarded. Input is bounded by
+        the body's size (no token is shorter than a byte), output by the
+        request's own limit or, without one, ``budgets.max_output_tokens``."""
+        if key.max_budget_nanousd is None:
+            return None
+        if route.usage_parser is None:
+            return 0  # nothing billable, but an exhausted budget still stops it
+        price = self.prices.lookup(model)
+        if price is None:
+            raise PermissionDeniedError("Model %s has no price, and this key has a budget: its spend could not "
+                                        "be bounded (price it under pricing: in config.yaml)" % printable(model)[:100],
+                                        code="model_not_priced")
+        limit = next((body[name] for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                      if isinstance(body.get(name), int) and not isinstance(body.get(name), bool)
+                      and body[name] > 0), None)
+        output_tokens = 0 if route is ROUTES["/v1/embeddings"] else limit or self.config.budgets.max_output_tokens
+        costliest_input = max(value for value in (price.input, price.cached_input, price.cache_write,
+                                                  price.cache_write_1h) if value is not None)
+        return cost_nanousd(Price(costliest_input, price.output), Usage(input_tokens=len(raw or b""),
+                                                                         output_tokens=output_tokens))
+
+    def key_info(self, key):
+        """What a key may learn about itself: limits, spend, expiry."""
+        spend = self.store.key_spend(key, self.clock())
+        info = key.as_dict()
+        del info["key_hint"]
+        budget = key.max_budget_nanousd
+        allowance = None if budget is None else budget + spend["topup_nanousd"]
+        info.update({
+            "rpm": key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"]),
+            "period_start": iso_time(spend["period_start"]) if budget is not None else None,
+            "period_end": iso_time(spend["period_end"]) if budget is not None else None,
+            "spent": nanousd_to_usd(spend["spent_nanousd"]),
+            "reserved": nanousd_to_usd(spend["reserved_nanousd"]),
+            "budget": None if allowance is None else nanousd_to_usd(allowance),
+            "remaining": None if allowance is None else nanousd_to_usd(
+                max(allowance - spend["spent_nanousd"] - spend["reserved_nanousd"], 0)),
+        })
+        return info
 
     def _route(self, dialect, model):
         """Pick the provider: a ``provider/`` prefix on the model (stripped),
@@ -2276,41 +2848,78 @@ class Gateway:
         if not hmac.compare_digest(presented, self._admin_token_hash):
             raise AuthenticationError("Admin routes need Authorization: Bearer <admin token>",
                                       code="invalid_admin_token")
-        parts = request.path.split("/")  # "", "admin", collection, [id]
-        collection = parts[2] if len(parts) > 2 else ""
-        if collection == "virtual-keys" and len(parts) == 3:
-            if request.method == "POST":
-                _, body = parse_json_body(request, 64 * 1024)
-                unknown = set(body) - {"project_name", "tier", "rpm"}
-                if unknown:
-                    raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
-                record, secret = create_virtual_key(self.store, self.config, body.get("project_name"),
-                                                    body.get("tier", "default"), body.get("rpm"), "admin-api")
-                logger.info("admin API created virtual key %s for project %s", record["id"],
-                            printable(record["project_name"]))
-                return json_reply(201, dict(record, key=secret))
-            if request.method == "GET":
-                return json_reply(200, {"data": self.store.list_keys()})
-            raise MethodNotAllowedError("Use GET or POST on /admin/virtual-keys")
-        if collection == "virtual-keys" and len(parts) == 4 and parts[3]:
-            if request.method != "DELETE":
-                raise MethodNotAllowedError("Use DELETE on /admin/virtual-keys/{id}")
-            if not self.store.revoke_key(parts[3], "admin-api"):
-                raise NotFoundError("No virtual key with that id")
-            logger.info("admin API revoked virtual key %s", printable(parts[3]))
-            return json_reply(200, dict(self.store.get_key(parts[3]), revoked=True))
-        if collection == "usage-stats" and len(parts) == 3:
-            if request.method != "GET":
-                raise MethodNotAllowedError("Use GET on /admin/usage-stats")
-            query = urllib.parse.parse_qs(request.query, strict_parsing=False)
-            options = {name: values[-1] for name, values in query.items()}
-            return json_reply(200, self.usage_stats(options.get("by", "key"), options.get("since"),
-                                                    options.get("until"), options.get("project")))
-        raise NotFoundError("Unknown admin route")
+        parts = request.path.split("/")[2:]  # after "", "admin"
+        routes = {
+            ("GET", "virtual-keys"): lambda: json_reply(200, {"data": self.store.list_keys()}),
+            ("POST", "virtual-keys"): lambda: self._admin_create_key(request),
+            ("GET", "virtual-keys", "*"): lambda: json_reply(200, self._admin_key(parts[1])),
+            ("PATCH", "virtual-keys", "*"): lambda: self._admin_update_key(request, parts[1]),
+            ("DELETE", "virtual-keys", "*"): lambda: self._admin_revoke_key(parts[1]),
+            ("POST", "virtual-keys", "*", "rotate"): lambda: self._admin_rotate_key(request, parts[1]),
+            ("POST", "virtual-keys", "*", "topup"): lambda: self._admin_topup(request, parts[1]),
+            ("GET", "usage-stats"): lambda: self._admin_usage_stats(request),
+            ("GET", "audit"): lambda: json_reply(200, {"data": self.store.audit_log(1000)}),
+        }
+        shape = tuple("*" if index == 1 else part for index, part in enumerate(parts))
+        route = routes.get((request.method,) + shape)
+        if route is None:
+            if any(known[1:] == shape for known in routes):
+                raise MethodNotAllowedError("%s is not allowed on %s" % (request.method, request.path))
+            raise NotFoundError("Unknown admin route")
+        return route()
+
+    def _admin_key(self, key_id):
+        record = self.store.get_key(key_id)
+        if record is None:
+            raise NotFoundError("No virtual key with that id")
+        return record
+
+    def _admin_create_key(self, request):
+        _, body = parse_json_body(request, 64 * 1024)
+        fields = {name: value for name, value in body.items() if name != "project_name"}
+        record, secret = create_virtual_key(self.store, self.config, body.get("project_name"), fields,
+                                            "admin-api", self.clock())
+        logger.info("admin API created virtual key %s", record["id"])
+        return json_reply(201, dict(record, key=secret))
+
+    def _admin_update_key(self, request, key_id):
+        _, body = parse_json_body(request, 64 * 1024)
+        policy = parse_key_policy(body, self.config, self.clock())
+        if not self.store.update_key(key_id, policy, self.clock(), "admin-api"):
+            raise NotFoundError("No virtual key with that id")
+        return json_reply(200, self._admin_key(key_id))
+
+    def _admin_revoke_key(self, key_id):
+        if not self.store.revoke_key(key_id, "admin-api"):
+            raise NotFoundError("No virtual key with that id")
+        logger.info("admin API revoked virtual key %s", printable(key_id))
+        return json_reply(200, dict(self._admin_key(key_id), revoked=True))
+
+    def _admin_rotate_key(self, request, key_id):
+        _, body = parse_json_body(request, 64 * 1024)
+        grace = parse_duration(body.get("grace", "0s"))
+        secret = self.store.rotate_key(key_id, grace, self.clock(), "admin-api")
+        if secret is None:
+            raise NotFoundError("No active virtual key with that id")
+        return json_reply(200, dict(self._admin_key(key_id), key=secret,
+                                    previous_key_valid_until=iso_time(self.clock() + grace)))
+
+    def _admin_topup(self, request, key_id):
+        _, body = parse_json_body(request, 64 * 1024)
+        amount = parse_key_policy({"max_budget": body.get("amount")}, self.config, 0)["max_budget_nanousd"]
+        if not amount or not self.store.topup(key_id, amount, self.clock(), "admin-api"):
+            raise BadRequestError("amount must be positive, and the key must exist and have a budget")
+        return json_reply(200, self._admin_key(key_id))
+
+    def _admin_usage_stats(self, request):
+        query = urllib.parse.parse_qs(request.query, strict_parsing=False)
+        options = {name: values[-1] for name, values in query.items()}
+        return json_reply(200, self.usage_stats(options.get("by", "key"), options.get("since"),
+                                                options.get("until"), options.get("project")))
 
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
-        return self.store.usage_stats(group_by, since and parse_time_bound(since),
-                                      until and parse_time_bound(until, end=True), project)
+        return usage_stats(self.store, group_by, since and parse_time_bound(since),
+                           until and parse_time_bound(until, end=True), project, self.clock())
 
 
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")

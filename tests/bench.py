@@ -215,7 +215,7 @@ def upstream_main(events, gap_ms):
                     write(piece)
                 return
             self.busy = True
-            pieces = [stream_head] + stream_chunks + tail
+            pieces = [stream_head + stream_chunks[0]] + stream_chunks[1:] + tail
             loop = asyncio.get_running_loop()
 
             def step(index=0):
@@ -601,7 +601,8 @@ def main():
     parser.add_argument("--stream-runs", type=int, default=50, help="sequential streams measured (50)")
     parser.add_argument("--stream-events", type=int, default=50, help="events per stream (50)")
     parser.add_argument("--stream-gap-ms", type=float, default=0.0,
-                        help="pause between upstream stream events (0: written back to back)")
+                        help="pause between upstream stream events (0: written back to back; "
+                             "asyncio timers round up to about 1 ms)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     args = parser.parse_args()
@@ -820,7 +821,7 @@ def main():
         for target in ("gateway", "direct"):
             s = streams[target]
             print("| %-8s | %14s | %10s |" % (target, fmt_ms(s["first_ms"]), fmt_ms(s["total_ms"])))
-        print("Stream overhead: first event +%.3f ms, total +%.3f ms"
+        print("Stream overhead: first event %+.3f ms, total %+.3f ms"
               % (streams["gateway"]["first_ms"] - streams["direct"]["first_ms"],
                  streams["gateway"]["total_ms"] - streams["direct"]["total_ms"]))
         print()

@@ -78,9 +78,12 @@ class RunningGateway:
         self._thread.join(5)
         self.store.close()
 
-    def create_key(self, project="test project", tier="default", rpm=None):
-        record, secret = llmgw.create_virtual_key(self.store, self.config, project, tier, rpm)
-        return record, secret
+    def create_key(self, project="test project", tier="default", rpm=None, **policy):
+        """A virtual key with policy fields as the admin API takes them."""
+        fields = dict(policy, tier=tier)
+        if rpm is not None:
+            fields["rpm"] = rpm
+        return llmgw.create_virtual_key(self.store, self.config, project, fields, now=self.gateway.clock())
 
     def rows(self):
         """Usage rows read from the database file, as another process would."""

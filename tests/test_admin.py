@@ -251,7 +251,9 @@ def test_other_methods_and_routes(admin_gateway):
     for method, path, status in [
         ("PUT", "/admin/virtual-keys", 405),
         ("DELETE", "/admin/virtual-keys", 405),
-        ("GET", "/admin/virtual-keys/vk_x", 405),
+        ("GET", "/admin/virtual-keys/vk_x", 404),
+        ("PUT", "/admin/virtual-keys/vk_x", 405),
+        ("GET", "/admin/virtual-keys/vk_x/rotate", 405),
         ("POST", "/admin/usage-stats", 405),
         ("GET", "/admin/nothing-here", 404),
         ("GET", "/admin/virtual-keys/a/b", 404),
