@@ -1001,9 +1001,7 @@ class Store:
                 return False
             budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
             if budget is not None:
-                start = budget_period_bounds(now, period)[0]
-                spent = conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]
-                conn.execute(ENSURE_SPEND, (key_id, start, spent))
+                _period_spend(conn, key_id, budget_period_bounds(now, period)[0])
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "key_updated", key_id, ", ".join(sorted(policy)))
             return True
@@ -1031,7 +1029,7 @@ class Store:
             if row is None or row[0] is None:
                 return False
             start = budget_period_bounds(now, row[1])[0]
-            conn.execute(ENSURE_SPEND, (key_id, start, conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]))
+            _period_spend(conn, key_id, start)
             conn.execute(TOPUP_SPEND, (amount_nanousd, key_id, start))
             _audit(conn, actor, "key_topped_up", key_id, "usd=%s" % nanousd_to_usd(amount_nanousd))
             return True
@@ -1297,8 +1295,7 @@ def _reserve(conn, key_id, amount, now):
     if budget is None:
         return None
     start, end = budget_period_bounds(now, period)
-    conn.execute(ENSURE_SPEND, (key_id, start, conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]))
-    spent, reserved, topup = conn.execute(GET_SPEND, (key_id, start)).fetchone()
+    spent, reserved, topup = _period_spend(conn, key_id, start)
     allowance = budget + topup
     if spent + reserved + amount > allowance or spent + reserved >= allowance:
         when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
@@ -1309,6 +1306,17 @@ def _reserve(conn, key_id, amount, now):
                                nanousd_to_usd(amount), when))
     conn.execute(RESERVE_SPEND, (amount, key_id, start))
     return start
+
+
+def _period_spend(conn, key_id, start):
+    """(spent, reserved, top-up) of a key's budget period, creating the
+    period's row (from the usage rows already in it) on first use."""
+    row = conn.execute(GET_SPEND, (key_id, start)).fetchone()
+    if row is None:
+        spent = conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]
+        conn.execute(ENSURE_SPEND, (key_id, start, spent))
+        row = (spent, 0, 0)
+    return row
 
 
 def _key_hint(secret):
@@ -3312,7 +3320,8 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         self.connection = self.request
         self.connection.settimeout(self.server.gateway.config.server.send_timeout)
         head = self.connection_state.head
-        self.close_connection = head is None or not head.keep_alive
+        # While draining, every answer closes its connection.
+        self.close_connection = head is None or not head.keep_alive or self.server.draining
         self.request_version = "HTTP/%d.%d" % head.version if head is not None else "HTTP/1.1"
         self.command = head.method if head is not None else "-"
 
@@ -3445,6 +3454,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, gateway, reuse_port=False):
         self.gateway = gateway
+        self.draining = False
         self._reuse_port = reuse_port
         self._open = 0
         self._open_lock = threading.Lock()
@@ -3472,7 +3482,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         """A worker's job: one request, then the connection goes back to the
         watcher for the next one, or is closed."""
         handler = GatewayHandler(connection, self)
-        if handler.close_connection:
+        if handler.close_connection or self.draining:
             self.release(connection)
         else:
             self.watcher.watch(connection)
@@ -3506,6 +3516,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         """Stop accepting, let in-flight requests finish (bounded), close."""
+        self.draining = True
         super().server_close()
         self.watcher.stop()
         if not self.workers.wait_idle(self.gateway.config.server.drain_timeout):
