@@ -2,7 +2,7 @@
 """llmgw's command line: set up, run and manage the gateway.
 
     python cli.py init                          create config.yaml, the database, the admin token
-    python cli.py serve [--host H] [--port P]   run the gateway
+    python cli.py serve [--host H] [--port P] [--workers N]   run the gateway (N processes)
     python cli.py keys create NAME [policy flags] [--output json]
     python cli.py keys update ID [policy flags]
     python cli.py keys list [--output json]
@@ -94,7 +94,9 @@ def cmd_admin_token(args):
 
 
 def cmd_serve(args):
-    llmgw.serve(llmgw.load_config(), host=args.host, port=args.port)
+    if args.workers < 1:
+        raise llmgw.ConfigError("--workers must be at least 1")
+    llmgw.serve(llmgw.load_config(), host=args.host, port=args.port, processes=args.workers)
     return 0
 
 
@@ -354,6 +356,8 @@ def build_parser():
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to listen on (default: server.host in config.yaml)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="gateway processes sharing the port and the database (default 1)")
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="manage virtual keys").add_subparsers(dest="keys", metavar="ACTION")

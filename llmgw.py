@@ -223,7 +223,7 @@ CONFIG_TEMPLATE = """\
 server:
   host: 0.0.0.0
   port: 8000
-  # workers: 256                   # threads serving requests; each open stream holds one
+  # threads: 256                   # threads serving requests; each open stream holds one
   # max_connections: 1024          # open client connections; beyond: 503 + Retry-After
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
   # max_header_bytes: 32768        # request line + headers; beyond: 431
@@ -278,7 +278,7 @@ pricing: {}                        # USD per million tokens; overrides built-in 
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
-    workers: int = 256                  # threads serving requests (streams included)
+    threads: int = 256                  # threads serving requests (streams included)
     max_connections: int = 1024
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 32 * 1024
@@ -843,18 +843,22 @@ class _GroupCommit:
 
     def _commit(self, batch):
         conn = self._conn
+        savepoints = len(batch) > 1  # an operation alone is its own transaction
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for ticket in batch:
-                    conn.execute("SAVEPOINT operation")
+                    if savepoints:
+                        conn.execute("SAVEPOINT operation")
                     try:
                         ticket.result = ticket.operation(conn)
                     except Exception as exc:  # handed to the thread that asked
-                        conn.execute("ROLLBACK TO operation")
+                        conn.execute("ROLLBACK TO operation" if savepoints else "ROLLBACK")
                         ticket.error = exc
-                    conn.execute("RELEASE operation")
-                conn.execute("COMMIT")
+                    if savepoints:
+                        conn.execute("RELEASE operation")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -2514,7 +2518,7 @@ class Gateway:
                 providers[name] = current
             else:
                 providers[name] = Provider(provider_config, config.server)
-        for field in ("host", "port", "workers", "max_connections"):
+        for field in ("host", "port", "threads", "max_connections"):
             if getattr(config.server, field) != getattr(self.config.server, field):
                 logger.warning("server.%s changed; it takes effect at the next start", field)
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
@@ -3423,6 +3427,8 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
             stream.close()
 
     def _log_access(self, request, reply, started):
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
         log = request.log if request is not None else {}
         access_logger.info(
             "%s %s %d key=%s project=%s provider=%s model=%s tokens=%s outcome=%s latency_ms=%.1f",
@@ -3459,7 +3465,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self._open = 0
         self._open_lock = threading.Lock()
         super().__init__(address, GatewayHandler)
-        self.workers = WorkerPool(self._serve_request, gateway.config.server.workers)
+        self.workers = WorkerPool(self._serve_request, gateway.config.server.threads)
         self.watcher = ConnectionWatcher(self)
 
     def server_bind(self):
@@ -3526,8 +3532,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self.gateway.close()
 
 
-def make_server(config, store=None, host=None, port=None, environ=None):
-    """A listening GatewayServer (not yet serving). Port 0 picks a free port."""
+def make_server(config, store=None, host=None, port=None, environ=None, reuse_port=False, clock=time.time):
+    """A listening GatewayServer (not yet serving). Port 0 picks a free port;
+    ``clock`` (wall time) is injectable for budget periods and limits."""
     started_at = time.time()
     if store is None:
         store = Store(db_path_from_env(os.environ if environ is None else environ),
@@ -3535,10 +3542,10 @@ def make_server(config, store=None, host=None, port=None, environ=None):
     recovered = store.recover_interrupted(started_at)
     if recovered:
         logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
-    gateway = Gateway(config, store, environ=environ)
+    gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,
                port if port is not None else config.server.port)
-    return GatewayServer(address, gateway)
+    return GatewayServer(address, gateway, reuse_port)
 
 
 def configure_logging(log_config):
@@ -3566,10 +3573,71 @@ def warn_if_exposed(path):
                        path, stat.S_IMODE(mode), path)
 
 
-def serve(config, host=None, port=None):
-    """Run the gateway until SIGTERM or SIGINT."""
+def serve(config, host=None, port=None, processes=1):
+    """Run the gateway until SIGTERM or SIGINT. With ``processes`` > 1, as
+    that many processes sharing the port (SO_REUSEPORT) and the database,
+    under a supervisor that passes signals on and replaces a crashed one."""
     configure_logging(config.logging)
-    server = make_server(config, host=host, port=port)
+    if processes > 1:
+        _supervise(config, host, port, processes)
+    else:
+        _serve_process(config, host, port)
+
+
+def _supervise(config, host, port, processes):
+    if not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork"):
+        raise ConfigError("several worker processes need fork and SO_REUSEPORT (Linux, BSD, macOS)")
+    if (port if port is not None else config.server.port) == 0:
+        raise ConfigError("several worker processes need a fixed port")
+    children = {}
+    stopping = []
+
+    def start_child():
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 1
+            try:
+                _serve_process(config, host, port, reuse_port=True)
+                code = 0
+            except GatewayError as exc:
+                logger.error("%s", exc.message)
+            except BaseException:
+                logger.exception("gateway process failed")
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def forward(signum, frame):
+        if signum != signal.SIGHUP:
+            stopping.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for _ in range(processes):
+        start_child()
+    logger.info("supervising %d gateway processes", processes)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, time.monotonic())
+        if not stopping:
+            logger.error("gateway process %d stopped unexpectedly (status %d); starting another", pid, status)
+            if time.monotonic() - started < 1.0:
+                time.sleep(1.0)  # a process that dies at once would otherwise spin
+            start_child()
+    logger.info("all gateway processes stopped")
+
+
+def _serve_process(config, host, port, reuse_port=False):
+    server = make_server(config, host=host, port=port, reuse_port=reuse_port)
     for path in (config.path, server.gateway.store.path):
         if path:
             warn_if_exposed(path)
