@@ -129,7 +129,9 @@ def _policy_fields(args):
         value = getattr(args, destination)
         if value is not None:
             fields[field] = None if value == "none" else convert(value)
-    if args.label:
+    if args.label == ["none"]:
+        fields["metadata"] = None
+    elif args.label:
         labels = {}
         for label in args.label:
             name, equals, value = label.partition("=")
@@ -177,7 +179,7 @@ def cmd_keys_topup(args):
     store = _store()
     if not amount or not store.topup(args.id, amount, time.time()):
         raise llmgw.ConfigError("the amount must be positive, and key %s must exist and have a budget" % args.id)
-    print("Added USD %.2f to %s's current budget period." % (args.amount, args.id))
+    print("Added USD %s to %s's current budget period." % (args.amount, args.id))
     return 0
 
 

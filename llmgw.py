@@ -700,7 +700,13 @@ RESERVE_SPEND = "UPDATE key_spend SET reserved_nanousd = reserved_nanousd + ? WH
 SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ?
                   WHERE key_id = ? AND period_start = ?"""
 TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
-PERIOD_COST = "SELECT COALESCE(SUM(cost_nanousd + reserved_nanousd), 0) FROM usage WHERE virtual_key_id = ? AND started_at >= ?"
+#: A row's reservation counts while it is pending; its cost once settled.
+PERIOD_COST = """SELECT COALESCE(SUM(CASE WHEN status = 'pending' THEN reserved_nanousd ELSE cost_nanousd END), 0)
+                 FROM usage WHERE virtual_key_id = ? AND started_at >= ?"""
+SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage
+                  WHERE virtual_key_id = ? AND started_at >= ? AND status != 'pending'"""
+RECOUNT_SPEND = """INSERT INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?1, ?2, ?3)
+                   ON CONFLICT (key_id, period_start) DO UPDATE SET spent_nanousd = ?3"""
 PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, window, requests, tokens, previous_requests,
                                                 previous_tokens, in_flight, updated_at)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -791,7 +797,8 @@ def iso_time(epoch):
     if epoch is None:
         return None
     moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (moment.year, moment.month, moment.day, moment.hour,
+                                                moment.minute, moment.second)
 
 
 def _pid_alive(pid):
@@ -1005,7 +1012,12 @@ class Store:
                 return False
             budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
             if budget is not None:
-                _period_spend(conn, key_id, budget_period_bounds(now, period)[0])
+                start = budget_period_bounds(now, period)[0]
+                if "max_budget_nanousd" in policy or "budget_period" in policy:
+                    # Spend while the key had no budget (or another period) was not tracked: recount it.
+                    conn.execute(RECOUNT_SPEND, (key_id, start, conn.execute(SETTLED_COST, (key_id, start)).fetchone()[0]))
+                else:
+                    _period_spend(conn, key_id, start)
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "key_updated", key_id, ", ".join(sorted(policy)))
             return True
@@ -2284,7 +2296,10 @@ def parse_time_bound(text, end=False):
     return moment.timestamp()
 
 
-_DURATION = re.compile(r"^([0-9]+)([smhdw])$")
+_DURATION = re.compile(r"^([0-9]{1,12})([smhdw])$")
+_MAX_DURATION = 100 * 366 * 86400
+_MAX_POLICY_INT = 10 ** 12
+_MAX_BUDGET_USD = 10 ** 9
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: The fields a key's policy is set with, from the CLI or the admin API.
@@ -2297,12 +2312,16 @@ def parse_duration(text):
     match = _DURATION.match(str(text).strip())
     if match is None:
         raise BadRequestError("%r is not a duration like 30d, 24h, 15m or 90s" % (text,))
-    return int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    if seconds > _MAX_DURATION:
+        raise BadRequestError("%r is longer than 100 years" % (text,))
+    return seconds
 
 
 def _positive_int_or_none(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise BadRequestError("%s must be a positive integer" % name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 < value <= _MAX_POLICY_INT):
+        raise BadRequestError("%s must be a positive integer (at most %d)" % (name, _MAX_POLICY_INT))
     return value
 
 
@@ -2323,7 +2342,7 @@ def parse_key_policy(fields, config, now):
     if "max_budget" in fields:
         budget = fields["max_budget"]
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not math.isfinite(budget) or budget < 0):
+                                   or not math.isfinite(budget) or not 0 <= budget <= _MAX_BUDGET_USD):
             raise BadRequestError("max_budget must be a non-negative amount in USD")
         policy["max_budget_nanousd"] = None if budget is None else int(
             (decimal.Decimal(str(budget)) * 1000000000).to_integral_value())
@@ -2691,7 +2710,8 @@ class Gateway:
         """For a key with a budget: an upper bound of what this call can cost
         (nano-dollars), reserved before it is forwarded. Input is bounded by
         the body's size (no token is shorter than a byte), output by the
-        request's own limit or, without one, ``budgets.max_output_tokens``."""
+        request's own limit or, without one, ``budgets.max_output_tokens``,
+        times the choices asked for (``n``, ``best_of``)."""
         if key.max_budget_nanousd is None:
             return None
         if route.usage_parser is None:
@@ -2704,7 +2724,10 @@ class Gateway:
         limit = next((body[name] for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")
                       if isinstance(body.get(name), int) and not isinstance(body.get(name), bool)
                       and body[name] > 0), None)
-        output_tokens = 0 if route is ROUTES["/v1/embeddings"] else limit or self.config.budgets.max_output_tokens
+        choices = max([body[name] for name in ("n", "best_of") if isinstance(body.get(name), int)
+                       and not isinstance(body.get(name), bool) and body[name] > 0] or [1])
+        output_tokens = 0 if route is ROUTES["/v1/embeddings"] else (
+            (limit or self.config.budgets.max_output_tokens) * choices)
         costliest_input = max(value for value in (price.input, price.cached_input, price.cache_write,
                                                   price.cache_write_1h) if value is not None)
         return cost_nanousd(Price(costliest_input, price.output), Usage(input_tokens=len(raw or b""),

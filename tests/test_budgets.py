@@ -1,0 +1,1154 @@
+"""Spend control (issue 5): budgets that hold under concurrency, RPM/TPM and
+parallel limits shared across gateways, expiry, model allowlists, rotation
+with grace, period resets, top-ups, /v1/key/info, budget stats, key policy
+from the CLI and the admin API.
+
+Real gateways (in-process servers, and one ``python llmgw.py`` child) on one
+SQLite file, against the fake upstream. Time-dependent tests inject a wall
+clock through ``llmgw.make_server(..., clock=...)`` (``ClockedGateway``
+below) instead of sleeping. Money is checked to the nano-dollar: the worst-case
+reservation is computed here from the bytes sent and the configured prices,
+the real cost from what the fake reported.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, ROOT, RunningGateway, base_config, call,
+                      free_port, post, wait_for_port)
+
+import cli
+import llmgw
+
+UTC = datetime.timezone.utc
+#: USD per million tokens. One input token of acme-1 costs 1e6 nano-USD.
+IN, OUT = 1000, 3000
+PRICES = {
+    "acme-1": {"input": IN, "output": OUT},
+    "acme-1-slow": {"input": IN, "output": OUT},
+    # Output far dearer than input: a reply longer than max_tokens overshoots.
+    "acme-2": {"input": 1, "output": 100000},
+}
+ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
+REVOKED = {"error": {"message": "Invalid, revoked or expired virtual key", "type": "authentication_error",
+                     "param": None, "code": "invalid_api_key"}}
+REVOKED_ANTHROPIC = {"type": "error", "error": {"type": "authentication_error",
+                                                "message": "Invalid, revoked or expired virtual key"}}
+INVALID_ONE_LINE = re.compile(r"\Aerror: [^\n]+\n\Z")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """No provider key, admin token or path from the developer's shell leaks in."""
+    for name in list(os.environ):
+        if name.endswith("_API_KEY") or name in ("LLMGW_ADMIN_TOKEN", "CONFIG_PATH", "DB_PATH"):
+            monkeypatch.delenv(name)
+
+
+# ---- helpers ----------------------------------------------------------------
+
+def at(text):
+    """``2026-03-04T10:00:00Z`` as epoch seconds."""
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+class FakeClock:
+    """An injectable wall clock: ``clock.now = ...`` moves time."""
+
+    def __init__(self, now):
+        self.now = float(now)
+
+    def __call__(self):
+        return self.now
+
+
+class ClockedGateway(RunningGateway):
+    """RunningGateway whose Gateway reads ``clock`` (``make_server(clock=)``)."""
+
+    def __init__(self, document, db_path, clock, environ=None):
+        self.config = llmgw.parse_config(document)
+        self.store = llmgw.Store(db_path)
+        self.db_path = str(db_path)
+        self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+
+@pytest.fixture
+def make_clocked(tmp_path, upstream):
+    """``make_clocked(clock, environ=None, **config_sections)``: a ClockedGateway."""
+    started = []
+
+    def start(clock, environ=None, db_name="gateway.db", **sections):
+        gateway = ClockedGateway(base_config(upstream.url, **sections), tmp_path / db_name, clock, environ)
+        started.append(gateway)
+        return gateway
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def chat_raw(model="acme-1", max_tokens=100, text="hello", **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def send(target, raw, key, path="/v1/chat/completions", headers=None):
+    return post(target, path, None, key=key, raw_body=raw, headers=headers)
+
+
+def worst(raw, output_tokens, price_in=IN, price_out=OUT):
+    """The documented worst case in nano-USD: body bytes as input tokens at
+    the input price, the output limit at the output price."""
+    return (len(raw) * price_in + output_tokens * price_out) * 1000
+
+
+def reported_tokens(entry):
+    usage = entry["usage"]
+    if "prompt_tokens" in usage:
+        return usage["prompt_tokens"], usage.get("completion_tokens", 0)
+    return (usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0)
+            + usage.get("cache_read_input_tokens", 0), usage.get("output_tokens", 0))
+
+
+def real_cost(entry, price_in=IN, price_out=OUT):
+    prompt, completion = reported_tokens(entry)
+    return (prompt * price_in + completion * price_out) * 1000
+
+
+def usd(nanos):
+    return nanos / 1e9
+
+
+def new_key(gateway, project="budget project", **policy):
+    """(key id, secret); asserts a budget given in nano-USD is stored exactly."""
+    budget = policy.pop("budget_nanousd", None)
+    if budget is not None:
+        policy["max_budget"] = usd(budget)
+    record, secret = gateway.create_key(project, **policy)
+    if budget is not None:
+        assert column(gateway.db_path, record["id"], "max_budget_nanousd") == budget
+    return record["id"], secret
+
+
+def query(db_path, sql, params=()):
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def column(db_path, key_id, name):
+    return query(db_path, "SELECT %s FROM virtual_keys WHERE id = ?" % name, (key_id,))[0][0]
+
+
+def spend_rows(db_path, key_id):
+    """key_spend rows: (period_start, spent, reserved, topup), oldest first."""
+    return query(db_path, "SELECT period_start, spent_nanousd, reserved_nanousd, topup_nanousd FROM key_spend "
+                          "WHERE key_id = ? ORDER BY period_start", (key_id,))
+
+
+def concurrently(count, function):
+    """Run function(i) for i in range(count) at once; results in order."""
+    results = [None] * count
+    errors = []
+    barrier = threading.Barrier(count)
+
+    def run(index):
+        try:
+            barrier.wait(10)
+            results[index] = function(index)
+        except Exception as exc:  # reported below, never swallowed
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    return results
+
+
+def admin(gateway, method, path, body=None):
+    return call(gateway, method, path, body, key=ADMIN_TOKEN)
+
+
+def key_info(gateway, secret, **kwargs):
+    return call(gateway, "GET", "/v1/key/info", key=secret, **kwargs)
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def wait_published(db_path, key_id, field, value):
+    """Wait until some gateway published ``field`` >= value for the key in
+    key_activity, then one more sync interval so every other gateway read it."""
+    assert wait_until(lambda: any(row[0] >= value for row in query(
+        db_path, "SELECT %s FROM key_activity WHERE key_id = ?" % field, (key_id,)))), "never published"
+    time.sleep(llmgw.KeyLimits.sync_interval + 0.1)
+
+
+def assert_budget_refusal(reply, dialect="openai", resets=None):
+    assert reply.status == 429, reply.body
+    assert reply.header("x-should-retry") == "false"
+    body = reply.json()
+    if dialect == "anthropic":
+        assert set(body) == {"type", "error"} and body["type"] == "error"
+        assert set(body["error"]) == {"type", "message"}
+        assert body["error"]["type"] == "budget_exceeded"
+        message = body["error"]["message"]
+    else:
+        assert set(body) == {"error"}
+        assert body["error"]["code"] == "budget_exceeded"
+        assert body["error"]["type"] == "rate_limit_error"
+        assert body["error"]["param"] is None
+        message = body["error"]["message"]
+    assert message.startswith("Budget exceeded: ")
+    if resets is not None:
+        assert message.endswith(resets), message
+
+
+def assert_rate_refusal(reply, unit, limit):
+    """429 in OpenAI's rate-limit style for ``unit`` (requests or tokens)."""
+    assert reply.status == 429, reply.body
+    assert reply.json()["error"]["code"] == "rate_limit_exceeded"
+    assert reply.header("x-should-retry") is None  # worth retrying, unlike a budget stop
+    retry_after = int(reply.header("retry-after"))
+    assert 1 <= retry_after <= 60
+    assert reply.header("x-ratelimit-limit-%s" % unit) == str(limit)
+    assert reply.header("x-ratelimit-remaining-%s" % unit) == "0"
+    assert reply.header("x-ratelimit-reset-%s" % unit) == "%ds" % retry_after
+
+
+def write_cli_config(tmp_path, upstream, **sections):
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(base_config(upstream.url, **sections)))  # JSON is YAML
+    return path
+
+
+@pytest.fixture
+def cli_main(tmp_path, upstream, capsys, monkeypatch):
+    """``cli.main(ARGS)`` in process with tmp_path's config.yaml and gateway.db:
+    returns (exit code, stdout, stderr)."""
+    config = write_cli_config(tmp_path, upstream, pricing=PRICES)
+    monkeypatch.setenv("CONFIG_PATH", str(config))
+    monkeypatch.setenv("DB_PATH", str(tmp_path / "gateway.db"))
+
+    def run(*args):
+        capsys.readouterr()
+        code = cli.main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+# ---- budgets: the worst case, reserved and settled -----------------------------
+
+ROUTE_CASES = {
+    "chat max_tokens": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 100}, 100),
+    "chat max_completion_tokens": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                            "max_completion_tokens": 70}, 70),
+    "chat without a limit": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 50),
+    "completions": ("/v1/completions", {"prompt": "hi", "max_tokens": 20}, 20),
+    "embeddings": ("/v1/embeddings", {"input": "hi"}, 0),
+    "responses": ("/v1/responses", {"input": "hi", "max_output_tokens": 30}, 30),
+    "responses without a limit": ("/v1/responses", {"input": "hi"}, 50),
+    "messages": ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}, 40),
+    "chat stream": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 90,
+                                             "stream": True}, 90),
+    "messages stream": ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 80,
+                                         "stream": True}, 80),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTE_CASES))
+def test_reservation_is_the_worst_case_and_settles_to_the_real_cost(make_gateway, upstream, case):
+    path, fields, output_limit = ROUTE_CASES[case]
+    gateway = make_gateway(pricing=PRICES, budgets={"max_output_tokens": 50})
+    key_id, secret = new_key(gateway, budget_nanousd=10 ** 12)
+    raw = json.dumps(dict(fields, model="acme-1")).encode()
+    headers = ANTHROPIC_HEADERS if path.startswith("/v1/messages") else None
+    reply = send(gateway, raw, secret, path, headers)
+    assert reply.status == 200, reply.body
+    [entry] = upstream.reported
+    [row] = gateway.rows()
+    assert row["status"] == "ok"
+    assert row["reserved_nanousd"] == worst(raw, output_limit)
+    assert (row["request_tokens"], row["response_tokens"]) == reported_tokens(entry)
+    assert row["cost_nanousd"] == real_cost(entry)
+    month_start = llmgw.budget_period_bounds(time.time(), "monthly")[0]
+    assert row["budget_period_start"] == month_start
+    assert spend_rows(gateway.db_path, key_id) == [(month_start, real_cost(entry), 0, 0)]
+
+
+def test_count_tokens_reserves_nothing_but_an_exhausted_budget_stops_it(make_gateway, upstream):
+    gateway = make_gateway(pricing=PRICES)
+    raw = json.dumps({"model": "acme-1", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    key_id, secret = new_key(gateway, budget_nanousd=1000)
+    reply = send(gateway, raw, secret, "/v1/messages/count_tokens", ANTHROPIC_HEADERS)
+    assert reply.status == 200, reply.body
+    assert [row["reserved_nanousd"] for row in gateway.rows()] == [0]
+    spent_id, spent_secret = new_key(gateway, budget_nanousd=0)
+    reply = send(gateway, raw, spent_secret, "/v1/messages/count_tokens", ANTHROPIC_HEADERS)
+    assert_budget_refusal(reply, "anthropic")
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("path, fields, completions", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 3),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 3}, 3),
+])
+def test_worst_case_covers_every_generated_choice(make_gateway, upstream, path, fields, completions):
+    """``n`` choices (and legacy ``best_of`` candidates) are each up to
+    max_tokens long and all billed: the bound must multiply."""
+    gateway = make_gateway(pricing=PRICES)
+    _, secret = new_key(gateway, budget_nanousd=10 ** 12)
+    raw = json.dumps(dict(fields, model="acme-1", max_tokens=100)).encode()
+    assert send(gateway, raw, secret, path).status == 200
+    [row] = gateway.rows()
+    assert row["reserved_nanousd"] >= worst(raw, completions * 100)
+
+
+def budget_burst(targets, gateway, upstream, count=50, admits=10):
+    """``count`` concurrent calls spread over ``targets`` with a key whose
+    budget admits ``admits`` worst cases (plus half of one)."""
+    raw = chat_raw("acme-1-slow", max_tokens=100)
+    reservation = worst(raw, 100)
+    budget = admits * reservation + reservation // 2
+    key_id, secret = new_key(gateway, budget_nanousd=budget)
+    upstream.reset()
+    replies = concurrently(count, lambda i: send(targets[i % len(targets)], raw, secret))
+    ok = [reply for reply in replies if reply.status == 200]
+    refused = [reply for reply in replies if reply.status != 200]
+    assert len(ok) == admits, [reply.status for reply in replies]
+    assert len(upstream.requests) == admits
+    month_end = llmgw.iso_time(llmgw.budget_period_bounds(time.time(), "monthly")[1])
+    for reply in refused:
+        assert_budget_refusal(reply, resets="the budget resets at %s" % month_end)
+    rows = gateway.rows()
+    assert len(rows) == admits and {row["status"] for row in rows} == {"ok"}
+    assert {row["reserved_nanousd"] for row in rows} == {reservation}
+    costs = sorted(real_cost(entry) for entry in upstream.reported)
+    assert sorted(row["cost_nanousd"] for row in rows) == costs
+    [(_, spent, reserved, topup)] = spend_rows(gateway.db_path, key_id)
+    assert (spent, reserved, topup) == (sum(costs), 0, 0)
+    assert spent <= budget
+    return key_id
+
+
+def test_fifty_concurrent_requests_never_overshoot_the_budget(make_gateway, upstream):
+    gateway = make_gateway(pricing=PRICES)
+    budget_burst([gateway], gateway, upstream)
+
+
+def test_budget_holds_across_two_gateways_on_one_database(make_gateway, upstream):
+    first = make_gateway(pricing=PRICES)
+    second = make_gateway(pricing=PRICES)
+    assert first.store is not second.store and first.db_path == second.db_path
+    budget_burst([first, second], first, upstream)
+
+
+class ChildGateway:
+    """``python llmgw.py`` on the test's database and a config.yaml of its own."""
+
+    def __init__(self, tmp_path, upstream, **sections):
+        self.port = free_port()
+        document = base_config(upstream.url, **sections)
+        document["server"] = dict(document["server"], port=self.port)
+        document["logging"] = {"level": "WARNING"}
+        config = tmp_path / "child-config.yaml"
+        config.write_text(json.dumps(document))
+        self.log_path = tmp_path / "child.log"
+        env = {name: value for name, value in os.environ.items()
+               if not name.endswith("_API_KEY") and name != "LLMGW_ADMIN_TOKEN"}
+        env.update(CONFIG_PATH=str(config), DB_PATH=str(tmp_path / "gateway.db"))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmgw.py")], cwd=str(tmp_path),
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.url = "http://127.0.0.1:%d" % self.port
+        if not wait_for_port(self.port, 15):
+            self.stop()
+            raise AssertionError("child gateway did not start: %s" % self.log_path.read_text())
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def test_budget_holds_across_two_gateway_processes(make_gateway, upstream, tmp_path):
+    here = make_gateway(pricing=PRICES)
+    child = ChildGateway(tmp_path, upstream, pricing=PRICES)
+    try:
+        budget_burst([here, child], here, upstream)
+    finally:
+        child.stop()
+    assert child.process.returncode == 0, child.log_path.read_text()
+
+
+def test_provider_reporting_more_than_the_bound_is_recorded_and_stops_the_key(make_gateway, upstream):
+    """max_tokens 1, but the fake answers 5+ tokens: the truth is booked,
+    the key is over budget and its next request is refused."""
+    gateway = make_gateway(pricing=PRICES)
+    raw = chat_raw("acme-2", max_tokens=1)
+    reservation = worst(raw, 1, 1, 100000)
+    key_id, secret = new_key(gateway, budget_nanousd=reservation)
+    assert send(gateway, raw, secret).status == 200
+    [entry] = upstream.reported
+    cost = real_cost(entry, 1, 100000)
+    assert cost > reservation
+    [row] = gateway.rows()
+    assert (row["reserved_nanousd"], row["cost_nanousd"]) == (reservation, cost)
+    assert [spend[1:] for spend in spend_rows(gateway.db_path, key_id)] == [(cost, 0, 0)]
+    assert_budget_refusal(send(gateway, raw, secret))
+    info = key_info(gateway, secret).json()
+    assert (info["spent"], info["remaining"]) == (usd(cost), 0.0)
+    assert len(upstream.requests) == 1
+
+
+def test_budgeted_key_refuses_an_unpriced_model(make_gateway, upstream):
+    gateway = make_gateway()
+    key_id, secret = new_key(gateway, budget_nanousd=10 ** 9)
+    raw = chat_raw("acme-unpriced")
+    reply = send(gateway, raw, secret)
+    assert reply.status == 403
+    error = reply.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("permission_error", "model_not_priced", None)
+    assert "acme-unpriced" in error["message"]
+    reply = send(gateway, raw, secret, "/v1/messages", ANTHROPIC_HEADERS)
+    assert reply.status == 403
+    assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "permission_error"
+    assert upstream.requests == [] and gateway.rows() == []
+    # Without a budget the same model passes, booked unpriced at cost 0.
+    free_id, free_secret = new_key(gateway)
+    assert send(gateway, raw, free_secret).status == 200
+    [row] = gateway.rows()
+    assert (row["virtual_key_id"], row["cost_nanousd"], row["priced"]) == (free_id, 0, 0)
+
+
+def test_default_price_lets_a_budgeted_key_use_any_model(make_gateway, upstream):
+    gateway = make_gateway(pricing={"default": {"input": 2, "output": 5}})
+    key_id, secret = new_key(gateway, budget_nanousd=10 ** 9)
+    raw = chat_raw("acme-unpriced", max_tokens=64)
+    assert send(gateway, raw, secret).status == 200
+    [entry] = upstream.reported
+    [row] = gateway.rows()
+    assert row["reserved_nanousd"] == worst(raw, 64, 2, 5)
+    assert (row["cost_nanousd"], row["priced"]) == (real_cost(entry, 2, 5), 1)
+
+
+def test_reservation_of_a_killed_process_is_settled_at_the_next_start(make_gateway, upstream, tmp_path):
+    first = make_gateway(pricing=PRICES)
+    raw = chat_raw()
+    reservation = 3 * worst(raw, 100)
+    budget = reservation + 2 * worst(raw, 100)
+    key_id, secret = new_key(first, budget_nanousd=budget, budget_period="daily")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    start = llmgw.budget_period_bounds(time.time(), "daily")[0]
+    conn = sqlite3.connect(first.db_path, timeout=10)
+    with conn:
+        conn.execute("INSERT INTO key_spend (key_id, period_start, spent_nanousd, reserved_nanousd) "
+                     "VALUES (?, ?, 0, ?)", (key_id, start, reservation))
+        conn.execute("INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed, status, "
+                     "started_at, owner_pid, reserved_nanousd, budget_period_start) "
+                     "VALUES ('killed-1', ?, 'openai', '/v1/chat/completions', 'acme-1', 0, 'pending', ?, ?, ?, ?)",
+                     (key_id, time.time() - 1, dead.pid, reservation, start))
+    conn.close()
+    assert key_info(first, secret).json()["reserved"] == usd(reservation)
+    second = make_gateway(pricing=PRICES)  # make_server recovers rows of dead owners
+    [row] = second.rows()
+    assert (row["status"], row["cost_nanousd"], row["reserved_nanousd"], row["usage_source"]) == (
+        "interrupted", reservation, 0, "estimated")
+    assert row["finished_at"] is not None
+    assert spend_rows(second.db_path, key_id) == [(start, reservation, 0, 0)]
+    info = key_info(second, secret).json()
+    assert (info["spent"], info["reserved"], info["remaining"]) == (
+        usd(reservation), 0.0, usd(budget - reservation))
+    assert send(second, raw, secret).status == 200
+
+
+# ---- RPM, TPM, parallel --------------------------------------------------------
+
+def test_rpm_is_shared_by_two_gateways_on_one_database(make_gateway, upstream):
+    first, second = make_gateway(), make_gateway()
+    key_id, secret = new_key(first, rpm=10)
+    raw = chat_raw("gpt-4o-mini")
+    assert [send(first, raw, secret).status for _ in range(5)] == [200] * 5
+    wait_published(first.db_path, key_id, "requests", 5)
+    assert [send(second, raw, secret).status for _ in range(5)] == [200] * 5
+    assert_rate_refusal(send(second, raw, secret), "requests", 10)  # second knows all ten
+    assert wait_until(lambda: sorted(row[0] for row in query(
+        first.db_path, "SELECT requests FROM key_activity WHERE key_id = ?", (key_id,))) == [5, 5])
+    time.sleep(llmgw.KeyLimits.sync_interval + 0.1)
+    assert_rate_refusal(send(first, raw, secret), "requests", 10)  # first learnt of second's
+    assert len(upstream.requests) == 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tpm_counts_reported_tokens(make_gateway, upstream, stream):
+    gateway = make_gateway()
+    key_id, secret = new_key(gateway, tpm=10)
+    raw = chat_raw("gpt-4o-mini", stream=stream)
+    reply = send(gateway, raw, secret)
+    assert reply.status == 200
+    [entry] = upstream.reported
+    assert sum(reported_tokens(entry)) > 10
+    [row] = gateway.rows()
+    assert (row["request_tokens"], row["response_tokens"]) == reported_tokens(entry)
+    assert_rate_refusal(send(gateway, raw, secret), "tokens", 10)
+    assert len(upstream.requests) == 1
+
+
+def test_tpm_is_shared_by_two_gateways(make_gateway, upstream):
+    first, second = make_gateway(), make_gateway()
+    key_id, secret = new_key(first, tpm=10)
+    raw = chat_raw("gpt-4o-mini")
+    assert send(first, raw, secret).status == 200
+    wait_published(first.db_path, key_id, "tokens", sum(reported_tokens(upstream.reported[0])))
+    assert_rate_refusal(send(second, raw, secret), "tokens", 10)
+    assert len(upstream.requests) == 1
+
+
+def test_max_parallel_limits_requests_in_flight(make_gateway, upstream):
+    gateway = make_gateway()
+    key_id, secret = new_key(gateway, max_parallel=2)
+    raw = chat_raw("gpt-4o-slow")
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(send(gateway, raw, secret))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    assert upstream.wait_for_requests(2)
+    third = send(gateway, raw, secret)
+    assert third.status == 429
+    assert third.json()["error"]["code"] == "rate_limit_exceeded"
+    assert third.json()["error"]["message"] == "Limit of 2 requests in flight reached; retry when one finishes"
+    assert third.header("retry-after") == "1"
+    for thread in threads:
+        thread.join(10)
+    assert [reply.status for reply in replies] == [200, 200]
+    assert send(gateway, chat_raw("gpt-4o-mini"), secret).status == 200  # the slots came back
+    assert len(upstream.requests) == 3
+
+
+# ---- expiry ----------------------------------------------------------------------
+
+def test_key_expires_at_the_boundary_like_a_revoked_key(make_clocked, upstream):
+    clock = FakeClock(time.time())
+    gateway = make_clocked(clock)
+    record, secret = llmgw.create_virtual_key(gateway.store, gateway.config, "expiring",
+                                              {"expires_in": "1h"}, now=clock())
+    assert record["expires_at"] == llmgw.iso_time(clock.now + 3600)
+    at_record, at_secret = llmgw.create_virtual_key(gateway.store, gateway.config, "expiring at",
+                                                    {"expires_at": llmgw.iso_time(clock.now + 7200)})
+    raw = chat_raw("gpt-4o-mini")
+    clock.now += 3599
+    assert send(gateway, raw, secret).status == 200
+    assert key_info(gateway, secret).status == 200
+    clock.now += 1
+    for reply in (send(gateway, raw, secret), key_info(gateway, secret)):
+        assert (reply.status, reply.json()) == (401, REVOKED)
+    reply = send(gateway, raw, secret, "/v1/messages", ANTHROPIC_HEADERS)
+    assert (reply.status, reply.json()) == (401, REVOKED_ANTHROPIC)
+    assert send(gateway, raw, at_secret).status == 200
+    clock.now = llmgw.parse_time_bound(at_record["expires_at"])
+    assert (send(gateway, raw, at_secret).status, send(gateway, raw, at_secret).json()) == (401, REVOKED)
+    assert len(upstream.requests) == 2
+
+
+def test_key_created_already_expired_is_refused_like_a_revoked_one(gateway, upstream):
+    expired_id, expired = new_key(gateway, expires_at="2020-01-01T00:00:00Z")
+    revoked_id, revoked = new_key(gateway)
+    assert gateway.store.revoke_key(revoked_id)
+    raw = chat_raw("gpt-4o-mini")
+    for secret in (expired, revoked):
+        reply = send(gateway, raw, secret)
+        assert (reply.status, reply.json()) == (401, REVOKED)
+        reply = send(gateway, raw, secret, "/v1/messages", ANTHROPIC_HEADERS)
+        assert (reply.status, reply.json()) == (401, REVOKED_ANTHROPIC)
+    assert upstream.requests == []
+
+
+# ---- model allowlist ---------------------------------------------------------------
+
+ALLOWLIST_ROUTES = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "gpt-4o-mini", "gpt-3.5-turbo"),
+    ("/v1/completions", {"prompt": "hi"}, "gpt-4o-mini", "gpt-3.5-turbo"),
+    ("/v1/embeddings", {"input": "hi"}, "gpt-4o-mini", "text-embedding-3-small"),
+    ("/v1/responses", {"input": "hi"}, "gpt-4o", "o3"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16},
+     "claude-3-5-haiku-20241022", "claude-3-opus-20240229"),
+    ("/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "hi"}]},
+     "claude-3-5-haiku-20241022", "claude-3-opus-20240229"),
+]
+
+
+@pytest.mark.parametrize("path, fields, allowed, refused", ALLOWLIST_ROUTES,
+                         ids=[route[0] for route in ALLOWLIST_ROUTES])
+def test_model_allowlist_on_every_route(gateway, upstream, path, fields, allowed, refused):
+    key_id, secret = new_key(gateway, models=["gpt-4o*", "claude-3-5-haiku-*"])
+    anthropic = path.startswith("/v1/messages")
+    headers = dict(ANTHROPIC_HEADERS, **{"x-api-key": secret}) if anthropic else None
+    key = None if anthropic else secret
+    for stream in (False, True):
+        body = dict(fields, model=refused)
+        if stream and path != "/v1/embeddings" and path != "/v1/messages/count_tokens":
+            body["stream"] = True
+        reply = post(gateway, path, body, key=key, headers=headers)
+        message = "This key may not use model %s" % refused
+        if anthropic:
+            assert (reply.status, reply.json()) == (403, {"type": "error", "error": {
+                "type": "permission_error", "message": message}})
+        else:
+            assert (reply.status, reply.json()) == (403, {"error": {
+                "message": message, "type": "permission_error", "param": None, "code": "model_not_allowed"}})
+    assert upstream.requests == [] and gateway.rows() == []
+    reply = post(gateway, path, dict(fields, model=allowed), key=key, headers=headers)
+    assert reply.status == 200, reply.body
+    assert [request["json"]["model"] for request in upstream.requests] == [allowed]
+
+
+def test_model_allowlist_matches_the_provider_prefixed_form(gateway, upstream):
+    _, openai_only = new_key(gateway, models=["openai/gpt-4o-mini"])
+    _, claude_only = new_key(gateway, models=["anthropic/claude-*"])
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    messages = dict(chat, max_tokens=16)
+    assert post(gateway, "/v1/chat/completions", dict(chat, model="gpt-4o-mini"), openai_only).status == 200
+    assert post(gateway, "/v1/chat/completions", dict(chat, model="openai/gpt-4o-mini"), openai_only).status == 200
+    assert post(gateway, "/v1/chat/completions", dict(chat, model="gpt-4o"), openai_only).status == 403
+    assert post(gateway, "/v1/messages", dict(messages, model="claude-sonnet-4-5"), claude_only,
+                headers=ANTHROPIC_HEADERS).status == 200
+    assert post(gateway, "/v1/messages", dict(messages, model="anthropic/claude-sonnet-4-5"), claude_only,
+                headers=ANTHROPIC_HEADERS).status == 200
+    # Not the other provider's route to a claude-named model, nor a lookalike prefix.
+    assert post(gateway, "/v1/chat/completions", dict(chat, model="openai/claude-sonnet-4-5"),
+                claude_only).status == 403
+    assert post(gateway, "/v1/chat/completions", dict(chat, model="gpt-4o-mini"), claude_only).status == 403
+    assert [request["json"]["model"] for request in upstream.requests] == [
+        "gpt-4o-mini", "gpt-4o-mini", "claude-sonnet-4-5", "claude-sonnet-4-5"]
+
+
+# ---- rotation ------------------------------------------------------------------------
+
+def test_cli_rotate_with_grace(make_clocked, upstream, cli_main):
+    clock = FakeClock(time.time())
+    gateway = make_clocked(clock, pricing=PRICES)
+    key_id, old = new_key(gateway, budget_nanousd=10 ** 12)
+    raw = chat_raw()
+    assert send(gateway, raw, old).status == 200
+    code, out, err = cli_main("keys", "rotate", key_id, "--grace", "1h")
+    assert (code, err) == (0, "")
+    match = re.search(r"^New key for %s \(shown once, store it now\): (llmgw-\S+)$" % key_id, out, re.M)
+    assert match, out
+    new = match.group(1)
+    assert new != old
+    assert re.search(r"^The previous key works until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\.$", out, re.M)
+    clock.now += 3500
+    assert send(gateway, raw, new).status == 200
+    assert send(gateway, raw, old).status == 200
+    assert key_info(gateway, old).json()["id"] == key_id
+    clock.now += 200
+    assert (send(gateway, raw, old).status, key_info(gateway, old).status) == (401, 401)
+    assert send(gateway, raw, new).status == 200
+    rows = gateway.rows()
+    assert len(rows) == 4 and {row["virtual_key_id"] for row in rows} == {key_id}
+    info = key_info(gateway, new).json()
+    assert info["spent"] == usd(sum(row["cost_nanousd"] for row in rows))  # the budget stayed with the id
+    code, out, err = cli_main("keys", "list", "--output", "json")
+    [listed] = json.loads(out)
+    assert (listed["id"], listed["key_hint"]) == (key_id, "llmgw-..." + new[-4:])
+    assert old not in out and new not in out
+
+
+def test_cli_rotate_refuses_unknown_and_revoked_keys(gateway, cli_main):
+    key_id, _ = new_key(gateway)
+    assert gateway.store.revoke_key(key_id)
+    for target in ("vk_000000000000", key_id):
+        code, out, err = cli_main("keys", "rotate", target, "--grace", "1h")
+        assert code == 1 and INVALID_ONE_LINE.match(err), err
+    code, out, err = cli_main("keys", "rotate", key_id, "--grace", "forever")
+    assert code == 1 and INVALID_ONE_LINE.match(err), err
+
+
+def test_admin_rotate_with_grace(make_clocked, upstream):
+    clock = FakeClock(at("2026-03-04T10:00:00Z"))
+    gateway = make_clocked(clock, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key_id, old = new_key(gateway)
+    raw = chat_raw("gpt-4o-mini")
+    reply = admin(gateway, "POST", "/admin/virtual-keys/%s/rotate" % key_id, {"grace": "1h"})
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    new = body["key"]
+    assert (body["id"], body["previous_key_valid_until"]) == (key_id, "2026-03-04T11:00:00Z")
+    assert body["key_hint"] == "llmgw-..." + new[-4:] and new != old
+    clock.now = at("2026-03-04T10:59:59Z")
+    assert (send(gateway, raw, old).status, send(gateway, raw, new).status) == (200, 200)
+    clock.now = at("2026-03-04T11:00:00Z")
+    assert (send(gateway, raw, old).json(), send(gateway, raw, new).status) == (REVOKED, 200)
+    # No grace: the old secret stops at once.
+    reply = admin(gateway, "POST", "/admin/virtual-keys/%s/rotate" % key_id, {})
+    newest = reply.json()["key"]
+    assert reply.json()["previous_key_valid_until"] == "2026-03-04T11:00:00Z"
+    assert (send(gateway, raw, new).status, send(gateway, raw, newest).status) == (401, 200)
+    assert {row["virtual_key_id"] for row in gateway.rows()} == {key_id} and len(gateway.rows()) == 4
+    assert admin(gateway, "POST", "/admin/virtual-keys/vk_000000000000/rotate", {}).status == 404
+    reply = admin(gateway, "POST", "/admin/virtual-keys/%s/rotate" % key_id, {"grace": "forever"})
+    assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
+    assert send(gateway, raw, newest).status == 200  # a refused rotation changed nothing
+
+
+# ---- periods ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("period, now, start, end", [
+    ("daily", "2026-03-04T13:45:10Z", "2026-03-04T00:00:00Z", "2026-03-05T00:00:00Z"),
+    ("daily", "2026-03-04T00:00:00Z", "2026-03-04T00:00:00Z", "2026-03-05T00:00:00Z"),
+    ("daily", "2026-12-31T23:59:59Z", "2026-12-31T00:00:00Z", "2027-01-01T00:00:00Z"),
+    ("weekly", "2026-03-04T13:45:10Z", "2026-03-02T00:00:00Z", "2026-03-09T00:00:00Z"),  # Wednesday
+    ("weekly", "2026-03-08T23:59:59Z", "2026-03-02T00:00:00Z", "2026-03-09T00:00:00Z"),  # Sunday
+    ("weekly", "2026-03-09T00:00:00Z", "2026-03-09T00:00:00Z", "2026-03-16T00:00:00Z"),  # Monday
+    ("weekly", "2026-03-01T12:00:00Z", "2026-02-23T00:00:00Z", "2026-03-02T00:00:00Z"),  # across a month
+    ("monthly", "2026-02-15T10:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+    ("monthly", "2026-01-31T23:59:59Z", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+    ("monthly", "2026-12-31T23:59:59Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+    ("monthly", "2028-02-29T12:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),
+    ("monthly", "2026-03-01T00:00:00Z", "2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+])
+def test_budget_period_bounds(period, now, start, end):
+    assert llmgw.budget_period_bounds(at(now), period) == (at(start), at(end))
+
+
+def test_budget_period_never_is_one_period():
+    assert llmgw.budget_period_bounds(at("2026-03-04T13:45:10Z"), "never") == (0.0, None)
+    assert llmgw.budget_period_bounds(at("2099-03-04T13:45:10Z"), "never") == (0.0, None)
+
+
+@pytest.mark.parametrize("period, first, last_moment, next_start", [
+    ("daily", "2026-03-04T10:00:00Z", "2026-03-04T23:59:59Z", "2026-03-05T00:00:00Z"),
+    ("weekly", "2026-03-04T10:00:00Z", "2026-03-08T23:59:59Z", "2026-03-09T00:00:00Z"),
+    ("monthly", "2026-02-15T10:00:00Z", "2026-02-28T23:59:59Z", "2026-03-01T00:00:00Z"),
+])
+def test_budget_resets_at_the_period_boundary(make_clocked, upstream, period, first, last_moment, next_start):
+    clock = FakeClock(at(first))
+    gateway = make_clocked(clock, pricing=PRICES)
+    raw = chat_raw()
+    reservation = worst(raw, 100)
+    key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period=period)
+    assert send(gateway, raw, secret).status == 200
+    first_cost = real_cost(upstream.reported[0])
+    clock.now = at(last_moment)
+    assert_budget_refusal(send(gateway, raw, secret), resets="the budget resets at %s" % next_start)
+    reply = send(gateway, raw, secret, "/v1/messages", ANTHROPIC_HEADERS)
+    assert_budget_refusal(reply, "anthropic", resets="the budget resets at %s" % next_start)
+    info = key_info(gateway, secret).json()
+    assert (info["spent"], info["remaining"], info["period_end"]) == (
+        usd(first_cost), usd(reservation - first_cost), next_start)
+    clock.now = at(next_start)
+    assert send(gateway, raw, secret).status == 200
+    second_cost = real_cost(upstream.reported[1])
+    assert spend_rows(gateway.db_path, key_id) == [
+        (llmgw.budget_period_bounds(at(first), period)[0], first_cost, 0, 0), (at(next_start), second_cost, 0, 0)]
+    info = key_info(gateway, secret).json()
+    assert (info["period_start"], info["spent"], info["remaining"]) == (
+        next_start, usd(second_cost), usd(reservation - second_cost))
+    assert len(upstream.requests) == 2
+
+
+def test_never_period_is_a_prepaid_balance_topped_up_by_the_admin_api(make_clocked, upstream):
+    clock = FakeClock(at("2026-03-04T10:00:00Z"))
+    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    raw = chat_raw()
+    reservation = worst(raw, 100)
+    key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period="never")
+    assert send(gateway, raw, secret).status == 200
+    first_cost = real_cost(upstream.reported[0])
+    clock.now = at("2027-06-01T00:00:00Z")  # no period ever ends
+    assert_budget_refusal(send(gateway, raw, secret), resets="the budget never resets (top it up)")
+    info = key_info(gateway, secret).json()
+    assert (info["period_start"], info["period_end"], info["budget"]) == ("1970-01-01T00:00:00Z", None,
+                                                                         usd(reservation))
+    reply = admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % key_id, {"amount": usd(reservation)})
+    assert reply.status == 200, reply.body
+    assert reply.json()["max_budget"] == usd(reservation)  # the key's budget; the top-up is on top
+    assert send(gateway, raw, secret).status == 200
+    second_cost = real_cost(upstream.reported[1])
+    assert spend_rows(gateway.db_path, key_id) == [(0.0, first_cost + second_cost, 0, reservation)]
+    info = key_info(gateway, secret).json()
+    assert (info["budget"], info["spent"], info["remaining"]) == (
+        usd(2 * reservation), usd(first_cost + second_cost), usd(2 * reservation - first_cost - second_cost))
+
+
+def test_admin_topup_raises_only_the_current_period(make_clocked, upstream):
+    clock = FakeClock(at("2026-03-04T10:00:00Z"))
+    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    raw = chat_raw()
+    reservation = worst(raw, 100)
+    key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period="daily")
+    assert send(gateway, raw, secret).status == 200
+    assert_budget_refusal(send(gateway, raw, secret))
+    assert admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % key_id, {"amount": usd(reservation)}).status == 200
+    assert send(gateway, raw, secret).status == 200
+    assert key_info(gateway, secret).json()["budget"] == usd(2 * reservation)
+    clock.now = at("2026-03-05T00:00:00Z")
+    info = key_info(gateway, secret).json()
+    assert (info["budget"], info["spent"], info["remaining"]) == (usd(reservation), 0.0, usd(reservation))
+    stats = admin(gateway, "GET", "/admin/usage-stats").json()
+    assert [(row["max_budget"], row["budget_spent"]) for row in stats] == [(usd(reservation), 0.0)]
+
+
+@pytest.mark.parametrize("body", [{}, {"amount": 0}, {"amount": -1}, {"amount": "5"}, {"amount": True},
+                                  {"amount": None}])
+def test_admin_topup_refuses_bad_amounts(make_gateway, body):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key_id, _ = new_key(gateway, max_budget=1)
+    reply = admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % key_id, body)
+    assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
+    assert spend_rows(gateway.db_path, key_id) == [] or spend_rows(gateway.db_path, key_id)[0][3] == 0
+
+
+def test_admin_topup_needs_a_budgeted_key(make_gateway):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key_id, _ = new_key(gateway)
+    for target in (key_id, "vk_000000000000"):
+        reply = admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % target, {"amount": 5})
+        assert reply.status == 400, reply.body
+
+
+def test_cli_topup(make_gateway, upstream, cli_main):
+    gateway = make_gateway(pricing=PRICES)
+    raw = chat_raw()
+    reservation = worst(raw, 100)
+    key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period="daily")
+    assert send(gateway, raw, secret).status == 200
+    assert_budget_refusal(send(gateway, raw, secret))
+    code, out, err = cli_main("keys", "topup", key_id, usd(reservation))
+    assert (code, err) == (0, "") and key_id in out
+    assert send(gateway, raw, secret).status == 200
+    [(start, spent, reserved, topup)] = spend_rows(gateway.db_path, key_id)
+    assert (start, reserved, topup) == (llmgw.budget_period_bounds(time.time(), "daily")[0], 0, reservation)
+    unbudgeted_id, _ = new_key(gateway)
+    for args in ((unbudgeted_id, "1"), ("vk_000000000000", "1"), (key_id, "0"), (key_id, "-1"), (key_id, "nan")):
+        code, out, err = cli_main("keys", "topup", *args)
+        assert code == 1 and INVALID_ONE_LINE.match(err), (args, err)
+    assert spend_rows(gateway.db_path, key_id)[0][3] == reservation
+
+
+def test_budget_added_later_counts_what_was_spent_meanwhile(make_gateway, upstream):
+    """A budget removed and set again in the same period starts from all the
+    period's spend, including what was spent while the key had none."""
+    gateway = make_gateway(pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    raw = chat_raw()
+    key_id, secret = new_key(gateway, budget_nanousd=100 * worst(raw, 100))
+    assert send(gateway, raw, secret).status == 200
+    assert admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id, {"max_budget": None}).status == 200
+    assert send(gateway, chat_raw(text="second"), secret).status == 200
+    assert admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id,
+                 {"max_budget": usd(100 * worst(raw, 100))}).status == 200
+    spent = sum(real_cost(entry) for entry in upstream.reported)
+    assert key_info(gateway, secret).json()["spent"] == usd(spent)
+
+
+def test_changing_the_period_keeps_spend_exact(make_clocked, upstream):
+    """Spend is what was charged: a settled row's reservation is not spend."""
+    clock = FakeClock(at("2026-03-04T10:00:00Z"))
+    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    raw = chat_raw()
+    key_id, secret = new_key(gateway, budget_nanousd=100 * worst(raw, 100), budget_period="daily")
+    assert send(gateway, raw, secret).status == 200
+    cost = real_cost(upstream.reported[0])
+    assert key_info(gateway, secret).json()["spent"] == usd(cost)
+    assert admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id, {"budget_period": "monthly"}).status == 200
+    assert key_info(gateway, secret).json()["spent"] == usd(cost)
+
+
+# ---- self-service key info -------------------------------------------------------------
+
+def test_key_info_reports_own_limits_and_spend_only(make_gateway, upstream):
+    gateway = make_gateway(pricing=PRICES, rate_limits={"default": 100, "premium": 1000})
+    raw = chat_raw()
+    budget = 10 * worst(raw, 100)
+    key_id, secret = new_key(gateway, "alpha", budget_nanousd=budget, budget_period="daily", rpm=7, tpm=5000,
+                             max_parallel=3, expires_in="30d", models=["acme-*", "gpt-4o*"],
+                             metadata={"team": "search"})
+    other_id, other = new_key(gateway, "beta", tier="premium")
+    assert send(gateway, raw, secret).status == 200
+    assert send(gateway, raw, other).status == 200
+    cost = real_cost(upstream.reported[0])
+    start, end = llmgw.budget_period_bounds(time.time(), "daily")
+    record = gateway.store.get_key(key_id)
+    expected = {"id": key_id, "project_name": "alpha", "tier": "default", "rpm": 7, "tpm": 5000, "max_parallel": 3,
+                "max_budget": usd(budget), "budget_period": "daily", "expires_at": record["expires_at"],
+                "models": ["acme-*", "gpt-4o*"], "metadata": {"team": "search"}, "is_active": True,
+                "created_at": record["created_at"], "revoked_at": None, "period_start": llmgw.iso_time(start),
+                "period_end": llmgw.iso_time(end), "spent": usd(cost), "reserved": 0.0, "budget": usd(budget),
+                "remaining": usd(budget - cost)}
+    assert abs(llmgw.parse_time_bound(record["expires_at"]) - (time.time() + 30 * 86400)) < 5
+    for headers in (None, {"x-api-key": secret}):
+        reply = key_info(gateway, None if headers else secret, headers=headers)
+        assert (reply.status, reply.json()) == (200, expected)
+    # A query string cannot select another key.
+    assert key_info(gateway, secret, headers=None).json()["id"] == key_id
+    assert call(gateway, "GET", "/v1/key/info?id=%s&key_id=%s" % (other_id, other_id), key=secret).json() == expected
+    other_info = key_info(gateway, other).json()
+    assert (other_info["id"], other_info["rpm"], other_info["budget"], other_info["period_start"],
+            other_info["remaining"]) == (other_id, 1000, None, None, None)
+    text = (key_info(gateway, secret).body + key_info(gateway, other).body).decode()
+    for secret_text in (secret, other, hashlib.sha256(secret.encode()).hexdigest(),
+                        hashlib.sha256(other.encode()).hexdigest(), OPENAI_KEY, ANTHROPIC_KEY):
+        assert secret_text not in text
+    assert other_id not in key_info(gateway, secret).body.decode()
+    assert "key_hash" not in text and "key_hint" not in text
+    assert len(upstream.requests) == 2  # key info is never forwarded
+
+
+def test_key_info_needs_a_valid_key(make_gateway, upstream):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key_id, secret = new_key(gateway)
+    assert key_info(gateway, None).status == 401
+    assert key_info(gateway, ADMIN_TOKEN).status == 401
+    assert key_info(gateway, secret + "x").status == 401
+    assert call(gateway, "POST", "/v1/key/info", {}, key=secret).status == 405
+    assert gateway.store.revoke_key(key_id)
+    assert (key_info(gateway, secret).status, key_info(gateway, secret).json()) == (401, REVOKED)
+    assert upstream.requests == [] and gateway.rows() == []
+
+
+# ---- stats -------------------------------------------------------------------------------
+
+def test_stats_by_label_and_budget_use_per_key(make_gateway, upstream, cli_main):
+    gateway = make_gateway(pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    raw = chat_raw()
+    budget = 20 * worst(raw, 100)
+    search_id, search = new_key(gateway, "search", budget_nanousd=budget, metadata={"team": "search"})
+    ads_id, ads = new_key(gateway, "ads", metadata={"team": "ads", "owner": "ana"})
+    plain_id, plain = new_key(gateway, "plain")
+    calls = [(search, "one"), (search, "two"), (ads, "three"), (plain, "four")]
+    for secret, text in calls:
+        assert send(gateway, chat_raw(text=text), secret).status == 200
+    costs = [real_cost(entry) for entry in upstream.reported]
+    tokens = [reported_tokens(entry) for entry in upstream.reported]
+
+    def totals(indexes):
+        return (len(indexes), sum(tokens[i][0] for i in indexes), sum(tokens[i][1] for i in indexes),
+                usd(sum(costs[i] for i in indexes)))
+    code, out, err = cli_main("stats", "--by", "label:team", "--output", "json")
+    assert (code, err) == (0, "")
+    by_label = json.loads(out)
+    assert [(row["label"], row["requests"], row["request_tokens"], row["response_tokens"], row["estimated_cost"])
+            for row in by_label] == [(None,) + totals([3]), ("ads",) + totals([2]), ("search",) + totals([0, 1])]
+    reply = admin(gateway, "GET", "/admin/usage-stats?by=label:team")
+    assert (reply.status, reply.json()) == (200, by_label)
+    code, out, err = cli_main("stats", "--output", "json")
+    by_key = {row["virtual_key_id"]: row for row in json.loads(out)}
+    spent = costs[0] + costs[1]
+    assert {key: (row["max_budget"], row["budget_spent"], row["budget_used_pct"]) for key, row in by_key.items()} == {
+        search_id: (usd(budget), usd(spent), round(100.0 * spent / budget, 2)),
+        ads_id: (None, None, None), plain_id: (None, None, None)}
+    reply = admin(gateway, "GET", "/admin/usage-stats")
+    assert {row["virtual_key_id"]: row for row in reply.json()} == by_key
+    code, out, err = cli_main("stats")
+    assert "BUDGET USED %" in out and str(round(100.0 * spent / budget, 2)) in out
+    code, out, err = cli_main("stats", "--by", "label:team")
+    assert code == 0 and "LABEL:TEAM" in out and "search" in out
+    code, out, err = cli_main("stats", "--by", "label:bad name")
+    assert code == 1 and INVALID_ONE_LINE.match(err), err
+    reply = admin(gateway, "GET", "/admin/usage-stats?by=label:x%27%29--")
+    assert reply.status == 400
+
+
+# ---- key policy from the CLI and the admin API ------------------------------------------
+
+def test_cli_create_and_update_with_every_policy_flag(make_gateway, upstream, tmp_path):
+    gateway = make_gateway(pricing=PRICES)
+    config = write_cli_config(tmp_path, upstream, pricing=PRICES)
+    env = {"CONFIG_PATH": str(config), "DB_PATH": gateway.db_path}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "cli.py"), "keys", "create", "Alpha team", "--tier", "premium",
+         "--rpm", "5", "--tpm", "1000", "--max-parallel", "3", "--budget", "2.5", "--budget-period", "weekly",
+         "--expires-in", "30d", "--models", "gpt-4o*, claude-*", "--label", "team=search", "--label", "owner=ana",
+         "--output", "json"], cwd=str(tmp_path), env=dict(os.environ, **env), capture_output=True, text=True,
+        timeout=30)
+    assert (result.returncode, result.stderr) == (0, "")
+    created = json.loads(result.stdout)
+    secret = created.pop("key")
+    assert secret.startswith("llmgw-")
+    expires = llmgw.parse_time_bound(created.pop("expires_at"))
+    assert abs(expires - (time.time() + 30 * 86400)) < 10
+    assert {name: created[name] for name in ("project_name", "tier", "rpm", "tpm", "max_parallel", "max_budget",
+                                             "budget_period", "models", "metadata", "is_active")} == {
+        "project_name": "Alpha team", "tier": "premium", "rpm": 5, "tpm": 1000, "max_parallel": 3,
+        "max_budget": 2.5, "budget_period": "weekly", "models": ["gpt-4o*", "claude-*"],
+        "metadata": {"team": "search", "owner": "ana"}, "is_active": True}
+    key_id = created["id"]
+    assert column(gateway.db_path, key_id, "max_budget_nanousd") == 2500000000
+    # The running gateway enforces what the CLI stored.
+    assert send(gateway, chat_raw("o3"), secret).status == 403
+    assert send(gateway, chat_raw("gpt-4o-mini"), secret).status == 200
+    info = key_info(gateway, secret).json()
+    assert (info["rpm"], info["tpm"], info["max_parallel"], info["budget"]) == (5, 1000, 3, 2.5)
+
+
+def test_cli_update_sets_and_clears(make_gateway, upstream, cli_main):
+    gateway = make_gateway(pricing=PRICES)
+    key_id, secret = new_key(gateway, rpm=5, tpm=1000, max_parallel=3, max_budget=2.5, expires_in="1h",
+                             models=["gpt-4o*"], metadata={"team": "search"})
+    code, out, err = cli_main("keys", "update", key_id, "--rpm", "none", "--tpm", "none", "--max-parallel", "none",
+                              "--budget", "none", "--expires-in", "none", "--models", "none")
+    assert (code, err) == (0, "")
+    updated = json.loads(out)
+    assert (updated["id"], updated["rpm"], updated["tpm"], updated["max_parallel"], updated["max_budget"],
+            updated["expires_at"], updated["models"], updated["metadata"]) == (
+        key_id, None, None, None, None, None, None, {"team": "search"})
+    code, out, err = cli_main("keys", "update", key_id, "--budget", "7.25", "--budget-period", "never",
+                              "--tier", "premium", "--expires-at", "2030-01-02T03:04:05Z", "--label", "team=ads",
+                              "--models", "acme-*")
+    assert (code, err) == (0, "")
+    updated = json.loads(out)
+    assert (updated["max_budget"], updated["budget_period"], updated["tier"], updated["expires_at"],
+            updated["metadata"], updated["models"]) == (7.25, "never", "premium", "2030-01-02T03:04:05Z",
+                                                        {"team": "ads"}, ["acme-*"])
+    assert send(gateway, chat_raw("gpt-4o-mini"), secret).status == 403  # running gateways follow
+    assert send(gateway, chat_raw("acme-1"), secret).status == 200
+    assert key_info(gateway, secret).json()["budget"] == 7.25
+
+
+def test_cli_update_label_none_clears_labels(make_gateway, cli_main):
+    gateway = make_gateway()
+    key_id, _ = new_key(gateway, metadata={"team": "search"})
+    code, out, err = cli_main("keys", "update", key_id, "--label", "none")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["metadata"] == {}
+
+
+CLI_INVALID = [
+    ["--rpm", "abc"], ["--rpm", "0"], ["--tpm", "-5"], ["--tpm", "1.5"], ["--max-parallel", "0"],
+    ["--budget", "-1"], ["--budget", "nan"], ["--budget", "inf"], ["--budget", "ten"],
+    ["--budget-period", "yearly"], ["--expires-in", "3x"], ["--expires-in=-1d"],
+    ["--expires-at", "not-a-date"], ["--expires-in", "1h", "--expires-at", "2030-01-01"],
+    ["--label", "bad"], ["--label", "bad name=x"], ["--models", ","], ["--tier", "gold"],
+]
+
+
+def test_cli_invalid_policy_is_a_one_line_error(make_gateway, cli_main):
+    gateway = make_gateway()
+    key_id, _ = new_key(gateway, rpm=5)
+    for flags in CLI_INVALID:
+        code, out, err = cli_main("keys", "create", "p", *flags)
+        assert (code, out) == (1, "") and INVALID_ONE_LINE.match(err), (flags, err)
+        code, out, err = cli_main("keys", "update", key_id, *flags)
+        assert (code, out) == (1, "") and INVALID_ONE_LINE.match(err), (flags, err)
+    assert [key["id"] for key in gateway.store.list_keys()] == [key_id]
+    assert gateway.store.get_key(key_id)["rpm"] == 5
+
+
+@pytest.mark.parametrize("flags", [["--budget", "1e12"], ["--rpm", str(2 ** 63)], ["--expires-in", "100000000d"],
+                                   ["--expires-in", "9" * 400 + "d"]], ids=["budget", "rpm", "expiry", "huge expiry"])
+def test_cli_out_of_range_policy_is_a_one_line_error(make_gateway, cli_main, flags):
+    gateway = make_gateway()
+    code, out, err = cli_main("keys", "create", "p", *flags)
+    assert code == 1 and INVALID_ONE_LINE.match(err), err
+    code, out, err = cli_main("keys", "list", "--output", "json")
+    assert (code, json.loads(out)) == (0, [])
+
+
+def test_admin_create_and_patch_every_policy_field(make_gateway, upstream):
+    gateway = make_gateway(pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    reply = admin(gateway, "POST", "/admin/virtual-keys", {
+        "project_name": "alpha", "tier": "premium", "rpm": 5, "tpm": 1000, "max_parallel": 3, "max_budget": 2.5,
+        "budget_period": "weekly", "expires_at": "2030-01-02T03:04:05Z", "models": ["gpt-4o*", "claude-*"],
+        "metadata": {"team": "search", "owner": "ana"}})
+    assert reply.status == 201, reply.body
+    created = reply.json()
+    secret, key_id = created.pop("key"), created["id"]
+    assert {name: created[name] for name in ("project_name", "tier", "rpm", "tpm", "max_parallel", "max_budget",
+                                             "budget_period", "expires_at", "models", "metadata")} == {
+        "project_name": "alpha", "tier": "premium", "rpm": 5, "tpm": 1000, "max_parallel": 3, "max_budget": 2.5,
+        "budget_period": "weekly", "expires_at": "2030-01-02T03:04:05Z", "models": ["gpt-4o*", "claude-*"],
+        "metadata": {"team": "search", "owner": "ana"}}
+    assert admin(gateway, "GET", "/admin/virtual-keys/%s" % key_id).json() == created
+    reply = admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id, {
+        "rpm": None, "tpm": None, "max_parallel": None, "max_budget": None, "expires_at": None, "models": None,
+        "metadata": None, "budget_period": "daily"})
+    assert reply.status == 200, reply.body
+    cleared = reply.json()
+    assert (cleared["rpm"], cleared["tpm"], cleared["max_parallel"], cleared["max_budget"], cleared["expires_at"],
+            cleared["models"], cleared["metadata"], cleared["budget_period"], cleared["tier"]) == (
+        None, None, None, None, None, None, {}, "daily", "premium")
+    reply = admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id, {"expires_in": "2h", "models": "acme-*"})
+    assert reply.status == 200
+    assert abs(llmgw.parse_time_bound(reply.json()["expires_at"]) - (time.time() + 7200)) < 5
+    assert reply.json()["models"] == ["acme-*"]
+    assert send(gateway, chat_raw("gpt-4o-mini"), secret).status == 403
+    assert send(gateway, chat_raw("acme-1"), secret).status == 200
+    assert admin(gateway, "PATCH", "/admin/virtual-keys/vk_000000000000", {"rpm": 5}).status == 404
+    reply = admin(gateway, "PATCH", "/admin/virtual-keys/%s" % key_id, {})
+    assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
+
+
+ADMIN_INVALID = [
+    {"rpm": 0}, {"rpm": -1}, {"rpm": "5"}, {"rpm": True}, {"rpm": 1.5}, {"tpm": 0}, {"max_parallel": -2},
+    {"max_budget": -1}, {"max_budget": "1"}, {"max_budget": True}, {"budget_period": "yearly"},
+    {"budget_period": None}, {"expires_in": "forever"}, {"expires_in": 3600}, {"expires_at": 5},
+    {"expires_at": "garbage"}, {"expires_in": "1h", "expires_at": "2030-01-01"}, {"models": []}, {"models": ""},
+    {"models": [1]}, {"models": [""]}, {"models": {"gpt-4o": True}}, {"metadata": {"bad name!": "x"}},
+    {"metadata": {"team": 5}}, {"metadata": "team=x"}, {"metadata": {"team": "x" * 201}}, {"tier": "gold"},
+    {"colour": "blue"},
+]
+
+
+def test_admin_invalid_policy_is_400(make_gateway):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key_id, _ = new_key(gateway, rpm=5)
+    before = gateway.store.get_key(key_id)
+    for fields in ADMIN_INVALID:
+        for method, path, body in (("POST", "/admin/virtual-keys", dict(fields, project_name="p")),
+                                   ("PATCH", "/admin/virtual-keys/%s" % key_id, fields)):
+            reply = admin(gateway, method, path, body)
+            assert reply.status == 400, (fields, method, reply.body)
+            error = reply.json()["error"]
+            assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_request",
+                                                                      None)
+    assert [key["id"] for key in gateway.store.list_keys()] == [key_id]
+    assert gateway.store.get_key(key_id) == before
+
+
+@pytest.mark.parametrize("fields", [{"max_budget": 1e12}, {"rpm": 2 ** 63}, {"tpm": 10 ** 30},
+                                    {"expires_in": "100000000d"}, {"expires_in": "9" * 400 + "d"},
+                                    {"expires_at": "0001-01-01T00:00:00Z"}],
+                         ids=["budget", "rpm", "tpm", "expiry", "huge expiry", "year 1"])
+def test_admin_out_of_range_policy_is_400_and_leaves_keys_listable(make_gateway, fields):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    reply = admin(gateway, "POST", "/admin/virtual-keys", dict(fields, project_name="p"))
+    listing = admin(gateway, "GET", "/admin/virtual-keys")
+    assert listing.status == 200, listing.body
+    if reply.status == 201:  # accepted: then it must round-trip as a valid time
+        assert llmgw.parse_time_bound(reply.json()["expires_at"])
+    else:
+        assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
+        assert listing.json() == {"data": []}
