@@ -1839,7 +1839,12 @@ class Provider:
                 conn, reused = self.pool.acquire()
                 conn.request(method, target, body=body if method != "GET" else None, headers=headers)
                 conn.sock.settimeout(self.pool.read_timeout)
-                return conn, conn.getresponse()
+                response = conn.getresponse()
+                if len(response.msg.get_all("content-length") or ()) > 1:
+                    conn.close()
+                    raise UpstreamError("provider %s sent several Content-Length headers" % self.name,
+                                        code="upstream_bad_response")
+                return conn, response
             except (OSError, http.client.HTTPException) as exc:  # timeouts and TLS errors included
                 if conn is not None:
                     conn.close()
@@ -2604,6 +2609,10 @@ class Gateway:
             raise AuthenticationError("Invalid, revoked or expired virtual key")
         return key
 
+    def known_secrets(self):
+        """The provider keys in use, for redacting log lines."""
+        return [entry[0] for entry in self._provider_keys.values() if isinstance(entry, tuple) and entry[0]]
+
     def provider_key(self, provider):
         entry = self._provider_keys.get(provider.name)
         if isinstance(entry, ConfigError):
@@ -2621,7 +2630,7 @@ class Gateway:
         if price is None and model not in self._unpriced_models:
             self._unpriced_models.add(model)
             logger.warning("model %s has no price; its usage is recorded at cost 0 (add it under "
-                           "pricing: in config.yaml)", printable(model))
+                           "pricing: in config.yaml)", redact(model, self.known_secrets()))
         return price
 
     # -- the request path --------------------------------------------------
@@ -2651,8 +2660,7 @@ class Gateway:
     def _proxy(self, request):
         route = ROUTES.get(request.path)
         if route is None:
-            raise NotFoundError("Unknown path %s: the gateway serves only the proxied API endpoints"
-                                % printable(request.path)[:200])
+            raise NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
         if request.method != route.method:
             raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
         dialect = dialect_for(route, request)
@@ -2777,11 +2785,24 @@ class Gateway:
     def _complete(self, call, conn, response, headers):
         """Read a whole (non-streamed) answer, record it, then reply."""
         provider = call.provider
+        deadline = call.started + self.config.server.request_deadline
         try:
-            body = response.read(MAX_UPSTREAM_BODY_BYTES + 1)
-            if len(body) > MAX_UPSTREAM_BODY_BYTES:
-                raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
-            body += response.read()
+            parts, size = [], 0
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout()
+                conn.sock.settimeout(min(remaining, provider.pool.read_timeout))
+                data = response.read1(65536)
+                if not data:
+                    break
+                parts.append(data)
+                size += len(data)
+                if size > MAX_UPSTREAM_BODY_BYTES:
+                    raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
+            if response.length:  # closed before its Content-Length (read1 does not raise)
+                raise http.client.IncompleteRead(b"".join(parts), response.length)
+            body = b"".join(parts) + response.read()  # b"", and marks the response done
         except socket.timeout:
             conn.close()
             call.settle("timeout", response.status, Usage())
@@ -3013,6 +3034,20 @@ def _upstream_body(route, raw, body, upstream_model, streamed):
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+_KEY_SHAPED = re.compile(r"llmgw-[A-Za-z0-9_\-]{16,}")
+
+
+def redact(text, secrets=()):
+    """``printable(text)`` with virtual keys, admin tokens and the given
+    secrets (the provider keys) blanked out: for log lines that quote
+    client input (paths, model names)."""
+    text = _KEY_SHAPED.sub("llmgw-[redacted]", printable(text))
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
 def printable(text):
     """``text`` with control characters escaped, safe for one log line."""
     return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
@@ -3092,19 +3127,18 @@ def parse_request_head(data, max_fields):
         if not _CONTENT_LENGTH.match(length):
             raise BadRequestError("Malformed Content-Length")
         length = int(length)
-    return RequestHead(method.upper(), target, (int(major), int(minor)), headers, length)
+    return RequestHead(method, target, (int(major), int(minor)), headers, length)
 
 
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
     assembled, and the deadline the watcher enforces."""
-    __slots__ = ("sock", "address", "buffer", "head", "error", "deadline", "idle")
+    __slots__ = ("sock", "address", "buffer", "head", "deadline", "idle")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
         self.buffer = b""
         self.head = None        # RequestHead once the head is complete
-        self.error = None       # GatewayError to answer instead of a request
         self.deadline = 0.0
         self.idle = True        # between requests: no byte of the next one yet
 
@@ -3172,7 +3206,7 @@ class ConnectionWatcher:
 
     def _adopt(self, connection):
         connection.sock.setblocking(False)
-        connection.head = connection.error = None
+        connection.head = None
         connection.idle = not connection.buffer
         timeout = self.limits.keepalive_timeout if connection.idle else self.limits.header_timeout
         connection.deadline = time.monotonic() + timeout
@@ -3228,12 +3262,22 @@ class ConnectionWatcher:
             connection.deadline = time.monotonic() + limits.body_timeout
         head = connection.head
         wanted = head.content_length or 0
-        if head.expects_continue or wanted > INLINE_BODY_BYTES or len(connection.buffer) >= wanted:
+        if (head.expects_continue or wanted > min(INLINE_BODY_BYTES, limits.max_body_bytes)
+                or len(connection.buffer) >= wanted):
             self._dispatch(connection)
 
     def _reject(self, connection, error):
-        connection.error = error
-        self._dispatch(connection)
+        """Answer a request that never became one from this thread: the
+        answer is small and the socket non-blocking, so slow or broken
+        clients cost no worker thread."""
+        self._selector.unregister(connection.sock)
+        self._connections.discard(connection)
+        try:
+            connection.sock.send(closing_error_response(error))
+        except OSError:
+            pass
+        access_logger.info("- - %d outcome=refused", error.status)
+        self.server.release(connection)
 
     def _dispatch(self, connection):
         self._selector.unregister(connection.sock)
@@ -3348,30 +3392,24 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.gateway.config.server.send_timeout)
         head = self.connection_state.head
         # While draining, every answer closes its connection.
-        self.close_connection = head is None or not head.keep_alive or self.server.draining
-        self.request_version = "HTTP/%d.%d" % head.version if head is not None else "HTTP/1.1"
-        self.command = head.method if head is not None else "-"
+        self.close_connection = not head.keep_alive or self.server.draining
+        self.request_version = "HTTP/%d.%d" % head.version
+        self.command = head.method
 
     def handle(self):
-        state = self.connection_state
+        head = self.connection_state.head
         started = time.monotonic()
-        request = None
-        if state.error is not None:
+        path, _, query = head.target.partition("?")
+        send_continue = self._send_continue if head.expects_continue else None
+        request = Request(head.method, path, head.headers, head.content_length, self._read_body,
+                          send_continue, query)
+        try:
+            reply = self.server.gateway.handle(request)
+        except ClientDisconnected:
             self.close_connection = True
-            reply = error_reply(state.error, OPENAI)
-        else:
-            head = state.head
-            path, _, query = head.target.partition("?")
-            send_continue = self._send_continue if head.expects_continue else None
-            request = Request(head.method, path, head.headers, head.content_length, self._read_body,
-                              send_continue, query)
-            try:
-                reply = self.server.gateway.handle(request)
-            except ClientDisconnected:
-                self.close_connection = True
-                return
-            if not request.body_consumed:
-                self.close_connection = True  # unread body bytes would be taken for a request
+            return
+        if not request.body_consumed:
+            self.close_connection = True  # unread body bytes would be taken for a request
         try:
             self._send(reply)
         except OSError:
@@ -3453,12 +3491,25 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         if not access_logger.isEnabledFor(logging.INFO):
             return
         log = request.log if request is not None else {}
+        secrets = self.server.gateway.known_secrets()
         access_logger.info(
             "%s %s %d key=%s project=%s provider=%s model=%s tokens=%s outcome=%s latency_ms=%.1f",
-            self.command, printable(request.path if request is not None else "-")[:200], reply.status,
+            self.command, redact(request.path if request is not None else "-", secrets)[:200], reply.status,
             log.get("key_id", "-"), printable(log.get("project", "-")), log.get("provider", "-"),
-            printable(log.get("model") or "-")[:100], log.get("tokens", "-"), log.get("outcome", "-"),
+            redact(log.get("model") or "-", secrets)[:100], log.get("tokens", "-"), log.get("outcome", "-"),
             (time.monotonic() - started) * 1000)
+
+
+def closing_error_response(error):
+    """A whole JSON error response that closes its connection, for answers
+    written before a request reached the gateway (small enough for one send
+    on a non-blocking socket)."""
+    body = json.dumps(error_body(error, OPENAI)).encode()
+    lines = ["HTTP/1.1 %d %s" % (error.status, _reason(error.status)), "server: llmgw/" + __version__,
+             "content-type: application/json"]
+    lines.extend("%s: %s" % header for header in error.headers)
+    lines.extend(("content-length: %d" % len(body), "connection: close"))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _reason(status):
@@ -3527,13 +3578,11 @@ class GatewayServer(http.server.ThreadingHTTPServer):
             self._open -= 1
 
     def _refuse(self, request):
-        body = json.dumps(error_body(ServiceUnavailableError(
-            "The gateway is at its connection limit; retry shortly"), OPENAI)).encode()
+        error = ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
+                                        headers=[("retry-after", "1")])
         try:
-            request.settimeout(1.0)
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                            b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-                            % (len(body), body))
+            request.setblocking(False)
+            request.send(closing_error_response(error))
         except OSError:
             pass
         self.shutdown_request(request)
