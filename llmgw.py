@@ -1195,16 +1195,6 @@ class Store:
             return count
         return self._write(recover)
 
-    def usage_rows(self, where="1", params=()):
-        """Usage rows as dicts (for tests, audits and exports)."""
-        conn = self._connect()
-        try:
-            cursor = conn.execute("SELECT * FROM usage WHERE %s ORDER BY id" % where, params)
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
-        finally:
-            conn.close()
-
     def usage_costs(self, since=None, until=None, project=None):
         """(row id, model, raw token counts, cost) of usage rows, for re-pricing.
         The counts are Usage's first five fields, in order."""
