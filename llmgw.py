@@ -2648,6 +2648,8 @@ class Gateway:
             return error_reply(GatewayError("The gateway hit an internal error"), dialect)
 
     def _proxy(self, request):
+        """The request path, step by step; each step raises a GatewayError
+        to refuse. Nothing reaches a provider before the usage row exists."""
         route = ROUTES.get(request.path)
         if route is None:
             raise NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
@@ -2659,34 +2661,16 @@ class Gateway:
         request.log.update(key_id=key.id, project=key.project_name)
         if route is KEY_INFO_ROUTE:
             return json_reply(200, self.key_info(key))
-        if route.method == "POST":
-            raw, body = parse_json_body(request, self.config.server.max_body_bytes)
-            model = body.get("model")
-            if not isinstance(model, str) or not model:
-                raise BadRequestError("The request body must name a model (\"model\": \"...\")")
-        else:
-            raw, body, model = None, {}, None
+        raw, body, model = read_request_body(route, request, self.config.server.max_body_bytes)
         provider, upstream_model = self._route(dialect, model)
         request.log.update(provider=provider.name, model=model)
-        if model is not None and key.models is not None and not any(
-                fnmatch.fnmatchcase(name, glob) for glob in key.models
-                for name in (model, "%s/%s" % (provider.name, upstream_model))):
-            raise PermissionDeniedError("This key may not use model %s" % printable(model)[:100],
-                                        code="model_not_allowed")
+        check_model_allowed(key, model, "%s/%s" % (provider.name, upstream_model))
+        check_passthrough_headers(request.headers)
         api_key = self.provider_key(provider)
-        for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
-            if name in request.headers and not _HEADER_VALUE.match(request.headers[name]):
-                raise BadRequestError("Malformed %s header" % name)
         reservation = self._worst_case_cost(key, route, model, raw, body)
         streamed = body.get("stream") is True
         upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
-        self.limits.acquire(key.id, key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"]),
-                            key.tpm, key.max_parallel)
-        try:
-            call = _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
-        except BaseException:
-            self.limits.release(key.id, 0)
-            raise
+        call = self._begin_call(request, key, provider, route, dialect, model, body, streamed, reservation)
         try:
             conn, response = provider.send(request.method, request.path, dialect, api_key,
                                            request.headers, upstream_body)
@@ -2697,12 +2681,24 @@ class Gateway:
         content_type = response.getheader("content-type", "")
         if (route.stream_meter is not None and 200 <= response.status < 300
                 and content_type.startswith("text/event-stream")):
-            meter = route.stream_meter(hide_usage_chunk)
             conn.sock.settimeout(self.config.server.stream_idle_timeout)
-            stream = self._relay(call, conn, response, meter)
+            stream = self._relay(call, conn, response, route.stream_meter(hide_usage_chunk))
             return Reply(response.status, headers + [("content-type", content_type),
                                                      ("cache-control", "no-cache")], stream=stream)
         return self._complete(call, conn, response, headers)
+
+    def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
+        """Count the request against the key's rate limits, then write its
+        pending usage row (reserving the budget); either may refuse it."""
+        self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+        try:
+            return _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
+        except BaseException:
+            self.limits.release(key.id, 0)
+            raise
+
+    def requests_per_minute(self, key):
+        return key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"])
 
     def _worst_case_cost(self, key, route, model, raw, body):
         """For a key with a budget: an upper bound of what this call can cost
@@ -2739,7 +2735,7 @@ class Gateway:
         budget = key.max_budget_nanousd
         allowance = None if budget is None else budget + spend["topup_nanousd"]
         info.update({
-            "rpm": key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"]),
+            "rpm": self.requests_per_minute(key),
             "period_start": iso_time(spend["period_start"]) if budget is not None else None,
             "period_end": iso_time(spend["period_end"]) if budget is not None else None,
             "spent": nanousd_to_usd(spend["spent_nanousd"]),
@@ -2969,6 +2965,36 @@ class Gateway:
 
 
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
+
+
+def read_request_body(route, request, max_bytes):
+    """(raw bytes, parsed body, model) of a proxied request; a POST must
+    name its model. GET requests have no body."""
+    if route.method != "POST":
+        return None, {}, None
+    raw, body = parse_json_body(request, max_bytes)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequestError("The request body must name a model (\"model\": \"...\")")
+    return raw, body, model
+
+
+def check_model_allowed(key, model, qualified_model):
+    """A key with a model allowlist may call only the models it matches,
+    by name or as ``provider/model``."""
+    if model is None or key.models is None:
+        return
+    if not any(fnmatch.fnmatchcase(name, glob) for glob in key.models for name in (model, qualified_model)):
+        raise PermissionDeniedError("This key may not use model %s" % printable(model)[:100],
+                                    code="model_not_allowed")
+
+
+def check_passthrough_headers(headers):
+    """The protocol headers passed to a provider must be printable ASCII:
+    they select API behaviour, and nothing else is a valid value."""
+    for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
+        if name in headers and not _HEADER_VALUE.match(headers[name]):
+            raise BadRequestError("Malformed %s header" % name)
 
 
 def dialect_for(route, request):
