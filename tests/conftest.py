@@ -1,16 +1,25 @@
-"""Shared fixtures: a fake provider and the real gateway on ephemeral ports.
+"""Shared fixtures and helpers: a fake provider and the real gateway on ephemeral ports.
 
 ``gateway`` runs llmgw's own server (``llmgw.make_server``) in a thread,
 pointed at ``upstream`` (tests/fake_upstream.py) for both providers, with a
 database under ``tmp_path``. Tests talk to it over real sockets and read the
 usage rows back from the database file; no gateway internals are mocked.
+
+Sections below: secrets and routes; environment; the in-process gateway;
+HTTP clients (http.client and raw sockets); waiting; expected usage and cost
+(computed here, independently of llmgw); common assertions; the CLI and
+gateway child processes; shared scenarios.
 """
 
+import decimal
 import http.client
 import json
 import os
+import re
+import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -22,14 +31,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cli  # noqa: E402
 import llmgw  # noqa: E402
 from fake_upstream import FakeUpstream  # noqa: E402
+
+
+# ---- secrets, routes, files ----------------------------------------------------------
 
 #: Canary provider keys: secrets tests grep every output for them.
 OPENAI_KEY = "sk-CANARY-OAI-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-CANARY-0123456789abcdef"
 ADMIN_TOKEN = "adm-CANARY-admin-token-0123456789"
 
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+MODELS = "/v1/models"
+
+#: Request headers that carry a client credential.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+#: The token columns of a usage row.
+TOKEN_COLUMNS = ("request_tokens", "response_tokens", "input_tokens", "cache_read_tokens",
+                 "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
+
+CLI_PY = os.path.join(ROOT, "cli.py")
+LLMGW_PY = os.path.join(ROOT, "llmgw.py")
+
+
+# ---- environment ---------------------------------------------------------------------
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    """No provider key, admin token or path from the developer's shell leaks in.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("clean_environment")``."""
+    for name in list(os.environ):
+        if name.endswith("_API_KEY") or name in ("LLMGW_ADMIN_TOKEN", "CONFIG_PATH", "DB_PATH"):
+            monkeypatch.delenv(name)
+
+
+# ---- the in-process gateway ----------------------------------------------------------
 
 @pytest.fixture
 def upstream():
@@ -56,13 +100,14 @@ def base_config(upstream_url, **sections):
 
 
 class RunningGateway:
-    """The real gateway serving in a background thread."""
+    """The real gateway serving in a background thread; ``clock`` is its wall
+    clock (``make_server(clock=)``), injectable for budget periods and limits."""
 
-    def __init__(self, document, db_path, environ=None):
+    def __init__(self, document, db_path, environ=None, clock=time.time):
         self.config = llmgw.parse_config(document)
         self.store = llmgw.Store(db_path)
         self.db_path = str(db_path)
-        self.server = llmgw.make_server(self.config, self.store, environ=environ or {})
+        self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -105,11 +150,12 @@ class RunningGateway:
 
 @pytest.fixture
 def make_gateway(tmp_path, upstream):
-    """Start gateways with custom config sections: ``make_gateway(server={...})``."""
+    """Start gateways with custom config sections: ``make_gateway(server={...})``;
+    ``clock=`` injects a wall clock."""
     started = []
 
-    def start(environ=None, db_name="gateway.db", **sections):
-        gateway = RunningGateway(base_config(upstream.url, **sections), tmp_path / db_name, environ)
+    def start(environ=None, db_name="gateway.db", clock=time.time, **sections):
+        gateway = RunningGateway(base_config(upstream.url, **sections), tmp_path / db_name, environ, clock)
         started.append(gateway)
         return gateway
     yield start
@@ -128,6 +174,8 @@ def vkey(gateway):
     return gateway.create_key()[1]
 
 
+# ---- HTTP client ---------------------------------------------------------------------
+
 class Response:
     def __init__(self, status, headers, body):
         self.status, self.headers, self.body = status, headers, body
@@ -137,6 +185,9 @@ class Response:
 
     def header(self, name):
         return self.headers.get(name.lower())
+
+    def __repr__(self):
+        return "<Response %d %r %r>" % (self.status, self.headers, self.body[:300])
 
 
 def call(url_or_gateway, method, path, body=None, key=None, headers=None, raw_body=None, timeout=10):
@@ -164,6 +215,24 @@ def post(target, path, body, key=None, **kwargs):
     return call(target, "POST", path, body, key, **kwargs)
 
 
+def admin(gateway, method, path, body=None, token=ADMIN_TOKEN, **kwargs):
+    """An admin API call authenticated with ``token`` (ADMIN_TOKEN by default)."""
+    return call(gateway, method, path, body, key=token, **kwargs)
+
+
+def body_for(path, model="gpt-4o-mini", **extra):
+    """A minimal valid request body for a proxied POST route."""
+    base = {
+        CHAT: {"model": model, "messages": [{"role": "user", "content": "hi there"}]},
+        COMPLETIONS: {"model": model, "prompt": "hi there"},
+        EMBEDDINGS: {"model": model, "input": ["first", "second"]},
+        RESPONSES: {"model": model, "input": "hi there"},
+        MESSAGES: {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi there"}]},
+        COUNT_TOKENS: {"model": model, "messages": [{"role": "user", "content": "hi there"}]},
+    }[path]
+    return dict(base, **extra)
+
+
 def sse_events(body):
     """Split an SSE body into (event name, data string) pairs."""
     events = []
@@ -180,20 +249,183 @@ def sse_events(body):
     return events
 
 
+# ---- raw sockets: exact bytes out, every byte of the answer seen ---------------------
+
+def _b(value):
+    return value if isinstance(value, bytes) else str(value).encode("latin-1")
+
+
+def request_bytes(method, target, headers=(), body=b"", version="HTTP/1.1", host=True):
+    """Exact request bytes. Header values may be bytes (anything goes)."""
+    lines = [b"%s %s %s" % (_b(method), _b(target), _b(version))]
+    if host:
+        lines.append(b"Host: 127.0.0.1")
+    lines += [_b(name) + b": " + _b(value) for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + _b(body)
+
+
+def json_request(target, key, body, extra=(), method="POST", content_type="application/json"):
+    """A well-formed JSON request (Content-Length honest) unless told otherwise."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [("Authorization", "Bearer " + key)] if key else []
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    headers.append(("Content-Length", str(len(data))))
+    return request_bytes(method, target, headers + list(extra), data)
+
+
+class RawResponse(Response):
+    """A Response read off a raw socket: the header list as sent, and whether
+    a chunked body ended with its 0-chunk."""
+
+    def __init__(self, status, header_list, body, terminated=True):
+        super().__init__(status, {name.lower(): value for name, value in header_list}, body)
+        self.header_list = header_list
+        self.terminated = terminated
+
+    def __repr__(self):
+        return "<RawResponse %d %r %r>" % (self.status, self.header_list, self.body[:300])
+
+
+class RawClient:
+    """One client socket: exact bytes out, responses parsed back in."""
+
+    def __init__(self, gateway, timeout=5.0):
+        self.sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout)
+        self.buffer = b""
+        self.received = b""  # every byte the gateway ever sent on this socket
+        self.eof = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def _fill(self, deadline):
+        if self.eof:
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the gateway sent nothing in time; so far: %r" % self.buffer[:300])
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("the gateway sent nothing in time; so far: %r" % self.buffer[:300]) from None
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        self.received += data
+        return True
+
+    def _until(self, marker, deadline):
+        while marker not in self.buffer:
+            if not self._fill(deadline):
+                return None
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    def _exactly(self, size, deadline):
+        while len(self.buffer) < size:
+            if not self._fill(deadline):
+                return None
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_head(self, timeout=5.0):
+        """(status, header list) of the next response, or None at EOF."""
+        head = self._until(b"\r\n\r\n", time.monotonic() + timeout)
+        if head is None:
+            assert not self.buffer, "the connection closed inside a response head: %r" % self.buffer
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        version, status = lines[0].split(" ", 2)[:2]
+        assert version == "HTTP/1.1", lines[0]
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            assert colon and name == name.strip(), "malformed response header %r" % line
+            headers.append((name, value.strip()))
+        return int(status), headers
+
+    def next_chunk(self, timeout=5.0):
+        """The next chunk of a chunked body: bytes, b"" for the terminator,
+        None if the connection closed first."""
+        deadline = time.monotonic() + timeout
+        size_line = self._until(b"\r\n", deadline)
+        if size_line is None:
+            return None
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            assert self._until(b"\r\n", deadline) == b"", "trailers after the last chunk"
+            return b""
+        data = self._exactly(size + 2, deadline)
+        if data is None:
+            return None
+        assert data[-2:] == b"\r\n", "chunk not followed by CRLF"
+        return data[:-2]
+
+    def read_response(self, timeout=5.0):
+        """The next whole response, or None at EOF."""
+        deadline = time.monotonic() + timeout
+        head = self.read_head(timeout)
+        if head is None:
+            return None
+        status, headers = head
+        names = {name.lower(): value for name, value in headers}
+        if 100 <= status < 200:
+            return RawResponse(status, headers, b"")
+        if "content-length" in names:
+            assert "transfer-encoding" not in names, headers
+            body = self._exactly(int(names["content-length"]), deadline)
+            assert body is not None, "the connection closed inside a response body"
+            return RawResponse(status, headers, body)
+        assert names.get("transfer-encoding") == "chunked", "response without framing: %r" % headers
+        parts = []
+        while True:
+            chunk = self.next_chunk(max(0.01, deadline - time.monotonic()))
+            if chunk is None:
+                return RawResponse(status, headers, b"".join(parts), terminated=False)
+            if chunk == b"":
+                return RawResponse(status, headers, b"".join(parts))
+            parts.append(chunk)
+
+    def read_all(self, timeout=5.0):
+        """Every response until the gateway closes the connection."""
+        deadline = time.monotonic() + timeout
+        responses = []
+        while True:
+            response = self.read_response(max(0.01, deadline - time.monotonic()))
+            if response is None:
+                return responses
+            responses.append(response)
+
+    def wait_eof(self, timeout=3.0):
+        """True once the gateway closed the connection (nothing more sent)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._fill(deadline):
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def rst(self):
+        """Close with a TCP RST (SO_LINGER 0), as a killed client would."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self):
+        self.sock.close()
+
+
+# ---- waiting -------------------------------------------------------------------------
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def run_cli(args, cwd, env=None, timeout=30, check=False):
-    """Run ``python cli.py ARGS`` as a subprocess in ``cwd``."""
-    full_env = dict(os.environ, **(env or {}))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py")] + list(args), cwd=str(cwd),
-                            env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError("cli %s failed: %s" % (args, result.stderr))
-    return result
 
 
 def wait_for_port(port, timeout=10.0):
@@ -205,3 +437,262 @@ def wait_for_port(port, timeout=10.0):
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02):
+    """Poll ``predicate`` until it returns something true or ``timeout``
+    seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def settled_rows(gateway, count=1, timeout=5.0):
+    """Usage rows once ``count`` of them exist and none is pending."""
+    rows = gateway.wait_for_rows(
+        lambda rows: len(rows) >= count and all(r["status"] != "pending" for r in rows), timeout)
+    assert len(rows) >= count and all(r["status"] != "pending" for r in rows), rows
+    return rows
+
+
+# ---- expected usage and cost (computed here, independently of llmgw) -----------------
+
+def expected_columns(path, usage):
+    """A usage row's token columns for the provider's ``usage`` object of a call to ``path``."""
+    zero = dict.fromkeys(TOKEN_COLUMNS, 0)
+    if path in (CHAT, COMPLETIONS, EMBEDDINGS):
+        prompt = usage["prompt_tokens"]
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        # Embeddings produce no output tokens; the other routes always report them.
+        output = usage.get("completion_tokens", 0) if path == EMBEDDINGS else usage["completion_tokens"]
+        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
+                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
+    if path == RESPONSES:
+        prompt = usage["input_tokens"]
+        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
+        output = usage["output_tokens"]
+        reasoning = usage.get("output_tokens_details", {}).get("reasoning_tokens", 0)
+        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
+                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
+    if path == MESSAGES:
+        written = usage.get("cache_creation_input_tokens", 0)
+        written_1h = usage.get("cache_creation", {}).get("ephemeral_1h_input_tokens", 0)
+        read = usage.get("cache_read_input_tokens", 0)
+        return dict(zero, request_tokens=usage["input_tokens"] + read + written,
+                    response_tokens=usage["output_tokens"], input_tokens=usage["input_tokens"],
+                    cache_read_tokens=read, cache_write_tokens=written - written_1h,
+                    cache_write_1h_tokens=written_1h, output_tokens=usage["output_tokens"])
+    raise AssertionError(path)
+
+
+def tokens_of(row):
+    """A usage row's token columns, to compare with ``expected_columns``."""
+    return {column: row[column] for column in TOKEN_COLUMNS}
+
+
+def expected_tokens(path, usage):
+    """(request_tokens, response_tokens) a row must hold for a reported usage."""
+    columns = expected_columns(path, usage)
+    return columns["request_tokens"], columns["response_tokens"]
+
+
+def reported_tokens(entry):
+    """(request tokens, response tokens) of one ``upstream.reported`` entry,
+    exactly as the fake reported them."""
+    return expected_tokens(entry["path"], entry["usage"])
+
+
+def expected_cost(columns, input_price, output_price, cached=None, write=None, write_1h=None):
+    """Nano-dollars for ``expected_columns`` at USD-per-million prices (cache
+    prices default to the input price, 1 h writes to the write price)."""
+    D = decimal.Decimal
+    cached = input_price if cached is None else cached
+    write = input_price if write is None else write
+    write_1h = write if write_1h is None else write_1h
+    usd_mtok = (columns["input_tokens"] * D(str(input_price)) + columns["cache_read_tokens"] * D(str(cached))
+                + columns["cache_write_tokens"] * D(str(write))
+                + columns["cache_write_1h_tokens"] * D(str(write_1h))
+                + columns["output_tokens"] * D(str(output_price)))
+    return int((usd_mtok * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+# ---- common assertions ---------------------------------------------------------------
+
+def dialect_of(path):
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def normalise_ids(raw):
+    """The fake puts its request counter in ids (chatcmpl-fake3, msg_fake3)."""
+    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
+
+
+def assert_json_error(response, status, dialect="openai", code=None, error_type=None, close=False):
+    """A gateway error: the exact status, a JSON body in the route's shape,
+    and (for broken framing) ``connection: close``. Returns the whole body.
+    ``response`` is a Response or a RawResponse."""
+    assert response is not None, "no response"
+    assert response.status == status, response
+    assert response.header("content-type") == "application/json", response
+    payload = json.loads(response.body)
+    if dialect == "anthropic":
+        assert set(payload) == {"type", "error"} and payload["type"] == "error", payload
+        assert set(payload["error"]) == {"type", "message"}, payload
+        error = payload["error"]
+    else:
+        assert set(payload) == {"error"}, payload
+        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
+        error = payload["error"]
+        if code is not None:
+            assert error["code"] == code, payload
+    assert isinstance(error["message"], str) and error["message"], payload
+    assert isinstance(error["type"], str) and error["type"], payload
+    if error_type is not None:
+        assert error["type"] == error_type, payload
+    if close:
+        assert response.header("connection") == "close", response
+    return payload
+
+
+def assert_still_serving(gateway, key, upstream):
+    """A normal request still succeeds and is forwarded."""
+    before = len(upstream.requests)
+    response = post(gateway, CHAT, body_for(CHAT), key)
+    assert response.status == 200, response.body
+    assert len(upstream.requests) == before + 1
+
+
+# ---- the CLI, in process and as a child; gateway child processes ---------------------
+
+def paths_env(tmp_path, **extra):
+    """CONFIG_PATH and DB_PATH for tmp_path's config.yaml and gateway.db, plus ``extra``."""
+    env = {"CONFIG_PATH": str(tmp_path / "config.yaml"), "DB_PATH": str(tmp_path / "gateway.db")}
+    env.update(extra)
+    return env
+
+
+def run_cli(args, cwd, env=None, timeout=30, check=False):
+    """Run ``python cli.py ARGS`` as a subprocess in ``cwd``."""
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run([sys.executable, CLI_PY] + list(args), cwd=str(cwd),
+                            env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError("cli %s failed: %s" % (args, result.stderr))
+    return result
+
+
+@pytest.fixture
+def cli_main(tmp_path, capsys, monkeypatch):
+    """``cli.main(ARGS)`` in process, with tmp_path's config.yaml and gateway.db
+    (``paths_env``) and ``env`` set; returns a CompletedProcess."""
+    def run(*args, env=None, check=False):
+        for name, value in dict(paths_env(tmp_path), **(env or {})).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = cli.main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError("cli %s failed: %s" % (args, err))
+        return subprocess.CompletedProcess(args, code, out, err)
+    return run
+
+
+class GatewayProcess:
+    """One gateway child process in ``cwd`` with ``env`` over os.environ:
+    ``python cli.py serve --port N`` (entry "cli") or ``python llmgw.py``
+    (entry "llmgw", port from its config). Its output goes to a log file in
+    ``cwd``; ``start()`` returns once it listens."""
+
+    def __init__(self, cwd, env, port=None, entry="cli", name="gateway"):
+        self.cwd = cwd
+        self.env = env
+        self.port = port or free_port()
+        self.entry = entry
+        self.log_path = str(cwd / ("%s-%d.log" % (name, self.port)))
+        self.process = None
+        self.starts = 0
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def spawn(self):
+        if self.entry == "cli":
+            argv = [sys.executable, CLI_PY, "serve", "--port", str(self.port)]
+        else:
+            argv = [sys.executable, LLMGW_PY]
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(b"---- start %d\n" % self.starts)
+            log.flush()
+            self.process = subprocess.Popen(argv, cwd=str(self.cwd), env=dict(os.environ, **self.env),
+                                            stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("gateway exited with %s: %s" % (self.process.returncode, self.log()))
+            if wait_for_port(self.port, timeout=0.2):
+                return self
+        raise AssertionError("gateway did not listen within %.0f s: %s" % (timeout, self.log()))
+
+    def start(self):
+        return self.spawn().wait_ready()
+
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
+
+    def kill9(self):
+        """SIGKILL and reap (an unreaped zombie still looks alive to kill(pid, 0))."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout=15.0):
+        """SIGTERM; returns the exit code (kills and fails after ``timeout``)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.cleanup()
+            raise AssertionError("the gateway did not exit within %.0f s of SIGTERM: %s" % (timeout, self.log()))
+
+    def stop(self, timeout=15.0):
+        """SIGTERM and require a clean exit (status 0); returns the log."""
+        code = self.terminate(timeout)
+        log = self.log()
+        assert code == 0, log
+        return log
+
+    def cleanup(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self):
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+# ---- shared scenarios ----------------------------------------------------------------
+
+def two_projects_usage(gateway):
+    """Usage of two projects through ``gateway``: alpha makes two OpenAI chat
+    calls, beta one Anthropic message. Returns the key records (alpha, beta)."""
+    alpha, alpha_key = gateway.create_key("alpha")
+    beta, beta_key = gateway.create_key("beta")
+    for content in ("one", "two"):
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+        assert post(gateway, CHAT, body, key=alpha_key).status == 200
+    body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "three"}]}
+    assert post(gateway, MESSAGES, body, key=beta_key).status == 200
+    return alpha, beta

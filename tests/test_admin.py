@@ -9,14 +9,13 @@ import base64
 import datetime
 import hashlib
 import json
-import os
 import re
 import sqlite3
-import time
 
 import pytest
 
-from conftest import ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, call, post, run_cli
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, admin, call, post, reported_tokens, run_cli,
+                      two_projects_usage, wait_until)
 
 import cli
 import llmgw
@@ -34,39 +33,13 @@ ADMIN_ROUTES = [
 INVALID_ADMIN_TOKEN = {"error": {"message": "Admin routes need Authorization: Bearer <admin token>",
                                  "type": "authentication_error", "param": None, "code": "invalid_admin_token"}}
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for name in list(os.environ):
-        if name.endswith("_API_KEY") or name in ("LLMGW_ADMIN_TOKEN", "CONFIG_PATH", "DB_PATH"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture
 def admin_gateway(make_gateway):
     """A gateway whose admin token comes from LLMGW_ADMIN_TOKEN."""
     return make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
-
-
-def admin(gateway, method, path, body=None, token=ADMIN_TOKEN, **kwargs):
-    return call(gateway, method, path, body, key=token, **kwargs)
-
-
-def reported_tokens(entry):
-    usage = entry["usage"]
-    if "prompt_tokens" in usage:
-        return usage["prompt_tokens"], usage["completion_tokens"]
-    return (usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0)
-            + usage.get("cache_read_input_tokens", 0), usage["output_tokens"])
-
-
-def wait_until(predicate, timeout=1.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # ---- /health -------------------------------------------------------------------
@@ -268,13 +241,7 @@ def test_other_methods_and_routes(admin_gateway):
 @pytest.fixture
 def usage(admin_gateway, upstream):
     """alpha: two OpenAI calls; beta: one Anthropic call; all through the gateway."""
-    alpha, alpha_key = admin_gateway.create_key("alpha")
-    beta, beta_key = admin_gateway.create_key("beta")
-    for content in ("one", "two"):
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
-        assert post(admin_gateway, "/v1/chat/completions", body, key=alpha_key).status == 200
-    body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "three"}]}
-    assert post(admin_gateway, "/v1/messages", body, key=beta_key).status == 200
+    alpha, beta = two_projects_usage(admin_gateway)
     day = datetime.datetime.fromtimestamp(admin_gateway.rows()[0]["started_at"], datetime.timezone.utc).date()
     return {"alpha": alpha, "beta": beta, "tokens": [reported_tokens(e) for e in upstream.reported],
             "day": day.isoformat(), "before": (day - datetime.timedelta(days=1)).isoformat(),
@@ -365,7 +332,7 @@ def test_issued_token_works_and_rotation_retires_the_old_one(gateway, tmp_path):
     second = re.findall(r"^Admin token: (\S+)$", result.stdout, re.M)
     assert len(second) == 1 and second[0] != first
     second = second[0]
-    assert wait_until(lambda: admin(gateway, "GET", "/admin/virtual-keys", token=second).status == 200)
+    assert wait_until(lambda: admin(gateway, "GET", "/admin/virtual-keys", token=second).status == 200, timeout=1.0)
     reply = admin(gateway, "GET", "/admin/virtual-keys", token=first)
     assert (reply.status, reply.json()) == (401, INVALID_ADMIN_TOKEN)
 
@@ -375,7 +342,7 @@ def test_token_printed_by_init_turns_the_api_on(gateway, tmp_path):
     result = run_cli(["init"], tmp_path, {"DB_PATH": gateway.db_path, "CONFIG_PATH": str(tmp_path / "c.yaml")},
                      check=True)
     token = re.findall(r"^Admin token: (\S+)$", result.stdout, re.M)[0]
-    assert wait_until(lambda: admin(gateway, "GET", "/admin/virtual-keys", token=token).status == 200)
+    assert wait_until(lambda: admin(gateway, "GET", "/admin/virtual-keys", token=token).status == 200, timeout=1.0)
 
 
 def test_environment_token_takes_precedence(admin_gateway):

@@ -5,8 +5,8 @@ from the CLI and the admin API.
 
 Real gateways (in-process servers, and one ``python llmgw.py`` child) on one
 SQLite file, against the fake upstream. Time-dependent tests inject a wall
-clock through ``llmgw.make_server(..., clock=...)`` (``ClockedGateway``
-below) instead of sleeping. Money is checked to the nano-dollar: the worst-case
+clock through ``make_gateway(clock=...)`` (``llmgw.make_server(clock=)``)
+instead of sleeping. Money is checked to the nano-dollar: the worst-case
 reservation is computed here from the bytes sent and the configured prices,
 the real cost from what the fake reported.
 """
@@ -14,7 +14,6 @@ the real cost from what the fake reported.
 import datetime
 import hashlib
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -24,10 +23,9 @@ import time
 
 import pytest
 
-from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, ROOT, RunningGateway, base_config, call,
-                      free_port, post, wait_for_port)
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call, free_port,
+                      post, reported_tokens, run_cli, wait_until)
 
-import cli
 import llmgw
 
 UTC = datetime.timezone.utc
@@ -46,13 +44,7 @@ REVOKED_ANTHROPIC = {"type": "error", "error": {"type": "authentication_error",
                                                 "message": "Invalid, revoked or expired virtual key"}}
 INVALID_ONE_LINE = re.compile(r"\Aerror: [^\n]+\n\Z")
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """No provider key, admin token or path from the developer's shell leaks in."""
-    for name in list(os.environ):
-        if name.endswith("_API_KEY") or name in ("LLMGW_ADMIN_TOKEN", "CONFIG_PATH", "DB_PATH"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 # ---- helpers ----------------------------------------------------------------
@@ -72,34 +64,6 @@ class FakeClock:
         return self.now
 
 
-class ClockedGateway(RunningGateway):
-    """RunningGateway whose Gateway reads ``clock`` (``make_server(clock=)``)."""
-
-    def __init__(self, document, db_path, clock, environ=None):
-        self.config = llmgw.parse_config(document)
-        self.store = llmgw.Store(db_path)
-        self.db_path = str(db_path)
-        self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
-        self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d" % self.port
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-
-
-@pytest.fixture
-def make_clocked(tmp_path, upstream):
-    """``make_clocked(clock, environ=None, **config_sections)``: a ClockedGateway."""
-    started = []
-
-    def start(clock, environ=None, db_name="gateway.db", **sections):
-        gateway = ClockedGateway(base_config(upstream.url, **sections), tmp_path / db_name, clock, environ)
-        started.append(gateway)
-        return gateway
-    yield start
-    for gateway in started:
-        gateway.stop()
-
-
 def chat_raw(model="acme-1", max_tokens=100, text="hello", **extra):
     body = {"model": model, "messages": [{"role": "user", "content": text}]}
     if max_tokens is not None:
@@ -116,14 +80,6 @@ def worst(raw, output_tokens, price_in=IN, price_out=OUT):
     """The documented worst case in nano-USD: body bytes as input tokens at
     the input price, the output limit at the output price."""
     return (len(raw) * price_in + output_tokens * price_out) * 1000
-
-
-def reported_tokens(entry):
-    usage = entry["usage"]
-    if "prompt_tokens" in usage:
-        return usage["prompt_tokens"], usage.get("completion_tokens", 0)
-    return (usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0)
-            + usage.get("cache_read_input_tokens", 0), usage.get("output_tokens", 0))
 
 
 def real_cost(entry, price_in=IN, price_out=OUT):
@@ -185,21 +141,8 @@ def concurrently(count, function):
     return results
 
 
-def admin(gateway, method, path, body=None):
-    return call(gateway, method, path, body, key=ADMIN_TOKEN)
-
-
 def key_info(gateway, secret, **kwargs):
     return call(gateway, "GET", "/v1/key/info", key=secret, **kwargs)
-
-
-def wait_until(predicate, timeout=5.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def wait_published(db_path, key_id, field, value):
@@ -249,18 +192,14 @@ def write_cli_config(tmp_path, upstream, **sections):
 
 
 @pytest.fixture
-def cli_main(tmp_path, upstream, capsys, monkeypatch):
-    """``cli.main(ARGS)`` in process with tmp_path's config.yaml and gateway.db:
-    returns (exit code, stdout, stderr)."""
-    config = write_cli_config(tmp_path, upstream, pricing=PRICES)
-    monkeypatch.setenv("CONFIG_PATH", str(config))
-    monkeypatch.setenv("DB_PATH", str(tmp_path / "gateway.db"))
+def cli_main(cli_main, tmp_path, upstream):
+    """The shared in-process ``cli.main(ARGS)`` with a config.yaml pricing
+    PRICES next to gateway.db; returns (exit code, stdout, stderr)."""
+    write_cli_config(tmp_path, upstream, pricing=PRICES)
 
     def run(*args):
-        capsys.readouterr()
-        code = cli.main([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return code, out, err
+        result = cli_main(*args)
+        return result.returncode, result.stdout, result.stderr
     return run
 
 
@@ -371,46 +310,27 @@ def test_budget_holds_across_two_gateways_on_one_database(make_gateway, upstream
     budget_burst([first, second], first, upstream)
 
 
-class ChildGateway:
-    """``python llmgw.py`` on the test's database and a config.yaml of its own."""
-
-    def __init__(self, tmp_path, upstream, **sections):
-        self.port = free_port()
-        document = base_config(upstream.url, **sections)
-        document["server"] = dict(document["server"], port=self.port)
-        document["logging"] = {"level": "WARNING"}
-        config = tmp_path / "child-config.yaml"
-        config.write_text(json.dumps(document))
-        self.log_path = tmp_path / "child.log"
-        env = {name: value for name, value in os.environ.items()
-               if not name.endswith("_API_KEY") and name != "LLMGW_ADMIN_TOKEN"}
-        env.update(CONFIG_PATH=str(config), DB_PATH=str(tmp_path / "gateway.db"))
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmgw.py")], cwd=str(tmp_path),
-                                            env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.url = "http://127.0.0.1:%d" % self.port
-        if not wait_for_port(self.port, 15):
-            self.stop()
-            raise AssertionError("child gateway did not start: %s" % self.log_path.read_text())
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+def start_child_gateway(tmp_path, upstream, **sections):
+    """``python llmgw.py`` on the test's database and a config.yaml of its own
+    (the provider keys are in it; clean_environment keeps the shell's out)."""
+    port = free_port()
+    document = base_config(upstream.url, **sections)
+    document["server"] = dict(document["server"], port=port)
+    document["logging"] = {"level": "WARNING"}
+    config = tmp_path / "child-config.yaml"
+    config.write_text(json.dumps(document))
+    env = {"CONFIG_PATH": str(config), "DB_PATH": str(tmp_path / "gateway.db")}
+    return GatewayProcess(tmp_path, env, port, entry="llmgw", name="child").start()
 
 
 def test_budget_holds_across_two_gateway_processes(make_gateway, upstream, tmp_path):
     here = make_gateway(pricing=PRICES)
-    child = ChildGateway(tmp_path, upstream, pricing=PRICES)
+    child = start_child_gateway(tmp_path, upstream, pricing=PRICES)
     try:
         budget_burst([here, child], here, upstream)
     finally:
-        child.stop()
-    assert child.process.returncode == 0, child.log_path.read_text()
+        code = child.terminate(10)
+    assert code == 0, child.log()
 
 
 def test_provider_reporting_more_than_the_bound_is_recorded_and_stops_the_key(make_gateway, upstream):
@@ -560,9 +480,9 @@ def test_max_parallel_limits_requests_in_flight(make_gateway, upstream):
 
 # ---- expiry ----------------------------------------------------------------------
 
-def test_key_expires_at_the_boundary_like_a_revoked_key(make_clocked, upstream):
+def test_key_expires_at_the_boundary_like_a_revoked_key(make_gateway, upstream):
     clock = FakeClock(time.time())
-    gateway = make_clocked(clock)
+    gateway = make_gateway(clock=clock)
     record, secret = llmgw.create_virtual_key(gateway.store, gateway.config, "expiring",
                                               {"expires_in": "1h"}, now=clock())
     assert record["expires_at"] == llmgw.iso_time(clock.now + 3600)
@@ -657,9 +577,9 @@ def test_model_allowlist_matches_the_provider_prefixed_form(gateway, upstream):
 
 # ---- rotation ------------------------------------------------------------------------
 
-def test_cli_rotate_with_grace(make_clocked, upstream, cli_main):
+def test_cli_rotate_with_grace(make_gateway, upstream, cli_main):
     clock = FakeClock(time.time())
-    gateway = make_clocked(clock, pricing=PRICES)
+    gateway = make_gateway(clock=clock, pricing=PRICES)
     key_id, old = new_key(gateway, budget_nanousd=10 ** 12)
     raw = chat_raw()
     assert send(gateway, raw, old).status == 200
@@ -697,9 +617,9 @@ def test_cli_rotate_refuses_unknown_and_revoked_keys(gateway, cli_main):
     assert code == 1 and INVALID_ONE_LINE.match(err), err
 
 
-def test_admin_rotate_with_grace(make_clocked, upstream):
+def test_admin_rotate_with_grace(make_gateway, upstream):
     clock = FakeClock(at("2026-03-04T10:00:00Z"))
-    gateway = make_clocked(clock, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    gateway = make_gateway(clock=clock, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     key_id, old = new_key(gateway)
     raw = chat_raw("gpt-4o-mini")
     reply = admin(gateway, "POST", "/admin/virtual-keys/%s/rotate" % key_id, {"grace": "1h"})
@@ -754,9 +674,9 @@ def test_budget_period_never_is_one_period():
     ("weekly", "2026-03-04T10:00:00Z", "2026-03-08T23:59:59Z", "2026-03-09T00:00:00Z"),
     ("monthly", "2026-02-15T10:00:00Z", "2026-02-28T23:59:59Z", "2026-03-01T00:00:00Z"),
 ])
-def test_budget_resets_at_the_period_boundary(make_clocked, upstream, period, first, last_moment, next_start):
+def test_budget_resets_at_the_period_boundary(make_gateway, upstream, period, first, last_moment, next_start):
     clock = FakeClock(at(first))
-    gateway = make_clocked(clock, pricing=PRICES)
+    gateway = make_gateway(clock=clock, pricing=PRICES)
     raw = chat_raw()
     reservation = worst(raw, 100)
     key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period=period)
@@ -780,9 +700,9 @@ def test_budget_resets_at_the_period_boundary(make_clocked, upstream, period, fi
     assert len(upstream.requests) == 2
 
 
-def test_never_period_is_a_prepaid_balance_topped_up_by_the_admin_api(make_clocked, upstream):
+def test_never_period_is_a_prepaid_balance_topped_up_by_the_admin_api(make_gateway, upstream):
     clock = FakeClock(at("2026-03-04T10:00:00Z"))
-    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    gateway = make_gateway(clock=clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     raw = chat_raw()
     reservation = worst(raw, 100)
     key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period="never")
@@ -804,9 +724,9 @@ def test_never_period_is_a_prepaid_balance_topped_up_by_the_admin_api(make_clock
         usd(2 * reservation), usd(first_cost + second_cost), usd(2 * reservation - first_cost - second_cost))
 
 
-def test_admin_topup_raises_only_the_current_period(make_clocked, upstream):
+def test_admin_topup_raises_only_the_current_period(make_gateway, upstream):
     clock = FakeClock(at("2026-03-04T10:00:00Z"))
-    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    gateway = make_gateway(clock=clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     raw = chat_raw()
     reservation = worst(raw, 100)
     key_id, secret = new_key(gateway, budget_nanousd=reservation, budget_period="daily")
@@ -874,10 +794,10 @@ def test_budget_added_later_counts_what_was_spent_meanwhile(make_gateway, upstre
     assert key_info(gateway, secret).json()["spent"] == usd(spent)
 
 
-def test_changing_the_period_keeps_spend_exact(make_clocked, upstream):
+def test_changing_the_period_keeps_spend_exact(make_gateway, upstream):
     """Spend is what was charged: a settled row's reservation is not spend."""
     clock = FakeClock(at("2026-03-04T10:00:00Z"))
-    gateway = make_clocked(clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    gateway = make_gateway(clock=clock, pricing=PRICES, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     raw = chat_raw()
     key_id, secret = new_key(gateway, budget_nanousd=100 * worst(raw, 100), budget_period="daily")
     assert send(gateway, raw, secret).status == 200
@@ -988,12 +908,10 @@ def test_cli_create_and_update_with_every_policy_flag(make_gateway, upstream, tm
     gateway = make_gateway(pricing=PRICES)
     config = write_cli_config(tmp_path, upstream, pricing=PRICES)
     env = {"CONFIG_PATH": str(config), "DB_PATH": gateway.db_path}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "cli.py"), "keys", "create", "Alpha team", "--tier", "premium",
-         "--rpm", "5", "--tpm", "1000", "--max-parallel", "3", "--budget", "2.5", "--budget-period", "weekly",
-         "--expires-in", "30d", "--models", "gpt-4o*, claude-*", "--label", "team=search", "--label", "owner=ana",
-         "--output", "json"], cwd=str(tmp_path), env=dict(os.environ, **env), capture_output=True, text=True,
-        timeout=30)
+    result = run_cli(
+        ["keys", "create", "Alpha team", "--tier", "premium", "--rpm", "5", "--tpm", "1000", "--max-parallel", "3",
+         "--budget", "2.5", "--budget-period", "weekly", "--expires-in", "30d", "--models", "gpt-4o*, claude-*",
+         "--label", "team=search", "--label", "owner=ana", "--output", "json"], tmp_path, env)
     assert (result.returncode, result.stderr) == (0, "")
     created = json.loads(result.stdout)
     secret = created.pop("key")

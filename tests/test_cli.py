@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import sqlite3
 import stat
 import subprocess
@@ -22,7 +21,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, call, free_port, post, run_cli, wait_for_port
+from conftest import (ROOT, GatewayProcess, call, free_port, paths_env, post, reported_tokens, run_cli,
+                      two_projects_usage)
 
 import cli
 import llmgw
@@ -31,39 +31,12 @@ KEY_SECRET = re.compile(r"llmgw-(?!admin-)[A-Za-z0-9_-]{20,}")
 ADMIN_LINE = re.compile(r"^Admin token: (\S+)$", re.M)
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """No provider key, admin token or path from the developer's shell leaks in."""
-    for name in list(os.environ):
-        if name.endswith("_API_KEY") or name in ("LLMGW_ADMIN_TOKEN", "CONFIG_PATH", "DB_PATH"):
-            monkeypatch.delenv(name)
-
-
-def paths_env(tmp_path, **extra):
-    env = {"CONFIG_PATH": str(tmp_path / "config.yaml"), "DB_PATH": str(tmp_path / "gateway.db")}
-    env.update(extra)
-    return env
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def cli_run(tmp_path, *args, env=None, check=False):
     """``python cli.py ARGS`` in tmp_path with its config.yaml and gateway.db."""
     return run_cli(list(args), tmp_path, dict(paths_env(tmp_path), **(env or {})), check=check)
-
-
-@pytest.fixture
-def cli_main(tmp_path, capsys, monkeypatch):
-    """``cli.main(ARGS)`` in process, with tmp_path's files; returns a CompletedProcess."""
-    def run(*args, env=None, check=False):
-        for name, value in dict(paths_env(tmp_path), **(env or {})).items():
-            monkeypatch.setenv(name, value)
-        capsys.readouterr()
-        code = cli.main(list(args))
-        out, err = capsys.readouterr()
-        if check and code != 0:
-            raise AssertionError("cli %s failed: %s" % (args, err))
-        return subprocess.CompletedProcess(args, code, out, err)
-    return run
 
 
 @pytest.fixture
@@ -105,15 +78,6 @@ def assert_one_line_error(result, *fragments):
     return lines[0]
 
 
-def reported_tokens(entry):
-    """(request tokens, response tokens) as the fake reported them."""
-    usage = entry["usage"]
-    if "prompt_tokens" in usage:
-        return usage["prompt_tokens"], usage["completion_tokens"]
-    return (usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0)
-            + usage.get("cache_read_input_tokens", 0), usage["output_tokens"])
-
-
 def db_bytes(db_path):
     """Every byte SQLite keeps for the database: main file, WAL and shared memory."""
     data = b""
@@ -128,30 +92,13 @@ def mode(path):
     return stat.S_IMODE(os.stat(str(path)).st_mode)
 
 
-def stop_process(process, log_path=None):
-    """SIGTERM the server and require a clean exit."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def stored_admin_token_hash(tmp_path):
+    """The admin token hash in tmp_path's gateway.db, as [(value,)]."""
+    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
     try:
-        code = process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise AssertionError("the gateway did not exit within 10 s of SIGTERM")
-    log = open(str(log_path), encoding="utf-8", errors="replace").read() if log_path else ""
-    assert code == 0, log
-    return log
-
-
-def start_server(argv, cwd, env, port, log_path):
-    with open(str(log_path), "wb") as log:
-        process = subprocess.Popen([sys.executable] + argv, cwd=str(cwd), env=dict(os.environ, **env),
-                                   stdout=log, stderr=subprocess.STDOUT)
-    if not wait_for_port(port):
-        process.kill()
-        process.wait()
-        raise AssertionError("gateway did not listen: " + open(str(log_path)).read())
-    return process
+        return conn.execute("SELECT value FROM settings WHERE name = ?", (llmgw.ADMIN_TOKEN_SETTING,)).fetchall()
+    finally:
+        conn.close()
 
 
 # ---- the README, word for word ---------------------------------------------
@@ -175,10 +122,8 @@ def test_readme_sequence(tmp_path, upstream):
     assert len(secrets_shown) == 1 and created.stdout.count(secrets_shown[0]) == 1, created.stdout
     vkey = secrets_shown[0]
 
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    server = start_server([os.path.join(ROOT, "cli.py"), "serve", "--port", str(port)], tmp_path, {},
-                          port, log_path)
+    server = GatewayProcess(tmp_path, {}, name="serve").start()
+    port = server.port
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/v1/chat/completions",
@@ -226,7 +171,7 @@ def test_readme_sequence(tmp_path, upstream):
             "request_tokens": chat_in + msg_in, "response_tokens": chat_out + msg_out,
             "estimated_cost": round(cost_nanousd / 1e9, 9)}
     finally:
-        log = stop_process(server, log_path)
+        log = server.stop(10)
     for secret in (vkey, openai_key, anthropic_key):
         assert secret not in log
 
@@ -234,8 +179,7 @@ def test_readme_sequence(tmp_path, upstream):
 def test_llmgw_py_serves(tmp_path, upstream):
     port = free_port()
     write_config(tmp_path / "config.yaml", upstream.url, server={"host": "127.0.0.1", "port": port})
-    log_path = tmp_path / "llmgw.log"
-    server = start_server([os.path.join(ROOT, "llmgw.py")], tmp_path, paths_env(tmp_path), port, log_path)
+    server = GatewayProcess(tmp_path, paths_env(tmp_path), port, entry="llmgw", name="llmgw").start()
     try:
         health = call("http://127.0.0.1:%d" % port, "GET", "/health")
         assert (health.status, health.json()) == (200, {"status": "ok", "version": llmgw.__version__})
@@ -245,7 +189,7 @@ def test_llmgw_py_serves(tmp_path, upstream):
         assert reply.status == 503
         assert reply.json()["error"]["code"] == "provider_key_missing"
     finally:
-        stop_process(server, log_path)
+        server.stop(10)
 
 
 # ---- init ----------------------------------------------------------------------
@@ -260,12 +204,7 @@ def test_init_creates_private_config_database_and_admin_token(tmp_path):
     token = tokens[0]
     assert token.startswith(llmgw.ADMIN_TOKEN_PREFIX) and len(token) >= 40
     assert result.stdout.count(token) == 1
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    try:
-        stored = conn.execute("SELECT value FROM settings WHERE name = ?", (llmgw.ADMIN_TOKEN_SETTING,)).fetchall()
-    finally:
-        conn.close()
-    assert stored == [(hashlib.sha256(token.encode()).hexdigest(),)]
+    assert stored_admin_token_hash(tmp_path) == [(hashlib.sha256(token.encode()).hexdigest(),)]
     assert token.encode() not in db_bytes(str(tmp_path / "gateway.db"))
 
 
@@ -282,12 +221,7 @@ def test_init_twice_keeps_config_and_token(tmp_path):
     assert "admin token already exists" in second.stdout.lower()
     assert (tmp_path / "config.yaml").read_text() == custom
     assert mode(tmp_path / "config.yaml") == 0o600
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    try:
-        stored = conn.execute("SELECT value FROM settings WHERE name = ?", (llmgw.ADMIN_TOKEN_SETTING,)).fetchall()
-    finally:
-        conn.close()
-    assert stored == [(hashlib.sha256(token.encode()).hexdigest(),)]
+    assert stored_admin_token_hash(tmp_path) == [(hashlib.sha256(token.encode()).hexdigest(),)]
     third = cli_run(tmp_path, "init", check=True)
     assert "Admin token:" not in third.stdout
 
@@ -564,13 +498,7 @@ def test_list_keys_environment_then_database(configured, cli_main, database):
 @pytest.fixture
 def usage(gateway, upstream):
     """Two projects' usage on ``gateway``: alpha 2 OpenAI calls, beta 1 Anthropic call."""
-    alpha, alpha_key = gateway.create_key("alpha")
-    beta, beta_key = gateway.create_key("beta")
-    for content in ("one", "two"):
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
-        assert post(gateway, "/v1/chat/completions", body, key=alpha_key).status == 200
-    body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "three"}]}
-    assert post(gateway, "/v1/messages", body, key=beta_key).status == 200
+    alpha, beta = two_projects_usage(gateway)
     tokens = [reported_tokens(entry) for entry in upstream.reported]
     assert len(tokens) == 3
     return {"alpha": alpha, "beta": beta, "tokens": tokens, "db_path": gateway.db_path,

@@ -10,11 +10,10 @@ import os
 import pytest
 
 import llmgw
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, ROOT, call, post, run_cli
+from conftest import ANTHROPIC_KEY, CHAT, OPENAI_KEY, ROOT, call, post, run_cli
 from fake_upstream import FakeUpstream
 
 SHIPPED_CONFIG = os.path.join(ROOT, "config.yaml")
-CHAT = "/v1/chat/completions"
 DELETE = object()  # with_change(path, DELETE) removes the key
 
 

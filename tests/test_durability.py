@@ -8,9 +8,9 @@ are read back from the database file. Cases: RELIABILITY.md Z01, Z03, K02-K04,
 A06, A10 and the "Nothing lost" section of the hardening issue.
 
 Local helpers (not in conftest): ``Workdir`` (config + init + CLI for one
-database), ``GatewayProcess`` (one child gateway), ``send`` (one request on a
-fresh connection, recording whether the answer arrived in full),
-``reported_tokens`` and ``expected_row``.
+database) and ``send`` (one request on a fresh connection, recording whether
+the answer arrived in full). ``GatewayProcess`` (one child gateway),
+``reported_tokens`` and ``wait_until`` come from conftest.
 """
 
 import http.client
@@ -26,13 +26,12 @@ import time
 
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, ROOT, base_config, free_port, run_cli, wait_for_port
+from conftest import (ANTHROPIC_KEY, LLMGW_PY, OPENAI_KEY, GatewayProcess, base_config, free_port, reported_tokens,
+                      run_cli, wait_until)
 from fake_upstream import FakeUpstream
 
 import llmgw
 
-CLI = os.path.join(ROOT, "cli.py")
-LLMGW = os.path.join(ROOT, "llmgw.py")
 NO_RATE_LIMIT = {"default": 1000000, "premium": 1000000}
 FINAL_STATUSES = {"ok", "client_disconnected", "upstream_error", "upstream_truncated", "timeout", "interrupted"}
 
@@ -68,6 +67,10 @@ class Workdir:
     def cli(self, *args, check=True, timeout=30):
         return run_cli(list(args), self.path, env=self.env, check=check, timeout=timeout)
 
+    def gateway(self, **options):
+        """A GatewayProcess (not started) on this directory's config and database."""
+        return GatewayProcess(self.path, self.env, **options)
+
     def create_key(self, name="durability"):
         created = json.loads(self.cli("keys", "create", name, "--output", "json").stdout)
         return created["id"], created["key"]
@@ -86,78 +89,6 @@ class Workdir:
             return [row[0] for row in conn.execute("PRAGMA integrity_check")]
         finally:
             conn.close()
-
-
-class GatewayProcess:
-    """One gateway child process; stderr (its log) goes to a file."""
-
-    def __init__(self, workdir, port=None, entry="cli", name="gateway"):
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.entry = entry
-        self.log_path = str(workdir.path / ("%s-%d.log" % (name, self.port)))
-        self.process = None
-        self.starts = 0
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def spawn(self):
-        if self.entry == "cli":
-            argv = [sys.executable, CLI, "serve", "--port", str(self.port)]
-        else:
-            argv = [sys.executable, LLMGW]
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(b"---- start %d\n" % self.starts)
-            log.flush()
-            self.process = subprocess.Popen(argv, cwd=str(self.workdir.path),
-                                            env=dict(os.environ, **self.workdir.env),
-                                            stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError("gateway exited with %s: %s" % (self.process.returncode, self.log()))
-            if wait_for_port(self.port, timeout=0.2):
-                return self
-        raise AssertionError("gateway did not listen within %.0f s: %s" % (timeout, self.log()))
-
-    def start(self):
-        return self.spawn().wait_ready()
-
-    def alive(self):
-        return self.process is not None and self.process.poll() is None
-
-    def kill9(self):
-        """SIGKILL and reap (an unreaped zombie still looks alive to kill(pid, 0))."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self, timeout=15.0):
-        """SIGTERM; returns the exit code (kills and fails after ``timeout``)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.cleanup()
-            raise AssertionError("the gateway did not exit within %.0f s of SIGTERM: %s" % (timeout, self.log()))
-
-    def cleanup(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def log(self):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
 
 
 def chat_body(nonce, model="gpt-4o-mini", stream=False):
@@ -215,15 +146,6 @@ def send(port, path, body, key, timeout=15.0, conn=None):
     return record
 
 
-def reported_tokens(entry):
-    """(request tokens, response tokens) exactly as the fake reported them."""
-    usage = entry["usage"]
-    if "prompt_tokens" in usage:
-        return usage["prompt_tokens"], usage["completion_tokens"]
-    return (usage["input_tokens"] + usage.get("cache_creation_input_tokens", 0)
-            + usage.get("cache_read_input_tokens", 0), usage["output_tokens"])
-
-
 def check_rows_match(records, rows, fake):
     """Every completed 200 answer has an ok row with the fake's tokens."""
     by_id = {row["request_id"]: row for row in rows}
@@ -257,13 +179,16 @@ def assert_error(record, status, code=None, anthropic=False):
     return body
 
 
-def wait_until(predicate, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+def start_pair(work, processes):
+    """Gateway processes "a" and "b" on ``work``'s database, started together;
+    returns them once both listen."""
+    gateways = [work.gateway(name="a"), work.gateway(name="b")]
+    processes.extend(gateways)
+    for gateway in gateways:
+        gateway.spawn()
+    for gateway in gateways:
+        gateway.wait_ready()
+    return gateways
 
 
 def join_all(threads, timeout):
@@ -304,7 +229,7 @@ def test_kill9_under_load_loses_no_completed_answer(tmp_path, processes, kill_af
     with FakeUpstream().start() as fake:
         work = Workdir(tmp_path / "run", fake.url)
         _, key = work.create_key()
-        gateway = GatewayProcess(work)
+        gateway = work.gateway()
         processes.append(gateway)
         gateway.start()
 
@@ -361,12 +286,7 @@ def test_kill9_under_load_loses_no_completed_answer(tmp_path, processes, kill_af
 def test_two_processes_and_cli_share_one_database(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url)
     _, key = work.create_key()
-    gateways = [GatewayProcess(work, name="a"), GatewayProcess(work, name="b")]
-    processes.extend(gateways)
-    for gateway in gateways:
-        gateway.spawn()
-    for gateway in gateways:
-        gateway.wait_ready()
+    gateways = start_pair(work, processes)
 
     records, lock = [], threading.Lock()
     load_done = threading.Event()
@@ -437,12 +357,7 @@ def test_two_processes_and_cli_share_one_database(tmp_path, upstream, processes)
 def test_cli_revocation_holds_in_every_gateway_process(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url)
     key_id, key = work.create_key()
-    gateways = [GatewayProcess(work, name="a"), GatewayProcess(work, name="b")]
-    processes.extend(gateways)
-    for gateway in gateways:
-        gateway.spawn()
-    for gateway in gateways:
-        gateway.wait_ready()
+    gateways = start_pair(work, processes)
 
     # Keep-alive connections opened (and the key cached) before the revocation.
     conns = [http.client.HTTPConnection("127.0.0.1", g.port, timeout=10) for g in gateways]
@@ -483,7 +398,7 @@ def test_cli_revocation_holds_in_every_gateway_process(tmp_path, upstream, proce
 def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 15})
     _, key = work.create_key()
-    gateway = GatewayProcess(work)
+    gateway = work.gateway()
     processes.append(gateway)
     gateway.start()
 
@@ -539,7 +454,7 @@ def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_pat
     work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": port, "drain_timeout": 2},
                    pricing=pricing)
     _, key = work.create_key()
-    gateway = GatewayProcess(work, port=port, entry="llmgw")
+    gateway = work.gateway(port=port, entry="llmgw")
     processes.append(gateway)
     gateway.start()
 
@@ -626,7 +541,7 @@ def test_database_synchronous_setting_reaches_the_connections(tmp_path, upstream
 def test_synchronous_full_gateway_serves_and_records(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url, database={"synchronous": "full"})
     _, key = work.create_key()
-    gateway = GatewayProcess(work)
+    gateway = work.gateway()
     processes.append(gateway)
     gateway.start()
     records = [send(gateway.port, "/v1/chat/completions", chat_body("full-%d" % n, stream=bool(n % 2)), key)
@@ -644,7 +559,7 @@ def test_synchronous_setting_refuses_other_values(tmp_path, upstream, value):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(json.dumps(base_config(upstream.url, database={"synchronous": value})))
     env = dict(os.environ, CONFIG_PATH=str(config_path), DB_PATH=str(tmp_path / "gateway.db"))
-    result = subprocess.run([sys.executable, LLMGW], cwd=str(tmp_path), env=env,
+    result = subprocess.run([sys.executable, LLMGW_PY], cwd=str(tmp_path), env=env,
                             capture_output=True, text=True, timeout=30)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, (result.returncode, result.stderr)
@@ -657,7 +572,7 @@ def test_synchronous_setting_refuses_other_values(tmp_path, upstream, value):
 def test_writer_lock_held_elsewhere_delays_but_never_fails(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url)
     _, key = work.create_key()
-    gateway = GatewayProcess(work)
+    gateway = work.gateway()
     processes.append(gateway)
     gateway.start()
 

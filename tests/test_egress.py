@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from conftest import ROOT, free_port, post, wait_for_port
+from conftest import ROOT, free_port, post, run_cli, wait_for_port
 
 GUARD = os.path.join(ROOT, "tests", "egress_guard.py")
 
@@ -67,10 +67,8 @@ def test_gateway_contacts_only_its_provider(tmp_path, upstream):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = dict(os.environ, CONFIG_PATH=str(tmp_path / "config.yaml"), DB_PATH=str(tmp_path / "gw.db"),
                OPENAI_API_KEY="sk-test-openai-1234", ANTHROPIC_API_KEY="sk-ant-test-1234")
-    subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "init"], env=env, cwd=str(tmp_path),
-                   capture_output=True, check=True, timeout=60)
-    created = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "keys", "create", "P", "--output",
-                              "json"], env=env, cwd=str(tmp_path), capture_output=True, text=True, check=True)
+    run_cli(["init"], tmp_path, env, timeout=60, check=True)
+    created = run_cli(["keys", "create", "P", "--output", "json"], tmp_path, env, check=True)
     key = json.loads(created.stdout)["key"]
     log = tmp_path / "egress.log"
     server = subprocess.Popen(guarded(log, "llmgw.py"), env=env, cwd=str(tmp_path),

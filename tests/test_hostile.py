@@ -21,30 +21,23 @@ import re
 import select
 import socket
 import stat
-import struct
 import threading
 import time
 
 import pytest
 
 import llmgw
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, RunningGateway, base_config, call, free_port, post, sse_events
+from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, COUNT_TOKENS, CREDENTIAL_HEADERS, EMBEDDINGS, MESSAGES, MODELS,
+                      OPENAI_KEY, RESPONSES, RawClient, RunningGateway, assert_json_error, base_config, body_for, call,
+                      dialect_of, expected_tokens, free_port, json_request, normalise_ids, post, request_bytes,
+                      settled_rows, sse_events, wait_until)
 from fake_upstream import FakeUpstream
-
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
-RESPONSES = "/v1/responses"
-MESSAGES = "/v1/messages"
-COUNT_TOKENS = "/v1/messages/count_tokens"
-MODELS = "/v1/models"
 
 #: The small timeouts and limits of the brief; the tests measure against them.
 SERVER = {"header_timeout": 1, "body_timeout": 1, "keepalive_timeout": 1, "upstream_timeout": 2,
           "stream_idle_timeout": 1, "request_deadline": 5, "max_body_bytes": 65536}
 #: Rate limits out of the way: several tests send hundreds of requests per key.
 RATE_LIMITS = {"default": 1000000}
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 ALIVE_TEXT = "Hello from the fake upstream."
 
 
@@ -125,195 +118,10 @@ def gwlog():
         logger.setLevel(old_level)
 
 
-# ---- raw HTTP ------------------------------------------------------------------
-
-def _b(value):
-    return value if isinstance(value, bytes) else str(value).encode("latin-1")
-
-
-def request_bytes(method, target, headers=(), body=b"", version="HTTP/1.1", host=True):
-    """Exact request bytes. Header values may be bytes (anything goes)."""
-    lines = [b"%s %s %s" % (_b(method), _b(target), _b(version))]
-    if host:
-        lines.append(b"Host: 127.0.0.1")
-    lines += [_b(name) + b": " + _b(value) for name, value in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + _b(body)
-
-
-def json_request(target, key, body, extra=(), method="POST", content_type="application/json"):
-    """A well-formed JSON request (Content-Length honest) unless told otherwise."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = [("Authorization", "Bearer " + key)] if key else []
-    if content_type is not None:
-        headers.append(("Content-Type", content_type))
-    headers.append(("Content-Length", str(len(data))))
-    return request_bytes(method, target, headers + list(extra), data)
-
+# ---- requests and answers ------------------------------------------------------
 
 def chat_body(model="gpt-4o-mini", text="hi there", **extra):
     return dict({"model": model, "messages": [{"role": "user", "content": text}]}, **extra)
-
-
-def body_for(path, model="gpt-4o-mini", **extra):
-    """A minimal valid body for a proxied POST route."""
-    base = {
-        CHAT: chat_body(model),
-        COMPLETIONS: {"model": model, "prompt": "hi there"},
-        EMBEDDINGS: {"model": model, "input": ["first"]},
-        RESPONSES: {"model": model, "input": "hi there"},
-        MESSAGES: {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi there"}]},
-        COUNT_TOKENS: {"model": model, "messages": [{"role": "user", "content": "hi there"}]},
-    }[path]
-    return dict(base, **extra)
-
-
-class RawResponse:
-    def __init__(self, status, header_list, body, terminated=True):
-        self.status, self.header_list, self.body = status, header_list, body
-        self.headers = {name.lower(): value for name, value in header_list}
-        self.terminated = terminated  # a chunked body ended with its 0-chunk
-
-    def json(self):
-        return json.loads(self.body)
-
-    def header(self, name):
-        return self.headers.get(name.lower())
-
-    def __repr__(self):
-        return "<RawResponse %d %r %r>" % (self.status, self.header_list, self.body[:300])
-
-
-class RawClient:
-    """One client socket: exact bytes out, responses parsed back in."""
-
-    def __init__(self, gateway, timeout=5.0):
-        self.sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout)
-        self.buffer = b""
-        self.received = b""  # every byte the gateway ever sent on this socket
-        self.eof = False
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _fill(self, deadline):
-        if self.eof:
-            return False
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the gateway sent nothing in time; so far: %r" % self.buffer[:300])
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise TimeoutError("the gateway sent nothing in time; so far: %r" % self.buffer[:300]) from None
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.eof = True
-            return False
-        self.buffer += data
-        self.received += data
-        return True
-
-    def _until(self, marker, deadline):
-        while marker not in self.buffer:
-            if not self._fill(deadline):
-                return None
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head
-
-    def _exactly(self, size, deadline):
-        while len(self.buffer) < size:
-            if not self._fill(deadline):
-                return None
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def read_head(self, timeout=5.0):
-        """(status, header list) of the next response, or None at EOF."""
-        head = self._until(b"\r\n\r\n", time.monotonic() + timeout)
-        if head is None:
-            assert not self.buffer, "the connection closed inside a response head: %r" % self.buffer
-            return None
-        lines = head.decode("latin-1").split("\r\n")
-        version, status = lines[0].split(" ", 2)[:2]
-        assert version == "HTTP/1.1", lines[0]
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            assert colon and name == name.strip(), "malformed response header %r" % line
-            headers.append((name, value.strip()))
-        return int(status), headers
-
-    def next_chunk(self, timeout=5.0):
-        """The next chunk of a chunked body: bytes, b"" for the terminator,
-        None if the connection closed first."""
-        deadline = time.monotonic() + timeout
-        size_line = self._until(b"\r\n", deadline)
-        if size_line is None:
-            return None
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            assert self._until(b"\r\n", deadline) == b"", "trailers after the last chunk"
-            return b""
-        data = self._exactly(size + 2, deadline)
-        if data is None:
-            return None
-        assert data[-2:] == b"\r\n", "chunk not followed by CRLF"
-        return data[:-2]
-
-    def read_response(self, timeout=5.0):
-        """The next whole response, or None at EOF."""
-        deadline = time.monotonic() + timeout
-        head = self.read_head(timeout)
-        if head is None:
-            return None
-        status, headers = head
-        names = {name.lower(): value for name, value in headers}
-        if 100 <= status < 200:
-            return RawResponse(status, headers, b"")
-        if "content-length" in names:
-            assert "transfer-encoding" not in names, headers
-            body = self._exactly(int(names["content-length"]), deadline)
-            assert body is not None, "the connection closed inside a response body"
-            return RawResponse(status, headers, body)
-        assert names.get("transfer-encoding") == "chunked", "response without framing: %r" % headers
-        parts = []
-        while True:
-            chunk = self.next_chunk(max(0.01, deadline - time.monotonic()))
-            if chunk is None:
-                return RawResponse(status, headers, b"".join(parts), terminated=False)
-            if chunk == b"":
-                return RawResponse(status, headers, b"".join(parts))
-            parts.append(chunk)
-
-    def read_all(self, timeout=5.0):
-        """Every response until the gateway closes the connection."""
-        deadline = time.monotonic() + timeout
-        responses = []
-        while True:
-            response = self.read_response(max(0.01, deadline - time.monotonic()))
-            if response is None:
-                return responses
-            responses.append(response)
-
-    def wait_eof(self, timeout=3.0):
-        """True once the gateway closed the connection (nothing more sent)."""
-        deadline = time.monotonic() + timeout
-        try:
-            while self._fill(deadline):
-                pass
-        except TimeoutError:
-            return False
-        return True
-
-    def rst(self):
-        """Close with a TCP RST (SO_LINGER 0), as a killed client would."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self):
-        self.sock.close()
 
 
 def exchange(gateway, data, timeout=5.0):
@@ -321,32 +129,6 @@ def exchange(gateway, data, timeout=5.0):
     client = RawClient(gateway, timeout)
     client.send(data)
     return client.read_response(timeout), client
-
-
-def assert_json_error(response, status, dialect="openai", code=None, error_type=None, close=False):
-    """A gateway error: the exact status, a JSON body in the route's shape,
-    and (for broken framing) ``connection: close``."""
-    assert response is not None, "no response"
-    assert response.status == status, response
-    assert response.header("content-type") == "application/json", response
-    payload = json.loads(response.body)
-    if dialect == "anthropic":
-        assert set(payload) == {"type", "error"} and payload["type"] == "error", payload
-        assert set(payload["error"]) == {"type", "message"}, payload
-        error = payload["error"]
-    else:
-        assert set(payload) == {"error"}, payload
-        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
-        error = payload["error"]
-        if code is not None:
-            assert error["code"] == code, payload
-    assert isinstance(error["message"], str) and error["message"], payload
-    assert isinstance(error["type"], str) and error["type"], payload
-    if error_type is not None:
-        assert error["type"] == error_type, payload
-    if close:
-        assert response.header("connection") == "close", response
-    return payload
 
 
 def assert_closed_after_error(client, response, status, **kwargs):
@@ -359,10 +141,6 @@ def assert_closed_after_error(client, response, status, **kwargs):
 
 def status_lines(data):
     return len(re.findall(rb"HTTP/1\.[01] \d{3} ", data))
-
-
-def dialect_of(path):
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
 def assert_alive(gateway, key):
@@ -383,32 +161,6 @@ def assert_alive(gateway, key):
     assert (row["request_tokens"], row["response_tokens"]) == (
         body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]), row
     assert elapsed < 1.0, "the normal request took %.2f s" % elapsed
-
-
-def wait_until(predicate, timeout=3.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def settled_rows(gateway, count, timeout=5.0):
-    rows = gateway.wait_for_rows(
-        lambda rows: len(rows) >= count and all(r["status"] != "pending" for r in rows), timeout)
-    assert len(rows) >= count and all(r["status"] != "pending" for r in rows), rows
-    return rows
-
-
-def expected_tokens(path, usage):
-    """(request_tokens, response_tokens) a row must hold for a reported usage."""
-    if path in (CHAT, COMPLETIONS, EMBEDDINGS):
-        return usage["prompt_tokens"], usage.get("completion_tokens", 0)
-    if path == RESPONSES:
-        return usage["input_tokens"], usage["output_tokens"]
-    return (usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
-            + usage.get("cache_creation_input_tokens", 0)), usage["output_tokens"]
 
 
 def worker_threads():
@@ -1720,8 +1472,7 @@ def test_refused_upstream_is_502_fast(make_gateway, upstream):
         started = time.monotonic()
         response = post(gw, path, body_for(path, model), key)
         assert time.monotonic() - started < 1.0
-        payload = assert_json_error(RawResponse(response.status, list(response.headers.items()), response.body),
-                                    502, dialect_of(path))
+        payload = assert_json_error(response, 502, dialect_of(path))
         if path == CHAT:
             assert payload["error"]["code"] == "upstream_unavailable"
     rows = settled_rows(gw, 2)
@@ -1748,8 +1499,7 @@ def test_hanging_upstream_is_504_after_upstream_timeout(gw, key, upstream):
         thread.join(10)
     for path, (elapsed, response) in results.items():
         assert SERVER["upstream_timeout"] - 0.1 <= elapsed < SERVER["upstream_timeout"] + 1.0, elapsed
-        assert_json_error(RawResponse(response.status, list(response.headers.items()), response.body), 504,
-                          dialect_of(path))
+        assert_json_error(response, 504, dialect_of(path))
     rows = settled_rows(gw, 2)
     assert sorted((r["endpoint"], r["status"]) for r in rows) == [(CHAT, "timeout"), (MESSAGES, "timeout")]
     assert wait_until(lambda: upstream.open_connections == 0, 1.0)
@@ -1792,8 +1542,7 @@ def test_provider_auth_failure_is_withheld_and_logged(gw, key, upstream, gwlog, 
     upstream_auth_error with a generic message, none of the provider's body;
     the log names the provider, without the key."""
     response = post(gw, path, body_for(path, "gpt-4o-mini-leak401"), key)
-    payload = assert_json_error(RawResponse(response.status, list(response.headers.items()), response.body), 502,
-                                dialect_of(path))
+    payload = assert_json_error(response, 502, dialect_of(path))
     if path == CHAT:
         assert payload["error"]["code"] == "upstream_auth_error"
     masked = secret[:8] + "..." + secret[-4:]
@@ -1813,8 +1562,7 @@ def test_non_json_upstream_answers_are_502_json(gw, key, upstream, path, fault, 
     """[U07 C04] A 200 with HTML, or a CDN's HTML 502: the client gets a
     502 JSON error (never the HTML), row upstream_error."""
     response = post(gw, path, body_for(path, "gpt-4o-mini-" + fault), key)
-    payload = assert_json_error(RawResponse(response.status, list(response.headers.items()), response.body), 502,
-                                dialect_of(path))
+    payload = assert_json_error(response, 502, dialect_of(path))
     if path == CHAT:
         assert payload["error"]["code"] == "upstream_bad_response"
     assert b"<html" not in response.body.lower()
@@ -1921,10 +1669,6 @@ def test_dripping_nonstreamed_body_is_stopped_by_the_request_deadline(make_gatew
     row, = settled_rows(gw, 1)
     assert row["status"] == "timeout"
     assert_alive(gw, key)
-
-
-def normalise_ids(raw):
-    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
 
 
 @pytest.mark.parametrize("path", [CHAT, MESSAGES])

@@ -7,7 +7,7 @@ test_streaming.py; these cover how prices reach the books.
 import json
 
 import llmgw
-from conftest import post, run_cli
+from conftest import CHAT, expected_columns, expected_cost, post, run_cli
 
 LITELLM_PACK = {
     "sample_spec": {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0, "mode": "chat"},
@@ -27,12 +27,9 @@ def cli_env(gateway, tmp_path):
     return {"CONFIG_PATH": str(config), "DB_PATH": gateway.db_path}
 
 
-def expected_cost(usage, input_price, output_price, cached_price):
-    """nano-USD for an OpenAI usage object at per-million prices."""
-    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-    micro = ((usage["prompt_tokens"] - cached) * input_price + cached * cached_price
-             + usage["completion_tokens"] * output_price)
-    return round(micro * 1000)
+def chat_cost(usage, input_price, output_price, cached_price):
+    """nano-USD for an OpenAI chat usage object at per-million prices."""
+    return expected_cost(expected_columns(CHAT, usage), input_price, output_price, cached=cached_price)
 
 
 def test_litellm_pack_parsed_per_million_and_skipping_unknowns():
@@ -64,8 +61,8 @@ def test_imported_litellm_prices_reach_a_running_gateway(gateway, upstream, vkey
     assert second.status == 200
     rows = gateway.rows()
     usage = upstream.reported[-1]["usage"]
-    assert rows[-1]["cost_nanousd"] == expected_cost(usage, 2, 8, 0.5)
-    assert rows[0]["cost_nanousd"] == expected_cost(upstream.reported[0]["usage"], 2.5, 10, 1.25)
+    assert rows[-1]["cost_nanousd"] == chat_cost(usage, 2, 8, 0.5)
+    assert rows[0]["cost_nanousd"] == chat_cost(upstream.reported[0]["usage"], 2.5, 10, 1.25)
 
     listing = run_cli(["prices", "list", "--output", "json"], tmp_path, env=cli_env(gateway, tmp_path))
     by_model = {row["model"]: row for row in json.loads(listing.stdout)}
@@ -102,8 +99,8 @@ def test_reprice_shows_old_and_new_totals_and_applies(gateway, upstream, vkey, t
     applied = json.loads(run_cli(["stats", "--reprice", "--apply", "--output", "json"], tmp_path, env=env).stdout)
     rows = gateway.rows()
     reported = {r["request_index"]: r["usage"] for r in upstream.reported}
-    assert rows[0]["cost_nanousd"] == expected_cost(reported[0], 1, 2, 0.5)
-    assert rows[1]["cost_nanousd"] == expected_cost(reported[1], 1, 2, 0.5)
+    assert rows[0]["cost_nanousd"] == chat_cost(reported[0], 1, 2, 0.5)
+    assert rows[1]["cost_nanousd"] == chat_cost(reported[1], 1, 2, 0.5)
     assert applied["new_cost"] == llmgw.nanousd_to_usd(sum(row["cost_nanousd"] for row in rows))
     again = json.loads(run_cli(["stats", "--reprice", "--output", "json"], tmp_path, env=env).stdout)
     assert again["changed_rows"] == 0

@@ -5,130 +5,20 @@ Every test runs the real gateway against tests/fake_upstream.py over
 sockets and reads the usage rows back from the database file.
 """
 
-import decimal
 import json
-import re
 
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, call, free_port, post
+from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, COUNT_TOKENS, CREDENTIAL_HEADERS, EMBEDDINGS, MESSAGES, MODELS,
+                      OPENAI_KEY, RESPONSES, TOKEN_COLUMNS, assert_json_error, assert_still_serving, body_for, call,
+                      dialect_of, expected_columns, expected_cost, free_port, normalise_ids, post, tokens_of)
 
 MISTRAL_KEY = "sk-CANARY-MISTRAL-0123456789abcdef"
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
-RESPONSES = "/v1/responses"
-MESSAGES = "/v1/messages"
-COUNT_TOKENS = "/v1/messages/count_tokens"
-MODELS = "/v1/models"
-
 ANTHROPIC_PATHS = (MESSAGES, COUNT_TOKENS)
-TOKEN_COLUMNS = ("request_tokens", "response_tokens", "input_tokens", "cache_read_tokens",
-                 "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 
 
 # ---- helpers ---------------------------------------------------------------
-
-def body_for(path, model):
-    """A minimal valid request body for ``path``."""
-    if path == CHAT:
-        return {"model": model, "messages": [{"role": "user", "content": "hi there"}]}
-    if path == COMPLETIONS:
-        return {"model": model, "prompt": "hi there"}
-    if path == EMBEDDINGS:
-        return {"model": model, "input": ["first", "second"]}
-    if path == RESPONSES:
-        return {"model": model, "input": "hi there"}
-    if path == MESSAGES:
-        return {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": "hi there"}]}
-    if path == COUNT_TOKENS:
-        return {"model": model, "messages": [{"role": "user", "content": "hi there"}]}
-    raise AssertionError(path)
-
-
-def expected_columns(path, usage):
-    """The usage row's token columns for a provider ``usage`` object."""
-    zero = dict.fromkeys(TOKEN_COLUMNS, 0)
-    if path in (CHAT, COMPLETIONS, EMBEDDINGS):
-        prompt = usage["prompt_tokens"]
-        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        output = usage.get("completion_tokens", 0)
-        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
-        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
-                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
-    if path == RESPONSES:
-        prompt = usage["input_tokens"]
-        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
-        output = usage["output_tokens"]
-        reasoning = usage.get("output_tokens_details", {}).get("reasoning_tokens", 0)
-        return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
-                    cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
-    if path == MESSAGES:
-        written = usage.get("cache_creation_input_tokens", 0)
-        written_1h = usage.get("cache_creation", {}).get("ephemeral_1h_input_tokens", 0)
-        read = usage.get("cache_read_input_tokens", 0)
-        return dict(zero, request_tokens=usage["input_tokens"] + read + written,
-                    response_tokens=usage["output_tokens"], input_tokens=usage["input_tokens"],
-                    cache_read_tokens=read, cache_write_tokens=written - written_1h,
-                    cache_write_1h_tokens=written_1h, output_tokens=usage["output_tokens"])
-    raise AssertionError(path)
-
-
-def tokens_of(row):
-    return {column: row[column] for column in TOKEN_COLUMNS}
-
-
-def expected_cost(columns, input_price, output_price, cached=None, write=None, write_1h=None):
-    """Nano-dollars, computed here independently of llmgw."""
-    D = decimal.Decimal
-    cached = input_price if cached is None else cached
-    write = input_price if write is None else write
-    write_1h = write if write_1h is None else write_1h
-    usd_mtok = (columns["input_tokens"] * D(str(input_price)) + columns["cache_read_tokens"] * D(str(cached))
-                + columns["cache_write_tokens"] * D(str(write))
-                + columns["cache_write_1h_tokens"] * D(str(write_1h))
-                + columns["output_tokens"] * D(str(output_price)))
-    return int((usd_mtok * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
-
-
-def normalise_ids(raw):
-    """The fake puts its request counter in ids (chatcmpl-fake3, msg_fake3)."""
-    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
-
-
-def assert_error(response, status, dialect, error_type=None, code=None):
-    """A JSON error in the shape of ``dialect``; returns the error object."""
-    assert response.status == status, response.body
-    assert response.header("content-type").startswith("application/json")
-    payload = response.json()
-    if dialect == "anthropic":
-        assert set(payload) == {"type", "error"}, payload
-        assert payload["type"] == "error"
-        assert set(payload["error"]) == {"type", "message"}, payload
-    else:
-        assert set(payload) == {"error"}, payload
-        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
-        if code is not None:
-            assert payload["error"]["code"] == code
-    assert isinstance(payload["error"]["message"], str) and payload["error"]["message"]
-    if error_type is not None:
-        assert payload["error"]["type"] == error_type
-    return payload["error"]
-
-
-def dialect_of(path):
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
-
-
-def assert_still_serving(gw, key, upstream):
-    """A normal request still succeeds and is forwarded."""
-    before = len(upstream.requests)
-    response = post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), key)
-    assert response.status == 200, response.body
-    assert len(upstream.requests) == before + 1
-
 
 def sent_headers(upstream, index=-1):
     return upstream.requests[index]["headers"]
@@ -205,7 +95,7 @@ def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream):
     for method, path in UNKNOWN_PATHS:
         body = body_for(CHAT, "gpt-4o-mini") if method == "POST" else None
         response = call(gateway, method, path, body, key=vkey)
-        error = assert_error(response, 404, dialect_of(path), "not_found_error")
+        error = assert_json_error(response, 404, dialect_of(path), error_type="not_found_error")["error"]
         assert vkey not in response.body.decode()
         if dialect_of(path) == "openai":
             assert error["code"] == "not_found", path
@@ -216,7 +106,7 @@ def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream):
 
 def test_unknown_path_is_404_even_without_a_key(gateway, vkey, upstream):
     response = post(gateway, "/v1/files", {"model": "x"})
-    assert_error(response, 404, "openai", "not_found_error")
+    assert_json_error(response, 404, "openai", error_type="not_found_error")
     assert upstream.requests == []
 
 
@@ -553,10 +443,10 @@ def _send(gw, path, method, key=None, headers=None, query=""):
 def test_missing_key_is_401(gateway, vkey, upstream):
     for path, method in ALL_PATHS:
         response = _send(gateway, path, method)
-        assert_error(response, 401, dialect_of(path), "authentication_error")
+        assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
         for headers in ({"Authorization": "Bearer "}, {"x-api-key": ""}):
             response = _send(gateway, path, method, headers=headers)
-            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
     assert upstream.requests == []
     assert gateway.rows() == []
 
@@ -565,7 +455,7 @@ def test_key_in_query_string_is_not_accepted(gateway, vkey, upstream):
     for path, method in ALL_PATHS:
         for query in ("?api_key=" + vkey, "?key=" + vkey, "?x-api-key=" + vkey):
             response = _send(gateway, path, method, query=query)
-            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
             assert vkey not in response.body.decode()
     assert upstream.requests == []
 
@@ -576,7 +466,7 @@ def test_unknown_key_is_401_and_not_echoed(gateway, vkey, upstream):
         for headers in ({"Authorization": "Bearer " + bogus}, {"x-api-key": bogus},
                         {"x-api-key": "llmgw-" + "A" * 600}):
             response = _send(gateway, path, method, headers=headers)
-            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
             assert bogus not in response.body.decode()
             assert "zyxwvutsrq" not in response.body.decode() and "AAAAAAAA" not in response.body.decode()
     assert upstream.requests == []
@@ -586,7 +476,7 @@ def test_different_keys_in_both_headers_is_401(gateway, vkey, upstream):
     other = gateway.create_key("other")[1]
     for path, method in ALL_PATHS:
         response = _send(gateway, path, method, headers={"Authorization": "Bearer " + vkey, "x-api-key": other})
-        assert_error(response, 401, dialect_of(path), "authentication_error")
+        assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
         assert vkey not in response.body.decode() and other not in response.body.decode()
     assert upstream.requests == []
     # The same key in both headers is fine.
@@ -597,7 +487,7 @@ def test_different_keys_in_both_headers_is_401(gateway, vkey, upstream):
 def test_malformed_authorization_is_401(gateway, vkey, upstream):
     for authorization in ("Basic {k}", "Bearer", "Bearer  {k}", "{k}", "Token {k}"):
         response = _send(gateway, CHAT, "POST", headers={"Authorization": authorization.format(k=vkey)})
-        assert_error(response, 401, "openai", "authentication_error")
+        assert_json_error(response, 401, "openai", error_type="authentication_error")
         assert vkey not in response.body.decode()
     assert upstream.requests == []
 
@@ -610,7 +500,7 @@ def test_revoked_key_is_401(gateway, upstream):
     for path, method in ALL_PATHS:
         for headers in ({"Authorization": "Bearer " + secret}, {"x-api-key": secret}):
             response = _send(gateway, path, method, headers=headers)
-            assert_error(response, 401, dialect_of(path), "authentication_error")
+            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
             assert secret not in response.body.decode()
     assert len(upstream.requests) == len(ALL_PATHS)
 
@@ -625,7 +515,7 @@ def test_bad_bodies_are_400(gateway, vkey, upstream):
     for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
         for raw in BAD_BODIES:
             response = post(gateway, path, None, vkey, raw_body=raw)
-            assert_error(response, 400, dialect_of(path), "invalid_request_error")
+            assert_json_error(response, 400, dialect_of(path), error_type="invalid_request_error")
             assert vkey not in response.body.decode()
     assert upstream.requests == []
     assert gateway.rows() == []
@@ -648,7 +538,7 @@ def test_unreachable_upstream_is_502_and_recorded(make_gateway, upstream):
                                           "api_key": "sk-dead-0123456789"}})
     key = gw.create_key()[1]
     response = post(gw, CHAT, body_for(CHAT, "dead-model"), key)
-    assert_error(response, 502, "openai", "api_error")
+    assert_json_error(response, 502, "openai", error_type="api_error")
     row, = gw.rows()
     assert (row["status"], row["provider"], row["model"]) == ("upstream_error", "dead", "dead-model")
     assert row["http_status"] is None
@@ -663,7 +553,7 @@ def test_unreachable_anthropic_upstream_is_502_anthropic_shape(make_gateway, ups
     gw = make_gateway(providers={"anthropic": {"base_url": dead, "api_key": ANTHROPIC_KEY}})
     key = gw.create_key()[1]
     response = post(gw, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key)
-    assert_error(response, 502, "anthropic", "api_error")
+    assert_json_error(response, 502, "anthropic", error_type="api_error")
     row, = gw.rows()
     assert (row["status"], row["provider"]) == ("upstream_error", "anthropic")
     assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
@@ -713,7 +603,7 @@ def test_upstream_401_is_withheld(gateway, vkey, upstream):
 
 def check_upstream_401(gateway, vkey, upstream, path):
     response = post(gateway, path, body_for(path, "gpt-4o-leak401"), vkey)
-    assert_error(response, 502, dialect_of(path), "api_error")
+    assert_json_error(response, 502, dialect_of(path), error_type="api_error")
     if dialect_of(path) == "openai":
         assert response.json()["error"]["code"] == "upstream_auth_error"
     text = response.body.decode()
@@ -741,7 +631,7 @@ def test_upstream_non_json_is_502(gateway, vkey, upstream):
 
 def check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_status):
     response = post(gateway, path, body_for(path, "gpt-4o-" + fault), vkey)
-    error = assert_error(response, 502, dialect_of(path), "api_error")
+    error = assert_json_error(response, 502, dialect_of(path), error_type="api_error")["error"]
     if dialect_of(path) == "openai":
         assert error["code"] == "upstream_bad_response"
     assert b"<html" not in response.body.lower() and b"doctype" not in response.body.lower()
@@ -759,7 +649,7 @@ def test_upstream_redirect_is_502_and_not_followed(gateway, vkey, upstream):
 
 def check_redirect(gateway, vkey, upstream, path):
     response = post(gateway, path, body_for(path, "gpt-4o-redirect"), vkey)
-    assert_error(response, 502, dialect_of(path), "api_error")
+    assert_json_error(response, 502, dialect_of(path), error_type="api_error")
     assert response.header("location") is None
     assert b"169.254" not in response.body
     assert len(upstream.requests) == 1
@@ -783,7 +673,7 @@ def test_key_rpm_limit_openai_shape(gateway, upstream):
     for _ in range(2):
         assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status == 200
     response = post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key)
-    assert_error(response, 429, "openai", "rate_limit_error", code="rate_limit_exceeded")
+    assert_json_error(response, 429, "openai", error_type="rate_limit_error", code="rate_limit_exceeded")
     retry_after = int(response.header("retry-after"))
     assert 1 <= retry_after <= 60
     assert len(upstream.requests) == 2
@@ -798,7 +688,7 @@ def test_key_rpm_limit_anthropic_shape(gateway, upstream):
     for _ in range(2):
         assert post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key).status == 200
     response = post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key)
-    assert_error(response, 429, "anthropic", "rate_limit_error")
+    assert_json_error(response, 429, "anthropic", error_type="rate_limit_error")
     assert 1 <= int(response.header("retry-after")) <= 60
     assert len(upstream.requests) == 2
 
@@ -808,7 +698,7 @@ def test_rpm_limit_counts_across_paths(gateway, upstream):
     assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status == 200
     assert call(gateway, "GET", MODELS, key=key).status == 200
     response = post(gateway, COUNT_TOKENS, body_for(COUNT_TOKENS, "claude-haiku-4-5"), key, headers={})
-    assert_error(response, 429, "anthropic", "rate_limit_error")
+    assert_json_error(response, 429, "anthropic", error_type="rate_limit_error")
     assert len(upstream.requests) == 2
 
 
@@ -818,7 +708,7 @@ def test_tier_limits_from_config(make_gateway, upstream):
     premium_key = gw.create_key("premium tier", tier="premium")[1]
     assert post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), default_key).status == 200
     response = post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), default_key)
-    assert_error(response, 429, "openai", "rate_limit_error")
+    assert_json_error(response, 429, "openai", error_type="rate_limit_error")
     assert response.header("retry-after") is not None
     for _ in range(3):
         assert post(gw, CHAT, body_for(CHAT, "gpt-4o-mini"), premium_key).status == 200

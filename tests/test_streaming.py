@@ -8,23 +8,14 @@ off a raw socket to see when each event arrives and how the body ends.
 """
 
 import json
-import re
-import socket
-import struct
 import time
 
 import pytest
 
-from conftest import post, sse_events
+from conftest import (CHAT, COMPLETIONS, MESSAGES, RESPONSES, RawClient, assert_still_serving, expected_columns,
+                      json_request, normalise_ids, post, settled_rows, sse_events, tokens_of)
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-MESSAGES = "/v1/messages"
 STREAM_PATHS = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
-
-TOKEN_COLUMNS = ("request_tokens", "response_tokens", "input_tokens", "cache_read_tokens",
-                 "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens")
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -45,135 +36,37 @@ def stream_body(path, model, **extra):
     return body
 
 
-def expected_columns(path, usage):
-    """A usage row's token columns for the provider's ``usage`` object."""
-    zero = dict.fromkeys(TOKEN_COLUMNS, 0)
-    if path in (CHAT, COMPLETIONS):
-        prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
-        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
-    elif path == RESPONSES:
-        prompt, output = usage["input_tokens"], usage["output_tokens"]
-        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
-        reasoning = usage.get("output_tokens_details", {}).get("reasoning_tokens", 0)
-    else:
-        written = usage.get("cache_creation_input_tokens", 0)
-        written_1h = usage.get("cache_creation", {}).get("ephemeral_1h_input_tokens", 0)
-        read = usage.get("cache_read_input_tokens", 0)
-        return dict(zero, request_tokens=usage["input_tokens"] + read + written,
-                    response_tokens=usage["output_tokens"], input_tokens=usage["input_tokens"],
-                    cache_read_tokens=read, cache_write_tokens=written - written_1h,
-                    cache_write_1h_tokens=written_1h, output_tokens=usage["output_tokens"])
-    return dict(zero, request_tokens=prompt, response_tokens=output, input_tokens=prompt - cached,
-                cache_read_tokens=cached, output_tokens=output, reasoning_tokens=reasoning)
-
-
-def tokens_of(row):
-    return {column: row[column] for column in TOKEN_COLUMNS}
-
-
-def dialect_of(path):
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
-
-
-def settled_rows(gw, count=1, timeout=5.0):
-    """Rows once ``count`` of them exist and none is pending."""
-    rows = gw.wait_for_rows(lambda rows: len(rows) >= count and all(r["status"] != "pending" for r in rows),
-                            timeout)
-    assert len(rows) >= count and all(r["status"] != "pending" for r in rows), rows
-    return rows
-
-
-def normalise_ids(raw):
-    """The fake puts its request counter in ids (chatcmpl-fake3, msg_fake3)."""
-    return re.sub(rb"(?<=[-_])fake\d+", b"fakeN", raw)
-
-
-def assert_still_serving(gw, key, upstream):
-    before = len(upstream.requests)
-    response = post(gw, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, key)
-    assert response.status == 200, response.body
-    assert len(upstream.requests) == before + 1
-
-
-class RawStream:
+class RawStream(RawClient):
     """One request on a raw socket; the chunked answer read chunk by chunk,
     each chunk stamped with the time it arrived."""
 
     def __init__(self, gw, path, body, key, headers=None, timeout=10.0):
-        self.sock = socket.create_connection(("127.0.0.1", gw.port), timeout=timeout)
-        payload = json.dumps(body).encode()
-        lines = ["POST %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % gw.port,
-                 "Authorization: Bearer " + key, "Content-Type: application/json",
-                 "Content-Length: %d" % len(payload)]
-        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        super().__init__(gw, timeout)
+        self.timeout = timeout
         self.sent_at = time.monotonic()
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
-        self._buffer = b""
-        self.eof = False
-        self.status, self.headers = self._read_head()
+        self.send(json_request(path, key, body, extra=list((headers or {}).items())))
+        head = self.read_head(timeout)
+        assert head is not None, "the connection closed before the response head"
+        self.status, header_list = head
+        self.headers = {name.lower(): value for name, value in header_list}
+        assert self.headers.get("transfer-encoding") == "chunked", self.headers
 
-    def _fill(self):
-        data = self.sock.recv(65536)
-        if not data:
-            self.eof = True
-            raise EOFError("connection closed")
-        self._buffer += data
-
-    def _read_until(self, marker):
-        while marker not in self._buffer:
-            self._fill()
-        head, _, self._buffer = self._buffer.partition(marker)
-        return head
-
-    def _read_exactly(self, size):
-        while len(self._buffer) < size:
-            self._fill()
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
-
-    def _read_head(self):
-        head = self._read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(head[0].split()[1])
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        assert headers.get("transfer-encoding") == "chunked", headers
-        return status, headers
-
-    def next_chunk(self):
-        """(arrival time, bytes) of the next chunk; b"" for the terminator.
-        Raises EOFError if the connection closes first."""
-        size_line = self._read_until(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        arrived = time.monotonic()
-        if size == 0:
-            assert self._read_until(b"\r\n") == b""  # no trailers
-            return arrived, b""
-        data = self._read_exactly(size)
-        assert self._read_exactly(2) == b"\r\n"
-        return arrived, data
+    def timed_chunk(self):
+        """(arrival time, bytes) of the next chunk; b"" for the terminator,
+        None if the connection closed first."""
+        data = self.next_chunk(self.timeout)
+        return time.monotonic(), data
 
     def read_all(self):
         """All chunks up to the terminator: ([(time, bytes)], terminated)."""
         chunks = []
-        try:
-            while True:
-                arrived, data = self.next_chunk()
-                if not data:
-                    return chunks, True
-                chunks.append((arrived, data))
-        except EOFError:
-            return chunks, False
-
-    def reset(self):
-        """Close with an RST (SO_LINGER 0), as a killed client would."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self):
-        self.sock.close()
+        while True:
+            arrived, data = self.timed_chunk()
+            if data is None:
+                return chunks, False
+            if not data:
+                return chunks, True
+            chunks.append((arrived, data))
 
 
 # ---- every streamed endpoint is metered ------------------------------------
@@ -434,9 +327,9 @@ def check_errevent(gateway, vkey, upstream, path):
 def test_client_disconnect_mid_stream(gateway, vkey, upstream, path):
     stream = RawStream(gateway, path, stream_body(path, "gpt-4o-drip"), vkey)
     assert stream.status == 200
-    stream.next_chunk()
+    assert stream.next_chunk(stream.timeout) is not None
     assert upstream.open_connections == 1
-    stream.reset()
+    stream.rst()
     row, = settled_rows(gateway)
     assert (row["status"], row["usage_source"], row["streamed"]) == ("client_disconnected", "estimated", 1)
     assert row["request_tokens"] > 0
