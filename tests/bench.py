@@ -701,6 +701,9 @@ def main():
         warm = 1.0
         results = {"direct": {}, "gateway": {}}
         peak = {"rss": 0}
+
+        def track_peak():
+            peak["rss"] = max(peak["rss"], rss_kb(gw.pid))
         for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey)):
             r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
             if target == "gateway":
@@ -712,8 +715,7 @@ def main():
                         raise RuntimeError("the gateway exited with code %s" % gw.returncode)
                     cpu0 = cpu_seconds(gw.pid)
                     if conns == max(levels):
-                        def on_tick():
-                            peak["rss"] = max(peak["rss"], rss_kb(gw.pid))
+                        on_tick = track_peak
                 r = loadgen.run(port, key, conns, args.duration, on_tick)
                 if target == "gateway":
                     r["cpu_ms_per_req"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / r["requests"] if r["requests"] else float("nan")

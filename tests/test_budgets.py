@@ -988,7 +988,7 @@ def test_cli_invalid_policy_is_a_one_line_error(make_gateway, cli_main):
 @pytest.mark.parametrize("flags", [["--budget", "1e12"], ["--rpm", str(2 ** 63)], ["--expires-in", "100000000d"],
                                    ["--expires-in", "9" * 400 + "d"]], ids=["budget", "rpm", "expiry", "huge expiry"])
 def test_cli_out_of_range_policy_is_a_one_line_error(make_gateway, cli_main, flags):
-    gateway = make_gateway()
+    make_gateway()  # the database cli_main's commands use
     code, out, err = cli_main("keys", "create", "p", *flags)
     assert code == 1 and INVALID_ONE_LINE.match(err), err
     code, out, err = cli_main("keys", "list", "--output", "json")
