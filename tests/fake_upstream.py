@@ -1142,6 +1142,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ==== Server ================================================================
 
+#: The name of the fake's per-connection threads.
+CONNECTION_THREAD_NAME = "fake-upstream-connection"
+
+
 class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer that knows its FakeUpstream."""
 
@@ -1154,6 +1158,13 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        """A thread per connection, as ThreadingMixIn does, but named, so
+        tests can tell the fake's threads from the gateway's on any Python
+        (before 3.10 the default name is only ``Thread-N``)."""
+        threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                         name=CONNECTION_THREAD_NAME, daemon=True).start()
 
     def server_bind(self):
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup we don't need.

@@ -31,7 +31,7 @@ from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, COUNT_TOKENS, CREDENTIAL
                       OPENAI_KEY, RESPONSES, RawClient, RunningGateway, assert_json_error, base_config, body_for, call,
                       dialect_of, expected_tokens, free_port, json_request, normalise_ids, post, request_bytes,
                       settled_rows, sse_events, wait_until)
-from fake_upstream import FakeUpstream
+from fake_upstream import CONNECTION_THREAD_NAME, FakeUpstream
 
 #: The small timeouts and limits of the brief; the tests measure against them.
 SERVER = {"header_timeout": 1, "body_timeout": 1, "keepalive_timeout": 1, "upstream_timeout": 2,
@@ -171,7 +171,7 @@ def other_threads():
     """Threads that are neither gateway workers nor the fake upstream's
     per-connection handlers (which live as long as a pooled connection)."""
     return sorted(t.name for t in threading.enumerate()
-                  if t.name != "llmgw-worker" and "process_request_thread" not in t.name)
+                  if t.name not in ("llmgw-worker", CONNECTION_THREAD_NAME))
 
 
 def upstream_peer_closed(upstream):
