@@ -528,9 +528,9 @@ def _parse_pricing(section, where):
 
 def check_provider_key(provider, key):
     """Refuse a key that would corrupt a header (and leak in an error message)."""
-    if not key or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
-        raise ConfigError("the API key for provider %s is empty or contains whitespace "
-                          "or control characters" % provider)
+    if not key or not all(0x21 <= ord(ch) <= 0x7E for ch in key):
+        raise ConfigError("the API key for provider %s is empty or has characters other than printable "
+                          "ASCII (whitespace, control or non-ASCII characters)" % provider)
     return key
 
 
@@ -670,13 +670,20 @@ CREATE TABLE IF NOT EXISTS usage (
     started_at            REAL NOT NULL,
     finished_at           REAL,
     latency_ms            REAL,
-    owner_pid             INTEGER,
+    owner                 TEXT,
     reserved_nanousd      INTEGER NOT NULL DEFAULT 0,
     budget_period_start   REAL
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
-CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner_pid) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS gateway_processes (
+    owner         TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    pid           INTEGER NOT NULL,
+    started_at    REAL NOT NULL,
+    heartbeat_at  REAL NOT NULL
+);
 """
 
 #: A key's limits and budget: the columns ``keys create/update`` may set.
@@ -732,13 +739,15 @@ PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
 BUMP_GENERATION = """INSERT INTO settings (name, value) VALUES ('generation', '1')
                      ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"""
 INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
-                                     status, started_at, owner_pid, reserved_nanousd, budget_period_start)
+                                     status, started_at, owner, reserved_nanousd, budget_period_start)
                   VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"""
 USAGE_RESULT_COLUMNS = (
     "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
     "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms")
-FINISH_USAGE = "UPDATE usage SET %s WHERE id = ?" % ", ".join("%s = ?" % c for c in USAGE_RESULT_COLUMNS)
+#: Only a pending row is settled: one already marked interrupted was charged.
+FINISH_USAGE = "UPDATE usage SET %s WHERE id = ? AND status = 'pending'" % ", ".join(
+    "%s = ?" % c for c in USAGE_RESULT_COLUMNS)
 UPSERT_PRICE = """INSERT INTO prices (model, input, output, cached_input, cache_write, cache_write_1h, source,
                                          imported_at)
                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -751,9 +760,14 @@ USAGE_COSTS = """SELECT u.id, u.model, u.input_tokens, u.cache_read_tokens, u.ca
                         u.cache_write_1h_tokens, u.output_tokens, u.cost_nanousd
                  FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id"""
 SET_COST = "UPDATE usage SET cost_nanousd = ?, priced = ? WHERE id = ?"
-PENDING_OWNERS = "SELECT DISTINCT owner_pid FROM usage WHERE status = 'pending'"
+REGISTER_PROCESS = """INSERT OR REPLACE INTO gateway_processes (owner, host, pid, started_at, heartbeat_at)
+                      VALUES (?, ?, ?, ?, ?)"""
+HEARTBEAT = "UPDATE gateway_processes SET heartbeat_at = ? WHERE owner = ?"
+RETIRE_PROCESS = "DELETE FROM gateway_processes WHERE owner = ?"
+PENDING_OWNERS = """SELECT DISTINCT u.owner, p.host, p.pid, p.heartbeat_at FROM usage u
+                    LEFT JOIN gateway_processes p ON p.owner = u.owner WHERE u.status = 'pending'"""
 ABANDONED_ROWS = """SELECT id, virtual_key_id, reserved_nanousd, budget_period_start FROM usage
-                    WHERE status = 'pending' AND owner_pid IS ? AND started_at < ?"""
+                    WHERE status = 'pending' AND owner IS ?"""
 #: A reservation left by a dead process is charged in full: the provider may
 #: have done the work, and a budget must never be overshot.
 INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cost_nanousd = reserved_nanousd,
@@ -861,6 +875,9 @@ class _GroupCommit:
                         ticket.result = ticket.operation(conn)
                     except Exception as exc:  # handed to the thread that asked
                         conn.execute("ROLLBACK TO operation" if savepoints else "ROLLBACK")
+                        if isinstance(exc, sqlite3.Error):
+                            logger.error("database write failed: %s", exc)
+                            exc = StorageError("the gateway's database is unavailable")
                         ticket.error = exc
                     if savepoints:
                         conn.execute("RELEASE operation")
@@ -1131,7 +1148,7 @@ class Store:
 
     # -- usage rows -------------------------------------------------------------
 
-    def begin_usage(self, request_id, key_id, provider, endpoint, model, streamed, started_at,
+    def begin_usage(self, request_id, owner, key_id, provider, endpoint, model, streamed, started_at,
                     reservation=None):
         """Write the pending row for an upstream attempt; returns (row id,
         budget period start or None).
@@ -1145,7 +1162,7 @@ class Store:
             period_start = None
             if reservation is not None:
                 period_start = _reserve(conn, key_id, reservation, started_at)
-            values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, os.getpid(),
+            values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, owner,
                       reservation if period_start is not None else 0, period_start)
             return conn.execute(INSERT_USAGE, values).lastrowid, period_start
         return self._write(begin)
@@ -1156,9 +1173,13 @@ class Store:
         values = tuple(result[column] for column in USAGE_RESULT_COLUMNS) + (row_id,)
 
         def finish(conn):
-            conn.execute(FINISH_USAGE, values)
+            if not conn.execute(FINISH_USAGE, values).rowcount:
+                return  # recovery got there first and charged the reservation
+            cost = result["cost_nanousd"]
             if period_start is not None:
-                conn.execute(SETTLE_SPEND, (reserved, result["cost_nanousd"], key_id, period_start))
+                conn.execute(SETTLE_SPEND, (reserved, cost, key_id, period_start))
+            elif cost:
+                _charge_new_budget(conn, key_id, cost, result["finished_at"])
         self._write(finish)
 
     def publish_activity(self, owner, rows, now, forget_before):
@@ -1171,23 +1192,41 @@ class Store:
     def others_activity(self, owner, since):
         return self._read(OTHERS_ACTIVITY, (owner, since))
 
-    def recover_interrupted(self, started_at):
+    def register_process(self, owner, now):
+        """Announce a gateway process; its heartbeat shows it is alive."""
+        values = (owner, socket.gethostname(), os.getpid(), now, now)
+        self._write(lambda conn: conn.execute(REGISTER_PROCESS, values))
+
+    def heartbeat(self, owner, now):
+        self._write(lambda conn: conn.execute(HEARTBEAT, (now, owner)))
+
+    def retire_process(self, owner):
+        self._write(lambda conn: conn.execute(RETIRE_PROCESS, (owner,)))
+
+    def recover_interrupted(self, owner, now, stale_after=30.0):
         """Mark rows left pending by dead processes as ``interrupted``.
 
-        A row is abandoned if its owner process is gone, or if it carries our
-        own pid but predates us (a restarted container reuses pid 1).
+        Another process is dead if it runs on this host and its pid is gone
+        (or is ours: a restarted container reuses pid 1), or if its heartbeat
+        is older than ``stale_after`` seconds (any host, such as another
+        container sharing the database).
         """
+        host, pid = socket.gethostname(), os.getpid()
+
+        def dead(other_host, other_pid, heartbeat_at):
+            if heartbeat_at is None:
+                return True  # never registered
+            if other_host == host and (other_pid == pid or not _pid_alive(other_pid)):
+                return True
+            return now - heartbeat_at > stale_after
+
         def recover(conn):
             count = 0
-            for (pid,) in conn.execute(PENDING_OWNERS).fetchall():
-                if pid == os.getpid():
-                    cutoff = started_at
-                elif pid is None or not _pid_alive(pid):
-                    cutoff = float("inf")
-                else:
+            for other, other_host, other_pid, heartbeat_at in conn.execute(PENDING_OWNERS).fetchall():
+                if other == owner or not dead(other_host, other_pid, heartbeat_at):
                     continue
                 for row_id, key_id, reserved, period_start in conn.execute(
-                        ABANDONED_ROWS, (pid, cutoff)).fetchall():
+                        ABANDONED_ROWS, (other,)).fetchall():
                     conn.execute(INTERRUPT_ROW, (time.time(), row_id))
                     if period_start is not None:
                         conn.execute(SETTLE_SPEND, (reserved, reserved, key_id, period_start))
@@ -1196,9 +1235,10 @@ class Store:
         return self._write(recover)
 
     def usage_costs(self, since=None, until=None, project=None):
-        """(row id, model, raw token counts, cost) of usage rows, for re-pricing.
-        The counts are Usage's first five fields, in order."""
-        where, params = _usage_filter(since, until, project)
+        """(row id, model, raw token counts, cost) of settled usage rows, for
+        re-pricing (an interrupted row's cost is its reservation, not a
+        price). The counts are Usage's first five fields, in order."""
+        where, params = _usage_filter(since, until, project, settled_only=True)
         conn = self._connect()
         try:
             return [(row[0], row[1], row[2:7], row[7]) for row in conn.execute(USAGE_COSTS + where, params)]
@@ -1247,9 +1287,10 @@ class Store:
         return result
 
 
-def _usage_filter(since, until, project):
+def _usage_filter(since, until, project, settled_only=False):
     """A WHERE clause (and its parameters) over usage ``u`` joined with keys ``k``."""
-    clauses, params = [], []
+    clauses = ["u.status NOT IN ('pending', 'interrupted')"] if settled_only else []
+    params = []
     for clause, value in (("u.started_at >= ?", since), ("u.started_at < ?", until),
                           ("k.project_name = ?", project)):
         if value is not None:
@@ -1312,6 +1353,16 @@ def _reserve(conn, key_id, amount, now):
                                nanousd_to_usd(amount), when))
     conn.execute(RESERVE_SPEND, (amount, key_id, start))
     return start
+
+
+def _charge_new_budget(conn, key_id, cost, now):
+    """A call that started before its key had a budget still counts
+    against the budget the key has when it ends."""
+    budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
+    if budget is not None:
+        start = budget_period_bounds(now, period)[0]
+        _period_spend(conn, key_id, start)
+        conn.execute(SETTLE_SPEND, (0, cost, key_id, start))
 
 
 def _period_spend(conn, key_id, start):
@@ -1732,11 +1783,20 @@ class UpstreamPool:
         self._lock = threading.Lock()
         self._tls = ssl.create_default_context() if self.scheme == "https" else None
 
-    def acquire(self):
+    #: Idle connections older than this are closed, not reused: providers
+    #: and load balancers drop idle keep-alive connections after a while.
+    max_idle_seconds = 20.0
+
+    def acquire(self, fresh=False):
         """Return (connection, reused): an idle one, or a new one connected now."""
+        now = time.monotonic()
         with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+            while self._idle and not fresh:
+                conn, released_at = self._idle.pop()
+                if now - released_at < self.max_idle_seconds:
+                    conn.sock.settimeout(self.connect_timeout)
+                    return conn, True
+                conn.close()
         if self._tls is not None:
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
                                                context=self._tls)
@@ -1775,14 +1835,14 @@ class UpstreamPool:
         """Return a connection whose last response was read to the end."""
         with self._lock:
             if len(self._idle) < self._max_idle:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
     def close(self):
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
 
@@ -1806,12 +1866,14 @@ class Provider:
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
     def send(self, method, path, dialect, api_key, client_headers, body):
-        """Send one request; returns (connection, response) with the
-        response's headers read. Raises UpstreamError / UpstreamTimeoutError.
+        """Send one request; returns (connection, socket, response) with the
+        response's headers read; the socket outlives ``connection.sock`` when
+        the response closes the connection. Raises UpstreamError or
+        UpstreamTimeoutError.
 
         A pooled connection the provider has closed in the meantime fails
         before any response byte; only then is the request sent once more,
-        on a fresh connection, so a call is never billed twice.
+        on a new connection, so a call is never billed twice.
         """
         headers = {"Content-Type": "application/json"}
         for name in FORWARDED_REQUEST_HEADERS:
@@ -1826,15 +1888,16 @@ class Provider:
         for attempt in (1, 2):
             conn, reused = None, False
             try:
-                conn, reused = self.pool.acquire()
+                conn, reused = self.pool.acquire(fresh=attempt == 2)
                 conn.request(method, target, body=body if method != "GET" else None, headers=headers)
-                conn.sock.settimeout(self.pool.read_timeout)
+                sock = conn.sock
+                sock.settimeout(self.pool.read_timeout)
                 response = conn.getresponse()
                 if len(response.msg.get_all("content-length") or ()) > 1:
                     conn.close()
                     raise UpstreamError("provider %s sent several Content-Length headers" % self.name,
                                         code="upstream_bad_response")
-                return conn, response
+                return conn, sock, response
             except (OSError, http.client.HTTPException) as exc:  # timeouts and TLS errors included
                 if conn is not None:
                     conn.close()
@@ -1851,6 +1914,8 @@ def response_headers(upstream_response):
     kept = []
     for name, value in upstream_response.getheaders():
         lower = name.lower()
+        if "\r" in value or "\n" in value:
+            continue  # a folded value: relayed, it would forge headers
         if lower in FORWARDED_RESPONSE_HEADERS or lower.startswith(FORWARDED_RESPONSE_PREFIXES):
             kept.append((lower, value))
     return kept
@@ -2000,7 +2065,11 @@ _TEXT_FIELD = re.compile(
 
 
 class UpstreamStreamError(Exception):
-    """The provider's stream broke: cut mid-event, oversized, or too slow."""
+    """The provider's stream broke: cut mid-event or oversized."""
+
+
+class StreamDeadlineError(UpstreamStreamError):
+    """The stream outlived ``server.request_deadline``."""
 
 
 def iter_sse_events(response, deadline):
@@ -2013,7 +2082,7 @@ def iter_sse_events(response, deadline):
     buffer = b""
     while True:
         if time.monotonic() > deadline:
-            raise UpstreamStreamError("deadline")
+            raise StreamDeadlineError()
         data = response.read1(65536)
         if not data:
             if buffer.strip():
@@ -2030,6 +2099,22 @@ def iter_sse_events(response, deadline):
         buffer = buffer[start:]
         if len(buffer) > MAX_EVENT_BYTES:
             raise UpstreamStreamError("oversized event")
+
+
+def _read_to_end(response, sock):
+    """Finish reading a response after its final event, so its connection
+    can serve another request. The provider ends the body right after that
+    event; one that lingers is not waited for (the connection is closed)."""
+    if response.isclosed():
+        return not response.will_close
+    try:
+        sock.settimeout(0.05)
+        for _ in range(16):
+            if not response.read1(65536):
+                break
+    except (OSError, http.client.HTTPException):
+        return False
+    return response.isclosed() and not response.will_close
 
 
 def sse_fields(event):
@@ -2113,7 +2198,7 @@ class ResponsesStreamMeter(StreamMeter):
         if name in self.TERMINAL or name == b"error" or (
                 name is None and (_USAGE_OBJECT.search(data) or b'"error"' in data)):
             payload = _json_object(data) or {}
-            kind = payload.get("type", "")
+            kind = payload.get("type") if isinstance(payload.get("type"), str) else ""
             if kind.encode() in self.TERMINAL:
                 self.finished = True
                 response = _details(payload, "response")
@@ -2432,7 +2517,8 @@ class _Call:
         self.started = time.monotonic()
         self.reservation = reservation
         self.row_id, self.period_start = gateway.store.begin_usage(
-            self.request_id, key.id, provider.name, request.path, model, streamed, gateway.clock(), reservation)
+            self.request_id, gateway.owner, key.id, provider.name, request.path, model, streamed,
+            gateway.clock(), reservation)
         self.settled = False
 
     def settle(self, status, http_status, usage):
@@ -2459,8 +2545,9 @@ class _Call:
         self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
         try:
             self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
-        except GatewayError:
-            logger.error("usage row %s could not be settled; it stays pending", self.request_id)
+        except Exception as exc:
+            logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
+                         type(exc).__name__)
 
     def estimate(self, usage, text_bytes):
         """Fill what the provider did not report with the documented estimate:
@@ -2479,6 +2566,7 @@ class Gateway:
     #: How often the background thread looks for usage rows abandoned by
     #: crashed processes (their budget reservations would block keys).
     janitor_interval = 60.0
+    heartbeat_interval = 5.0
 
     def __init__(self, config, store, environ=None, clock=time.time):
         self.config = config
@@ -2489,6 +2577,7 @@ class Gateway:
         self.limits = KeyLimits(store, clock)
         self.prices = None            # PriceTable, rebuilt when prices are imported
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._data_version = None
         self._generation = None
         self._keys = {}               # secret hash -> key record, for active keys
@@ -2497,7 +2586,12 @@ class Gateway:
         self._unpriced_models = set()
         self._request_prefix = secrets.token_hex(4)
         self._request_numbers = itertools.count(1)
+        self.owner = "%s-%d-%s" % (socket.gethostname(), os.getpid(), self._request_prefix)
         self.refresh()
+        store.register_process(self.owner, clock())
+        recovered = store.recover_interrupted(self.owner, clock())
+        if recovered:
+            logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
         self._stopped = threading.Event()
         self._background = threading.Thread(target=self._maintain, name="llmgw-limits", daemon=True)
         self._background.start()
@@ -2507,17 +2601,25 @@ class Gateway:
         self._background.join(2)
         for provider in self.providers.values():
             provider.pool.close()
+        try:
+            self.store.retire_process(self.owner)
+        except GatewayError:
+            pass
 
     def _maintain(self):
         """Share rate-limit counters with other processes; now and then,
         settle usage rows that crashed processes left pending."""
         next_janitor = time.monotonic() + self.janitor_interval
+        next_heartbeat = time.monotonic() + self.heartbeat_interval
         while not self._stopped.wait(KeyLimits.sync_interval):
             try:
                 self.limits.sync()
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self.heartbeat_interval
+                    self.store.heartbeat(self.owner, self.clock())
                 if time.monotonic() >= next_janitor:
                     next_janitor = time.monotonic() + self.janitor_interval
-                    self.store.recover_interrupted(0)
+                    self.store.recover_interrupted(self.owner, self.clock())
             except GatewayError as exc:
                 logger.warning("background sync failed: %s", exc.message)
 
@@ -2559,11 +2661,17 @@ class Gateway:
         version = self.store.data_version()
         if version == self._data_version:
             return
+        with self._refresh_lock:  # others wait here rather than use caches being replaced
+            if version != self._data_version:
+                self._reload_state()
+                self._data_version = version
+
+    def _reload_state(self):
+        """Re-read keys, provider keys, the admin token and prices if their
+        generation moved (usage rows alone do not move it)."""
         generation = self.store.generation()
-        with self._lock:
-            self._data_version = version
-            if generation == self._generation:
-                return
+        if generation == self._generation:
+            return
         stored = self.store.provider_keys()
         provider_keys = {}
         for name, provider in self.providers.items():
@@ -2672,20 +2780,25 @@ class Gateway:
         upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
         call = self._begin_call(request, key, provider, route, dialect, model, body, streamed, reservation)
         try:
-            conn, response = provider.send(request.method, request.path, dialect, api_key,
-                                           request.headers, upstream_body)
-        except GatewayError as exc:
-            call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
+            try:
+                conn, sock, response = provider.send(request.method, request.path, dialect, api_key,
+                                                     request.headers, upstream_body)
+            except GatewayError as exc:
+                call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
+                raise
+            headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
+            content_type = response.getheader("content-type", "")
+            if (route.stream_meter is not None and 200 <= response.status < 300
+                    and content_type.startswith("text/event-stream")):
+                sock.settimeout(self.config.server.stream_idle_timeout)
+                stream = self._relay(call, conn, sock, response, route.stream_meter(hide_usage_chunk))
+                return Reply(response.status, headers + [("content-type", content_type),
+                                                         ("cache-control", "no-cache")], stream=stream)
+            return self._complete(call, conn, sock, response, headers)
+        except BaseException:
+            # Whatever went wrong, the row does not stay pending (settling twice is a no-op).
+            call.settle("upstream_error", None, Usage())
             raise
-        headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
-        content_type = response.getheader("content-type", "")
-        if (route.stream_meter is not None and 200 <= response.status < 300
-                and content_type.startswith("text/event-stream")):
-            conn.sock.settimeout(self.config.server.stream_idle_timeout)
-            stream = self._relay(call, conn, response, route.stream_meter(hide_usage_chunk))
-            return Reply(response.status, headers + [("content-type", content_type),
-                                                     ("cache-control", "no-cache")], stream=stream)
-        return self._complete(call, conn, response, headers)
 
     def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
         """Count the request against the key's rate limits, then write its
@@ -2768,7 +2881,7 @@ class Gateway:
                                 code="model_not_found")
         return default, model
 
-    def _complete(self, call, conn, response, headers):
+    def _complete(self, call, conn, sock, response, headers):
         """Read a whole (non-streamed) answer, record it, then reply."""
         provider = call.provider
         deadline = call.started + self.config.server.request_deadline
@@ -2778,7 +2891,7 @@ class Gateway:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise socket.timeout()
-                conn.sock.settimeout(min(remaining, provider.pool.read_timeout))
+                sock.settimeout(min(remaining, provider.pool.read_timeout))
                 data = response.read1(65536)
                 if not data:
                     break
@@ -2830,52 +2943,47 @@ class Gateway:
         return Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
                      body)
 
-    def _relay(self, call, conn, response, meter):
-        """Relay a stream event by event; settle the usage row before the
-        event that ends the stream goes out, so a client that saw the end
-        of its answer is always on the books."""
-        held, closing_event, outcome = [], None, "ok"
-        deadline = call.started + self.config.server.request_deadline
+    def _relay(self, call, conn, sock, response, meter):
+        """Relay a stream event by event. The event that ends it is held
+        back until the usage row is settled, so a client that saw the end of
+        its answer is always on the books."""
+        held = []
+        outcome = "client_disconnected"  # if the handler closes this generator
         try:
-            try:
-                for event in iter_sse_events(response, deadline):
-                    relay = meter.feed(event)
-                    if meter.finished:
-                        if relay:
-                            held.append(event)
-                    elif relay:
-                        yield event
-            except ClientDisconnected:
-                outcome = "client_disconnected"
-            except (socket.timeout, UpstreamStreamError) as exc:
-                timed_out = isinstance(exc, socket.timeout) or str(exc) == "deadline"
-                outcome = "timeout" if timed_out else "upstream_truncated"
-            except (OSError, http.client.HTTPException):
-                outcome = "upstream_truncated"
-            if outcome == "ok" and not meter.finished and meter.error is None:
-                outcome = "upstream_truncated"
-            if outcome == "ok" and not response.will_close:
+            outcome = yield from self._forward_events(call, response, meter, held)
+        finally:
+            if outcome == "ok" and _read_to_end(response, sock):
                 call.provider.pool.release(conn)
             else:
-                conn.close()
-            if outcome in ("upstream_truncated", "timeout"):
-                message = ("The provider's stream stopped before it was complete" if outcome != "timeout"
-                           else "The provider's stream timed out")
-                closing_event = stream_error_event(call.dialect, call.request.path, message, outcome)
-            elif meter.error is not None:
-                outcome = "upstream_error"
+                conn.close()  # also stops a provider still generating for a client that left
             usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
             call.settle(outcome, response.status, usage)
-        finally:
-            if not call.settled:  # the handler closed us without a word
-                conn.close()
-                call.settle("client_disconnected", response.status, call.estimate(meter.usage, meter.text_bytes))
         if outcome == "client_disconnected":
             return
-        for event in held:
-            yield event
-        if closing_event is not None:
-            yield closing_event
+        yield from held
+        if outcome in ("upstream_truncated", "timeout"):
+            message = ("The provider's stream timed out" if outcome == "timeout"
+                       else "The provider's stream stopped before it was complete")
+            yield stream_error_event(call.dialect, call.request.path, message, outcome)
+
+    def _forward_events(self, call, response, meter, held):
+        """Yield the provider's events until the one that ends the stream
+        (kept in ``held``); return how the stream ended."""
+        try:
+            for event in iter_sse_events(response, call.started + self.config.server.request_deadline):
+                relay = meter.feed(event)
+                if meter.finished:
+                    held.extend((event,) if relay else ())
+                    return "upstream_error" if meter.error is not None else "ok"
+                if relay:
+                    yield event
+        except ClientDisconnected:
+            return "client_disconnected"
+        except (socket.timeout, StreamDeadlineError):
+            return "timeout"
+        except (OSError, http.client.HTTPException, UpstreamStreamError):
+            return "upstream_truncated"
+        return "upstream_error" if meter.error is not None else "upstream_truncated"
 
     # -- admin API -----------------------------------------------------------
 
@@ -3170,7 +3278,6 @@ class ConnectionWatcher:
 
     def __init__(self, server):
         self.server = server
-        self.limits = server.gateway.config.server
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
@@ -3181,6 +3288,11 @@ class ConnectionWatcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llmgw-watcher", daemon=True)
         self._thread.start()
+
+    @property
+    def limits(self):
+        """The server settings in force (a SIGHUP reload replaces them)."""
+        return self.server.gateway.config.server
 
     def watch(self, connection):
         """Take a new connection, or one back from a worker after its reply."""
@@ -3198,27 +3310,37 @@ class ConnectionWatcher:
     def _run(self):
         next_sweep = 0.0
         while not self._stopping:
-            for key, _ in self._selector.select(timeout=0.25):
-                if key.fileobj is self._wake_reader:
-                    try:
-                        self._wake_reader.recv(4096)
-                    except OSError:
-                        pass
-                else:
-                    self._receive(key.data)
-            while self._arrivals:
-                connection = self._arrivals.popleft()
-                if connection is not None:
-                    self._adopt(connection)
-            now = time.monotonic()
-            if now >= next_sweep:
-                self._expire(now)
-                next_sweep = now + 0.25
+            try:
+                next_sweep = self._turn(next_sweep)
+            except Exception as exc:  # one bad connection must not stop all serving
+                logger.error("unexpected %s in the connection watcher", type(exc).__name__)
+                logger.debug("traceback", exc_info=True)
         for connection in list(self._connections):
             self._drop(connection)
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+    def _turn(self, next_sweep):
+        """One round: read what arrived, adopt new connections, expire old
+        ones. Returns when the next expiry sweep is due."""
+        for key, _ in self._selector.select(timeout=0.25):
+            if key.fileobj is self._wake_reader:
+                try:
+                    self._wake_reader.recv(4096)
+                except OSError:
+                    pass
+            else:
+                self._receive(key.data)
+        while self._arrivals:
+            connection = self._arrivals.popleft()
+            if connection is not None:
+                self._adopt(connection)
+        now = time.monotonic()
+        if now < next_sweep:
+            return next_sweep
+        self._expire(now)
+        return now + 0.25
 
     def _adopt(self, connection):
         connection.sock.setblocking(False)
@@ -3478,7 +3600,8 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         write = self.connection.sendall
         if reply.stream is None:
             # One write: headers and body leave in the same segment.
-            write(self._head(reply, "content-length: %d" % len(reply.body)) + reply.body)
+            body = reply.body if self.command != "HEAD" else b""
+            write(self._head(reply, "content-length: %d" % len(reply.body)) + body)
             return
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
@@ -3577,11 +3700,16 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     def _serve_request(self, connection):
         """A worker's job: one request, then the connection goes back to the
         watcher for the next one, or is closed."""
-        handler = GatewayHandler(connection, self)
-        if handler.close_connection or self.draining:
-            self.release(connection)
-        else:
+        try:
+            keep_alive = not GatewayHandler(connection, self).close_connection and not self.draining
+        except Exception as exc:  # a bug must cost one connection, not the server's capacity
+            logger.error("unexpected %s while serving a request", type(exc).__name__)
+            logger.debug("traceback", exc_info=True)
+            keep_alive = False
+        if keep_alive:
             self.watcher.watch(connection)
+        else:
+            self.release(connection)
 
     def release(self, connection):
         """Close a connection and free its place."""
@@ -3623,13 +3751,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 def make_server(config, store=None, host=None, port=None, environ=None, reuse_port=False, clock=time.time):
     """A listening GatewayServer (not yet serving). Port 0 picks a free port;
     ``clock`` (wall time) is injectable for budget periods and limits."""
-    started_at = time.time()
     if store is None:
         store = Store(db_path_from_env(os.environ if environ is None else environ),
                       synchronous=config.database.synchronous.upper())
-    recovered = store.recover_interrupted(started_at)
-    if recovered:
-        logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
     gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,
                port if port is not None else config.server.port)

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -397,10 +398,14 @@ def test_reservation_of_a_killed_process_is_settled_at_the_next_start(make_gatew
     with conn:
         conn.execute("INSERT INTO key_spend (key_id, period_start, spent_nanousd, reserved_nanousd) "
                      "VALUES (?, ?, 0, ?)", (key_id, start, reservation))
+        conn.execute("INSERT INTO gateway_processes (owner, host, pid, started_at, heartbeat_at) "
+                     "VALUES ('killed-gateway', ?, ?, ?, ?)",
+                     (socket.gethostname(), dead.pid, time.time() - 5, time.time()))
         conn.execute("INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed, status, "
-                     "started_at, owner_pid, reserved_nanousd, budget_period_start) "
-                     "VALUES ('killed-1', ?, 'openai', '/v1/chat/completions', 'acme-1', 0, 'pending', ?, ?, ?, ?)",
-                     (key_id, time.time() - 1, dead.pid, reservation, start))
+                     "started_at, owner, reserved_nanousd, budget_period_start) "
+                     "VALUES ('killed-1', ?, 'openai', '/v1/chat/completions', 'acme-1', 0, 'pending', ?, "
+                     "'killed-gateway', ?, ?)",
+                     (key_id, time.time() - 1, reservation, start))
     conn.close()
     assert key_info(first, secret).json()["reserved"] == usd(reservation)
     second = make_gateway(pricing=PRICES)  # make_server recovers rows of dead owners
