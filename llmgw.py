@@ -17,10 +17,10 @@ Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 3. Storage                -- ``Store``: SQLite schema, keys, usage rows, stats.
 4. Pricing and usage      -- ``Usage``, usage normalisation, ``PriceTable``.
 5. Providers              -- ``Provider``: pooled upstream connections.
-6. Rate limiting          -- ``RateLimiter``: requests per minute per key.
+6. Rate limiting          -- ``KeyLimits``: RPM, TPM, requests in flight, per key.
 7. Streams                -- SSE event splitting and per-API stream meters.
 8. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
-9. HTTP handler           -- ``GatewayHandler``: bytes <-> Request/Reply.
+9. HTTP connections       -- watcher thread, worker pool, ``GatewayHandler``.
 10. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
 
 Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
@@ -218,7 +218,7 @@ CONFIG_TEMPLATE = """\
 # database), or the environment (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...).
 # Admin token: `python cli.py init` / `python cli.py admin-token`, or the
 # LLMGW_ADMIN_TOKEN environment variable.
-# Changes take effect when the gateway starts.
+# Changes take effect when the gateway starts, or on SIGHUP (kill -HUP <pid>).
 
 server:
   host: 0.0.0.0
@@ -2313,10 +2313,10 @@ class Request:
 
 class Reply:
     """A response: a complete body, or a stream of events (``stream``)."""
-    __slots__ = ("status", "headers", "body", "stream", "close")
+    __slots__ = ("status", "headers", "body", "stream")
 
-    def __init__(self, status, headers, body=b"", stream=None, close=False):
-        self.status, self.headers, self.body, self.stream, self.close = status, headers, body, stream, close
+    def __init__(self, status, headers, body=b"", stream=None):
+        self.status, self.headers, self.body, self.stream = status, headers, body, stream
 
 
 def json_reply(status, payload, headers=()):
@@ -2752,7 +2752,9 @@ class Gateway:
         except ClientDisconnected:
             raise
         except Exception:
-            logger.exception("unexpected error on %s %s", request.method, printable(path))
+            logger.error("unexpected %s on %s %s", sys.exc_info()[0].__name__, request.method,
+                         redact(path, self.known_secrets())[:200])
+            logger.debug("traceback", exc_info=True)
             return error_reply(GatewayError("The gateway hit an internal error"), dialect)
 
     def _proxy(self, request):
@@ -3115,26 +3117,30 @@ def dialect_for(route, request):
     return ANTHROPIC if "anthropic-version" in request.headers else OPENAI
 
 
+#: Where clients may put the virtual key: OpenAI and Anthropic 2.x SDKs send
+#: Authorization: Bearer, Anthropic 1.x x-api-key, Azure-style clients api-key.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
 def client_credential(headers):
-    """The virtual key from ``Authorization: Bearer`` or ``x-api-key``."""
-    secret = None
+    """The virtual key from ``Authorization: Bearer``, ``x-api-key`` or
+    ``api-key``; several of them must carry the same key."""
+    found = []
     authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value or value != value.strip():
             raise AuthenticationError("Send the virtual key as Authorization: Bearer <key> or x-api-key: <key>")
-        secret = value
-    api_key = headers.get("x-api-key")
-    if api_key is not None:
-        if secret is not None and not hmac.compare_digest(secret.encode(), api_key.encode()):
-            raise AuthenticationError("Authorization and x-api-key carry different keys",
-                                      code="ambiguous_credentials")
-        secret = api_key
-    if not secret:
+        found.append(value)
+    found.extend(headers[name] for name in CREDENTIAL_HEADERS[1:] if name in headers)
+    if not found or not found[0]:
         raise AuthenticationError("Missing virtual key: send Authorization: Bearer <key> or x-api-key: <key>",
                                   code="missing_api_key")
+    secret = found[0]
+    if any(not hmac.compare_digest(secret.encode(), other.encode()) for other in found[1:]):
+        raise AuthenticationError("The credential headers carry different keys", code="ambiguous_credentials")
     if len(secret) > 512:
-        raise AuthenticationError("Invalid or revoked virtual key")
+        raise AuthenticationError("Invalid, revoked or expired virtual key")
     return secret
 
 
@@ -3199,7 +3205,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
 #: Headers that may appear once: a second copy is a smuggling attempt or a mistake.
-_SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "content-type", "host",
+_SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "api-key", "content-type", "host",
                              "anthropic-version", "transfer-encoding", "expect"))
 #: Bodies up to this size are read by the watcher, so their senders never hold a worker.
 INLINE_BODY_BYTES = 256 * 1024
@@ -3486,7 +3492,8 @@ class WorkerPool:
                     return
                 self._work(item)
             except Exception:
-                logger.exception("unexpected error in a worker")
+                logger.error("unexpected %s in a worker", sys.exc_info()[0].__name__)
+                logger.debug("traceback", exc_info=True)
             finally:
                 with self._lock:
                     self._busy -= 1
@@ -3590,9 +3597,9 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
     def _head(self, reply, framing):
         lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)), "server: " + self.server_version]
         lines.extend("%s: %s" % header for header in reply.headers)
-        lines.append(framing)
-        if self.close_connection or reply.close:
-            self.close_connection = True
+        if framing is not None:  # None: the body ends when the connection does (HTTP/1.0)
+            lines.append(framing)
+        if self.close_connection:
             lines.append("connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -3606,7 +3613,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True  # an HTTP/1.0 stream ends when the connection does
-        head = self._head(reply, "transfer-encoding: chunked" if chunked else "x-framing: close")
+        head = self._head(reply, "transfer-encoding: chunked" if chunked else None)
         stream = reply.stream
         try:
             for event in stream:
@@ -3816,7 +3823,8 @@ def _supervise(config, host, port, processes):
             except GatewayError as exc:
                 logger.error("%s", exc.message)
             except BaseException:
-                logger.exception("gateway process failed")
+                logger.error("gateway process failed: %s", sys.exc_info()[0].__name__)
+                logger.debug("traceback", exc_info=True)
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()

@@ -967,7 +967,7 @@ AUTH_CASES = [
     ("A05-bad-bearer-good-x-api-key", [("Authorization", "Bearer llmgw-wrong"), ("x-api-key", "{key}")]),
     ("A05-basic-and-x-api-key", [("Authorization", "Basic {basic}"), ("x-api-key", "{key}")]),
     ("X08-underscore", [("x_api_key", "{key}")]),
-    ("X08-azure-api-key", [("api-key", "{key}")]),
+    ("api-key-and-x-api-key-differ", [("api-key", "{key}"), ("x-api-key", "llmgw-other")]),
     ("proxy-authorization", [("Proxy-Authorization", "Bearer {key}")]),
     ("cookie", [("Cookie", "api_key={key}")]),
 ]
@@ -1802,7 +1802,7 @@ def test_secrets_never_appear_in_logs_responses_or_admin_api(gw, key, upstream, 
         client.close()
         outputs.append(client.received)
 
-    everywhere = [("User-Agent", key), ("X-Custom", OPENAI_KEY), ("api-key", ANTHROPIC_KEY),
+    everywhere = [("User-Agent", key), ("X-Custom", OPENAI_KEY), ("api_key", ANTHROPIC_KEY),
                   ("Cookie", "k=" + key), ("Proxy-Authorization", "Bearer " + OPENAI_KEY),
                   ("anthropic-beta", key), ("openai-beta", OPENAI_KEY), ("X-Forwarded-For", key)]
     body_secrets = {"api_key": OPENAI_KEY, "user": key, "metadata": {"user_id": ANTHROPIC_KEY},

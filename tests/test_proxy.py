@@ -340,17 +340,17 @@ def assert_one_credential(upstream, header, value, vkey):
 
 
 def credential_headers(kind, vkey):
-    return {"x-api-key": vkey} if kind == "x-api-key" else {"Authorization": "Bearer " + vkey}
+    return {kind: vkey} if kind in ("x-api-key", "api-key") else {"Authorization": "Bearer " + vkey}
 
 
 def test_openai_paths_get_the_real_key(gateway, vkey, upstream):
     for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
-        for kind in ("authorization", "x-api-key"):
+        for kind in ("authorization", "x-api-key", "api-key"):
             response = post(gateway, path, body_for(path, "gpt-4o-mini"), headers=credential_headers(kind, vkey))
             assert response.status == 200, response.body
             assert_one_credential(upstream, "authorization", "Bearer " + OPENAI_KEY, vkey)
             assert "anthropic-version" not in upstream.requests[-1]["headers"]
-    assert len(upstream.requests) == 8
+    assert len(upstream.requests) == 12
 
 
 def test_anthropic_paths_get_the_real_key(gateway, vkey, upstream):
