@@ -175,7 +175,7 @@ def cmd_keys_rotate(args):
 
 
 def cmd_keys_topup(args):
-    amount = llmgw.parse_key_policy({"max_budget": args.amount}, llmgw.load_config(), 0)["max_budget_nanousd"]
+    amount = llmgw.parse_usd(args.amount)
     store = _store()
     if not amount or not store.topup(args.id, amount, time.time()):
         raise llmgw.ConfigError("the amount must be positive, and key %s must exist and have a budget" % args.id)

@@ -1076,8 +1076,9 @@ class Store:
             spent, reserved, topup = rows[0]
         else:
             spent, reserved, topup = self._read(PERIOD_COST, (key.id, start))[0][0], 0, 0
+        allowance = None if key.max_budget_nanousd is None else key.max_budget_nanousd + topup
         return {"period_start": start, "period_end": end, "spent_nanousd": spent, "reserved_nanousd": reserved,
-                "topup_nanousd": topup}
+                "topup_nanousd": topup, "allowance_nanousd": allowance}
 
     def get_key(self, key_id):
         key = self.find_key_by_id(key_id)
@@ -1683,28 +1684,27 @@ def _details(usage, name):
     return details if isinstance(details, dict) else {}
 
 
-def openai_usage(usage):
-    """Chat, completions and embeddings ``usage``: prompt_tokens includes
-    cached and cache-write tokens; completion_tokens includes reasoning."""
-    prompt = _count(usage.get("prompt_tokens"))
-    details = _details(usage, "prompt_tokens_details")
-    cached = _count(details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens"))
+def _openai_family_usage(usage, input_name, output_name, cache_hit_fallback=None):
+    """OpenAI's rule under either naming: the input count includes cached
+    and cache-write tokens; the output count includes reasoning."""
+    details = _details(usage, input_name + "_details")
+    cached = _count(details.get("cached_tokens") or (cache_hit_fallback and usage.get(cache_hit_fallback)))
     written = _count(details.get("cache_write_tokens"))
-    return Usage(input_tokens=max(prompt - cached - written, 0), cache_read_tokens=cached,
-                 cache_write_tokens=written, output_tokens=_count(usage.get("completion_tokens")),
-                 reasoning_tokens=_count(_details(usage, "completion_tokens_details").get("reasoning_tokens")),
+    return Usage(input_tokens=max(_count(usage.get(input_name)) - cached - written, 0), cache_read_tokens=cached,
+                 cache_write_tokens=written, output_tokens=_count(usage.get(output_name)),
+                 reasoning_tokens=_count(_details(usage, output_name + "_details").get("reasoning_tokens")),
                  source="reported")
+
+
+def openai_usage(usage):
+    """Chat, completions and embeddings ``usage`` (DeepSeek may report cache
+    hits only as ``prompt_cache_hit_tokens``)."""
+    return _openai_family_usage(usage, "prompt_tokens", "completion_tokens", "prompt_cache_hit_tokens")
 
 
 def responses_usage(usage):
     """Responses API ``usage``: the same rules under other names."""
-    prompt = _count(usage.get("input_tokens"))
-    details = _details(usage, "input_tokens_details")
-    cached, written = _count(details.get("cached_tokens")), _count(details.get("cache_write_tokens"))
-    return Usage(input_tokens=max(prompt - cached - written, 0), cache_read_tokens=cached,
-                 cache_write_tokens=written, output_tokens=_count(usage.get("output_tokens")),
-                 reasoning_tokens=_count(_details(usage, "output_tokens_details").get("reasoning_tokens")),
-                 source="reported")
+    return _openai_family_usage(usage, "input_tokens", "output_tokens")
 
 
 def anthropic_usage(usage):
@@ -2405,6 +2405,14 @@ def _positive_int_or_none(name, value):
     return value
 
 
+def parse_usd(amount, name="amount"):
+    """A non-negative amount of USD (a JSON number) as integer nano-dollars."""
+    if (isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount)
+            or not 0 <= amount <= _MAX_BUDGET_USD):
+        raise BadRequestError("%s must be a non-negative amount in USD" % name)
+    return int((decimal.Decimal(str(amount)) * 1000000000).to_integral_value())
+
+
 def parse_key_policy(fields, config, now):
     """Validate policy fields (POLICY_FIELDS, user-facing units) into the
     stored POLICY_COLUMNS. Only the fields given are returned; None clears."""
@@ -2421,11 +2429,7 @@ def parse_key_policy(fields, config, now):
             policy[name] = _positive_int_or_none(name, fields[name])
     if "max_budget" in fields:
         budget = fields["max_budget"]
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not math.isfinite(budget) or not 0 <= budget <= _MAX_BUDGET_USD):
-            raise BadRequestError("max_budget must be a non-negative amount in USD")
-        policy["max_budget_nanousd"] = None if budget is None else int(
-            (decimal.Decimal(str(budget)) * 1000000000).to_integral_value())
+        policy["max_budget_nanousd"] = None if budget is None else parse_usd(budget, "max_budget")
     if "budget_period" in fields:
         if fields["budget_period"] not in BUDGET_PERIODS:
             raise BadRequestError("budget_period must be one of %s" % ", ".join(BUDGET_PERIODS))
@@ -2480,7 +2484,7 @@ def usage_stats(store, group_by="key", since=None, until=None, project=None, now
             key = store.find_key_by_id(row["virtual_key_id"])
             if key is not None and key.max_budget_nanousd is not None:
                 spend = store.key_spend(key, now)
-                allowance = key.max_budget_nanousd + spend["topup_nanousd"]
+                allowance = spend["allowance_nanousd"]
                 row.update(max_budget=nanousd_to_usd(allowance), budget_spent=nanousd_to_usd(spend["spent_nanousd"]),
                            budget_used_pct=round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None)
     return rows
@@ -2847,12 +2851,11 @@ class Gateway:
         spend = self.store.key_spend(key, self.clock())
         info = key.as_dict()
         del info["key_hint"]
-        budget = key.max_budget_nanousd
-        allowance = None if budget is None else budget + spend["topup_nanousd"]
+        allowance = spend["allowance_nanousd"]
         info.update({
             "rpm": self.requests_per_minute(key),
-            "period_start": iso_time(spend["period_start"]) if budget is not None else None,
-            "period_end": iso_time(spend["period_end"]) if budget is not None else None,
+            "period_start": iso_time(spend["period_start"]) if allowance is not None else None,
+            "period_end": iso_time(spend["period_end"]) if allowance is not None else None,
             "spent": nanousd_to_usd(spend["spent_nanousd"]),
             "reserved": nanousd_to_usd(spend["reserved_nanousd"]),
             "budget": None if allowance is None else nanousd_to_usd(allowance),
@@ -3058,7 +3061,7 @@ class Gateway:
 
     def _admin_topup(self, request, key_id):
         _, body = parse_json_body(request, 64 * 1024)
-        amount = parse_key_policy({"max_budget": body.get("amount")}, self.config, 0)["max_budget_nanousd"]
+        amount = parse_usd(body.get("amount"))
         if not amount or not self.store.topup(key_id, amount, self.clock(), "admin-api"):
             raise BadRequestError("amount must be positive, and the key must exist and have a budget")
         return json_reply(200, self._admin_key(key_id))
