@@ -2208,7 +2208,7 @@ class ResponsesStreamMeter(StreamMeter):
                     self.error = _error_message(response.get("error"), "The response failed")
             elif kind == "error":
                 self.error = _error_message(payload)
-        else:
+        elif name is None or name.endswith(b".delta"):  # *.done events repeat the text
             self._count_text(data)
         return True
 
@@ -2272,12 +2272,13 @@ class Route:
     usage_parser: Optional[object] = None  # None: nothing billable
     stream_meter: Optional[type] = None
     injects_stream_usage: bool = False   # ask OpenAI for usage on streams
+    generates: bool = True               # produces output tokens (embeddings do not)
 
 
 ROUTES = {
     "/v1/chat/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
     "/v1/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
-    "/v1/embeddings": Route("POST", OPENAI, openai_usage),
+    "/v1/embeddings": Route("POST", OPENAI, openai_usage, generates=False),
     "/v1/responses": Route("POST", OPENAI, responses_usage, ResponsesStreamMeter),
     "/v1/messages": Route("POST", ANTHROPIC, anthropic_usage, MessagesStreamMeter),
     "/v1/messages/count_tokens": Route("POST", ANTHROPIC),
@@ -2286,6 +2287,8 @@ ROUTES = {
 }
 #: A key asks about itself; answered by the gateway, never forwarded.
 KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
+#: Admin API bodies are small JSON objects.
+ADMIN_BODY_BYTES = 64 * 1024
 
 
 class Request:
@@ -2839,7 +2842,7 @@ class Gateway:
                       and body[name] > 0), None)
         choices = max([body[name] for name in ("n", "best_of") if isinstance(body.get(name), int)
                        and not isinstance(body.get(name), bool) and body[name] > 0] or [1])
-        output_tokens = 0 if route is ROUTES["/v1/embeddings"] else (
+        output_tokens = 0 if not route.generates else (
             (limit or self.config.budgets.max_output_tokens) * choices)
         costliest_input = max(value for value in (price.input, price.cached_input, price.cache_write,
                                                   price.cache_write_1h) if value is not None)
@@ -3030,7 +3033,7 @@ class Gateway:
         return record
 
     def _admin_create_key(self, request):
-        _, body = parse_json_body(request, 64 * 1024)
+        _, body = parse_json_body(request, ADMIN_BODY_BYTES)
         fields = {name: value for name, value in body.items() if name != "project_name"}
         record, secret = create_virtual_key(self.store, self.config, body.get("project_name"), fields,
                                             "admin-api", self.clock())
@@ -3038,7 +3041,7 @@ class Gateway:
         return json_reply(201, dict(record, key=secret))
 
     def _admin_update_key(self, request, key_id):
-        _, body = parse_json_body(request, 64 * 1024)
+        _, body = parse_json_body(request, ADMIN_BODY_BYTES)
         policy = parse_key_policy(body, self.config, self.clock())
         if not self.store.update_key(key_id, policy, self.clock(), "admin-api"):
             raise NotFoundError("No virtual key with that id")
@@ -3051,7 +3054,7 @@ class Gateway:
         return json_reply(200, dict(self._admin_key(key_id), revoked=True))
 
     def _admin_rotate_key(self, request, key_id):
-        _, body = parse_json_body(request, 64 * 1024)
+        _, body = parse_json_body(request, ADMIN_BODY_BYTES)
         grace = parse_duration(body.get("grace", "0s"))
         secret = self.store.rotate_key(key_id, grace, self.clock(), "admin-api")
         if secret is None:
@@ -3060,7 +3063,7 @@ class Gateway:
                                     previous_key_valid_until=iso_time(self.clock() + grace)))
 
     def _admin_topup(self, request, key_id):
-        _, body = parse_json_body(request, 64 * 1024)
+        _, body = parse_json_body(request, ADMIN_BODY_BYTES)
         amount = parse_usd(body.get("amount"))
         if not amount or not self.store.topup(key_id, amount, self.clock(), "admin-api"):
             raise BadRequestError("amount must be positive, and the key must exist and have a budget")

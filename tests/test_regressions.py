@@ -535,3 +535,18 @@ def test_head_health_sends_no_body_and_the_next_pipelined_request_is_answered(ga
     else:
         assert following is not None and following.status == 200, following
     client.close()
+
+
+# ---- Responses stream estimates count the generated text once --------------------
+
+def test_responses_stream_estimate_counts_text_once(gateway, vkey):
+    """A Responses stream repeats its text in ``*.done`` events; an estimate
+    made from everything relayed counted it about three times."""
+    response = post(gateway, RESPONSES, {"model": "gpt-4o-mini-nousage", "input": "hi", "stream": True}, vkey)
+    assert response.status == 200
+    deltas = [json.loads(data)["delta"] for name, data in sse_events(response.body)
+              if name == "response.output_text.delta"]
+    assert deltas, "the fake streamed no text"
+    [row] = gateway.wait_for_rows(lambda rows: rows and rows[-1]["status"] != "pending")
+    assert row["usage_source"] == "estimated"
+    assert row["output_tokens"] == llmgw.estimate_tokens(len("".join(deltas)))
