@@ -6,9 +6,10 @@ key*. llmgw checks the key, forwards the call to the provider with the real
 provider key, relays the answer (streamed or not) and records exactly what the
 project used and what it cost. It needs the Python standard library and PyYAML.
 
-The request path, in one sentence: parse -> authenticate -> route -> rate
-limit -> write a pending usage row -> forward -> relay -> settle the usage row
-(committed before the reply's last bytes leave) -> access log.
+The request path, in one sentence: parse -> authenticate -> route -> check
+the key's policy -> rate limit -> write a pending usage row (reserving the
+worst-case cost against the key's budget) -> forward -> relay -> settle the
+usage row (committed before the reply's last bytes leave) -> access log.
 
 Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 
