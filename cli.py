@@ -12,7 +12,7 @@
       policy flags: --tier T --rpm N --tpm N --max-parallel N --budget USD
                     --budget-period daily|weekly|monthly|never --expires-in 30d | --expires-at ISO
                     --models "gpt-4o*,claude-*" --label team=search (repeatable); "none" clears
-    python cli.py config set-key PROVIDER KEY   store a provider key in the database
+    python cli.py config set-key PROVIDER KEY   store a provider key in the database (KEY - : from stdin)
     python cli.py config list-keys              each provider's key, masked, and its source
     python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
                         [--project NAME] [--output json]
@@ -208,10 +208,11 @@ def cmd_config_set_key(args):
     if provider is None:
         raise llmgw.ConfigError("unknown provider %r (configured: %s)"
                                 % (args.provider, ", ".join(config.providers) or "none"))
-    llmgw.check_provider_key(args.provider, args.key)
-    _store().set_provider_key(args.provider, args.key)
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    llmgw.check_provider_key(args.provider, key)
+    _store().set_provider_key(args.provider, key)
     print("Stored the %s key in the database (%s); running gateways use it within a second."
-          % (args.provider, llmgw.mask_secret(args.key)))
+          % (args.provider, llmgw.mask_secret(key)))
     if provider.api_key is not None:
         print("Note: config.yaml sets providers.%s.api_key, which takes precedence." % args.provider)
     return 0
@@ -392,7 +393,8 @@ def build_parser():
     config.required = True
     set_key = config.add_parser("set-key", help="store a provider's API key in the database")
     set_key.add_argument("provider")
-    set_key.add_argument("key")
+    set_key.add_argument("key", help="the key, or - to read it from standard input (keeps it out of ps "
+                                     "and shell history)")
     set_key.set_defaults(run=cmd_config_set_key)
     config.add_parser("list-keys", help="show provider keys, masked, with their source").set_defaults(
         run=cmd_config_list_keys)

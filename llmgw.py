@@ -2941,6 +2941,9 @@ class Gateway:
             raise UpstreamError("The provider answered HTTP %d with a body that is not JSON" % status,
                                 code="upstream_bad_response")
         ok = 200 <= status < 300
+        if not ok:  # an error body may quote what the provider received
+            for secret in self.known_secrets():
+                body = body.replace(secret.encode(), b"[redacted]")
         usage = Usage()
         if call.route.usage_parser is not None:
             if isinstance(payload.get("usage"), dict):
@@ -3051,7 +3054,7 @@ class Gateway:
     def _admin_revoke_key(self, key_id):
         if not self.store.revoke_key(key_id, "admin-api"):
             raise NotFoundError("No virtual key with that id")
-        logger.info("admin API revoked virtual key %s", printable(key_id))
+        logger.info("admin API revoked virtual key %s", redact(key_id, self.known_secrets()))
         return json_reply(200, dict(self._admin_key(key_id), revoked=True))
 
     def _admin_rotate_key(self, request, key_id):
@@ -3330,6 +3333,10 @@ class ConnectionWatcher:
                 logger.debug("traceback", exc_info=True)
         for connection in list(self._connections):
             self._drop(connection)
+        while self._arrivals:  # handed back while stopping
+            connection = self._arrivals.popleft()
+            if connection is not None:
+                self.server.release(connection)
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
@@ -3701,6 +3708,11 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         super().server_bind()
 
     def process_request(self, request, client_address):
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # already reset by the client
+            self.shutdown_request(request)
+            return
         with self._open_lock:
             admitted = self._open < self.gateway.config.server.max_connections
             if admitted:
@@ -3708,7 +3720,6 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         if not admitted:
             self._refuse(request)
             return
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.watcher.watch(Connection(request, client_address))
 
     def _serve_request(self, connection):

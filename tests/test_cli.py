@@ -666,3 +666,15 @@ def test_commands_other_than_init_never_create_the_database(tmp_path):
     for args in (("keys", "list"), ("stats",), ("admin-token",), ("keys", "revoke", "vk_x")):
         assert_one_line_error(cli_run(tmp_path, *args), "not found", "cli.py init")
     assert not (tmp_path / "gateway.db").exists()
+
+
+def test_set_key_reads_the_key_from_stdin(tmp_path, database):
+    """``config set-key PROVIDER -`` keeps the key out of argv (ps, shell history)."""
+    write_config(tmp_path / "config.yaml", "http://127.0.0.1:9")
+    secret = "sk-from-stdin-0123456789abcdef"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "config", "set-key", "openai", "-"], input=secret + "\n",
+                            cwd=str(tmp_path), env=dict(os.environ, **paths_env(tmp_path)), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout
+    assert llmgw.Store(str(tmp_path / "gateway.db")).provider_keys() == {"openai": secret}

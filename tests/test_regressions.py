@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import llmgw
-from conftest import (ADMIN_TOKEN, CHAT, MESSAGES, RESPONSES, GatewayProcess, RawClient, RunningGateway,
+from conftest import (ADMIN_TOKEN, CHAT, OPENAI_KEY, MESSAGES, RESPONSES, GatewayProcess, RawClient, RunningGateway,
                       admin, assert_json_error, base_config, body_for, call, expected_columns, expected_cost,
                       json_request, paths_env, post, request_bytes, settled_rows, sse_events, tokens_of,
                       wait_until)
@@ -550,3 +550,19 @@ def test_responses_stream_estimate_counts_text_once(gateway, vkey):
     [row] = gateway.wait_for_rows(lambda rows: rows and rows[-1]["status"] != "pending")
     assert row["usage_source"] == "estimated"
     assert row["output_tokens"] == llmgw.estimate_tokens(len("".join(deltas)))
+
+
+# ---- a provider error body quoting the key never reaches the client ---------------
+
+def test_provider_error_body_quoting_the_key_is_redacted(scripted_gateway):
+    def answer(handler, body):
+        payload = json.dumps({"error": {"message": "key %s is over quota" % OPENAI_KEY, "type": "server_error",
+                                        "code": None, "param": None}}).encode()
+        handler.wfile.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+    upstream, gateway = scripted_gateway(answer)
+    key = gateway.create_key()[1]
+    response = post(gateway, CHAT, body_for(CHAT), key)
+    assert response.status == 500
+    assert OPENAI_KEY.encode() not in response.body
+    assert response.json()["error"]["message"] == "key [redacted] is over quota"
