@@ -6,6 +6,7 @@ Run it from the repository root (standard library only; not collected by pytest)
     python tests/bench.py              # full run, under three minutes
     python tests/bench.py --quick      # smoke run, about 30 seconds
     python tests/bench.py --duration 10 --loadgen python --requests 50000
+    python tests/bench.py --workers 2   # two gateway processes sharing the port (SO_REUSEPORT)
 
 What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
 
@@ -399,21 +400,47 @@ def wait_for_port(port, proc, timeout=15):
     raise RuntimeError("nothing listening on port %d after %ss" % (port, timeout))
 
 
-def rss_kb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+def group_pids(leader):
+    """The processes of ``leader``'s process group: the gateway, or its
+    supervisor and worker processes with ``--workers``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) == leader:  # field 5: pgrp
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return pids or [leader]
+
+
+def rss_kb(leader):
+    """Resident memory of the gateway's whole process group, in KiB."""
+    total = 0
+    for pid in group_pids(leader):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+def cpu_seconds(leader):
+    """User + system CPU time of the gateway's whole process group."""
+    total = 0
+    for pid in group_pids(leader):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except OSError:
+            pass
+    return total / CLK_TCK
 
 
 # ==== Load runs =============================================================================
@@ -605,6 +632,9 @@ def main():
                              "asyncio timers round up to about 1 ms)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gateway processes (cli.py serve --workers N); with more than one, the gateway "
+                             "may run on every core")
     args = parser.parse_args()
     if args.quick:
         args.duration = min(args.duration, 1.0)
@@ -620,6 +650,10 @@ def main():
         gw_cpu, load_cpu = cpus[0], cpus[1]
         os.sched_setaffinity(0, {load_cpu})  # this script (stream client, sampling) too
         pinning = "gateway on core %d; upstream, load generator and this script on core %d" % (gw_cpu, load_cpu)
+        if args.workers > 1:
+            gw_cpu = None
+            pinning = "%d gateway processes on all cores; upstream, load generator and this script on core %d" % (
+                args.workers, load_cpu)
     else:
         gw_cpu = load_cpu = None
         pinning = "none (%s)" % ("--no-pin" if args.no_pin else "fewer than 2 CPUs or no sched_setaffinity")
@@ -681,7 +715,9 @@ def main():
                 raise RuntimeError("cli.py %s failed: %s%s" % (command[0], created.stdout, created.stderr))
         vkey = json.loads(created.stdout)["key"]
         gw_stderr = open(os.path.join(workdir, "gateway.stderr"), "wb")
-        gw = procs.start([sys.executable, os.path.join(ROOT, "llmgw.py")], cpu=gw_cpu, env=env, cwd=workdir,
+        command = ([os.path.join(ROOT, "llmgw.py")] if args.workers == 1 else
+                   [os.path.join(ROOT, "cli.py"), "serve", "--workers", str(args.workers)])
+        gw = procs.start([sys.executable] + command, cpu=gw_cpu, env=env, cwd=workdir,
                          stdout=gw_stderr, stderr=subprocess.STDOUT)
         wait_for_port(gw_port, gw)
         time.sleep(0.3)
