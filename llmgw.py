@@ -965,6 +965,17 @@ class Store:
         except sqlite3.Error as exc:
             raise StorageError("the gateway's database is unavailable: %s" % exc) from None
 
+    def _read_apart(self, sql, params=()):
+        """A long read (stats, re-pricing) on a connection of its own, so it
+        never holds the hot path's reader."""
+        conn = self._connect()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("cannot read usage: %s" % exc) from None
+        finally:
+            conn.close()
+
     def data_version(self):
         """Changes whenever another connection commits: a cheap 'anything new?'."""
         return self._read("PRAGMA data_version")[0][0]
@@ -1241,11 +1252,7 @@ class Store:
         re-pricing (an interrupted row's cost is its reservation, not a
         price). The counts are Usage's first five fields, in order."""
         where, params = _usage_filter(since, until, project, settled_only=True)
-        conn = self._connect()
-        try:
-            return [(row[0], row[1], row[2:7], row[7]) for row in conn.execute(USAGE_COSTS + where, params)]
-        finally:
-            conn.close()
+        return [(row[0], row[1], row[2:7], row[7]) for row in self._read_apart(USAGE_COSTS + where, params)]
 
     def set_costs(self, updates):
         """Write (cost_nanousd, priced, row id) triples in one transaction."""
@@ -1258,7 +1265,7 @@ class Store:
         one of STATS_GROUPS.
         """
         label = group_by[len("label:"):] if group_by.startswith("label:") else None
-        if label is not None and re.match(r"^[A-Za-z0-9_.-]{1,64}$", label):
+        if label is not None and LABEL_NAME.match(label):
             # A validated name, so the JSON path is safe to write into the SQL.
             names, expressions = ("label",), ("json_extract(k.metadata, '$.\"%s\"')" % label,)
         elif group_by in STATS_GROUPS:
@@ -1270,21 +1277,12 @@ class Store:
         sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s" % (
             ", ".join(expressions), STATS_TOTALS, where)
         sql += " GROUP BY %s ORDER BY %s" % (", ".join(expressions), ", ".join(expressions))
-        conn = self._connect()
-        try:
-            rows = conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageError("cannot read usage: %s" % exc) from None
-        finally:
-            conn.close()
         result = []
-        for row in rows:
+        for row in self._read_apart(sql, params):
             entry = dict(zip(names, row[:len(names)]))
-            totals = dict(zip(STATS_TOTAL_FIELDS, (value or 0 for value in row[len(names):])))
-            entry.update(totals)
-            entry["estimated_cost"] = nanousd_to_usd(totals.pop("cost_nanousd"))
-            entry["estimated_usage_cost"] = nanousd_to_usd(totals["estimated_usage_cost_nanousd"])
-            del entry["cost_nanousd"], entry["estimated_usage_cost_nanousd"]
+            entry.update(zip(STATS_TOTAL_FIELDS, (value or 0 for value in row[len(names):])))
+            entry["estimated_cost"] = nanousd_to_usd(entry.pop("cost_nanousd"))
+            entry["estimated_usage_cost"] = nanousd_to_usd(entry.pop("estimated_usage_cost_nanousd"))
             result.append(entry)
         return result
 
@@ -1313,6 +1311,8 @@ def issue_admin_token(store, actor="cli"):
 
 
 BUDGET_PERIODS = ("daily", "weekly", "monthly", "never")
+#: A metadata label's name; stats group by it inside a JSON path, so no quotes.
+LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
 DEFAULT_POLICY = {"tier": "default", "rpm": None, "tpm": None, "max_parallel": None, "max_budget_nanousd": None,
                   "budget_period": "monthly", "expires_at": None, "models": None, "metadata": None}
@@ -1737,6 +1737,14 @@ def cost_nanousd(price, usage):
     return int((usd_per_mtok_tokens * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
 
 
+def price_usage(price, usage):
+    """(cost in nano-dollars, priced flag) of a usage row: with no price, a
+    row that counted tokens costs 0 and is marked unpriced."""
+    if price is None:
+        return 0, int(not (usage.request_tokens or usage.response_tokens))
+    return cost_nanousd(price, usage), 1
+
+
 def estimate_tokens(characters):
     """The documented estimate when a provider reports nothing: 4 characters a token."""
     return (characters + 3) // 4
@@ -1961,9 +1969,9 @@ class KeyLimits:
     sync_interval = 0.25
     heartbeat = 5.0  # other processes' in-flight counts older than this are stale
 
-    def __init__(self, store=None, clock=time.time):
+    def __init__(self, store, owner, clock=time.time):
         self._store, self._clock = store, clock
-        self._owner = "%d-%s" % (os.getpid(), secrets.token_hex(4))
+        self._owner = owner
         self._counters = {}
         self._others = {}     # key id -> [(window, requests, tokens, previous requests, previous tokens,
                               #             in flight)] of the other processes
@@ -2027,8 +2035,6 @@ class KeyLimits:
 
     def sync(self):
         """Publish this process's changed counters; read everyone else's."""
-        if self._store is None:
-            return
         now = self._clock()
         with self._lock:
             rows = []
@@ -2100,6 +2106,28 @@ def iter_sse_events(response, deadline):
         buffer = buffer[start:]
         if len(buffer) > MAX_EVENT_BYTES:
             raise UpstreamStreamError("oversized event")
+
+
+def read_whole_body(response, sock, deadline, read_timeout):
+    """A non-streamed answer, read by the chunk so that ``deadline`` holds
+    against a provider that drips. Raises socket.timeout, UpstreamError (too
+    large) or http.client.IncompleteRead."""
+    parts, size = [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout()
+        sock.settimeout(min(remaining, read_timeout))
+        data = response.read1(65536)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+        if size > MAX_UPSTREAM_BODY_BYTES:
+            raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
+    if response.length:  # closed before its Content-Length (read1 does not raise)
+        raise http.client.IncompleteRead(b"".join(parts), response.length)
+    return b"".join(parts) + response.read()  # b"", and marks the response done
 
 
 def _read_to_end(response, sock):
@@ -2385,7 +2413,6 @@ _MAX_DURATION = 100 * 366 * 86400
 _MAX_POLICY_INT = 10 ** 12
 _MAX_BUDGET_USD = 10 ** 9
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: The fields a key's policy is set with, from the CLI or the admin API.
 POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
                  "models", "metadata")
@@ -2459,7 +2486,7 @@ def parse_key_policy(fields, config, now):
     if "metadata" in fields:
         metadata = fields["metadata"] or {}
         if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and _LABEL_NAME.match(k) and isinstance(v, str) and len(v) <= 200
+                isinstance(k, str) and LABEL_NAME.match(k) and isinstance(v, str) and len(v) <= 200
                 for k, v in metadata.items()):
             raise BadRequestError("metadata must map label names (letters, digits, _ . -) to strings")
         policy["metadata"] = metadata or None
@@ -2500,13 +2527,12 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
     totals = {"rows": 0, "changed_rows": 0, "old_cost": 0, "new_cost": 0}
     updates = []
     for row_id, model, counts, old_cost in store.usage_costs(since, until, project):
-        price = prices.lookup(model)
-        new_cost = cost_nanousd(price, Usage(*counts)) if price is not None else 0
+        new_cost, priced = price_usage(prices.lookup(model), Usage(*counts))
         totals["rows"] += 1
         totals["old_cost"] += old_cost
         totals["new_cost"] += new_cost
         if new_cost != old_cost:
-            updates.append((new_cost, int(price is not None or not any(counts)), row_id))
+            updates.append((new_cost, priced, row_id))
     totals["changed_rows"] = len(updates)
     if apply and updates:
         store.set_costs(updates)
@@ -2536,7 +2562,8 @@ class _Call:
         if self.settled:
             return
         self.settled = True
-        price = self.gateway.price_for(self.model) if usage.request_tokens or usage.response_tokens else None
+        counted = usage.request_tokens or usage.response_tokens
+        cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
         result = {
             "status": status, "http_status": http_status, "usage_source": usage.source,
             "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
@@ -2544,8 +2571,7 @@ class _Call:
             "cache_write_tokens": usage.cache_write_tokens,
             "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
-            "cost_nanousd": cost_nanousd(price, usage) if price is not None else 0,
-            "priced": int(price is not None or not (usage.request_tokens or usage.response_tokens)),
+            "cost_nanousd": cost, "priced": priced,
             "finished_at": self.gateway.clock(), "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
         }
         self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
@@ -2582,7 +2608,11 @@ class Gateway:
         self.clock = clock            # wall time; injectable for budget periods and limits
         self._environ = os.environ if environ is None else environ
         self.providers = {name: Provider(p, config.server) for name, p in config.providers.items()}
-        self.limits = KeyLimits(store, clock)
+        self._request_prefix = secrets.token_hex(4)
+        self._request_numbers = itertools.count(1)
+        #: This process, in usage rows, rate-limit counters and the process registry.
+        self.owner = "%s-%d-%s" % (socket.gethostname(), os.getpid(), self._request_prefix)
+        self.limits = KeyLimits(store, self.owner, clock)
         self.prices = None            # PriceTable, rebuilt when prices are imported
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -2592,12 +2622,10 @@ class Gateway:
         self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
         self._admin_token_hash = None
         self._unpriced_models = set()
-        self._request_prefix = secrets.token_hex(4)
-        self._request_numbers = itertools.count(1)
-        self.owner = "%s-%d-%s" % (socket.gethostname(), os.getpid(), self._request_prefix)
         self.refresh()
-        store.register_process(self.owner, clock())
-        recovered = store.recover_interrupted(self.owner, clock())
+        # Liveness is about real time, not the injectable clock of budgets.
+        store.register_process(self.owner, time.time())
+        recovered = store.recover_interrupted(self.owner, time.time())
         if recovered:
             logger.warning("%d usage row(s) left pending by a stopped gateway were marked interrupted", recovered)
         self._stopped = threading.Event()
@@ -2624,10 +2652,10 @@ class Gateway:
                 self.limits.sync()
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.heartbeat_interval
-                    self.store.heartbeat(self.owner, self.clock())
+                    self.store.heartbeat(self.owner, time.time())
                 if time.monotonic() >= next_janitor:
                     next_janitor = time.monotonic() + self.janitor_interval
-                    self.store.recover_interrupted(self.owner, self.clock())
+                    self.store.recover_interrupted(self.owner, time.time())
             except GatewayError as exc:
                 logger.warning("background sync failed: %s", exc.message)
 
@@ -2893,24 +2921,9 @@ class Gateway:
     def _complete(self, call, conn, sock, response, headers):
         """Read a whole (non-streamed) answer, record it, then reply."""
         provider = call.provider
-        deadline = call.started + self.config.server.request_deadline
         try:
-            parts, size = [], 0
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout()
-                sock.settimeout(min(remaining, provider.pool.read_timeout))
-                data = response.read1(65536)
-                if not data:
-                    break
-                parts.append(data)
-                size += len(data)
-                if size > MAX_UPSTREAM_BODY_BYTES:
-                    raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
-            if response.length:  # closed before its Content-Length (read1 does not raise)
-                raise http.client.IncompleteRead(b"".join(parts), response.length)
-            body = b"".join(parts) + response.read()  # b"", and marks the response done
+            body = read_whole_body(response, sock, call.started + self.config.server.request_deadline,
+                                   provider.pool.read_timeout)
         except socket.timeout:
             conn.close()
             call.settle("timeout", response.status, Usage())
@@ -3270,6 +3283,21 @@ def parse_request_head(data, max_fields):
     return RequestHead(method, target, (int(major), int(minor)), headers, length)
 
 
+def head_error(head, limits):
+    """Why a request head, whole or still arriving, is refused (a
+    GatewayError), or None: a request line too long or malformed, or a
+    head too large."""
+    line_end = head.find(b"\n")
+    line = head if line_end < 0 else head[:line_end]
+    if len(line) > limits.max_request_line_bytes:
+        return URITooLongError("The request line is too long")
+    if line_end >= 0 and not _REQUEST_LINE.match(line.rstrip(b"\r").decode("latin-1")):
+        return BadRequestError("Malformed request line")
+    if len(head) > limits.max_header_bytes:
+        return HeaderTooLargeError("The request head is too large")
+    return None
+
+
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
     assembled, and the deadline the watcher enforces."""
@@ -3394,24 +3422,14 @@ class ConnectionWatcher:
         limits = self.limits
         if connection.head is None:
             end = _HEAD_END.search(connection.buffer)
+            head_bytes = connection.buffer if end is None else connection.buffer[:end.start()]
+            error = head_error(head_bytes, limits)
+            if error is not None:
+                self._reject(connection, error)
+                return
             if end is None:
-                line_end = connection.buffer.find(b"\n")
-                if line_end >= 0 and not _REQUEST_LINE.match(
-                        connection.buffer[:line_end].rstrip(b"\r").decode("latin-1")):
-                    self._reject(connection, BadRequestError("Malformed request line"))
-                elif len(connection.buffer) > limits.max_header_bytes:
-                    self._reject(connection, HeaderTooLargeError("The request head is too large"))
-                elif b"\n" not in connection.buffer[:limits.max_request_line_bytes + 2] and \
-                        len(connection.buffer) > limits.max_request_line_bytes:
-                    self._reject(connection, URITooLongError("The request line is too long"))
-                return
-            head_bytes, connection.buffer = connection.buffer[:end.start()], connection.buffer[end.end():]
-            if end.start() > limits.max_header_bytes:
-                self._reject(connection, HeaderTooLargeError("The request head is too large"))
-                return
-            if len(head_bytes.split(b"\n", 1)[0]) > limits.max_request_line_bytes:
-                self._reject(connection, URITooLongError("The request line is too long"))
-                return
+                return  # refused as soon as it is wrong, served once it is whole
+            connection.buffer = connection.buffer[end.end():]
             try:
                 connection.head = parse_request_head(head_bytes, limits.max_header_fields)
             except GatewayError as exc:
@@ -3539,9 +3557,6 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
     """Serve one request whose head the watcher has parsed: Request in,
     Reply out. One write per response; chunked streams flushed per event."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = "llmgw/" + __version__
-
     def __init__(self, connection, server):
         self.connection_state = connection
         super().__init__(connection.sock, connection.address, server)
@@ -3608,26 +3623,17 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(self.server.gateway.config.server.send_timeout)
         return b"".join(parts)
 
-    def _head(self, reply, framing):
-        lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)), "server: " + self.server_version]
-        lines.extend("%s: %s" % header for header in reply.headers)
-        if framing is not None:  # None: the body ends when the connection does (HTTP/1.0)
-            lines.append(framing)
-        if self.close_connection:
-            lines.append("connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
     def _send(self, reply):
         write = self.connection.sendall
         if reply.stream is None:
             # One write: headers and body leave in the same segment.
             body = reply.body if self.command != "HEAD" else b""
-            write(self._head(reply, "content-length: %d" % len(reply.body)) + body)
+            write(response_head(reply, "content-length: %d" % len(reply.body), self.close_connection) + body)
             return
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True  # an HTTP/1.0 stream ends when the connection does
-        head = self._head(reply, "transfer-encoding: chunked" if chunked else None)
+        head = response_head(reply, "transfer-encoding: chunked" if chunked else None, self.close_connection)
         stream = reply.stream
         try:
             for event in stream:
@@ -3660,16 +3666,25 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
             (time.monotonic() - started) * 1000)
 
 
+def response_head(reply, framing, close):
+    """The status line and header fields of ``reply``, as bytes. ``framing``
+    is its Content-Length or Transfer-Encoding field; None when the body
+    ends with the connection (HTTP/1.0)."""
+    lines = ["HTTP/1.1 %d %s" % (reply.status, _reason(reply.status)), "server: llmgw/" + __version__]
+    lines.extend("%s: %s" % header for header in reply.headers)
+    if framing is not None:
+        lines.append(framing)
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def closing_error_response(error):
     """A whole JSON error response that closes its connection, for answers
     written before a request reached the gateway (small enough for one send
     on a non-blocking socket)."""
-    body = json.dumps(error_body(error, OPENAI)).encode()
-    lines = ["HTTP/1.1 %d %s" % (error.status, _reason(error.status)), "server: llmgw/" + __version__,
-             "content-type: application/json"]
-    lines.extend("%s: %s" % header for header in error.headers)
-    lines.extend(("content-length: %d" % len(body), "connection: close"))
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    reply = error_reply(error, OPENAI)
+    return response_head(reply, "content-length: %d" % len(reply.body), True) + reply.body
 
 
 def _reason(status):
