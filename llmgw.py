@@ -1786,6 +1786,10 @@ class UpstreamPool:
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
+        default_port = parts.port is None or self.port == (443 if parts.scheme == "https" else 80)
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        #: The Host field of every request, as http.client would write it.
+        self.host_field = host if default_port else "%s:%d" % (host, self.port)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._max_idle = max_idle
         self._idle = []
@@ -1806,13 +1810,7 @@ class UpstreamPool:
                     conn.sock.settimeout(self.connect_timeout)
                     return conn, True
                 conn.close()
-        if self._tls is not None:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.connect_timeout,
-                                               context=self._tls)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
-        conn.sock = self._connect()
-        return conn, False
+        return UpstreamConnection(self._connect()), False
 
     def _connect(self):
         """A TCP (and verified TLS) socket to the first reachable address of
@@ -1884,32 +1882,21 @@ class Provider:
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        headers = {"Content-Type": "application/json"}
-        for name in FORWARDED_REQUEST_HEADERS:
-            if name in client_headers:
-                headers[name] = client_headers[name]
-        if dialect == ANTHROPIC:
-            headers["x-api-key"] = api_key
-            headers["anthropic-version"] = client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION)
-        else:
-            headers["Authorization"] = "Bearer " + api_key
-        target = self.pool.base_path + path
+        head = upstream_request(method, self.pool.base_path + path, self.pool.host_field, dialect, api_key,
+                            client_headers, body if method != "GET" else None)
         for attempt in (1, 2):
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh=attempt == 2)
-                conn.request(method, target, body=body if method != "GET" else None, headers=headers)
+                conn.sock.sendall(head)
                 sock = conn.sock
                 sock.settimeout(self.pool.read_timeout)
-                response = conn.getresponse()
-                if len(response.msg.get_all("content-length") or ()) > 1:
-                    conn.close()
-                    raise UpstreamError("provider %s sent several Content-Length headers" % self.name,
-                                        code="upstream_bad_response")
-                return conn, sock, response
-            except (OSError, http.client.HTTPException) as exc:  # timeouts and TLS errors included
+                return conn, sock, conn.getresponse(method)
+            except (OSError, http.client.HTTPException, UpstreamError) as exc:  # timeouts and TLS errors too
                 if conn is not None:
                     conn.close()
+                if isinstance(exc, UpstreamError):
+                    raise
                 if isinstance(exc, socket.timeout):
                     raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
                 if reused and attempt == 1 and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
@@ -1918,15 +1905,126 @@ class Provider:
                                     code="upstream_unavailable") from None
 
 
+def upstream_request(method, target, host_field, dialect, api_key, client_headers, body):
+    """A provider request as bytes, sent in one write: the request line,
+    our header fields with the real key, and the body. Every value is
+    printable (the gateway's head parser and key checks saw to that)."""
+    lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host_field, "Accept-Encoding: identity",
+             "Content-Type: application/json"]
+    lines.extend("%s: %s" % (name, client_headers[name]) for name in FORWARDED_REQUEST_HEADERS
+                 if name in client_headers)
+    if dialect == ANTHROPIC:
+        lines.append("x-api-key: " + api_key)
+        lines.append("anthropic-version: " + client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
+    else:
+        lines.append("Authorization: Bearer " + api_key)
+    if body is not None:
+        lines.append("Content-Length: %d" % len(body))
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if body is not None else head
+
+
+class UpstreamConnection:
+    """A keep-alive connection to a provider and the response being read
+    on it (closed together)."""
+    __slots__ = ("sock", "response")
+
+    def __init__(self, sock):
+        self.sock, self.response = sock, None
+
+    def getresponse(self, method):
+        """Read the status line and header fields of the answer."""
+        self.response = UpstreamResponse(self.sock, method=method)
+        self.response.begin()
+        return self.response
+
+    def close(self):
+        if self.response is not None:
+            self.response.close()
+        self.sock.close()
+
+
+#: Bounds on a provider's response head, as http.client sets them.
+MAX_UPSTREAM_HEADER_LINE = 65536
+MAX_UPSTREAM_HEADER_FIELDS = 100
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response reader with a lean header parser: the email
+    package it uses by default costs more than the rest of a proxied call.
+    Bodies (lengths, chunks, read1) are read by http.client as ever."""
+
+    def begin(self):
+        version, status, reason = self._read_status()
+        while status == http.client.CONTINUE:
+            self._read_fields()
+            version, status, reason = self._read_status()
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.fields = self._read_fields()
+        self.field_map = fields = {}
+        for name, value in self.fields:
+            if name in fields and name in ("content-length", "transfer-encoding"):
+                raise UpstreamError("The provider sent several %s headers" % name, code="upstream_bad_response")
+            fields.setdefault(name, value)
+        self.headers = self.msg = fields
+        self.chunked = fields.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        connection = fields.get("connection", "").lower()
+        self.will_close = "close" in connection if self.version == 11 else "keep-alive" not in connection
+        self.length = None
+        length = fields.get("content-length", "")
+        if not self.chunked and length.isdigit() and length.isascii():
+            self.length = int(length)
+        if status in (204, 304) or status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.chunked and self.length is None:
+            self.will_close = True  # the body ends with the connection
+
+    def _read_fields(self):
+        """(lower-cased name, value) pairs up to the blank line. A folded
+        line is kept inside its value (with its line break), so the value
+        is never relayed (see response_headers)."""
+        fields = []
+        while True:
+            line = self.fp.readline(MAX_UPSTREAM_HEADER_LINE + 1)
+            if len(line) > MAX_UPSTREAM_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return fields
+            if len(fields) >= MAX_UPSTREAM_HEADER_FIELDS:
+                raise http.client.HTTPException("got more than %d headers" % MAX_UPSTREAM_HEADER_FIELDS)
+            text = line.decode("latin-1")
+            if text[0] in " \t" and fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + "\n" + text.strip())
+                continue
+            name, colon, value = text.partition(":")
+            if not colon:
+                raise http.client.HTTPException("malformed header line")
+            fields.append((name.strip().lower(), value.strip()))
+
+    def getheader(self, name, default=None):
+        return self.field_map.get(name.lower(), default)
+
+    def getheaders(self):
+        return list(self.fields)
+
+
 def response_headers(upstream_response):
     """The provider's response headers a client may see."""
     kept = []
-    for name, value in upstream_response.getheaders():
-        lower = name.lower()
-        if "\r" in value or "\n" in value:
-            continue  # a folded value: relayed, it would forge headers
-        if lower in FORWARDED_RESPONSE_HEADERS or lower.startswith(FORWARDED_RESPONSE_PREFIXES):
-            kept.append((lower, value))
+    for name, value in upstream_response.fields:
+        if "\n" in value or "\r" in value:
+            continue  # a folded value or a bare CR: relayed, it would forge headers
+        if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_RESPONSE_PREFIXES):
+            kept.append((name, value))
     return kept
 
 

@@ -1279,6 +1279,58 @@ def test_upstream_duplicate_content_length_does_not_poison_the_pool(make_gateway
         scripted.close()
 
 
+JSON_HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(SCRIPTED_BODY)))]
+
+
+@pytest.mark.parametrize("status_line, headers", [
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Filler-%d" % n, "x") for n in range(100)]),
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Big", "x" * 70000)]),
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]),
+    ("HTTP/2 200 OK", JSON_HEADERS),
+    ("HTTP/1.1 2000 OK", JSON_HEADERS),
+    ("HTTP/1.1 200 OK\r\nno colon in this line", JSON_HEADERS),
+], ids=["101-fields", "70k-line", "two-transfer-encodings", "http2-status-line", "four-digit-status", "no-colon"])
+def test_upstream_response_head_out_of_bounds_is_502(make_gateway, upstream, status_line, headers):
+    """[X07] The provider's response head is read by the gateway's own
+    parser, within http.client's bounds (100 fields, 64 KiB a line):
+    anything past them or malformed is a 502 JSON and an upstream_error row."""
+    gw, scripted = scripted_gateway(make_gateway, [scripted_reply(status_line, headers, SCRIPTED_BODY)])
+    try:
+        key = gw.create_key()[1]
+        response, client = exchange(gw, json_request(CHAT, key, chat_body("scripted-1")))
+        client.close()
+        assert_json_error(response, 502)
+        row, = settled_rows(gw, 1)
+        assert row["status"] == "upstream_error"
+        assert_alive(gw, key)
+    finally:
+        scripted.close()
+
+
+def test_upstream_response_head_oddities_are_read_like_http_client(make_gateway, upstream):
+    """[X07] A 100 Continue before the answer is skipped; a value with a
+    bare CR and a folded value are never relayed, while the answer itself
+    still is."""
+    continued = b"HTTP/1.1 100 Continue\r\nX-Ignored: 1\r\n\r\n"
+    body = scripted_reply("HTTP/1.1 200 OK", JSON_HEADERS + [
+        ("X-Request-Id", "req\rSet-Cookie: a=b"), ("x-ratelimit-limit-requests", "7"),
+        ("x-ratelimit-remaining-requests", "6\r\n\tSet-Cookie: c=d")], SCRIPTED_BODY)[0]
+    gw, scripted = scripted_gateway(make_gateway, [(continued + body, False)])
+    try:
+        key = gw.create_key()[1]
+        response, client = exchange(gw, json_request(CHAT, key, chat_body("scripted-1")))
+        client.close()
+        assert response.status == 200 and response.body == SCRIPTED_BODY, response
+        names = [name.lower() for name, _ in response.header_list]
+        assert "set-cookie" not in names and "x-ignored" not in names, response.header_list
+        assert "x-request-id" not in names and "x-ratelimit-remaining-requests" not in names, response.header_list
+        assert response.header("x-ratelimit-limit-requests") == "7"
+        row, = settled_rows(gw, 1)
+        assert (row["status"], row["request_tokens"], row["response_tokens"]) == ("ok", 17, 4)
+    finally:
+        scripted.close()
+
+
 # ==== 1.10 SSRF ======================================================================
 
 SSRF_FIELDS = ("api_base", "base_url", "url", "endpoint", "host", "proxy", "azure_endpoint")
