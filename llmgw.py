@@ -21,14 +21,13 @@ Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 6. Rate limiting          -- ``KeyLimits``: RPM, TPM, requests in flight, per key.
 7. Streams                -- SSE event splitting and per-API stream meters.
 8. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
-9. HTTP connections       -- watcher thread, worker pool, ``GatewayHandler``.
+9. HTTP connections       -- one-shot readiness queue, worker pool, ``GatewayHandler``.
 10. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
 
 Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
 """
 
-import collections
 import dataclasses
 import datetime
 import decimal
@@ -43,10 +42,9 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import secrets
-import selectors
+import select
 import signal
 import socket
 import sqlite3
@@ -827,10 +825,11 @@ def _pid_alive(pid):
 
 
 class _Ticket:
-    __slots__ = ("operation", "result", "error", "done")
+    __slots__ = ("operation", "changes_state", "result", "error", "done")
 
-    def __init__(self, operation):
-        self.operation, self.result, self.error, self.done = operation, None, None, False
+    def __init__(self, operation, changes_state):
+        self.operation, self.changes_state = operation, changes_state
+        self.result, self.error, self.done = None, None, False
 
 
 class _GroupCommit:
@@ -842,6 +841,9 @@ class _GroupCommit:
     a request pays one commit; under load, concurrent requests share one.
     Each operation runs inside a savepoint, so one failing operation does not
     undo its neighbours.
+
+    ``state_changes`` counts committed operations that changed what running
+    gateways cache (keys, provider keys, prices, the admin token).
     """
 
     def __init__(self, conn):
@@ -849,9 +851,18 @@ class _GroupCommit:
         self._leader = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue = []
+        self.state_changes = 0
 
-    def run(self, operation):
-        ticket = _Ticket(operation)
+    def read(self, query):
+        """Run ``query(connection)`` between commits."""
+        with self._leader:
+            try:
+                return query(self._conn)
+            except sqlite3.Error as exc:
+                raise StorageError("the gateway's database is unavailable: %s" % exc) from None
+
+    def run(self, operation, changes_state=False):
+        ticket = _Ticket(operation, changes_state)
         with self._queue_lock:
             self._queue.append(ticket)
         with self._leader:
@@ -884,6 +895,8 @@ class _GroupCommit:
                         conn.execute("RELEASE operation")
                 if conn.in_transaction:
                     conn.execute("COMMIT")
+                    if any(ticket.changes_state and ticket.error is None for ticket in batch):
+                        self.state_changes += 1
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -977,8 +990,12 @@ class Store:
             conn.close()
 
     def data_version(self):
-        """Changes whenever another connection commits: a cheap 'anything new?'."""
-        return self._read("PRAGMA data_version")[0][0]
+        """A cheap 'anything new?': changes whenever another connection (the
+        CLI, another gateway process) commits, or this process commits a
+        change to what gateways cache. Read on the writing connection,
+        whose own usage rows do not move its ``PRAGMA data_version``."""
+        version = self._commits.read(lambda conn: conn.execute("PRAGMA data_version").fetchone()[0])
+        return version, self._commits.state_changes
 
     def generation(self):
         rows = self._read(GET_SETTING, ("generation",))
@@ -1005,8 +1022,8 @@ class Store:
 
     # -- administrative writes ------------------------------------------------
 
-    def _write(self, operation):
-        return self._commits.run(operation)
+    def _write(self, operation, changes_state=False):
+        return self._commits.run(operation, changes_state)
 
     def create_key(self, project_name, policy, actor="cli"):
         """Create a virtual key with ``policy`` (POLICY_COLUMNS values).
@@ -1022,7 +1039,7 @@ class Store:
             conn.execute(INSERT_KEY, (hash_secret(secret),) + tuple(values[name] for name in KEY_COLUMNS))
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "key_created", key_id, "project=%s tier=%s" % (project_name, columns["tier"]))
-        self._write(insert)
+        self._write(insert, changes_state=True)
         return self.get_key(key_id), secret
 
     def update_key(self, key_id, policy, now, actor="cli"):
@@ -1050,7 +1067,7 @@ class Store:
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "key_updated", key_id, ", ".join(sorted(policy)))
             return True
-        return self._write(update)
+        return self._write(update, changes_state=True)
 
     def rotate_key(self, key_id, grace_seconds, now, actor="cli"):
         """Give a key a new secret; the old one works ``grace_seconds`` more.
@@ -1064,7 +1081,7 @@ class Store:
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "key_rotated", key_id, "grace=%ds" % grace_seconds)
             return secret
-        return self._write(rotate)
+        return self._write(rotate, changes_state=True)
 
     def topup(self, key_id, amount_nanousd, now, actor="cli"):
         """Add to the current period's allowance (for ``never``: the balance).
@@ -1117,21 +1134,21 @@ class Store:
                 conn.execute(BUMP_GENERATION)
                 _audit(conn, actor, "key_revoked", key_id)
             return True
-        return self._write(revoke)
+        return self._write(revoke, changes_state=True)
 
     def set_provider_key(self, provider, api_key, actor="cli"):
         def upsert(conn):
             conn.execute(UPSERT_PROVIDER_KEY, (provider, api_key, time.time()))
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "provider_key_set", provider)
-        self._write(upsert)
+        self._write(upsert, changes_state=True)
 
     def set_setting(self, name, value, actor="cli"):
         def put(conn):
             conn.execute(PUT_SETTING, (name, value))
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "setting_changed", name)
-        self._write(put)
+        self._write(put, changes_state=True)
 
     def audit(self, actor, action, target=None, detail=None):
         """Record an administrative action that changed no table of its own."""
@@ -1153,7 +1170,7 @@ class Store:
                     + (source, now))
             conn.execute(BUMP_GENERATION)
             _audit(conn, actor, "prices_imported", source, "%d models" % len(prices))
-        self._write(upsert)
+        self._write(upsert, changes_state=True)
 
     def imported_prices(self):
         """Prices imported with ``prices import``: model -> (fields, source)."""
@@ -1807,7 +1824,6 @@ class UpstreamPool:
             while self._idle and not fresh:
                 conn, released_at = self._idle.pop()
                 if now - released_at < self.max_idle_seconds:
-                    conn.sock.settimeout(self.connect_timeout)
                     return conn, True
                 conn.close()
         return UpstreamConnection(self._connect()), False
@@ -1888,9 +1904,9 @@ class Provider:
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh=attempt == 2)
-                conn.sock.sendall(head)
                 sock = conn.sock
                 sock.settimeout(self.pool.read_timeout)
+                sock.sendall(head)
                 return conn, sock, conn.getresponse(method)
             except (OSError, http.client.HTTPException, UpstreamError) as exc:  # timeouts and TLS errors too
                 if conn is not None:
@@ -2208,14 +2224,16 @@ def iter_sse_events(response, deadline):
 
 def read_whole_body(response, sock, deadline, read_timeout):
     """A non-streamed answer, read by the chunk so that ``deadline`` holds
-    against a provider that drips. Raises socket.timeout, UpstreamError (too
+    against a provider that drips (``sock`` waits ``read_timeout`` a read
+    until the deadline is nearer). Raises socket.timeout, UpstreamError (too
     large) or http.client.IncompleteRead."""
     parts, size = [], 0
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout()
-        sock.settimeout(min(remaining, read_timeout))
+        if remaining < read_timeout:
+            sock.settimeout(remaining)
         data = response.read1(65536)
         if not data:
             break
@@ -2472,6 +2490,10 @@ def _reject_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+#: Client bodies are strict JSON: no duplicate keys, no NaN or Infinity.
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+
+
 def parse_json_body(request, max_bytes):
     """Read and parse a JSON object body. Raises a 4xx GatewayError."""
     if request.content_length is None:
@@ -2482,8 +2504,7 @@ def parse_json_body(request, max_bytes):
         raise UnsupportedMediaTypeError("Content-Type must be application/json")
     raw = request.read_body()
     try:
-        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
-                          parse_constant=_reject_constant)
+        body = _STRICT_JSON.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequestError("The request body is not valid JSON (UTF-8, no duplicate keys)") from None
     if not isinstance(body, dict):
@@ -2787,10 +2808,11 @@ class Gateway:
     def refresh(self):
         """Drop cached keys and settings if anyone changed them.
 
-        ``PRAGMA data_version`` costs microseconds and moves on any commit by
-        another connection; only then is the generation counter read, and only
-        a new generation (a key, provider key or admin token changed) clears
-        the caches. So a revoke, from any process, holds from the next request.
+        ``Store.data_version`` costs microseconds and moves on any commit by
+        another process, or by this one that changed cached state; only then
+        is the generation counter read, and only a new generation (a key,
+        provider key or admin token changed) clears the caches. So a revoke,
+        from any process, holds from the next request.
         """
         version = self.store.data_version()
         if version == self._data_version:
@@ -3308,17 +3330,20 @@ def printable(text):
 #
 # The only code that touches client sockets. http.server's defaults do not
 # survive the edge of a network (a thread per connection without limit, no
-# deadline on a slow client, lenient framing), so connections are served in
-# three stages:
+# deadline on a slow client, lenient framing), so connections are served
+# like this:
 #
 # * the accept loop (ThreadingHTTPServer.serve_forever) takes a connection,
-#   or answers 503 at once when ``max_connections`` are open;
-# * one watcher thread holds every connection that is between requests or
-#   still sending one. It reads without blocking, enforces the header and
-#   body deadlines and size limits, and parses the request head strictly;
-# * a request whose head (and small body) has arrived goes to a pool of
-#   worker threads, which run the gateway and write the reply. A slow or
-#   idle client therefore costs a socket, never a worker.
+#   or answers 503 at once when ``max_connections`` are open, and between
+#   accepts sweeps away connections past their deadlines;
+# * connections between requests, or still sending one, wait in the
+#   kernel's readiness queue (epoll or kqueue), each armed for one wake-up;
+# * a bounded pool of worker threads waits on that queue. The worker woken
+#   for a connection reads without blocking and checks the request head
+#   strictly; a request whose head (and small body) has arrived it serves
+#   at once, then arms the connection again. A slow or idle client
+#   therefore costs a socket, never a worker, and a request passes from
+#   kernel to reply on one thread.
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ ]+) HTTP/([0-9])\.([0-9])$")
@@ -3328,7 +3353,7 @@ _CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
 #: Headers that may appear once: a second copy is a smuggling attempt or a mistake.
 _SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "api-key", "content-type", "host",
                              "anthropic-version", "transfer-encoding", "expect"))
-#: Bodies up to this size are read by the watcher, so their senders never hold a worker.
+#: Bodies up to this size arrive before the request is served, so their senders never hold a worker.
 INLINE_BODY_BYTES = 256 * 1024
 
 
@@ -3398,15 +3423,17 @@ def head_error(head, limits):
 
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
-    assembled, and the deadline the watcher enforces."""
-    __slots__ = ("sock", "address", "buffer", "head", "deadline", "idle")
+    assembled, and the deadline the sweep enforces while it waits."""
+    __slots__ = ("sock", "fd", "address", "buffer", "head", "deadline", "idle", "armed")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
+        self.fd = sock.fileno()  # kept: a closed socket forgets it
         self.buffer = b""
         self.head = None        # RequestHead once the head is complete
         self.deadline = 0.0
         self.idle = True        # between requests: no byte of the next one yet
+        self.armed = False      # waiting for bytes, owned by no worker
 
     def close(self):
         try:
@@ -3415,108 +3442,210 @@ class Connection:
             pass
 
 
-class ConnectionWatcher:
-    """The thread that holds connections until a whole request has arrived."""
+class ReadinessQueue:
+    """Connections waiting for bytes, watched by the kernel with one-shot
+    registrations (epoll; kqueue on BSD and macOS): a readable connection
+    wakes exactly one waiting worker, and is not watched again until that
+    worker arms it anew. So no thread stands between the kernel and the
+    workers, and a request costs one wake-up."""
 
-    def __init__(self, server):
+    def __init__(self):
+        if hasattr(select, "epoll"):
+            self._epoll = select.epoll()
+            self._kqueue = None
+        elif hasattr(select, "kqueue"):
+            self._epoll = None
+            self._kqueue = select.kqueue()
+        else:
+            raise ConfigError("serving needs epoll or kqueue (Linux, BSD or macOS)")
+        self._lock = threading.Lock()
+        self._watched = {}  # fd -> Connection, armed or being served
+        self.stopped = False
+        # A level-triggered wake-up that, once set, releases every waiting worker.
+        self._stop_reader, self._stop_writer = socket.socketpair()
+        self._stop_fd = self._stop_reader.fileno()
+        self._control(self._stop_fd, oneshot=False, new=True)
+
+    def _control(self, fd, oneshot=True, new=False):
+        if self._epoll is not None:
+            flags = select.EPOLLIN | (select.EPOLLONESHOT if oneshot else 0)
+            (self._epoll.register if new else self._epoll.modify)(fd, flags)
+        else:
+            flags = select.KQ_EV_ADD | (select.KQ_EV_ONESHOT if oneshot else 0)
+            self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, flags)], 0)
+
+    def add(self, connection):
+        """Watch a new connection."""
+        connection.armed = True
+        with self._lock:
+            self._watched[connection.fd] = connection
+        self._control(connection.fd, new=True)
+
+    def arm(self, connection):
+        """Watch a connection again, after its owner read or answered it
+        (its deadline set). If the sweep takes it meanwhile, the sweep
+        closes it."""
+        connection.armed = True
+        try:
+            self._control(connection.fd)
+        except OSError:  # forgotten by the sweep already
+            pass
+
+    def forget(self, connection):
+        """Stop watching a connection about to be closed (by its owner, or by
+        the sweep, which only takes armed connections)."""
+        with self._lock:
+            if self._watched.get(connection.fd) is connection:
+                del self._watched[connection.fd]
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(connection.fd)
+            else:  # a fired one-shot event is gone already
+                self._kqueue.control([select.kevent(connection.fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)], 0)
+        except (OSError, ValueError):
+            pass
+
+    def take(self, timeout):
+        """Wait for a readable connection and own it; None on timeout, or at
+        once when stopping."""
+        if self._epoll is not None:
+            ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
+        else:
+            ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
+        if not ready:
+            return None
+        with self._lock:
+            connection = self._watched.get(ready[0])
+            # Not armed: the sweep took it (a new connection may reuse its fd), or it is the stop signal.
+            if connection is None or not connection.armed:
+                return None
+            connection.armed = False
+            return connection
+
+    def take_expired(self, now):
+        """Armed connections past their deadline, no longer watched."""
+        with self._lock:
+            expired = [c for c in self._watched.values() if c.armed and c.deadline <= now]
+            for connection in expired:
+                connection.armed = False
+        for connection in expired:
+            self.forget(connection)
+        return expired
+
+    def stop(self):
+        """Release every waiting worker; returns the armed connections."""
+        self.stopped = True
+        expired = self.take_expired(float("inf"))
+        self._stop_writer.close()
+        return expired
+
+    def close(self):
+        (self._epoll or self._kqueue).close()
+        self._stop_reader.close()
+
+
+class WorkerPool:
+    """The threads that serve connections.
+
+    A worker takes a readable connection, reads what arrived without
+    blocking and checks the request head as it grows (sizes, deadlines,
+    strict parsing). Until the head and a small body are in, the connection
+    is armed again and the worker moves on, so a slow or idle client costs
+    a socket, never a thread. A whole request is served at once, and the
+    connection armed for the next one.
+
+    At most ``size`` threads: one more starts when the last waiting thread
+    takes a request to serve, and a thread retires after a minute idle.
+    """
+
+    idle_seconds = 60.0
+    sweep_interval = 0.25
+
+    def __init__(self, server, size):
         self.server = server
-        self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ)
-        self._arrivals = collections.deque()
-        self._connections = set()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="llmgw-watcher", daemon=True)
-        self._thread.start()
+        self.ready = ReadinessQueue()
+        self._size = size
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._threads = 0
+        self._waiting = 0   # threads not serving a request
+        self._busy = 0
+        self._next_sweep = 0.0
+        with self._lock:
+            self._start_thread()
 
     @property
     def limits(self):
         """The server settings in force (a SIGHUP reload replaces them)."""
         return self.server.gateway.config.server
 
-    def watch(self, connection):
-        """Take a new connection, or one back from a worker after its reply."""
-        self._arrivals.append(connection)
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # full: the watcher is awake anyway
-            pass
+    def _start_thread(self):
+        self._threads += 1
+        self._waiting += 1
+        threading.Thread(target=self._run, name="llmgw-worker", daemon=True).start()
 
-    def stop(self):
-        self._stopping = True
-        self.watch(None)
-        self._thread.join(5)
+    def watch(self, connection):
+        """Take a new connection from the accept loop."""
+        connection.sock.setblocking(False)
+        connection.deadline = time.monotonic() + self.limits.keepalive_timeout
+        self.ready.add(connection)
 
     def _run(self):
-        next_sweep = 0.0
-        while not self._stopping:
-            try:
-                next_sweep = self._turn(next_sweep)
-            except Exception as exc:  # one bad connection must not stop all serving
-                logger.error("unexpected %s in the connection watcher", type(exc).__name__)
-                logger.debug("traceback", exc_info=True)
-        for connection in list(self._connections):
-            self._drop(connection)
-        while self._arrivals:  # handed back while stopping
-            connection = self._arrivals.popleft()
+        idle_since = time.monotonic()
+        while not self.ready.stopped:
+            connection = self.ready.take(1.0)
             if connection is not None:
-                self.server.release(connection)
-        self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    def _turn(self, next_sweep):
-        """One round: read what arrived, adopt new connections, expire old
-        ones. Returns when the next expiry sweep is due."""
-        for key, _ in self._selector.select(timeout=0.25):
-            if key.fileobj is self._wake_reader:
                 try:
-                    self._wake_reader.recv(4096)
-                except OSError:
-                    pass
-            else:
-                self._receive(key.data)
-        while self._arrivals:
-            connection = self._arrivals.popleft()
-            if connection is not None:
-                self._adopt(connection)
-        now = time.monotonic()
-        if now < next_sweep:
-            return next_sweep
-        self._expire(now)
-        return now + 0.25
-
-    def _adopt(self, connection):
-        connection.sock.setblocking(False)
-        connection.head = None
-        connection.idle = not connection.buffer
-        timeout = self.limits.keepalive_timeout if connection.idle else self.limits.header_timeout
-        connection.deadline = time.monotonic() + timeout
-        self._selector.register(connection.sock, selectors.EVENT_READ, connection)
-        self._connections.add(connection)
-        if connection.buffer:  # a pipelined request, already read
-            self._assemble(connection)
+                    self._receive(connection)
+                except Exception as exc:  # a bug must cost one connection, not the server's capacity
+                    logger.error("unexpected %s while serving a connection", type(exc).__name__)
+                    logger.debug("traceback", exc_info=True)
+                    self._close(connection)
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.idle_seconds:
+                with self._lock:
+                    if self._waiting > 1:  # one thread always waits
+                        self._waiting -= 1
+                        self._threads -= 1
+                        return
+        with self._lock:
+            self._waiting -= 1
+            self._threads -= 1
+            self._drained.notify_all()
 
     def _receive(self, connection):
+        """Read what a readable connection sent, then serve every whole
+        request it holds; arm it again for the rest, or close it."""
         try:
             data = connection.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError):  # woken for a connection that has nothing yet
+            self.ready.arm(connection)
             return
         except OSError:
             data = b""
         if not data:
-            self._drop(connection)
+            self._close(connection)
             return
         if connection.idle:
             connection.idle = False
             connection.deadline = time.monotonic() + self.limits.header_timeout
         connection.buffer += data
-        self._assemble(connection)
+        while self._assemble(connection):
+            if not self._serve(connection):
+                return
+            connection.head = None
+            connection.sock.setblocking(False)
+            connection.idle = not connection.buffer
+            if connection.idle:
+                connection.deadline = time.monotonic() + self.limits.keepalive_timeout
+                break
+            connection.deadline = time.monotonic() + self.limits.header_timeout  # pipelined
+        if connection.sock.fileno() >= 0:
+            self.ready.arm(connection)
 
     def _assemble(self, connection):
-        """Dispatch the connection once its request is complete enough."""
+        """True once the request is complete enough to serve; a request
+        that cannot become one is answered and its connection closed."""
         limits = self.limits
         if connection.head is None:
             end = _HEAD_END.search(connection.buffer)
@@ -3524,135 +3653,94 @@ class ConnectionWatcher:
             error = head_error(head_bytes, limits)
             if error is not None:
                 self._reject(connection, error)
-                return
+                return False
             if end is None:
-                return  # refused as soon as it is wrong, served once it is whole
+                return False  # refused as soon as it is wrong, served once it is whole
             connection.buffer = connection.buffer[end.end():]
             try:
                 connection.head = parse_request_head(head_bytes, limits.max_header_fields)
             except GatewayError as exc:
                 self._reject(connection, exc)
-                return
+                return False
             connection.deadline = time.monotonic() + limits.body_timeout
         head = connection.head
         wanted = head.content_length or 0
-        if (head.expects_continue or wanted > min(INLINE_BODY_BYTES, limits.max_body_bytes)
-                or len(connection.buffer) >= wanted):
-            self._dispatch(connection)
+        return (head.expects_continue or wanted > min(INLINE_BODY_BYTES, limits.max_body_bytes)
+                or len(connection.buffer) >= wanted)
+
+    def _serve(self, connection):
+        """Serve one request; False if the connection was closed after it."""
+        with self._lock:
+            self._busy += 1
+            self._waiting -= 1
+            if self._waiting == 0 and self._threads < self._size:
+                self._start_thread()  # someone must wait for the other connections
+        try:
+            keep_alive = not GatewayHandler(connection, self.server).close_connection and not self.server.draining
+        except Exception as exc:
+            logger.error("unexpected %s while serving a request", type(exc).__name__)
+            logger.debug("traceback", exc_info=True)
+            keep_alive = False
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._waiting += 1
+                self._drained.notify_all()
+        if not keep_alive:
+            self._close(connection)
+        return keep_alive
 
     def _reject(self, connection, error):
-        """Answer a request that never became one from this thread: the
-        answer is small and the socket non-blocking, so slow or broken
-        clients cost no worker thread."""
-        self._selector.unregister(connection.sock)
-        self._connections.discard(connection)
+        """Answer a request that never became one: the answer is small and
+        the socket non-blocking, so a slow or broken client holds nothing."""
         try:
             connection.sock.send(closing_error_response(error))
         except OSError:
             pass
         access_logger.info("- - %d outcome=refused", error.status)
+        self._close(connection)
+
+    def _close(self, connection):
+        self.ready.forget(connection)
         self.server.release(connection)
 
-    def _dispatch(self, connection):
-        self._selector.unregister(connection.sock)
-        self._connections.discard(connection)
-        self.server.workers.submit(connection)
-
-    def _expire(self, now):
-        for connection in [c for c in self._connections if c.deadline <= now]:
+    def sweep(self):
+        """Close connections past their deadline: quietly when idle between
+        requests, with a 408 when a request did not arrive in time. Run by
+        the accept loop, so it goes on while every worker is busy."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_interval
+        for connection in self.ready.take_expired(now):
             if connection.idle:
-                self._drop(connection)  # keep-alive ran out: close quietly
+                self.server.release(connection)
             else:
                 self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
 
-    def _drop(self, connection):
-        if connection in self._connections:
-            self._selector.unregister(connection.sock)
-            self._connections.discard(connection)
-        self.server.release(connection)
-
-
-class WorkerPool:
-    """At most ``size`` threads running ``work(item)``; started on demand,
-    retired after a minute idle, so an idle gateway holds few threads."""
-
-    idle_seconds = 60.0
-
-    def __init__(self, work, size):
-        self._work, self._size = work, size
-        self._queue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0
-        self._queued = 0
-        self._busy = 0
-        self._drained = threading.Condition(self._lock)
-
-    def submit(self, item):
-        with self._lock:
-            self._queued += 1
-            start = self._queued > self._idle and self._threads < self._size
-            if start:
-                self._threads += 1
-        self._queue.put(item)
-        if start:
-            threading.Thread(target=self._run, name="llmgw-worker", daemon=True).start()
-
-    def _run(self):
-        while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                item = self._queue.get(timeout=self.idle_seconds)
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    if self._queued == 0:
-                        self._threads -= 1
-                        return
-                continue
-            with self._lock:
-                self._idle -= 1
-                self._queued -= 1
-                self._busy += 1
-            try:
-                if item is None:
-                    with self._lock:
-                        self._threads -= 1
-                    return
-                self._work(item)
-            except Exception:
-                logger.error("unexpected %s in a worker", sys.exc_info()[0].__name__)
-                logger.debug("traceback", exc_info=True)
-            finally:
-                with self._lock:
-                    self._busy -= 1
-                    self._drained.notify_all()
-
     def busy(self):
         with self._lock:
-            return self._busy + self._queued
+            return self._busy
 
-    def wait_idle(self, timeout):
-        """Wait until no work is running or queued; False on timeout."""
-        deadline = time.monotonic() + timeout
+    def stop(self, drain_timeout):
+        """Close waiting connections, let requests being served finish
+        (bounded); False if some did not."""
+        for connection in self.ready.stop():
+            self.server.release(connection)
+        deadline = time.monotonic() + drain_timeout
         with self._lock:
-            while self._busy or self._queued:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._drained.wait(remaining)
-        return True
-
-    def stop(self):
-        with self._lock:
-            threads = self._threads
-        for _ in range(threads):
-            self.submit(None)
+            while self._busy and self._drained.wait(max(deadline - time.monotonic(), 0)):
+                pass
+            drained = not self._busy
+            while self._threads > self._busy and self._drained.wait(max(deadline - time.monotonic(), 0.05)):
+                pass
+        if drained:
+            self.ready.close()
+        return drained
 
 
 class GatewayHandler(http.server.BaseHTTPRequestHandler):
-    """Serve one request whose head the watcher has parsed: Request in,
+    """Serve one request whose head a worker has parsed: Request in,
     Reply out. One write per response; chunked streams flushed per event."""
 
     def __init__(self, connection, server):
@@ -3796,7 +3884,7 @@ def _reason(status):
 
 class GatewayServer(http.server.ThreadingHTTPServer):
     """The listening socket and its accept loop (``serve_forever``), feeding
-    the connection watcher and the worker pool above.
+    the worker pool above.
 
     Beyond ``server.max_connections`` open connections, a new one gets an
     immediate 503 with Retry-After. ``server_close`` drains: in-flight
@@ -3812,8 +3900,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self._open = 0
         self._open_lock = threading.Lock()
         super().__init__(address, GatewayHandler)
-        self.workers = WorkerPool(self._serve_request, gateway.config.server.threads)
-        self.watcher = ConnectionWatcher(self)
+        self.workers = WorkerPool(self, gateway.config.server.threads)
 
     def server_bind(self):
         if self._reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -3833,21 +3920,10 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         if not admitted:
             self._refuse(request)
             return
-        self.watcher.watch(Connection(request, client_address))
+        self.workers.watch(Connection(request, client_address))
 
-    def _serve_request(self, connection):
-        """A worker's job: one request, then the connection goes back to the
-        watcher for the next one, or is closed."""
-        try:
-            keep_alive = not GatewayHandler(connection, self).close_connection and not self.draining
-        except Exception as exc:  # a bug must cost one connection, not the server's capacity
-            logger.error("unexpected %s while serving a request", type(exc).__name__)
-            logger.debug("traceback", exc_info=True)
-            keep_alive = False
-        if keep_alive:
-            self.watcher.watch(connection)
-        else:
-            self.release(connection)
+    def service_actions(self):
+        self.workers.sweep()
 
     def release(self, connection):
         """Close a connection and free its place."""
@@ -3878,11 +3954,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         """Stop accepting, let in-flight requests finish (bounded), close."""
         self.draining = True
         super().server_close()
-        self.watcher.stop()
-        if not self.workers.wait_idle(self.gateway.config.server.drain_timeout):
+        if not self.workers.stop(self.gateway.config.server.drain_timeout):
             logger.warning("%d request(s) still running after the drain timeout; their usage rows "
                            "will be marked interrupted at the next start", self.workers.busy())
-        self.workers.stop()
         self.gateway.close()
 
 
@@ -4018,7 +4092,7 @@ def _serve_process(config, host, port, reuse_port=False):
     logger.info("llmgw %s listening on http://%s:%d (providers: %s)", __version__, bound_host, bound_port,
                 ", ".join(server.gateway.providers) or "none")
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=WorkerPool.sweep_interval)
     finally:
         server.server_close()
         server.gateway.store.close()
