@@ -3523,17 +3523,15 @@ class ReadinessQueue:
             return connection
 
     def take_expired(self, now):
-        """Armed connections past their deadline, no longer watched."""
+        """Own the armed connections past their deadline, as ``take`` does."""
         with self._lock:
             expired = [c for c in self._watched.values() if c.armed and c.deadline <= now]
             for connection in expired:
                 connection.armed = False
-        for connection in expired:
-            self.forget(connection)
         return expired
 
     def stop(self):
-        """Release every waiting worker; returns the armed connections."""
+        """Release every waiting worker; hands over the armed connections."""
         self.stopped = True
         expired = self.take_expired(float("inf"))
         self._stop_writer.close()
@@ -3713,10 +3711,33 @@ class WorkerPool:
             return
         self._next_sweep = now + self.sweep_interval
         for connection in self.ready.take_expired(now):
-            if connection.idle:
-                self.server.release(connection)
+            if self._waits_for_a_worker(connection, now):
+                self.ready.arm(connection)
+            elif connection.idle:
+                self._close(connection)
             else:
                 self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
+
+    def _waits_for_a_worker(self, connection, now):
+        """Whether an expired connection holds bytes no worker has read yet
+        (all were busy). A request is judged on what arrived: its clock
+        starts when the sweep first sees its bytes, and one that is whole
+        waits for its turn however long that takes."""
+        try:
+            waiting = connection.sock.recv(INLINE_BODY_BYTES + 65536, socket.MSG_PEEK)
+        except OSError:  # nothing waiting
+            return False
+        if not waiting:
+            return False
+        data = connection.buffer + waiting
+        if connection.idle:
+            connection.idle = False
+        elif connection.head is None and _HEAD_END.search(data) is None:
+            return False
+        elif connection.head is not None and len(data) < (connection.head.content_length or 0):
+            return False
+        connection.deadline = now + self.limits.header_timeout
+        return True
 
     def busy(self):
         with self._lock:
@@ -3726,7 +3747,7 @@ class WorkerPool:
         """Close waiting connections, let requests being served finish
         (bounded); False if some did not."""
         for connection in self.ready.stop():
-            self.server.release(connection)
+            self._close(connection)
         deadline = time.monotonic() + drain_timeout
         with self._lock:
             while self._busy and self._drained.wait(max(deadline - time.monotonic(), 0)):

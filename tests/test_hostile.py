@@ -684,6 +684,75 @@ def test_idle_keepalive_is_closed(gw, key, upstream):
     assert_alive(gw, key)
 
 
+def test_worker_threads_never_exceed_server_threads(make_gateway, upstream):
+    """[S06] server.threads 3 and 8 concurrent slow calls: never more than 3
+    worker threads; the other calls wait their turn and all succeed."""
+    earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}  # other gateways' stragglers
+    gw = make_gateway(server=dict(SERVER, threads=3), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    results, peak = [], [0]
+
+    def slow_call():
+        results.append(post(gw, CHAT, chat_body("gpt-4o-mini-slow"), key, timeout=10).status)
+    callers = [threading.Thread(target=slow_call) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    while any(caller.is_alive() for caller in callers):
+        peak[0] = max(peak[0], sum(1 for t in threading.enumerate()
+                                   if t.name == "llmgw-worker" and t not in earlier))
+        time.sleep(0.02)
+    assert results == [200] * 8
+    assert 1 <= peak[0] <= 3, "worker threads peaked at %d" % peak[0]
+    assert len(settled_rows(gw, 8)) == 8
+    assert_alive(gw, key)
+
+
+def test_deadlines_hold_while_every_worker_is_busy(make_gateway, upstream):
+    """[S07] The only worker waits on a hanging provider: a client that
+    never finishes its head still gets its 408 (deadlines are swept by the
+    accept loop, not by workers), its clock starting when the sweep first
+    sees its bytes; the hanging call ends in 504."""
+    server = dict(SERVER, threads=1, upstream_timeout=4)
+    gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    assert_alive(gw, key)
+    hanging = RawClient(gw, timeout=6)
+    hanging.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
+    time.sleep(0.2)
+    slow = RawClient(gw)
+    started = time.monotonic()
+    slow.send(b"GET /v1/models HTTP/1.1\r\n")
+    response = slow.read_response(timeout=server["keepalive_timeout"] + server["header_timeout"] + 1.0)
+    elapsed = time.monotonic() - started
+    slow.close()
+    assert_json_error(response, 408, close=True)
+    assert elapsed < server["upstream_timeout"] - 0.5, "the 408 waited for the busy worker (%.2f s)" % elapsed
+    assert_json_error(hanging.read_response(timeout=6), 504)
+    hanging.close()
+    assert_alive(gw, key)
+
+
+def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gateway, upstream):
+    """[S08] The only worker is busy for longer than the keep-alive and
+    header timeouts together: a whole request that arrived meanwhile is
+    served once the worker is free, never dropped as idle or timed out."""
+    server = dict(SERVER, threads=1, upstream_timeout=3)
+    gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    assert_alive(gw, key)
+    hanging = RawClient(gw, timeout=5)
+    hanging.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
+    time.sleep(0.2)
+    waiting = RawClient(gw, timeout=5)
+    waiting.send(json_request(CHAT, key, chat_body()))
+    response = waiting.read_response(timeout=5)
+    waiting.close()
+    assert response is not None and response.status == 200, response
+    assert_json_error(hanging.read_response(timeout=5), 504)
+    hanging.close()
+    assert_alive(gw, key)
+
+
 def test_connection_cap_answers_503_then_recovers(make_gateway, upstream):
     """[S05 E01] max_connections 20 held by idle clients: the next ones get
     503 JSON with Retry-After at once (no worker thread); once the holders
