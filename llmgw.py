@@ -3632,7 +3632,8 @@ class WorkerPool:
             if not self._serve(connection):
                 return
             connection.head = None
-            connection.sock.setblocking(False)
+            if connection.sock.gettimeout() != 0.0:  # a write had to wait
+                connection.sock.setblocking(False)
             connection.idle = not connection.buffer
             if connection.idle:
                 connection.deadline = time.monotonic() + self.limits.keepalive_timeout
@@ -3769,8 +3770,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         super().__init__(connection.sock, connection.address, server)
 
     def setup(self):
-        self.connection = self.request
-        self.connection.settimeout(self.server.gateway.config.server.send_timeout)
+        self.connection = self.request  # non-blocking until a write or a body read must wait
         head = self.connection_state.head
         # While draining, every answer closes its connection.
         self.close_connection = not head.keep_alive or self.server.draining
@@ -3801,7 +3801,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         pass  # the connection outlives the request: the server decides
 
     def _send_continue(self):
-        self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self, length):
         state = self.connection_state
@@ -3827,11 +3827,27 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             raise ClientDisconnected() from None
         finally:
-            self.connection.settimeout(self.server.gateway.config.server.send_timeout)
+            self.connection.setblocking(False)
         return b"".join(parts)
 
+    def _write(self, data):
+        """Send all of ``data``. While the kernel takes each write whole (the
+        usual case) the socket stays non-blocking and nothing waits; a client
+        that reads slowly is waited for, up to ``send_timeout``."""
+        sock = self.connection
+        if sock.gettimeout() == 0.0:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            sock.settimeout(self.server.gateway.config.server.send_timeout)
+        sock.sendall(data)
+
     def _send(self, reply):
-        write = self.connection.sendall
+        write = self._write
         if reply.stream is None:
             # One write: headers and body leave in the same segment.
             body = reply.body if self.command != "HEAD" else b""

@@ -753,6 +753,105 @@ def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gatewa
     assert_alive(gw, key)
 
 
+def dechunk(body):
+    """The payload of a chunked body (ending with its last chunk)."""
+    payload = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return payload
+        payload, body = payload + body[:size], body[size + 2:]
+
+
+def small_window_client(gateway, timeout=10.0):
+    """A socket that advertises a 4 KiB receive window, so the gateway's
+    writes stop fitting in the kernel's buffers as soon as it does not read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", gateway.port))
+    return sock
+
+
+def kernel_send_buffer_max():
+    """The most a TCP socket may buffer for sending (Linux autotuning's
+    ceiling), 4 MiB where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 * 1024 * 1024
+
+
+def big_stream_gateway(make_gateway, **server):
+    """(gateway, scripted upstream, events) for a provider that answers
+    with a stream of 1,000-character events, then [DONE]: more than the
+    kernel can buffer on the gateway's side of a connection, so a client
+    that does not read makes the gateway's writes wait."""
+    event = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"}}]}'
+             b'\n\n' % (b"x" * 1000))
+    events = [event] * (kernel_send_buffer_max() // 1000 + 1000) + [b"data: [DONE]\n\n"]
+    stream = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+    scripted = ScriptedUpstream([(stream, True)])
+    gw = make_gateway(server=dict(SERVER, **server), rate_limits=RATE_LIMITS, providers={
+        "scripted": {"base_url": scripted.url, "api_key": SCRIPTED_KEY, "models": ["scripted-*"]}})
+    return gw, scripted, events
+
+
+def test_slow_reader_gets_its_whole_stream(make_gateway, upstream):
+    """[S09] A client that reads a 5 MB stream through a 4 KiB window,
+    pausing first: the gateway's writes stop fitting in the kernel's
+    buffers, and it waits for the reader (send_timeout per write) instead
+    of failing; every byte arrives, in order."""
+    gw, scripted, events = big_stream_gateway(make_gateway, send_timeout=5)
+    try:
+        key = gw.create_key()[1]
+        sock = small_window_client(gw)
+        sock.sendall(json_request(CHAT, key, chat_body("scripted-1", stream=True)))
+        time.sleep(0.5)  # the gateway's writes back up meanwhile
+        received = []
+        while True:
+            data = sock.recv(65536)
+            assert data, "the gateway closed the stream after %d bytes" % sum(map(len, received))
+            received.append(data)
+            if data.endswith(b"0\r\n\r\n"):
+                break
+        sock.close()
+        head, _, body = b"".join(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert dechunk(body) == b"".join(events)
+        row, = settled_rows(gw, 1)
+        assert row["status"] == "ok", row
+        assert_alive(gw, key)
+    finally:
+        scripted.close()
+
+
+def test_reader_that_never_reads_is_let_go_after_send_timeout(make_gateway, upstream):
+    """[S10] A client asks for a 5 MB stream and reads nothing: once its
+    window and the kernel's buffers are full, the gateway waits send_timeout,
+    then closes the connection, records client_disconnected and frees the
+    worker; other clients are served throughout."""
+    gw, scripted, _ = big_stream_gateway(make_gateway, send_timeout=1)
+    try:
+        key = gw.create_key()[1]
+        sock = small_window_client(gw)
+        started = time.monotonic()
+        sock.sendall(json_request(CHAT, key, chat_body("scripted-1", stream=True)))
+        assert_alive(gw, key)
+        row, = [r for r in settled_rows(gw, 2, timeout=10) if r["streamed"]]
+        elapsed = time.monotonic() - started
+        assert row["status"] == "client_disconnected", row
+        assert row["usage_source"] == "estimated" and row["response_tokens"] > 0, row
+        assert 1.0 <= elapsed < 8, "let go after %.2f s (send_timeout 1 s)" % elapsed
+        sock.close()
+        assert_alive(gw, key)
+    finally:
+        scripted.close()
+
+
 def test_connection_cap_answers_503_then_recovers(make_gateway, upstream):
     """[S05 E01] max_connections 20 held by idle clients: the next ones get
     503 JSON with Retry-After at once (no worker thread); once the holders
