@@ -3553,10 +3553,14 @@ class WorkerPool:
     connection armed for the next one.
 
     At most ``size`` threads: one more starts when the last waiting thread
-    takes a request to serve, and a thread retires after a minute idle.
+    takes a request to serve. Threads beyond the most that were busy at
+    once in the last minute or two (plus one waiting) retire, so a burst's
+    threads do not outlive it. (Waiting threads are woken in turn, so "this
+    thread sat idle" would never retire any under a light, steady load.)
     """
 
-    idle_seconds = 60.0
+    #: How long a burst's peak keeps its threads alive.
+    peak_window_seconds = 60.0
     sweep_interval = 0.25
 
     def __init__(self, server, size):
@@ -3568,6 +3572,9 @@ class WorkerPool:
         self._threads = 0
         self._waiting = 0   # threads not serving a request
         self._busy = 0
+        self._peak_busy = 0       # the most busy at once in this window
+        self._last_peak = 0       # ... and in the previous one
+        self._window_end = 0.0
         self._next_sweep = 0.0
         with self._lock:
             self._start_thread()
@@ -3589,7 +3596,6 @@ class WorkerPool:
         self.ready.add(connection)
 
     def _run(self):
-        idle_since = time.monotonic()
         while not self.ready.stopped:
             connection = self.ready.take(1.0)
             if connection is not None:
@@ -3599,17 +3605,26 @@ class WorkerPool:
                     logger.error("unexpected %s while serving a connection", type(exc).__name__)
                     logger.debug("traceback", exc_info=True)
                     self._close(connection)
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > self.idle_seconds:
-                with self._lock:
-                    if self._waiting > 1:  # one thread always waits
-                        self._waiting -= 1
-                        self._threads -= 1
-                        return
+            if self._retire():
+                return
         with self._lock:
             self._waiting -= 1
             self._threads -= 1
             self._drained.notify_all()
+
+    def _retire(self):
+        """Whether this thread, now waiting, is one more than recent peaks
+        needed (it then leaves the pool)."""
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._window_end:
+                self._last_peak, self._peak_busy = self._peak_busy, self._busy
+                self._window_end = now + self.peak_window_seconds
+            if self._threads > max(self._peak_busy, self._last_peak) + 1 and self._waiting > 1:
+                self._waiting -= 1
+                self._threads -= 1
+                return True
+            return False
 
     def _receive(self, connection):
         """Read what a readable connection sent, then serve every whole
@@ -3672,6 +3687,7 @@ class WorkerPool:
         with self._lock:
             self._busy += 1
             self._waiting -= 1
+            self._peak_busy = max(self._peak_busy, self._busy)
             if self._waiting == 0 and self._threads < self._size:
                 self._start_thread()  # someone must wait for the other connections
         try:

@@ -685,7 +685,7 @@ def test_idle_keepalive_is_closed(gw, key, upstream):
 
 
 def test_worker_threads_never_exceed_server_threads(make_gateway, upstream):
-    """[S06] server.threads 3 and 8 concurrent slow calls: never more than 3
+    """[pool] server.threads 3 and 8 concurrent slow calls: never more than 3
     worker threads; the other calls wait their turn and all succeed."""
     earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}  # other gateways' stragglers
     gw = make_gateway(server=dict(SERVER, threads=3), rate_limits=RATE_LIMITS)
@@ -707,8 +707,35 @@ def test_worker_threads_never_exceed_server_threads(make_gateway, upstream):
     assert_alive(gw, key)
 
 
+def test_a_bursts_threads_retire_after_it(make_gateway, upstream):
+    """[pool] 12 concurrent slow calls start about 12 workers; under the
+    light load that follows, all but a couple retire once the burst's peak
+    has left the window (1 s here; a minute by default)."""
+    earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}
+    gw = make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS)
+    gw.server.workers.peak_window_seconds = 1.0
+    key = gw.create_key()[1]
+
+    def ours():
+        return sum(1 for t in threading.enumerate() if t.name == "llmgw-worker" and t not in earlier)
+    callers = [threading.Thread(target=post, args=(gw, CHAT, chat_body("gpt-4o-mini-slow"), key), daemon=True)
+               for _ in range(12)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(10)
+    burst = ours()
+    assert burst >= 6, "the burst started only %d workers" % burst
+    started = time.monotonic()
+    while time.monotonic() - started < 3.5 and ours() > 2:
+        assert post(gw, CHAT, chat_body(), key).status == 200
+        time.sleep(0.02)
+    assert ours() <= 2, "%d workers still alive after the burst (%d at its peak)" % (ours(), burst)
+    assert_alive(gw, key)
+
+
 def test_deadlines_hold_while_every_worker_is_busy(make_gateway, upstream):
-    """[S07] The only worker waits on a hanging provider: a client that
+    """[pool, S01] The only worker waits on a hanging provider: a client that
     never finishes its head still gets its 408 (deadlines are swept by the
     accept loop, not by workers), its clock starting when the sweep first
     sees its bytes; the hanging call ends in 504."""
@@ -733,7 +760,7 @@ def test_deadlines_hold_while_every_worker_is_busy(make_gateway, upstream):
 
 
 def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gateway, upstream):
-    """[S08] The only worker is busy for longer than the keep-alive and
+    """[pool] The only worker is busy for longer than the keep-alive and
     header timeouts together: a whole request that arrived meanwhile is
     served once the worker is free, never dropped as idle or timed out."""
     server = dict(SERVER, threads=1, upstream_timeout=3)
@@ -801,7 +828,7 @@ def big_stream_gateway(make_gateway, **server):
 
 
 def test_slow_reader_gets_its_whole_stream(make_gateway, upstream):
-    """[S09] A client that reads a 5 MB stream through a 4 KiB window,
+    """[S03, reading slowly] A client that reads a 5 MB stream through a 4 KiB window,
     pausing first: the gateway's writes stop fitting in the kernel's
     buffers, and it waits for the reader (send_timeout per write) instead
     of failing; every byte arrives, in order."""
@@ -830,7 +857,7 @@ def test_slow_reader_gets_its_whole_stream(make_gateway, upstream):
 
 
 def test_reader_that_never_reads_is_let_go_after_send_timeout(make_gateway, upstream):
-    """[S10] A client asks for a 5 MB stream and reads nothing: once its
+    """[S03] A client asks for a 5 MB stream and reads nothing: once its
     window and the kernel's buffers are full, the gateway waits send_timeout,
     then closes the connection, records client_disconnected and frees the
     worker; other clients are served throughout."""
