@@ -1889,25 +1889,23 @@ class Provider:
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
     def send(self, method, path, dialect, api_key, client_headers, body):
-        """Send one request; returns (connection, socket, response) with the
-        response's headers read; the socket outlives ``connection.sock`` when
-        the response closes the connection. Raises UpstreamError or
-        UpstreamTimeoutError.
+        """Send one request; returns its UpstreamConnection, the response's
+        head read. Raises UpstreamError or UpstreamTimeoutError.
 
         A pooled connection the provider has closed in the meantime fails
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        head = upstream_request(method, self.pool.base_path + path, self.pool.host_field, dialect, api_key,
-                            client_headers, body if method != "GET" else None)
+        data = upstream_request(method, self.pool.base_path + path, self.pool.host_field, dialect, api_key,
+                                client_headers, body if method != "GET" else None)
         for attempt in (1, 2):
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh=attempt == 2)
-                sock = conn.sock
-                sock.settimeout(self.pool.read_timeout)
-                sock.sendall(head)
-                return conn, sock, conn.getresponse(method)
+                conn.sock.settimeout(self.pool.read_timeout)
+                conn.sock.sendall(data)
+                conn.getresponse(method)
+                return conn
             except (OSError, http.client.HTTPException, UpstreamError) as exc:  # timeouts and TLS errors too
                 if conn is not None:
                     conn.close()
@@ -2939,20 +2937,21 @@ class Gateway:
         call = self._begin_call(request, key, provider, route, dialect, model, body, streamed, reservation)
         try:
             try:
-                conn, sock, response = provider.send(request.method, request.path, dialect, api_key,
-                                                     request.headers, upstream_body)
+                upstream = provider.send(request.method, request.path, dialect, api_key, request.headers,
+                                         upstream_body)
             except GatewayError as exc:
                 call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
                 raise
+            response = upstream.response
             headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
             content_type = response.getheader("content-type", "")
             if (route.stream_meter is not None and 200 <= response.status < 300
                     and content_type.startswith("text/event-stream")):
-                sock.settimeout(self.config.server.stream_idle_timeout)
-                stream = self._relay(call, conn, sock, response, route.stream_meter(hide_usage_chunk))
+                upstream.sock.settimeout(self.config.server.stream_idle_timeout)
+                stream = self._relay(call, upstream, route.stream_meter(hide_usage_chunk))
                 return Reply(response.status, headers + [("content-type", content_type),
                                                          ("cache-control", "no-cache")], stream=stream)
-            return self._complete(call, conn, sock, response, headers)
+            return self._complete(call, upstream, headers)
         except BaseException:
             # Whatever went wrong, the row does not stay pending (settling twice is a no-op).
             call.settle("upstream_error", None, Usage())
@@ -3038,26 +3037,26 @@ class Gateway:
                                 code="model_not_found")
         return default, model
 
-    def _complete(self, call, conn, sock, response, headers):
+    def _complete(self, call, upstream, headers):
         """Read a whole (non-streamed) answer, record it, then reply."""
-        provider = call.provider
+        provider, response = call.provider, upstream.response
         try:
-            body = read_whole_body(response, sock, call.started + self.config.server.request_deadline,
+            body = read_whole_body(response, upstream.sock, call.started + self.config.server.request_deadline,
                                    provider.pool.read_timeout)
         except socket.timeout:
-            conn.close()
+            upstream.close()
             call.settle("timeout", response.status, Usage())
             raise UpstreamTimeoutError("Provider %s stopped answering" % provider.name) from None
         except (OSError, http.client.HTTPException, UpstreamError) as exc:
-            conn.close()
+            upstream.close()
             call.settle("upstream_error", response.status, Usage())
             if isinstance(exc, UpstreamError):
                 raise
             raise UpstreamError("Provider %s broke off its answer" % provider.name) from None
         if response.will_close:
-            conn.close()
+            upstream.close()
         else:
-            provider.pool.release(conn)
+            provider.pool.release(upstream)
         status = response.status
         if status in (401, 403):
             call.settle("upstream_error", status, Usage())
@@ -3088,19 +3087,20 @@ class Gateway:
         return Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
                      body)
 
-    def _relay(self, call, conn, sock, response, meter):
+    def _relay(self, call, upstream, meter):
         """Relay a stream event by event. The event that ends it is held
         back until the usage row is settled, so a client that saw the end of
         its answer is always on the books."""
         held = []
+        response = upstream.response
         outcome = "client_disconnected"  # if the handler closes this generator
         try:
             outcome = yield from self._forward_events(call, response, meter, held)
         finally:
-            if outcome == "ok" and _read_to_end(response, sock):
-                call.provider.pool.release(conn)
+            if outcome == "ok" and _read_to_end(response, upstream.sock):
+                call.provider.pool.release(upstream)
             else:
-                conn.close()  # also stops a provider still generating for a client that left
+                upstream.close()  # also stops a provider still generating for a client that left
             usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
             call.settle(outcome, response.status, usage)
         if outcome == "client_disconnected":
