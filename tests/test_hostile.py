@@ -734,18 +734,26 @@ def test_a_bursts_threads_retire_after_it(make_gateway, upstream):
     assert_alive(gw, key)
 
 
+def with_the_only_worker_busy(make_gateway, upstream_timeout):
+    """(gateway, its server settings, key, client): server.threads 1, the
+    worker held by the client's call to a provider that never answers
+    (a 504 after ``upstream_timeout``)."""
+    server = dict(SERVER, threads=1, upstream_timeout=upstream_timeout)
+    gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    assert_alive(gw, key)
+    hanging = RawClient(gw, timeout=upstream_timeout + 2)
+    hanging.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
+    time.sleep(0.2)
+    return gw, server, key, hanging
+
+
 def test_deadlines_hold_while_every_worker_is_busy(make_gateway, upstream):
     """[pool, S01] The only worker waits on a hanging provider: a client that
     never finishes its head still gets its 408 (deadlines are swept by the
     accept loop, not by workers), its clock starting when the sweep first
     sees its bytes; the hanging call ends in 504."""
-    server = dict(SERVER, threads=1, upstream_timeout=4)
-    gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
-    key = gw.create_key()[1]
-    assert_alive(gw, key)
-    hanging = RawClient(gw, timeout=6)
-    hanging.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
-    time.sleep(0.2)
+    gw, server, key, hanging = with_the_only_worker_busy(make_gateway, upstream_timeout=4)
     slow = RawClient(gw)
     started = time.monotonic()
     slow.send(b"GET /v1/models HTTP/1.1\r\n")
@@ -763,13 +771,7 @@ def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gatewa
     """[pool] The only worker is busy for longer than the keep-alive and
     header timeouts together: a whole request that arrived meanwhile is
     served once the worker is free, never dropped as idle or timed out."""
-    server = dict(SERVER, threads=1, upstream_timeout=3)
-    gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
-    key = gw.create_key()[1]
-    assert_alive(gw, key)
-    hanging = RawClient(gw, timeout=5)
-    hanging.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
-    time.sleep(0.2)
+    gw, _, key, hanging = with_the_only_worker_busy(make_gateway, upstream_timeout=3)
     waiting = RawClient(gw, timeout=5)
     waiting.send(json_request(CHAT, key, chat_body()))
     response = waiting.read_response(timeout=5)
@@ -1435,23 +1437,6 @@ def test_upstream_response_headers_are_filtered(make_gateway, upstream):
         scripted.close()
 
 
-def test_upstream_bogus_content_length_is_502(make_gateway, upstream):
-    """[X07] The provider declares more bytes than it sends, then closes:
-    502 JSON, row upstream_error, nothing half-relayed."""
-    gw, scripted = scripted_gateway(make_gateway, [scripted_reply("HTTP/1.1 200 OK", [
-        ("Content-Type", "application/json"), ("Content-Length", "5000")], SCRIPTED_BODY, close=True)])
-    try:
-        key = gw.create_key()[1]
-        response, client = exchange(gw, json_request(CHAT, key, chat_body("scripted-1")))
-        client.close()
-        assert_json_error(response, 502)
-        row, = settled_rows(gw, 1)
-        assert row["status"] == "upstream_error"
-        assert_alive(gw, key)
-    finally:
-        scripted.close()
-
-
 def test_upstream_duplicate_content_length_does_not_poison_the_pool(make_gateway, upstream):
     """[X07 H08, upstream side] The provider answers with two different
     Content-Lengths on a keep-alive connection: that answer is a 502, and
@@ -1477,19 +1462,23 @@ def test_upstream_duplicate_content_length_does_not_poison_the_pool(make_gateway
 JSON_HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(SCRIPTED_BODY)))]
 
 
-@pytest.mark.parametrize("status_line, headers", [
-    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Filler-%d" % n, "x") for n in range(100)]),
-    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Big", "x" * 70000)]),
-    ("HTTP/1.1 200 OK", JSON_HEADERS + [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]),
-    ("HTTP/2 200 OK", JSON_HEADERS),
-    ("HTTP/1.1 2000 OK", JSON_HEADERS),
-    ("HTTP/1.1 200 OK\r\nno colon in this line", JSON_HEADERS),
-], ids=["101-fields", "70k-line", "two-transfer-encodings", "http2-status-line", "four-digit-status", "no-colon"])
-def test_upstream_response_head_out_of_bounds_is_502(make_gateway, upstream, status_line, headers):
+@pytest.mark.parametrize("status_line, headers, close", [
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Filler-%d" % n, "x") for n in range(100)], False),
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("X-Big", "x" * 70000)], False),
+    ("HTTP/1.1 200 OK", JSON_HEADERS + [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], False),
+    ("HTTP/2 200 OK", JSON_HEADERS, False),
+    ("HTTP/1.1 2000 OK", JSON_HEADERS, False),
+    ("HTTP/1.1 200 OK\r\nno colon in this line", JSON_HEADERS, False),
+    ("HTTP/1.1 200 OK", [("Content-Type", "application/json"), ("Content-Length", "5000")], True),
+], ids=["101-fields", "70k-line", "two-transfer-encodings", "http2-status-line", "four-digit-status", "no-colon",
+        "bogus-content-length"])
+def test_upstream_response_out_of_bounds_is_502(make_gateway, upstream, status_line, headers, close):
     """[X07] The provider's response head is read by the gateway's own
     parser, within http.client's bounds (100 fields, 64 KiB a line):
-    anything past them or malformed is a 502 JSON and an upstream_error row."""
-    gw, scripted = scripted_gateway(make_gateway, [scripted_reply(status_line, headers, SCRIPTED_BODY)])
+    anything past them or malformed, or a body shorter than its declared
+    length (then a close), is a 502 JSON, nothing half-relayed, and an
+    upstream_error row."""
+    gw, scripted = scripted_gateway(make_gateway, [scripted_reply(status_line, headers, SCRIPTED_BODY, close)])
     try:
         key = gw.create_key()[1]
         response, client = exchange(gw, json_request(CHAT, key, chat_body("scripted-1")))
