@@ -484,8 +484,9 @@ def _check_base_url(url, where):
         raise ConfigError("%s.base_url: credentials, query and fragment are not allowed" % where)
     try:
         parts.port
-    except ValueError:
-        raise ConfigError("%s.base_url: bad port in %r" % (where, url)) from None
+        parts.hostname.encode("idna")  # the Host field is written as http.client would
+    except ValueError:  # UnicodeError included
+        raise ConfigError("%s.base_url: bad host or port in %r" % (where, url)) from None
     return url.rstrip("/")
 
 
@@ -1804,7 +1805,7 @@ class UpstreamPool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
         default_port = parts.port is None or self.port == (443 if parts.scheme == "https" else 80)
-        host = "[%s]" % self.host if ":" in self.host else self.host
+        host = "[%s]" % self.host if ":" in self.host else self.host.encode("idna").decode("ascii")
         #: The Host field of every request, as http.client would write it.
         self.host_field = host if default_port else "%s:%d" % (host, self.port)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
@@ -1970,7 +1971,9 @@ class UpstreamResponse(http.client.HTTPResponse):
 
     def begin(self):
         version, status, reason = self._read_status()
-        while status == http.client.CONTINUE:
+        while status < 200:  # interim answers (100 Continue, 103 Early Hints) come before the real one
+            if status == http.client.SWITCHING_PROTOCOLS:
+                raise http.client.HTTPException("the provider switched protocols")
             self._read_fields()
             version, status, reason = self._read_status()
         self.code = self.status = status
@@ -1984,8 +1987,9 @@ class UpstreamResponse(http.client.HTTPResponse):
         self.fields = self._read_fields()
         self.field_map = fields = {}
         for name, value in self.fields:
-            if name in fields and name in ("content-length", "transfer-encoding"):
-                raise UpstreamError("The provider sent several %s headers" % name, code="upstream_bad_response")
+            if name in ("content-length", "transfer-encoding") and (name in fields or "\n" in value):
+                raise UpstreamError("The provider sent several or folded %s headers" % name,
+                                    code="upstream_bad_response")
             fields.setdefault(name, value)
         self.headers = self.msg = fields
         self.chunked = fields.get("transfer-encoding", "").lower() == "chunked"
@@ -2002,27 +2006,29 @@ class UpstreamResponse(http.client.HTTPResponse):
             self.will_close = True  # the body ends with the connection
 
     def _read_fields(self):
-        """(lower-cased name, value) pairs up to the blank line. A folded
-        line is kept inside its value (with its line break), so the value
-        is never relayed (see response_headers)."""
+        """(lower-cased name, value) pairs up to the blank line, at most
+        MAX_UPSTREAM_HEADER_FIELDS lines. A field continued on folded lines
+        is marked with a line break instead, so it is never relayed (see
+        response_headers)."""
         fields = []
-        while True:
+        for _ in range(MAX_UPSTREAM_HEADER_FIELDS + 1):
             line = self.fp.readline(MAX_UPSTREAM_HEADER_LINE + 1)
             if len(line) > MAX_UPSTREAM_HEADER_LINE:
                 raise http.client.LineTooLong("header line")
             if line in (b"\r\n", b"\n", b""):
                 return fields
-            if len(fields) >= MAX_UPSTREAM_HEADER_FIELDS:
-                raise http.client.HTTPException("got more than %d headers" % MAX_UPSTREAM_HEADER_FIELDS)
             text = line.decode("latin-1")
-            if text[0] in " \t" and fields:
+            if text[0] in " \t":
+                if not fields:
+                    raise http.client.HTTPException("malformed header line")
                 name, value = fields[-1]
-                fields[-1] = (name, value + "\n" + text.strip())
+                fields[-1] = (name, value.rstrip("\n") + "\n")
                 continue
             name, colon, value = text.partition(":")
             if not colon:
                 raise http.client.HTTPException("malformed header line")
             fields.append((name.strip().lower(), value.strip()))
+        raise http.client.HTTPException("got more than %d header lines" % MAX_UPSTREAM_HEADER_FIELDS)
 
     def getheader(self, name, default=None):
         return self.field_map.get(name.lower(), default)
@@ -3475,21 +3481,25 @@ class ReadinessQueue:
             self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, flags)], 0)
 
     def add(self, connection):
-        """Watch a new connection."""
-        connection.armed = True
+        """Watch a new connection; False if it cannot be (the caller closes it)."""
         with self._lock:
             self._watched[connection.fd] = connection
-        self._control(connection.fd, new=True)
+        return self.arm(connection, new=True)
 
-    def arm(self, connection):
+    def arm(self, connection, new=False):
         """Watch a connection again, after its owner read or answered it
-        (its deadline set). If the sweep takes it meanwhile, the sweep
-        closes it."""
-        connection.armed = True
-        try:
-            self._control(connection.fd)
-        except OSError:  # forgotten by the sweep already
-            pass
+        (its deadline set). False if it cannot be, because the gateway is
+        stopping or the kernel refused: its owner closes it then."""
+        with self._lock:  # so the sweep never sees it armed but unwatched
+            if self.stopped:
+                return False
+            try:
+                self._control(connection.fd, new=new)
+            except (OSError, ValueError):
+                logger.warning("a connection could not be watched; it is closed")
+                return False
+            connection.armed = True
+            return True
 
     def forget(self, connection):
         """Stop watching a connection about to be closed (by its owner, or by
@@ -3508,10 +3518,13 @@ class ReadinessQueue:
     def take(self, timeout):
         """Wait for a readable connection and own it; None on timeout, or at
         once when stopping."""
-        if self._epoll is not None:
-            ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
-        else:
-            ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
+        try:
+            if self._epoll is not None:
+                ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
+            else:
+                ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
+        except (OSError, ValueError):  # closed after a drain that timed out
+            return None
         if not ready:
             return None
         with self._lock:
@@ -3532,7 +3545,8 @@ class ReadinessQueue:
 
     def stop(self):
         """Release every waiting worker; hands over the armed connections."""
-        self.stopped = True
+        with self._lock:
+            self.stopped = True
         expired = self.take_expired(float("inf"))
         self._stop_writer.close()
         return expired
@@ -3585,15 +3599,22 @@ class WorkerPool:
         return self.server.gateway.config.server
 
     def _start_thread(self):
+        """Start one more worker (the lock held)."""
         self._threads += 1
         self._waiting += 1
-        threading.Thread(target=self._run, name="llmgw-worker", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="llmgw-worker", daemon=True).start()
+        except RuntimeError:  # the system has no thread to spare: serve with those there are
+            self._threads -= 1
+            self._waiting -= 1
+            logger.error("could not start a worker thread; %d serve", self._threads)
 
     def watch(self, connection):
         """Take a new connection from the accept loop."""
         connection.sock.setblocking(False)
         connection.deadline = time.monotonic() + self.limits.keepalive_timeout
-        self.ready.add(connection)
+        if not self.ready.add(connection):
+            self._close(connection)
 
     def _run(self):
         while not self.ready.stopped:
@@ -3623,6 +3644,7 @@ class WorkerPool:
             if self._threads > max(self._peak_busy, self._last_peak) + 1 and self._waiting > 1:
                 self._waiting -= 1
                 self._threads -= 1
+                self._drained.notify_all()
                 return True
             return False
 
@@ -3632,7 +3654,7 @@ class WorkerPool:
         try:
             data = connection.sock.recv(65536)
         except (BlockingIOError, InterruptedError):  # woken for a connection that has nothing yet
-            self.ready.arm(connection)
+            self._arm(connection)
             return
         except OSError:
             data = b""
@@ -3655,7 +3677,11 @@ class WorkerPool:
                 break
             connection.deadline = time.monotonic() + self.limits.header_timeout  # pipelined
         if connection.sock.fileno() >= 0:
-            self.ready.arm(connection)
+            self._arm(connection)
+
+    def _arm(self, connection):
+        if not self.ready.arm(connection):
+            self._close(connection)
 
     def _assemble(self, connection):
         """True once the request is complete enough to serve; a request
@@ -3729,7 +3755,7 @@ class WorkerPool:
         self._next_sweep = now + self.sweep_interval
         for connection in self.ready.take_expired(now):
             if self._waits_for_a_worker(connection, now):
-                self.ready.arm(connection)
+                self._arm(connection)
             elif connection.idle:
                 self._close(connection)
             else:
@@ -3761,17 +3787,21 @@ class WorkerPool:
             return self._busy
 
     def stop(self, drain_timeout):
-        """Close waiting connections, let requests being served finish
-        (bounded); False if some did not."""
+        """Stop serving: every worker finishes what it holds (bounded by
+        ``drain_timeout``) and leaves. A request still waiting for a worker
+        gets a 503 to retry elsewhere; idle connections are closed. False if
+        some request did not finish in time."""
         for connection in self.ready.stop():
-            self._close(connection)
+            if self._waits_for_a_worker(connection, time.monotonic()):
+                self._reject(connection, ServiceUnavailableError("The gateway is restarting; retry",
+                                                                 headers=[("retry-after", "1")]))
+            else:
+                self._close(connection)
         deadline = time.monotonic() + drain_timeout
         with self._lock:
-            while self._busy and self._drained.wait(max(deadline - time.monotonic(), 0)):
+            while self._threads and self._drained.wait(max(deadline - time.monotonic(), 0)):
                 pass
-            drained = not self._busy
-            while self._threads > self._busy and self._drained.wait(max(deadline - time.monotonic(), 0.05)):
-                pass
+            drained = not self._threads
         if drained:
             self.ready.close()
         return drained
@@ -3976,7 +4006,11 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self.workers.watch(Connection(request, client_address))
 
     def service_actions(self):
-        self.workers.sweep()
+        try:
+            self.workers.sweep()
+        except Exception as exc:  # the accept loop must go on
+            logger.error("unexpected %s in the deadline sweep", type(exc).__name__)
+            logger.debug("traceback", exc_info=True)
 
     def release(self, connection):
         """Close a connection and free its place."""

@@ -162,6 +162,8 @@ INVALID = [
     ("base_url not a string", with_change(("providers", "openai", "base_url"), 42), ["providers.openai.base_url"]),
     ("base_url ftp", with_change(("providers", "openai", "base_url"), "ftp://api.openai.com"),
      ["providers.openai.base_url"]),
+    ("base_url empty host label", with_change(("providers", "openai", "base_url"), "https://api..example"),
+     ["providers.openai.base_url", "bad host"]),
     ("base_url no scheme", with_change(("providers", "openai", "base_url"), "api.openai.com"),
      ["providers.openai.base_url"]),
     ("base_url no host", with_change(("providers", "openai", "base_url"), "https:///v1"),
@@ -324,6 +326,21 @@ def test_edited_base_url_is_used(url, expected):
     config = llmgw.parse_config(document)
     assert config.providers["openai"].base_url == expected
     assert config.providers["anthropic"].base_url == "https://api.anthropic.com"
+
+
+@pytest.mark.parametrize("url, host_field", [
+    ("https://api.mistral.ai", "api.mistral.ai"),
+    ("http://127.0.0.1:11434/v1", "127.0.0.1:11434"),
+    ("https://[::1]:8443", "[::1]:8443"),
+    ("https://[::1]:443", "[::1]"),
+    ("http://bücher.example:80/v1", "xn--bcher-kva.example"),
+])
+def test_host_field_is_written_as_http_client_would(url, host_field):
+    """The Host field sent upstream: default ports left out, IPv6 in
+    brackets, international names in IDNA (ASCII) form."""
+    pool = llmgw.UpstreamPool(llmgw.parse_config(with_change(("providers", "openai", "base_url"), url))
+                              .providers["openai"].base_url, 1, 1)
+    assert pool.host_field == host_field
 
 
 def test_edited_base_url_takes_effect_end_to_end(make_gateway, upstream):

@@ -782,6 +782,24 @@ def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gatewa
     assert_alive(gw, key)
 
 
+def test_a_request_waiting_for_a_worker_at_shutdown_gets_503(make_gateway, upstream):
+    """[pool, SIGTERM drain] The only worker is busy when the gateway stops:
+    the call in flight finishes within the drain, and a whole request that
+    was still waiting for a worker is answered 503 with Retry-After (to
+    retry elsewhere), never dropped without an answer."""
+    gw, _, key, hanging = with_the_only_worker_busy(make_gateway, upstream_timeout=1)
+    waiting = RawClient(gw, timeout=5)
+    waiting.send(json_request(CHAT, key, chat_body()))
+    time.sleep(0.2)
+    gw.stop()
+    response = waiting.read_response(timeout=5)
+    waiting.close()
+    assert_json_error(response, 503, close=True)
+    assert response.header("retry-after") == "1"
+    assert_json_error(hanging.read_response(timeout=5), 504)
+    hanging.close()
+
+
 def dechunk(body):
     """The payload of a chunked body (ending with its last chunk)."""
     payload = b""
@@ -1470,13 +1488,18 @@ JSON_HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len
     ("HTTP/1.1 2000 OK", JSON_HEADERS, False),
     ("HTTP/1.1 200 OK\r\nno colon in this line", JSON_HEADERS, False),
     ("HTTP/1.1 200 OK", [("Content-Type", "application/json"), ("Content-Length", "5000")], True),
+    ("HTTP/1.1 200 OK\r\nX-Folded: a" + "\r\n b" * 3000, JSON_HEADERS, False),
+    ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n 0" % len(SCRIPTED_BODY), [("Content-Type", "application/json")],
+     False),
+    ("HTTP/1.1 101 Switching Protocols", JSON_HEADERS, False),
 ], ids=["101-fields", "70k-line", "two-transfer-encodings", "http2-status-line", "four-digit-status", "no-colon",
-        "bogus-content-length"])
+        "bogus-content-length", "3000-folded-lines", "folded-content-length", "101-switching"])
 def test_upstream_response_out_of_bounds_is_502(make_gateway, upstream, status_line, headers, close):
     """[X07] The provider's response head is read by the gateway's own
-    parser, within http.client's bounds (100 fields, 64 KiB a line):
-    anything past them or malformed, or a body shorter than its declared
-    length (then a close), is a 502 JSON, nothing half-relayed, and an
+    parser, within http.client's bounds (100 lines, folded ones included;
+    64 KiB a line): anything past them or malformed (a folded framing
+    header, a protocol switch), or a body shorter than its declared length
+    (then a close), is a 502 JSON, nothing half-relayed, and an
     upstream_error row."""
     gw, scripted = scripted_gateway(make_gateway, [scripted_reply(status_line, headers, SCRIPTED_BODY, close)])
     try:
@@ -1492,10 +1515,11 @@ def test_upstream_response_out_of_bounds_is_502(make_gateway, upstream, status_l
 
 
 def test_upstream_response_head_oddities_are_read_like_http_client(make_gateway, upstream):
-    """[X07] A 100 Continue before the answer is skipped; a value with a
-    bare CR and a folded value are never relayed, while the answer itself
-    still is."""
-    continued = b"HTTP/1.1 100 Continue\r\nX-Ignored: 1\r\n\r\n"
+    """[X07] Interim answers (100 Continue, 103 Early Hints) before the
+    answer are skipped; a value with a bare CR and a folded value are never
+    relayed, while the answer itself still is."""
+    continued = (b"HTTP/1.1 100 Continue\r\nX-Ignored: 1\r\n\r\n"
+                 b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
     body = scripted_reply("HTTP/1.1 200 OK", JSON_HEADERS + [
         ("X-Request-Id", "req\rSet-Cookie: a=b"), ("x-ratelimit-limit-requests", "7"),
         ("x-ratelimit-remaining-requests", "6\r\n\tSet-Cookie: c=d")], SCRIPTED_BODY)[0]
@@ -1506,7 +1530,7 @@ def test_upstream_response_head_oddities_are_read_like_http_client(make_gateway,
         client.close()
         assert response.status == 200 and response.body == SCRIPTED_BODY, response
         names = [name.lower() for name, _ in response.header_list]
-        assert "set-cookie" not in names and "x-ignored" not in names, response.header_list
+        assert "set-cookie" not in names and "x-ignored" not in names and "link" not in names, response.header_list
         assert "x-request-id" not in names and "x-ratelimit-remaining-requests" not in names, response.header_list
         assert response.header("x-ratelimit-limit-requests") == "7"
         row, = settled_rows(gw, 1)
