@@ -18,6 +18,11 @@ What it starts (and always stops, even on Ctrl-C or error; each in its own proce
 * the gateway, ``python llmgw.py``, with CONFIG_PATH/DB_PATH in a temporary directory, the
   openai provider pointed at the upstream, the provider key in OPENAI_API_KEY, logging at
   WARNING, and one virtual key made with ``python cli.py keys create bench --rpm 100000000``;
+* the naive reference proxy (this file, ``_naive`` mode), issue 6's yardstick: a
+  ThreadingHTTPServer that forwards over one keep-alive connection per thread and inserts one
+  SQLite row per request, with no key check, limits or durability rule; it runs on the
+  gateway's core and is measured at the same levels, to show what CPython on this machine
+  allows at all;
 * the load generator: ``wrk`` when installed (a Lua script sets the POST body and headers and
   prints exact counts and percentiles), else a built-in Python one (this file, ``_loadgen``
   mode: closed-loop keep-alive raw sockets driven by ``selectors``, pre-built request bytes,
@@ -53,7 +58,6 @@ complete (setup failure, gateway died); 130 on Ctrl-C or SIGTERM. Linux only (/p
 """
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -133,6 +137,7 @@ def parse_response(buf):
 
 def upstream_main(events, gap_ms):
     """Serve the fake OpenAI API on 127.0.0.1 (ephemeral port, printed on stdout)."""
+    import asyncio  # here, so the naive proxy's process does not carry it
     completion = json.dumps({
         "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": MODEL,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there! How can I help?"},
@@ -245,6 +250,62 @@ def upstream_main(events, gap_ms):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         asyncio.run(run())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+# ==== The naive reference proxy (``_naive`` mode) ===========================================
+
+def naive_main(upstream_port, db_path):
+    """Issue 6's reference row: a naive standard-library proxy (ThreadingHTTPServer, one
+    keep-alive upstream connection per thread, one SQLite insert per request, no key check,
+    no limits, no durability rule). It shows what CPython on this machine allows at all."""
+    import http.client
+    import http.server
+    import threading
+    local = threading.local()
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("CREATE TABLE usage (id INTEGER PRIMARY KEY, at REAL, prompt INTEGER, completion INTEGER)")
+    db_lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if getattr(local, "upstream", None) is None:
+                local.upstream = http.client.HTTPConnection("127.0.0.1", upstream_port)
+            local.upstream.request("POST", self.path, body, {"Content-Type": "application/json",
+                                                             "Authorization": "Bearer " + PROVIDER_KEY})
+            answer = local.upstream.getresponse()
+            data = answer.read()
+            usage = json.loads(data).get("usage", {})
+            with db_lock:
+                db.execute("INSERT INTO usage (at, prompt, completion) VALUES (?, ?, ?)",
+                           (time.time(), usage.get("prompt_tokens"), usage.get("completion_tokens")))
+            self.send_response(answer.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 1024
+
+        def handle_error(self, request, client_address):
+            pass  # clients closing at a level's end
+
+    server = Server(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
 
@@ -735,26 +796,41 @@ def main():
 
         # -- non-streamed levels ---------------------------------------------------------------
         warm = 1.0
-        results = {"direct": {}, "gateway": {}}
+        results = {"direct": {}, "gateway": {}, "naive": {}}
         peak = {"rss": 0}
 
         def track_peak():
             peak["rss"] = max(peak["rss"], rss_kb(gw.pid))
-        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey)):
+        # -- the naive reference proxy, on the gateway's core ------------------------------------
+        naive = procs.start([sys.executable, os.path.abspath(__file__), "_naive", str(up_port),
+                             os.path.join(workdir, "naive.db")], cpu=gw_cpu, stdout=subprocess.PIPE)
+        line = naive.stdout.readline()
+        if not line.strip():
+            raise RuntimeError("the naive reference proxy did not start")
+        naive_port = int(line)
+        time.sleep(0.3)
+        naive_rss_idle = rss_kb(naive.pid)
+
+        servers = {"gateway": gw, "naive": naive}
+        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey),
+                                  ("naive", naive_port, "-")):
             r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
             if target == "gateway":
                 gw_sent += r["requests"]
+            server = servers.get(target)
             for conns in levels:
                 on_tick = None
-                if target == "gateway":
-                    if gw.poll() is not None:
-                        raise RuntimeError("the gateway exited with code %s" % gw.returncode)
-                    cpu0 = cpu_seconds(gw.pid)
-                    if conns == max(levels):
+                if server is not None:
+                    if server.poll() is not None:
+                        raise RuntimeError("the %s exited with code %s" % (target, server.returncode))
+                    cpu0 = cpu_seconds(server.pid)
+                    if target == "gateway" and conns == max(levels):
                         on_tick = track_peak
                 r = loadgen.run(port, key, conns, args.duration, on_tick)
+                if server is not None:
+                    r["cpu_ms_per_req"] = ((cpu_seconds(server.pid) - cpu0) * 1000 / r["requests"]
+                                           if r["requests"] else float("nan"))
                 if target == "gateway":
-                    r["cpu_ms_per_req"] = (cpu_seconds(gw.pid) - cpu0) * 1000 / r["requests"] if r["requests"] else float("nan")
                     gw_sent += r["requests"]
                 results[target][conns] = r
                 bad = {k: v for k, v in r["errors"].items() if v}
@@ -836,7 +912,7 @@ def main():
             "target", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors")
         print(header)
         print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-        for target in ("gateway", "direct"):
+        for target in ("gateway", "naive", "direct"):
             for conns in levels:
                 r = results[target][conns]
                 cpu = "%.3f" % r["cpu_ms_per_req"] if "cpu_ms_per_req" in r else "-"
@@ -844,13 +920,14 @@ def main():
                     target, conns, r["rps"], fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]), cpu,
                     sum(r["errors"].values())))
         print()
-        g1, d1 = results["gateway"][levels[0]], results["direct"][levels[0]]
-        print("Overhead p50 at %d connection(s): %.3f ms (gateway %.3f - direct %.3f)"
-              % (levels[0], g1["p50_ms"] - d1["p50_ms"], g1["p50_ms"], d1["p50_ms"]))
+        g1, n1, d1 = (results[target][levels[0]] for target in ("gateway", "naive", "direct"))
+        print("Overhead p50 at %d connection(s): %.3f ms (gateway %.3f - direct %.3f); naive proxy %.3f ms"
+              % (levels[0], g1["p50_ms"] - d1["p50_ms"], g1["p50_ms"], d1["p50_ms"], n1["p50_ms"] - d1["p50_ms"]))
         top = max(levels)
-        print("Throughput ratio gateway/direct: %s" % ", ".join(
-            "%d conns %.1f%%" % (c, 100.0 * results["gateway"][c]["rps"] / results["direct"][c]["rps"])
-            for c in levels if results["direct"][c]["rps"]))
+        for other in ("direct", "naive"):
+            print("Throughput ratio gateway/%s: %s" % (other, ", ".join(
+                "%d conns %.1f%%" % (c, 100.0 * results["gateway"][c]["rps"] / results[other][c]["rps"])
+                for c in levels if results[other][c]["rps"])))
         print()
         print("Stream of %d events (median of %d sequential runs, one keep-alive connection)"
               % (args.stream_events, args.stream_runs))
@@ -876,6 +953,7 @@ def main():
                  (rss_final - rss_after_levels) / (sent / 1000.0) if sent else 0.0))
         print("Memory run: %.0f req/s at 16 connections, gateway CPU %.3f ms/request"
               % (sent / mem_seconds if mem_seconds else 0, mem_cpu))
+        print("The naive reference proxy idled at %.1f MB." % (naive_rss_idle / 1024.0))
         print()
         print("Usage rows in the gateway database: %d (requests sent to the gateway: about %d; load generators"
               " do not count requests in flight at a level's end)" % (sum(by_status.values()), gw_sent))
@@ -918,5 +996,7 @@ if __name__ == "__main__":
         upstream_main(int(sys.argv[2]), float(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
         loadgen_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_naive":
+        naive_main(int(sys.argv[2]), sys.argv[3])
     else:
         sys.exit(main())
