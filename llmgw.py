@@ -2000,7 +2000,7 @@ class UpstreamResponse(http.client.HTTPResponse):
         length = fields.get("content-length", "")
         if not self.chunked and length.isdigit() and length.isascii():
             self.length = int(length)
-        if status in (204, 304) or status < 200 or self._method == "HEAD":
+        if status in (204, 304) or self._method == "HEAD":
             self.length = 0
         if not self.chunked and self.length is None:
             self.will_close = True  # the body ends with the connection
@@ -2032,9 +2032,6 @@ class UpstreamResponse(http.client.HTTPResponse):
 
     def getheader(self, name, default=None):
         return self.field_map.get(name.lower(), default)
-
-    def getheaders(self):
-        return list(self.fields)
 
 
 def response_headers(upstream_response):
