@@ -3466,8 +3466,7 @@ class ReadinessQueue:
         self.stopped = False
         # A level-triggered wake-up that, once set, releases every waiting worker.
         self._stop_reader, self._stop_writer = socket.socketpair()
-        self._stop_fd = self._stop_reader.fileno()
-        self._control(self._stop_fd, oneshot=False, new=True)
+        self._control(self._stop_reader.fileno(), oneshot=False, new=True)
 
     def _control(self, fd, oneshot=True, new=False):
         if self._epoll is not None:
