@@ -1959,9 +1959,11 @@ class UpstreamConnection:
         self.sock.close()
 
 
-#: Bounds on a provider's response head, as http.client sets them.
+#: Bounds on a provider's response head, as http.client sets them, and on
+#: the interim (1xx) answers before it.
 MAX_UPSTREAM_HEADER_LINE = 65536
 MAX_UPSTREAM_HEADER_FIELDS = 100
+MAX_INTERIM_ANSWERS = 10
 
 
 class UpstreamResponse(http.client.HTTPResponse):
@@ -1971,11 +1973,17 @@ class UpstreamResponse(http.client.HTTPResponse):
 
     def begin(self):
         version, status, reason = self._read_status()
+        interim = 0
         while status < 200:  # interim answers (100 Continue, 103 Early Hints) come before the real one
-            if status == http.client.SWITCHING_PROTOCOLS:
-                raise http.client.HTTPException("the provider switched protocols")
+            interim += 1
+            if status == http.client.SWITCHING_PROTOCOLS or interim > MAX_INTERIM_ANSWERS:
+                raise http.client.HTTPException("the provider switched protocols or sent too many interim answers")
             self._read_fields()
-            version, status, reason = self._read_status()
+            try:
+                version, status, reason = self._read_status()
+            except ConnectionError:  # not worth a retry: the provider has the request
+                raise http.client.HTTPException("the provider closed the connection after an interim answer") \
+                    from None
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -1987,9 +1995,11 @@ class UpstreamResponse(http.client.HTTPResponse):
         self.fields = self._read_fields()
         self.field_map = fields = {}
         for name, value in self.fields:
-            if name in ("content-length", "transfer-encoding") and (name in fields or "\n" in value):
-                raise UpstreamError("The provider sent several or folded %s headers" % name,
-                                    code="upstream_bad_response")
+            # The fields the gateway reads itself: whole lines, and framing ones once.
+            if (name in ("content-length", "transfer-encoding") and name in fields
+                    or name in ("content-length", "transfer-encoding", "content-type")
+                    and ("\n" in value or "\r" in value)):
+                raise UpstreamError("The provider sent a malformed %s header" % name, code="upstream_bad_response")
             fields.setdefault(name, value)
         self.headers = self.msg = fields
         self.chunked = fields.get("transfer-encoding", "").lower() == "chunked"
@@ -3514,13 +3524,10 @@ class ReadinessQueue:
     def take(self, timeout):
         """Wait for a readable connection and own it; None on timeout, or at
         once when stopping."""
-        try:
-            if self._epoll is not None:
-                ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
-            else:
-                ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
-        except (OSError, ValueError):  # closed after a drain that timed out
-            return None
+        if self._epoll is not None:
+            ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
+        else:
+            ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
         if not ready:
             return None
         with self._lock:
@@ -3732,6 +3739,7 @@ class WorkerPool:
         the socket non-blocking, so a slow or broken client holds nothing."""
         try:
             connection.sock.send(closing_error_response(error))
+            connection.sock.recv(INLINE_BODY_BYTES + 65536)  # unread input would turn the close into a reset
         except OSError:
             pass
         access_logger.info("- - %d outcome=refused", error.status)
@@ -3750,12 +3758,17 @@ class WorkerPool:
             return
         self._next_sweep = now + self.sweep_interval
         for connection in self.ready.take_expired(now):
-            if self._waits_for_a_worker(connection, now):
-                self._arm(connection)
-            elif connection.idle:
+            try:
+                if self._waits_for_a_worker(connection, now):
+                    self._arm(connection)
+                elif connection.idle:
+                    self._close(connection)
+                else:
+                    self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
+            except Exception as exc:  # the accept loop, which runs the sweep, must go on
+                logger.error("unexpected %s in the deadline sweep", type(exc).__name__)
+                logger.debug("traceback", exc_info=True)
                 self._close(connection)
-            else:
-                self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
 
     def _waits_for_a_worker(self, connection, now):
         """Whether an expired connection holds bytes no worker has read yet
@@ -4002,14 +4015,12 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self.workers.watch(Connection(request, client_address))
 
     def service_actions(self):
-        try:
-            self.workers.sweep()
-        except Exception as exc:  # the accept loop must go on
-            logger.error("unexpected %s in the deadline sweep", type(exc).__name__)
-            logger.debug("traceback", exc_info=True)
+        self.workers.sweep()
 
     def release(self, connection):
-        """Close a connection and free its place."""
+        """Close a connection and free its place (once)."""
+        if connection.sock.fileno() < 0:
+            return
         try:
             connection.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

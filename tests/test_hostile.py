@@ -1492,8 +1492,14 @@ JSON_HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len
     ("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n 0" % len(SCRIPTED_BODY), [("Content-Type", "application/json")],
      False),
     ("HTTP/1.1 101 Switching Protocols", JSON_HEADERS, False),
+    ("HTTP/1.1 103 Early Hints\r\n\r\n" * 11 + "HTTP/1.1 200 OK", JSON_HEADERS, False),
+    ("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n x: 1",
+     [("Content-Length", str(len(SCRIPTED_BODY)))], False),
+    ("HTTP/1.1 200 OK", [("Content-Type", "application/json\rSet-Cookie: a=b"),
+                         ("Content-Length", str(len(SCRIPTED_BODY)))], False),
 ], ids=["101-fields", "70k-line", "two-transfer-encodings", "http2-status-line", "four-digit-status", "no-colon",
-        "bogus-content-length", "3000-folded-lines", "folded-content-length", "101-switching"])
+        "bogus-content-length", "3000-folded-lines", "folded-content-length", "101-switching", "11-interim-answers",
+        "folded-content-type", "content-type-with-cr"])
 def test_upstream_response_out_of_bounds_is_502(make_gateway, upstream, status_line, headers, close):
     """[X07] The provider's response head is read by the gateway's own
     parser, within http.client's bounds (100 lines, folded ones included;
@@ -1510,6 +1516,22 @@ def test_upstream_response_out_of_bounds_is_502(make_gateway, upstream, status_l
         row, = settled_rows(gw, 1)
         assert row["status"] == "upstream_error"
         assert_alive(gw, key)
+    finally:
+        scripted.close()
+
+
+def test_a_close_after_an_interim_answer_is_not_retried(make_gateway, upstream):
+    """[X07, no double billing] On a reused connection the provider sends
+    103 Early Hints, then closes: it has the request, so the gateway answers
+    502 instead of sending it again on a new connection."""
+    good = scripted_reply("HTTP/1.1 200 OK", JSON_HEADERS, SCRIPTED_BODY)
+    gw, scripted = scripted_gateway(make_gateway, [good, (b"HTTP/1.1 103 Early Hints\r\n\r\n", True), good])
+    try:
+        key = gw.create_key()[1]
+        assert post(gw, CHAT, chat_body("scripted-1"), key).status == 200
+        second = post(gw, CHAT, chat_body("scripted-1"), key)
+        assert_json_error(second, 502)
+        assert len(scripted.requests) == 2, "the request was sent again"
     finally:
         scripted.close()
 
