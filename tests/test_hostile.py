@@ -690,7 +690,7 @@ def test_worker_threads_never_exceed_server_threads(make_gateway, upstream):
     earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}  # other gateways' stragglers
     gw = make_gateway(server=dict(SERVER, threads=3), rate_limits=RATE_LIMITS)
     key = gw.create_key()[1]
-    results, peak = [], [0]
+    results, peak = [], 0
 
     def slow_call():
         results.append(post(gw, CHAT, chat_body("gpt-4o-mini-slow"), key, timeout=10).status)
@@ -698,11 +698,10 @@ def test_worker_threads_never_exceed_server_threads(make_gateway, upstream):
     for caller in callers:
         caller.start()
     while any(caller.is_alive() for caller in callers):
-        peak[0] = max(peak[0], sum(1 for t in threading.enumerate()
-                                   if t.name == "llmgw-worker" and t not in earlier))
+        peak = max(peak, sum(1 for t in threading.enumerate() if t.name == "llmgw-worker" and t not in earlier))
         time.sleep(0.02)
     assert results == [200] * 8
-    assert 1 <= peak[0] <= 3, "worker threads peaked at %d" % peak[0]
+    assert 1 <= peak <= 3, "worker threads peaked at %d" % peak
     assert len(settled_rows(gw, 8)) == 8
     assert_alive(gw, key)
 
