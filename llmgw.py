@@ -2270,6 +2270,8 @@ def _read_to_end(response, sock):
                 break
     except (OSError, http.client.HTTPException):
         return False
+    if response.length == 0:
+        response.close()  # a Content-Length body read to its end, which read1 leaves open
     return response.isclosed() and not response.will_close
 
 

@@ -311,6 +311,28 @@ def test_b5_connections_closed_by_the_provider_while_idle_are_not_reused(scripte
     assert [row["status"] for row in settled_rows(gateway, 4)] == ["ok"] * 4
 
 
+def test_b5_a_stream_framed_by_content_length_leaves_its_connection_pooled(scripted_gateway):
+    """A provider may frame an SSE answer with Content-Length instead of
+    chunks; once its last event is read, the connection serves the next call
+    (http.client's read1 never marks such a body done at length 0)."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    body = b"".join((b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+                     b'data: {"id":"c1","choices":[],"usage":%s}\n\n' % json.dumps(usage).encode(),
+                     b"data: [DONE]\n\n"))
+
+    def script(handler, _):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    upstream, gateway = scripted_gateway(script)
+    record, key = gateway.create_key()
+    for _ in range(2):
+        response = answer(gateway, CHAT, body_for(CHAT, stream=True), key)
+        assert response.status == 200 and sse_events(response.body)[-1] == (None, "[DONE]"), response
+    assert len({address for address, _ in upstream.requests}) == 1, "the second call opened a new connection"
+    assert [row["status"] for row in settled_rows(gateway, 2)] == ["ok"] * 2
+
+
 # ---- B7: re-pricing an interrupted row -----------------------------------------------
 
 def test_b7_reprice_apply_leaves_an_interrupted_rows_charge_alone(tmp_path, make_gateway, upstream, cli_main):
