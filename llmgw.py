@@ -4104,6 +4104,11 @@ def serve(config, host=None, port=None, processes=1):
         _serve_process(config, host, port)
 
 
+#: The signals a gateway process answers: stop (TERM, INT) and reload (HUP).
+STOP_AND_RELOAD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                                if hasattr(signal, name))
+
+
 def _supervise(config, host, port, processes):
     if not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork"):
         raise ConfigError("several worker processes need fork and SO_REUSEPORT (Linux, BSD, macOS)")
@@ -4115,7 +4120,7 @@ def _supervise(config, host, port, processes):
     def start_child():
         pid = os.fork()
         if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in STOP_AND_RELOAD_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             code = 1
             try:
@@ -4138,7 +4143,7 @@ def _supervise(config, host, port, processes):
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOP_AND_RELOAD_SIGNALS:
         signal.signal(signum, forward)
     for _ in range(processes):
         start_child()
@@ -4158,6 +4163,11 @@ def _supervise(config, host, port, processes):
 
 
 def _serve_process(config, host, port, reuse_port=False):
+    # The port accepts connections before the handlers below exist, so a
+    # SIGTERM sent as soon as it opens would kill the process undrained:
+    # hold the signals back until their handlers are installed.
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD_SIGNALS)
     server = make_server(config, host=host, port=port, reuse_port=reuse_port)
     for path in (config.path, server.gateway.store.path):
         if path:
@@ -4184,6 +4194,8 @@ def _serve_process(config, host, port, reuse_port=False):
     signal.signal(signal.SIGINT, request_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=reload, daemon=True).start())
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_AND_RELOAD_SIGNALS)
     bound_host, bound_port = server.server_address[:2]
     logger.info("llmgw %s listening on http://%s:%d (providers: %s)", __version__, bound_host, bound_port,
                 ", ".join(server.gateway.providers) or "none")

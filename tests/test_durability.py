@@ -395,6 +395,28 @@ def test_cli_revocation_holds_in_every_gateway_process(tmp_path, upstream, proce
 
 # ---- Z03: SIGTERM drains -----------------------------------------------------------
 
+def test_sigterm_as_soon_as_the_port_opens_still_stops_cleanly(tmp_path, upstream, processes):
+    """Regression: the port accepted connections before the signal handlers
+    were installed, so a SIGTERM sent the moment it opened killed the
+    process undrained (exit -15; seen in test_kill9_under_load's restart)."""
+    work = Workdir(tmp_path, upstream.url)
+    for attempt in range(5):
+        gateway = work.gateway(name="early-%d" % attempt)
+        processes.append(gateway)
+        gateway.spawn()
+
+        def port_open():
+            assert gateway.alive(), gateway.log()
+            try:
+                socket.create_connection(("127.0.0.1", gateway.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+        assert wait_until(port_open, timeout=15, interval=0.001), gateway.log()
+        assert gateway.terminate() == 0, gateway.log()
+        assert "llmgw stopped" in gateway.log()
+
+
 def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processes):
     work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 15})
     _, key = work.create_key()
