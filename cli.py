@@ -21,6 +21,8 @@
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
     python cli.py audit [--limit N] [--output json]   administrative actions, newest first
+    python cli.py backup PATH                   a consistent copy of the database (0600), gateways running
+    python cli.py restore PATH                  replace the database with a backup (gateways stopped)
 
 Files: config.yaml (CONFIG_PATH) and gateway.db (DB_PATH). Each command is a
 few lines over one call into llmgw; errors print one line and exit 1.
@@ -334,6 +336,22 @@ def cmd_audit(args):
     return 0
 
 
+def cmd_backup(args):
+    store = _store()
+    store.backup(args.path)
+    print("Backed up %s to %s (mode 0600)." % (store.path, args.path))
+    return 0
+
+
+def cmd_restore(args):
+    if not os.path.exists(args.path):
+        raise llmgw.ConfigError("backup %s not found" % args.path)
+    store = _store(create=True)
+    store.restore(args.path, time.time())
+    print("Restored %s from %s; start the gateways again." % (store.path, args.path))
+    return 0
+
+
 def _add_policy_flags(parser):
     parser.add_argument("--tier", help="rate-limit tier from config.yaml (default: default)")
     parser.add_argument("--rpm", help="requests per minute, overriding the tier")
@@ -422,6 +440,12 @@ def build_parser():
     audit.add_argument("--limit", type=int, default=100, help="how many entries (default 100)")
     audit.add_argument("--output", choices=("table", "json"), default="table")
     audit.set_defaults(run=cmd_audit)
+    backup = commands.add_parser("backup", help="copy the database, consistently, while gateways serve")
+    backup.add_argument("path", help="the copy to create (must not exist)")
+    backup.set_defaults(run=cmd_backup)
+    restore = commands.add_parser("restore", help="replace the database with a backup (stop the gateways first)")
+    restore.add_argument("path", help="a file made by backup")
+    restore.set_defaults(run=cmd_restore)
     return parser
 
 

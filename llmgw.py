@@ -825,6 +825,17 @@ def _pid_alive(pid):
     return True
 
 
+def _process_gone(host, pid, heartbeat_at, now, stale_after):
+    """Whether a registered gateway process is dead: on this host, its pid
+    is gone (or is ours: a restarted container reuses pid 1); anywhere, its
+    heartbeat is older than ``stale_after`` seconds."""
+    if heartbeat_at is None:
+        return True  # never registered
+    if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+        return True
+    return now - heartbeat_at > stale_after
+
+
 class _Ticket:
     __slots__ = ("operation", "changes_state", "result", "error", "done")
 
@@ -1242,19 +1253,10 @@ class Store:
         is older than ``stale_after`` seconds (any host, such as another
         container sharing the database).
         """
-        host, pid = socket.gethostname(), os.getpid()
-
-        def dead(other_host, other_pid, heartbeat_at):
-            if heartbeat_at is None:
-                return True  # never registered
-            if other_host == host and (other_pid == pid or not _pid_alive(other_pid)):
-                return True
-            return now - heartbeat_at > stale_after
-
         def recover(conn):
             count = 0
             for other, other_host, other_pid, heartbeat_at in conn.execute(PENDING_OWNERS).fetchall():
-                if other == owner or not dead(other_host, other_pid, heartbeat_at):
+                if other == owner or not _process_gone(other_host, other_pid, heartbeat_at, now, stale_after):
                     continue
                 for row_id, key_id, reserved, period_start in conn.execute(
                         ABANDONED_ROWS, (other,)).fetchall():
@@ -1303,6 +1305,59 @@ class Store:
             entry["estimated_usage_cost"] = nanousd_to_usd(entry.pop("estimated_usage_cost_nanousd"))
             result.append(entry)
         return result
+
+
+    # -- upkeep: backup and restore ------------------------------------------
+
+    def backup(self, target):
+        """Copy the database to ``target``, a new file created 0600, with
+        SQLite's online backup API in one step: one read transaction, so the
+        copy is consistent while gateways keep writing (in WAL mode a reader
+        holds no writer back). The copy is one self-contained file."""
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise ConfigError("cannot create %s: %s" % (target, exc.strerror)) from None
+        try:
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                source = self._connect()
+                try:
+                    source.backup(copy)
+                finally:
+                    source.close()
+                copy.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            os.unlink(target)
+            raise StorageError("backup to %s failed: %s" % (target, exc)) from None
+
+    def restore(self, source_path, now, stale_after=30.0):
+        """Replace the whole database with the backup at ``source_path``
+        (through the backup API, so no stale WAL file can mix with it), then
+        migrate it. Refused while a gateway process uses this database."""
+        running = [row for row in self._read("SELECT host, pid, heartbeat_at FROM gateway_processes")
+                   if not _process_gone(row[0], row[1], row[2], now, stale_after)]
+        if running:
+            raise ConfigError("%d gateway process(es) use %s (pid %s): stop them before restoring"
+                              % (len(running), self.path, ", ".join(str(row[1]) for row in running)))
+        try:
+            source = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(source_path)),
+                                     uri=True)
+        except sqlite3.Error as exc:
+            raise ConfigError("cannot open backup %s: %s" % (source_path, exc)) from None
+        try:
+            if source.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise ConfigError("backup %s fails its integrity check; nothing restored" % source_path)
+            if source.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
+                raise ConfigError("backup %s was written by a newer llmgw; nothing restored" % source_path)
+            self._commits.read(source.backup)
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError("restore from %s failed: %s" % (source_path, exc)) from None
+        finally:
+            source.close()
 
 
 def _usage_filter(since, until, project, settled_only=False):

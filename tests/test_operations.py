@@ -1,0 +1,132 @@
+"""Operations: backup and restore, ``cli.py doctor``, schema migrations from
+every earlier schema (fixture databases in tests/schemas/), packaging.
+
+Backups are taken by ``python cli.py backup`` as a child process while the
+real gateway serves a steady load; the copies are read back with sqlite3.
+"""
+
+import json
+import os
+import sqlite3
+import stat
+import threading
+
+import pytest
+
+from conftest import CHAT, body_for, paths_env, post, run_cli, settled_rows, wait_until
+
+import llmgw
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+
+def cli_run(tmp_path, *args, env=None):
+    return run_cli([str(arg) for arg in args], tmp_path, dict(paths_env(tmp_path), **(env or {})))
+
+
+def query(path, sql, params=()):
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def stats_of(tmp_path, db_path):
+    """``cli.py stats --by key --output json`` on the database at ``db_path``."""
+    result = cli_run(tmp_path, "stats", "--output", "json", env={"DB_PATH": str(db_path)})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_books_balance(db_path):
+    """In one consistent copy, every key's spend equals the costs of its
+    settled rows and its reservations equal those of its pending rows."""
+    assert query(db_path, "PRAGMA quick_check") == [("ok",)]
+    spend = query(db_path, "SELECT key_id, period_start, spent_nanousd, reserved_nanousd FROM key_spend")
+    assert spend
+    for key_id, period_start, spent, reserved in spend:
+        [(settled, pending)] = query(db_path, """
+            SELECT COALESCE(SUM(CASE WHEN status != 'pending' THEN cost_nanousd END), 0),
+                   COALESCE(SUM(CASE WHEN status = 'pending' THEN reserved_nanousd END), 0)
+            FROM usage WHERE virtual_key_id = ? AND budget_period_start = ?""", (key_id, period_start))
+        assert (spent, reserved) == (settled, pending)
+
+
+class Load:
+    """Threads sending chat calls to a gateway until stopped."""
+
+    def __init__(self, gateway, secret, threads=4):
+        self.stopping = threading.Event()
+        self.statuses = []
+        self._threads = [threading.Thread(target=self._run, args=(gateway, secret)) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, gateway, secret):
+        while not self.stopping.is_set():
+            self.statuses.append(post(gateway, CHAT, body_for(CHAT), secret).status)
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+# ---- backup and restore ---------------------------------------------------------------
+
+def test_backup_under_load_is_consistent_private_and_restores_with_equal_totals(tmp_path, make_gateway):
+    gateway = make_gateway()
+    key, secret = gateway.create_key("alpha", rpm=100000, max_budget=1000000)
+    load = Load(gateway, secret)
+    try:
+        assert wait_until(lambda: len(load.statuses) >= 20, timeout=30)
+        backup = tmp_path / "under-load.db"
+        result = cli_run(tmp_path, "backup", backup)
+        assert result.returncode == 0, result.stderr
+        assert wait_until(lambda: len(load.statuses) >= 40, timeout=30)  # the load went on
+    finally:
+        load.stop()
+    assert set(load.statuses) == {200}
+    live = settled_rows(gateway, len(load.statuses))
+    assert stat.S_IMODE(os.stat(str(backup)).st_mode) == 0o600
+    assert not os.path.exists(str(backup) + "-wal")  # one self-contained file
+    assert_books_balance(backup)
+    copied = query(backup, "SELECT id, request_id, status, cost_nanousd FROM usage WHERE status != 'pending'")
+    assert 0 < len(copied) < len(live)
+    live_by_id = {row["id"]: (row["id"], row["request_id"], row["status"], row["cost_nanousd"]) for row in live}
+    assert all(live_by_id[row[0]] == row for row in copied)  # a snapshot of the live books
+
+    # Restore refuses while a gateway uses the database; once it stopped,
+    # the restored database's totals are the backup's.
+    backup_stats = stats_of(tmp_path, backup)
+    refused = cli_run(tmp_path, "restore", backup)
+    assert refused.returncode == 1 and "stop them before restoring" in refused.stderr
+    gateway.stop()
+    result = cli_run(tmp_path, "restore", backup)
+    assert result.returncode == 0, result.stderr
+    assert stats_of(tmp_path, tmp_path / "gateway.db") == backup_stats
+    assert query(tmp_path / "gateway.db", "SELECT COUNT(*) FROM usage") == query(backup, "SELECT COUNT(*) FROM usage")
+
+    # ... and into a fresh place, where a gateway serves the restored key.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = cli_run(tmp_path, "restore", backup, env={"DB_PATH": str(fresh / "gateway.db")})
+    assert result.returncode == 0, result.stderr
+    assert stats_of(tmp_path, fresh / "gateway.db") == backup_stats
+    restored = make_gateway(db_name="fresh/gateway.db")
+    assert post(restored, CHAT, body_for(CHAT), secret).status == 200
+
+
+def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_main):
+    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    existing = tmp_path / "existing.db"
+    existing.write_bytes(b"keep me")
+    result = cli_main("backup", existing)
+    assert result.returncode == 1 and "cannot create" in result.stderr
+    assert existing.read_bytes() == b"keep me"
+    result = cli_main("restore", existing)
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert query(tmp_path / "gateway.db", "PRAGMA quick_check") == [("ok",)]
+    result = cli_main("restore", tmp_path / "missing.db")
+    assert result.returncode == 1 and "not found" in result.stderr
