@@ -15,8 +15,11 @@
     python cli.py config set-key PROVIDER KEY   store a provider key in the database (KEY - : from stdin)
     python cli.py config list-keys              each provider's key, masked, and its source
     python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
-                        [--project NAME] [--output json]
+                        [--project NAME] [--output table|json|csv]
                         [--reprice [--apply]]
+    python cli.py logs [--key ID] [--project P] [--provider P] [--model M] [--status S]
+                       [--since D] [--until D] [--limit N] [--cursor C] [--output table|json|csv]
+    python cli.py prune [--older-than 90d]    delete old request-log rows (hourly rollups stay)
     python cli.py prices list [--output json]   prices in force and where each came from
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
@@ -261,6 +264,9 @@ def cmd_stats(args):
     if args.output == "json":
         _print_json(rows)
         return 0
+    if args.output == "csv":
+        sys.stdout.write(llmgw.csv_text(rows))
+        return 0
     if not rows:
         print("No usage recorded yet.")
         return 0
@@ -291,6 +297,44 @@ def _reprice(store, window, args):
           % (totals["rows"], totals["changed_rows"]))
     print("Old total: USD %.6f\nNew total: USD %.6f" % (totals["old_cost"], totals["new_cost"]))
     print("Applied." if args.apply else "Nothing written; add --apply to store the new costs.")
+    return 0
+
+
+LOG_COLUMNS = [("time", "TIME"), ("virtual_key_id", "KEY ID"), ("project_name", "PROJECT"),
+               ("endpoint", "ROUTE"), ("model", "MODEL"), ("status", "STATUS"), ("http_status", "HTTP"),
+               ("request_tokens", "IN"), ("response_tokens", "OUT"), ("cost", "COST (USD)"),
+               ("latency_ms", "MS"), ("request_id", "REQUEST ID")]
+
+
+def cmd_logs(args):
+    options = {name: getattr(args, name) for name in list(llmgw.LOG_FILTERS) + ["limit", "cursor"]
+               if getattr(args, name) is not None}
+    page = llmgw.request_log(_store(), options)
+    if args.output == "json":
+        _print_json(page)
+    elif args.output == "csv":
+        sys.stdout.write(llmgw.csv_text(page["data"]))
+    elif not page["data"]:
+        print("No requests logged in that range.")
+    else:
+        _print_table(page["data"], LOG_COLUMNS)
+    if page["next_cursor"] and args.output != "json":
+        print("More: add --cursor %s" % page["next_cursor"], file=sys.stderr)
+    return 0
+
+
+def cmd_prune(args):
+    store = _store()
+    if args.older_than is not None:
+        age = llmgw.parse_duration(args.older_than)
+    else:
+        days = llmgw.load_config().logging.retention_days
+        if days is None:
+            raise llmgw.ConfigError("give --older-than (e.g. 90d) or set logging.retention_days in config.yaml")
+        age = days * 86400
+    deleted = store.prune_usage(time.time() - age)
+    print("Pruned %d request-log row(s) that started before %s; hourly rollups (stats, charts) are kept."
+          % (deleted, llmgw.iso_time((time.time() - age) // 3600 * 3600)))
     return 0
 
 
@@ -422,11 +466,25 @@ def build_parser():
     stats.add_argument("--since", help="from this date (YYYY-MM-DD, UTC) or ISO time")
     stats.add_argument("--until", help="up to and including this date, or before this ISO time")
     stats.add_argument("--project", help="only this project")
-    stats.add_argument("--output", choices=("table", "json"), default="table")
+    stats.add_argument("--output", choices=("table", "json", "csv"), default="table")
     stats.add_argument("--reprice", action="store_true",
                        help="recompute costs from the stored token counts with today's prices")
     stats.add_argument("--apply", action="store_true", help="with --reprice: write the new costs")
     stats.set_defaults(run=cmd_stats)
+
+    logs = commands.add_parser("logs", help="the request log, newest first (one page)")
+    for name in ("key", "project", "provider", "model", "status"):
+        logs.add_argument("--" + name, help="only this %s" % name)
+    logs.add_argument("--since", help="from this date (YYYY-MM-DD, UTC) or ISO time")
+    logs.add_argument("--until", help="up to and including this date, or before this ISO time")
+    logs.add_argument("--limit", help="rows per page (default 50, at most %d)" % llmgw.LOG_PAGE_LIMIT)
+    logs.add_argument("--cursor", help="the next page: the cursor the previous page printed")
+    logs.add_argument("--output", choices=("table", "json", "csv"), default="table")
+    logs.set_defaults(run=cmd_logs)
+    prune = commands.add_parser("prune", help="delete old request-log rows; hourly rollups stay")
+    prune.add_argument("--older-than", dest="older_than",
+                       help="age like 90d (default: logging.retention_days in config.yaml)")
+    prune.set_defaults(run=cmd_prune)
 
     prices = commands.add_parser("prices", help="model prices").add_subparsers(dest="prices", metavar="ACTION")
     prices.required = True

@@ -28,6 +28,7 @@ Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
 """
 
+import csv
 import dataclasses
 import datetime
 import decimal
@@ -36,6 +37,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -258,6 +260,7 @@ database:                          # the file itself: DB_PATH (default gateway.d
 logging:
   level: INFO
   # file: llmgw.log
+  # retention_days: 90             # prune request-log rows older than this; hourly rollups stay
 
 rate_limits:                       # requests per minute per virtual key, by tier
   default: 100
@@ -309,6 +312,7 @@ class DatabaseConfig:
 class LoggingConfig:
     level: str = "INFO"
     file: Optional[str] = None
+    retention_days: Optional[int] = None  # raw usage rows older than this are pruned; rollups stay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +392,8 @@ def parse_config(document, path=None):
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
+    if log.retention_days is not None and log.retention_days <= 0:
+        raise ConfigError("logging.retention_days: must be a positive number of days")
     providers = _parse_providers(document.get("providers"))
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
@@ -418,8 +424,8 @@ def _parse_dataclass(cls, section, where):
         if key not in types:
             raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(types)))
         kind = types[key]
-        if kind is Optional[str]:
-            values[key] = None if value is None else _expect(value, str, "%s.%s" % (where, key))
+        if kind in (Optional[str], Optional[int]):
+            values[key] = None if value is None else _expect(value, kind.__args__[0], "%s.%s" % (where, key))
         else:
             values[key] = _expect(value, kind, "%s.%s" % (where, key))
     return cls(**values)
@@ -576,7 +582,7 @@ def write_private_file(path, text):
 # write transactions begun IMMEDIATE. Every change to keys or settings bumps
 # a ``generation`` counter, which running gateways watch to drop their caches.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS virtual_keys (
     id            TEXT PRIMARY KEY,
@@ -672,11 +678,36 @@ CREATE TABLE IF NOT EXISTS usage (
     latency_ms            REAL,
     owner                 TEXT,
     reserved_nanousd      INTEGER NOT NULL DEFAULT 0,
-    budget_period_start   REAL
+    budget_period_start   REAL,
+    first_byte_ms         REAL,
+    overhead_ms           REAL
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS usage_hourly (
+    hour          INTEGER NOT NULL,
+    virtual_key_id TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    requests      INTEGER NOT NULL,
+    errors        INTEGER NOT NULL,
+    request_tokens INTEGER NOT NULL,
+    response_tokens INTEGER NOT NULL,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost_nanousd  INTEGER NOT NULL,
+    unpriced_requests INTEGER NOT NULL,
+    estimated_usage_requests INTEGER NOT NULL,
+    estimated_usage_cost_nanousd INTEGER NOT NULL,
+    latency_us    INTEGER NOT NULL,
+    PRIMARY KEY (hour, virtual_key_id, model, provider, status)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_hourly_by_key ON usage_hourly (virtual_key_id, hour);
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
@@ -685,6 +716,13 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
     heartbeat_at  REAL NOT NULL
 );
 """
+
+#: Version 1 databases gain the request-log columns of usage rows; their
+#: settled rows are rolled up once the rollup table exists (ROLL_UP_ALL).
+MIGRATE_TO_2 = (
+    "ALTER TABLE usage ADD COLUMN first_byte_ms REAL",
+    "ALTER TABLE usage ADD COLUMN overhead_ms REAL",
+)
 
 #: A key's limits and budget: the columns ``keys create/update`` may set.
 POLICY_COLUMNS = ("tier", "rpm", "tpm", "max_parallel", "max_budget_nanousd", "budget_period", "expires_at",
@@ -707,11 +745,14 @@ RESERVE_SPEND = "UPDATE key_spend SET reserved_nanousd = reserved_nanousd + ? WH
 SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ?
                   WHERE key_id = ? AND period_start = ?"""
 TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
+#: What a key's settled rows cost from a budget period's start, read from the
+#: hourly rollups: periods start on the hour, and pruned rows stay counted.
+SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_hourly
+                  WHERE virtual_key_id = ?1 AND hour >= ?2"""
 #: A row's reservation counts while it is pending; its cost once settled.
-PERIOD_COST = """SELECT COALESCE(SUM(CASE WHEN status = 'pending' THEN reserved_nanousd ELSE cost_nanousd END), 0)
-                 FROM usage WHERE virtual_key_id = ? AND started_at >= ?"""
-SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage
-                  WHERE virtual_key_id = ? AND started_at >= ? AND status != 'pending'"""
+PERIOD_COST = """SELECT (%s) + (SELECT COALESCE(SUM(reserved_nanousd), 0) FROM usage
+                                INDEXED BY usage_pending
+                                WHERE virtual_key_id = ?1 AND started_at >= ?2 AND status = 'pending')""" % SETTLED_COST
 RECOUNT_SPEND = """INSERT INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?1, ?2, ?3)
                    ON CONFLICT (key_id, period_start) DO UPDATE SET spent_nanousd = ?3"""
 PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, window, requests, tokens, previous_requests,
@@ -744,7 +785,7 @@ INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpo
 USAGE_RESULT_COLUMNS = (
     "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
-    "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms")
+    "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms", "first_byte_ms", "overhead_ms")
 #: Only a pending row is settled: one already marked interrupted was charged.
 FINISH_USAGE = "UPDATE usage SET %s WHERE id = ? AND status = 'pending'" % ", ".join(
     "%s = ?" % c for c in USAGE_RESULT_COLUMNS)
@@ -775,24 +816,78 @@ INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cos
                           reserved_nanousd = 0
                    WHERE id = ?"""
 
+# Hourly rollups: one row per (hour, key, model, provider, status) summing
+# ROLLUP_MEASURES over the usage rows it covers. A row is rolled up in the
+# transaction that settles it (or marks it interrupted, or re-prices it), so
+# stats, charts and exports read a few thousand rollups instead of millions
+# of rows, and agree with the rows to the nano-dollar by construction: the
+# same expressions sum the raw rows at a range's ragged ends.
+
+#: What a rollup sums: (column, expression over one usage row).
+ROLLUP_MEASURES = (
+    ("requests", "1"),
+    ("errors", "status NOT IN ('ok', 'pending')"),
+    ("request_tokens", "request_tokens"),
+    ("response_tokens", "response_tokens"),
+    ("input_tokens", "input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("cache_read_tokens", "cache_read_tokens"),
+    ("cache_write_tokens", "cache_write_tokens + cache_write_1h_tokens"),
+    ("reasoning_tokens", "reasoning_tokens"),
+    ("cost_nanousd", "cost_nanousd"),
+    ("unpriced_requests", "priced = 0 AND request_tokens + response_tokens > 0"),
+    ("estimated_usage_requests", "usage_source = 'estimated'"),
+    ("estimated_usage_cost_nanousd", "CASE WHEN usage_source = 'estimated' THEN cost_nanousd ELSE 0 END"),
+    ("latency_us", "CAST(ROUND(COALESCE(latency_ms, 0) * 1000) AS INTEGER)"),
+)
+ROLLUP_COLUMNS = ("hour", "virtual_key_id", "model", "provider", "status") + tuple(m for m, _ in ROLLUP_MEASURES)
+#: A row's hour, in integers so a row and its rollup never disagree on it.
+ROW_HOUR = "CAST(started_at AS INTEGER) / 3600 * 3600"
+_ROW_KEY = (ROW_HOUR, "virtual_key_id", "COALESCE(model, '')", "provider", "status")
+_ROLL_UP = """INSERT INTO usage_hourly (%s) %%s
+              ON CONFLICT (hour, virtual_key_id, model, provider, status) DO UPDATE SET %s""" % (
+    ", ".join(ROLLUP_COLUMNS), ", ".join("%s = %s + excluded.%s" % (m, m, m) for m, _ in ROLLUP_MEASURES))
+#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2) to its rollup.
+ROLL_UP_ROW = _ROLL_UP % ("SELECT %s, %s FROM usage WHERE id = ?2" % (
+    ", ".join(_ROW_KEY), ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
+#: Roll up every settled row (a database from before rollups).
+ROLL_UP_ALL = _ROLL_UP % ("SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY 1, 2, 3, 4, 5" % (
+    ", ".join(_ROW_KEY), ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES)))
+#: The rows stats read, in one shape: rollups of whole hours, raw settled
+#: rows at the ragged ends of the range, and pending rows (not rolled up yet).
+STATS_FROM_ROLLUPS = "SELECT virtual_key_id, NULLIF(model, ''), provider, hour, %s FROM usage_hourly" % (
+    ", ".join(m for m, _ in ROLLUP_MEASURES))
+STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM usage" % (
+    ", ".join(expression for _, expression in ROLLUP_MEASURES))
+STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
+
 #: How ``stats`` may group rows: name -> (key columns, SQL expressions).
 STATS_GROUPS = {
     "key": (("virtual_key_id", "project_name"), ("u.virtual_key_id", "k.project_name")),
     "project": (("project_name",), ("k.project_name",)),
     "model": (("model",), ("u.model",)),
     "provider": (("provider",), ("u.provider",)),
-    "day": (("day",), ("date(u.started_at, 'unixepoch')",)),
+    "day": (("day",), ("date(u.at, 'unixepoch')",)),
 }
-STATS_TOTALS = """COUNT(*),
-    SUM(u.status NOT IN ('ok', 'pending')),
-    SUM(u.request_tokens), SUM(u.response_tokens), SUM(u.cache_read_tokens),
-    SUM(u.cache_write_tokens + u.cache_write_1h_tokens), SUM(u.reasoning_tokens),
-    SUM(u.cost_nanousd), SUM(u.priced = 0 AND u.request_tokens + u.response_tokens > 0),
-    SUM(u.usage_source = 'estimated'),
-    SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)"""
 STATS_TOTAL_FIELDS = ("requests", "errors", "request_tokens", "response_tokens", "cache_read_tokens",
                       "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "unpriced_requests",
                       "estimated_usage_requests", "estimated_usage_cost_nanousd")
+
+#: The request log: usage rows with their key's project and labels.
+LOG_COLUMNS = ("id", "request_id", "started_at", "virtual_key_id", "project_name", "metadata", "endpoint",
+               "provider", "model", "streamed", "status", "http_status", "usage_source", "request_tokens",
+               "response_tokens", "input_tokens", "cache_read_tokens", "cache_write_tokens",
+               "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_nanousd", "priced",
+               "latency_ms", "first_byte_ms", "overhead_ms")
+LOG_PAGE = "SELECT %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id" % ", ".join(
+    ("k." if name in ("project_name", "metadata") else "u.") + name for name in LOG_COLUMNS)
+#: How the log may be filtered: name -> condition on one value.
+LOG_FILTERS = {"key": "u.virtual_key_id = ?", "project": "k.project_name = ?", "provider": "u.provider = ?",
+               "model": "u.model = ?", "status": "u.status = ?", "since": "u.started_at >= ?",
+               "until": "u.started_at < ?"}
+_LOG_CURSOR = re.compile(r"^([0-9]{1,12}(?:\.[0-9]{1,20})?):([0-9]{1,19})\Z")
+PRUNE_USAGE = """DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE started_at < ? AND status != 'pending'
+                                                LIMIT ?)"""
 
 
 ADMIN_TOKEN_SETTING = "admin_token_hash"
@@ -962,9 +1057,14 @@ class Store:
             if version > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise StorageError("database %s was written by a newer llmgw" % self.path)
+            if 0 < version < 2:
+                for statement in MIGRATE_TO_2:
+                    conn.execute(statement)
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if 0 < version < 2:
+                conn.execute(ROLL_UP_ALL)
             conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -1217,6 +1317,7 @@ class Store:
         def finish(conn):
             if not conn.execute(FINISH_USAGE, values).rowcount:
                 return  # recovery got there first and charged the reservation
+            conn.execute(ROLL_UP_ROW, (1, row_id))
             cost = result["cost_nanousd"]
             if period_start is not None:
                 conn.execute(SETTLE_SPEND, (reserved, cost, key_id, period_start))
@@ -1261,6 +1362,7 @@ class Store:
                 for row_id, key_id, reserved, period_start in conn.execute(
                         ABANDONED_ROWS, (other,)).fetchall():
                     conn.execute(INTERRUPT_ROW, (time.time(), row_id))
+                    conn.execute(ROLL_UP_ROW, (1, row_id))
                     if period_start is not None:
                         conn.execute(SETTLE_SPEND, (reserved, reserved, key_id, period_start))
                     count += 1
@@ -1275,8 +1377,14 @@ class Store:
         return [(row[0], row[1], row[2:7], row[7]) for row in self._read_apart(USAGE_COSTS + where, params)]
 
     def set_costs(self, updates):
-        """Write (cost_nanousd, priced, row id) triples in one transaction."""
-        self._write(lambda conn: conn.executemany(SET_COST, updates))
+        """Write (cost_nanousd, priced, row id) triples in one transaction,
+        moving each row's rollup with it."""
+        def reprice(conn):
+            for cost, priced, row_id in updates:
+                conn.execute(ROLL_UP_ROW, (-1, row_id))
+                conn.execute(SET_COST, (cost, priced, row_id))
+                conn.execute(ROLL_UP_ROW, (1, row_id))
+        self._write(reprice)
 
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
         """Per-group totals of usage rows, as dicts ready for JSON.
@@ -1293,10 +1401,17 @@ class Store:
         else:
             raise BadRequestError("cannot group by %r (choose: %s, or label:NAME)"
                                   % (group_by, ", ".join(STATS_GROUPS)))
-        where, params = _usage_filter(since, until, project)
-        sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s" % (
-            ", ".join(expressions), STATS_TOTALS, where)
-        sql += " GROUP BY %s ORDER BY %s" % (", ".join(expressions), ", ".join(expressions))
+        sources, params = _stats_sources(since, until)
+        where = ""
+        if project is not None:
+            where = " WHERE k.project_name = ?"
+            params.append(project)
+        sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s) "
+               "SELECT %s, %s FROM u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
+               "GROUP BY %s ORDER BY %s") % (
+            ", ".join(m for m, _ in ROLLUP_MEASURES), " UNION ALL ".join(sources), ", ".join(expressions),
+            ", ".join("SUM(u.%s)" % name for name in STATS_TOTAL_FIELDS), where, ", ".join(expressions),
+            ", ".join(expressions))
         result = []
         for row in self._read_apart(sql, params):
             entry = dict(zip(names, row[:len(names)]))
@@ -1306,6 +1421,42 @@ class Store:
             result.append(entry)
         return result
 
+    def usage_log(self, filters, cursor=None, limit=50):
+        """One page of usage rows, newest first, as dicts ready for JSON,
+        and the cursor of the next page (None after the last). ``filters``
+        maps LOG_FILTERS names to values; times are epoch seconds."""
+        clauses, params = [], []
+        for name, value in filters.items():
+            if value is not None:
+                clauses.append(LOG_FILTERS[name])
+                params.append(value)
+        if cursor is not None:
+            clauses.append("(u.started_at, u.id) < (?, ?)")
+            params.extend(cursor)
+        sql = "%s%s ORDER BY u.started_at DESC, u.id DESC LIMIT ?" % (
+            LOG_PAGE, " WHERE " + " AND ".join(clauses) if clauses else "")
+        rows = self._read_apart(sql, params + [limit + 1])
+        entries = [log_entry(dict(zip(LOG_COLUMNS, row))) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            next_cursor = "%r:%d" % (rows[limit - 1][LOG_COLUMNS.index("started_at")],
+                                     rows[limit - 1][LOG_COLUMNS.index("id")])
+        return entries, next_cursor
+
+    def prune_usage(self, before, batch=2000, at_most=None):
+        """Delete settled usage rows that started before ``before`` (rounded
+        down to the hour, so every rollup left whole still has its rows or
+        none of them); rollups are kept. Small transactions, so requests
+        settling meanwhile wait milliseconds; ``at_most`` bounds one call
+        (roughly, to a batch). Returns how many went."""
+        cutoff = int(before) // 3600 * 3600
+        deleted = 0
+        while at_most is None or deleted < at_most:
+            count = self._write(lambda conn: conn.execute(PRUNE_USAGE, (cutoff, batch)).rowcount)
+            deleted += count
+            if count < batch:
+                break
+        return deleted
 
     # -- upkeep: backup and restore ------------------------------------------
 
@@ -1360,6 +1511,32 @@ class Store:
             source.close()
 
 
+def _stats_sources(since, until):
+    """The SELECTs (in STATS_FROM_* shape) and parameters that cover
+    [since, until) exactly: rollups for the whole hours inside it, settled
+    rows for the ragged ends, and every pending row in it."""
+    first_hour = None if since is None else -(-math.ceil(since) // 3600) * 3600
+    end_hour = None if until is None else math.floor(until) // 3600 * 3600
+    pending = [("started_at >= ?", since), ("started_at < ?", until)]
+    if first_hour is not None and end_hour is not None and first_hour >= end_hour:
+        parts = [(STATS_FROM_ROWS, [("status != 'pending'", None)] + pending)]
+    else:
+        parts = [(STATS_FROM_ROLLUPS, [("hour >= ?", first_hour), ("hour < ?", end_hour)])]
+        if since is not None:
+            parts.append((STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", since),
+                                            ("started_at < ?", first_hour)]))
+        if until is not None:
+            parts.append((STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", end_hour),
+                                            ("started_at < ?", until)]))
+    parts.append((STATS_FROM_PENDING, [("status = 'pending'", None)] + pending))
+    sources, params = [], []
+    for select, conditions in parts:
+        clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]
+        sources.append(select + (" WHERE " + " AND ".join(clauses) if clauses else ""))
+        params.extend(value for clause, value in conditions if value is not None)
+    return sources, params
+
+
 def _usage_filter(since, until, project, settled_only=False):
     """A WHERE clause (and its parameters) over usage ``u`` joined with keys ``k``."""
     clauses = ["u.status NOT IN ('pending', 'interrupted')"] if settled_only else []
@@ -1370,6 +1547,25 @@ def _usage_filter(since, until, project, settled_only=False):
             clauses.append(clause)
             params.append(value)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def log_entry(row):
+    """A usage row (LOG_COLUMNS) as the request log shows it: ISO time
+    first, USD, labels as a mapping."""
+    metadata = row.pop("metadata")
+    entry = {"time": iso_time(row.pop("started_at"))}
+    entry.update(row, labels=json.loads(metadata) if metadata else {}, streamed=bool(row["streamed"]),
+                 priced=bool(row["priced"]), cost=nanousd_to_usd(row["cost_nanousd"]))
+    del entry["cost_nanousd"]
+    return entry
+
+
+def parse_log_cursor(text):
+    """A request log page's ``next_cursor`` back as (started_at, id)."""
+    match = _LOG_CURSOR.match(text or "")
+    if match is None:
+        raise BadRequestError("cursor: not a cursor this log returned")
+    return float(match.group(1)), int(match.group(2))
 
 
 def _audit(conn, actor, action, target=None, detail=None):
@@ -1824,19 +2020,14 @@ def estimate_tokens(characters):
 
 
 def text_characters(value):
-    """Characters of text in a JSON value (all strings, at any depth). Walked
-    without recursion: a provider's answer is not bounded in depth, and an
-    estimate must never fail the call it accounts for."""
-    characters, pending = 0, [value]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            characters += len(value)
-        elif isinstance(value, dict):
-            pending.extend(v for k, v in value.items() if k != "model")
-        elif isinstance(value, list):
-            pending.extend(value)
-    return characters
+    """Characters of text in a JSON value (all strings, recursively)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_characters(v) for k, v in value.items() if k != "model")
+    if isinstance(value, list):
+        return sum(text_characters(v) for v in value)
+    return 0
 
 
 # ==== 5. Providers ==========================================================
@@ -2192,11 +2383,6 @@ class KeyLimits:
             counters.tokens += tokens
             counters.dirty = True
 
-    def in_flight(self):
-        """This process's requests in flight, per key that has had any."""
-        with self._lock:
-            return {key_id: counters.in_flight for key_id, counters in self._counters.items()}
-
     def _totals(self, key_id, counters, window, fraction):
         """Sliding-minute requests and tokens, and requests in flight, here and elsewhere."""
         requests, tokens = counters.requests, counters.tokens
@@ -2528,6 +2714,7 @@ class Request:
         self._send_continue = send_continue  # set when the client sent Expect: 100-continue
         self.body_consumed = not content_length
         self.log = {}                        # what the access log line reports
+        self.received = time.monotonic()     # the gateway's overhead counts from here
 
     def read_body(self):
         if self._send_continue is not None:
@@ -2550,6 +2737,10 @@ def json_reply(status, payload, headers=()):
                  json.dumps(payload).encode())
 
 
+def csv_reply(text, headers=()):
+    return Reply(200, [("content-type", "text/csv; charset=utf-8")] + list(headers), text.encode("utf-8"))
+
+
 def error_reply(exc, dialect):
     return json_reply(exc.status, error_body(exc, dialect), exc.headers)
 
@@ -2570,38 +2761,6 @@ def _reject_constant(name):
 
 #: Client bodies are strict JSON: no duplicate keys, no NaN or Infinity.
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
-#: How deep objects and arrays may nest in a client body (the top-level object
-#: is depth 1). Real requests (tool schemas included) stay far below it;
-#: deeper ones are refused before anything else reads them.
-MAX_JSON_DEPTH = 128
-#: A \uD800-\uDFFF escape: the only way a lone surrogate gets into a decoded body.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def nests_deeper_than(value, limit):
-    """Whether objects and arrays in ``value`` nest deeper than ``limit``,
-    looked at level by level (never recursively)."""
-    level = [value]
-    for _ in range(limit):
-        level = [child for container in level
-                 for child in (container.values() if isinstance(container, dict) else container)
-                 if isinstance(child, (dict, list))]
-        if not level:
-            return False
-    return True
-
-
-def has_lone_surrogate(raw, value):
-    """Whether a decoded body holds a lone UTF-16 surrogate (``"\\ud800"``),
-    which no UTF-8 text, SQLite column or re-encoded body can carry. Only
-    bodies that escape a surrogate at all are looked at closely."""
-    if _SURROGATE_ESCAPE.search(raw) is None:
-        return False
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def parse_json_body(request, max_bytes):
@@ -2619,11 +2778,6 @@ def parse_json_body(request, max_bytes):
         raise BadRequestError("The request body is not valid JSON (UTF-8, no duplicate keys)") from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object")
-    if nests_deeper_than(body, MAX_JSON_DEPTH):
-        raise BadRequestError("The request body nests objects and arrays deeper than %d levels" % MAX_JSON_DEPTH)
-    if has_lone_surrogate(raw, body):
-        raise BadRequestError("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
-                              "which is not text")
     return raw, body
 
 
@@ -2755,6 +2909,53 @@ def usage_stats(store, group_by="key", since=None, until=None, project=None, now
     return rows
 
 
+LOG_PAGE_LIMIT = 1000
+
+
+def request_log(store, options):
+    """A page of the request log for the CLI and the admin API: ``options``
+    are strings (LOG_FILTERS names, ``limit`` and ``cursor``), as typed.
+    Returns {"data": [entries], "next_cursor": ...}."""
+    unknown = set(options) - set(LOG_FILTERS) - {"limit", "cursor"}
+    if unknown:
+        raise BadRequestError("unknown log filter(s): %s (known: %s, limit, cursor)"
+                              % (", ".join(sorted(unknown)), ", ".join(LOG_FILTERS)))
+    filters = {name: options.get(name) for name in LOG_FILTERS}
+    for name, end in (("since", False), ("until", True)):
+        if filters[name] is not None:
+            filters[name] = parse_time_bound(filters[name], end)
+    limit = options.get("limit") or "50"
+    if not limit.isdigit() or not 1 <= int(limit) <= LOG_PAGE_LIMIT:
+        raise BadRequestError("limit must be a whole number from 1 to %d" % LOG_PAGE_LIMIT)
+    cursor = options.get("cursor")
+    entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), int(limit))
+    return {"data": entries, "next_cursor": next_cursor}
+
+
+#: A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(rows):
+    """Rows of dicts (all with the same keys) as CSV with a header line.
+    Mappings are written as JSON; text a spreadsheet would take for a
+    formula (a model name is the client's to choose) is quoted with '."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if rows:
+        writer.writerow(list(rows[0]))
+    for row in rows:
+        cells = []
+        for value in row.values():
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, sort_keys=True)
+            if isinstance(value, str) and value.startswith(_FORMULA_START):
+                value = "'" + value
+            cells.append("" if value is None else value)
+        writer.writerow(cells)
+    return out.getvalue()
+
+
 def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
     """Recompute stored costs from the raw counts with today's ``prices``.
     Returns old and new totals; ``apply`` writes the new costs."""
@@ -2775,6 +2976,11 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
     return totals
 
 
+def _milliseconds(start, end):
+    """Between two monotonic times, or None if either did not happen."""
+    return None if start is None or end is None else round((end - start) * 1000, 3)
+
+
 class _Call:
     """One upstream attempt and its usage row, from pending to settled."""
 
@@ -2783,6 +2989,7 @@ class _Call:
         self.route, self.dialect, self.model, self.body = route, dialect, model, body
         self.request_id = gateway.next_request_id()
         self.started = time.monotonic()
+        self.sent = self.first_byte = None  # monotonic times: request forwarded, answer's head read
         self.reservation = reservation
         self.row_id, self.period_start = gateway.store.begin_usage(
             self.request_id, gateway.owner, key.id, provider.name, request.path, model, streamed,
@@ -2790,34 +2997,34 @@ class _Call:
         self.settled = False
 
     def settle(self, status, http_status, usage):
-        """Price and record the outcome; committed when this returns. Never
-        raises, and the key's request in flight is released whatever
-        happens. A database failure is logged: the client's answer is
+        """Price and record the outcome; committed when this returns. A
+        database failure is logged, not raised: the client's answer is
         already paid for, and the pending row marks the attempt."""
         if self.settled:
             return
         self.settled = True
+        counted = usage.request_tokens or usage.response_tokens
+        cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
+        result = {
+            "status": status, "http_status": http_status, "usage_source": usage.source,
+            "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
+            "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "cost_nanousd": cost, "priced": priced,
+            "finished_at": self.gateway.clock(), "latency_ms": _milliseconds(self.started, time.monotonic()),
+            "first_byte_ms": _milliseconds(self.sent, self.first_byte),
+            "overhead_ms": _milliseconds(self.request.received, self.sent),
+        }
+        self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
+                                outcome=status)
+        self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
         try:
-            counted = usage.request_tokens or usage.response_tokens
-            cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
-            result = {
-                "status": status, "http_status": http_status, "usage_source": usage.source,
-                "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
-                "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
-                "cache_write_tokens": usage.cache_write_tokens,
-                "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "cost_nanousd": cost, "priced": priced, "finished_at": self.gateway.clock(),
-                "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
-            }
-            self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
-                                    outcome=status)
             self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
                          type(exc).__name__)
-        finally:
-            self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
 
     def estimate(self, usage, text_bytes):
         """Fill what the provider did not report with the documented estimate:
@@ -2837,6 +3044,9 @@ class Gateway:
     #: crashed processes (their budget reservations would block keys).
     janitor_interval = 60.0
     heartbeat_interval = 5.0
+    #: Rows past ``logging.retention_days`` pruned per janitor run: a backlog
+    #: goes over several minutes, never holding the writer for long.
+    prune_per_run = 100000
 
     def __init__(self, config, store, environ=None, clock=time.time):
         self.config = config
@@ -2857,7 +3067,6 @@ class Gateway:
         self._keys = {}               # secret hash -> key record, for active keys
         self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
         self._admin_token_hash = None
-        self._secrets = []
         self._unpriced_models = set()
         self.refresh()
         # Liveness is about real time, not the injectable clock of budgets.
@@ -2893,6 +3102,9 @@ class Gateway:
                 if time.monotonic() >= next_janitor:
                     next_janitor = time.monotonic() + self.janitor_interval
                     self.store.recover_interrupted(self.owner, time.time())
+                    retention = self.config.logging.retention_days
+                    if retention is not None:
+                        self.store.prune_usage(time.time() - retention * 86400, at_most=self.prune_per_run)
             except GatewayError as exc:
                 logger.warning("background sync failed: %s", exc.message)
 
@@ -2956,13 +3168,11 @@ class Gateway:
         env_token = self._environ.get(ADMIN_TOKEN_ENV)
         admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
         prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
-        known = [entry[0] for entry in provider_keys.values() if isinstance(entry, tuple) and entry[0]]
         with self._lock:
             self._generation = generation
             self._keys = {}
             self._provider_keys = provider_keys
             self._admin_token_hash = admin_hash
-            self._secrets = known + ([env_token] if env_token else [])
             self.prices = prices
 
     def authenticate(self, headers):
@@ -2984,10 +3194,8 @@ class Gateway:
         return key
 
     def known_secrets(self):
-        """The secrets this process holds in plain text (provider keys, an
-        admin token from the environment), for redacting log lines; virtual
-        keys and issued admin tokens are caught by their shape (``redact``)."""
-        return self._secrets
+        """The provider keys in use, for redacting log lines."""
+        return [entry[0] for entry in self._provider_keys.values() if isinstance(entry, tuple) and entry[0]]
 
     def provider_key(self, provider):
         entry = self._provider_keys.get(provider.name)
@@ -3061,8 +3269,10 @@ class Gateway:
         call = self._begin_call(request, key, provider, route, dialect, model, body, streamed, reservation)
         try:
             try:
+                call.sent = time.monotonic()
                 upstream = provider.send(request.method, request.path, dialect, api_key, request.headers,
                                          upstream_body)
+                call.first_byte = time.monotonic()
             except GatewayError as exc:
                 call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
                 raise
@@ -3221,14 +3431,12 @@ class Gateway:
         try:
             outcome = yield from self._forward_events(call, response, meter, held)
         finally:
-            try:
-                if outcome == "ok" and _read_to_end(response, upstream.sock):
-                    call.provider.pool.release(upstream)
-                else:
-                    upstream.close()  # also stops a provider still generating for a client that left
-            finally:
-                usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
-                call.settle(outcome, response.status, usage)
+            if outcome == "ok" and _read_to_end(response, upstream.sock):
+                call.provider.pool.release(upstream)
+            else:
+                upstream.close()  # also stops a provider still generating for a client that left
+            usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
+            call.settle(outcome, response.status, usage)
         if outcome == "client_disconnected":
             return
         yield from held
@@ -3279,6 +3487,7 @@ class Gateway:
             ("POST", "virtual-keys", "*", "rotate"): lambda: self._admin_rotate_key(request, parts[1]),
             ("POST", "virtual-keys", "*", "topup"): lambda: self._admin_topup(request, parts[1]),
             ("GET", "usage-stats"): lambda: self._admin_usage_stats(request),
+            ("GET", "logs"): lambda: self._admin_logs(request),
             ("GET", "audit"): lambda: json_reply(200, {"data": self.store.audit_log(1000)}),
         }
         shape = tuple("*" if index == 1 else part for index, part in enumerate(parts))
@@ -3333,14 +3542,32 @@ class Gateway:
         return json_reply(200, self._admin_key(key_id))
 
     def _admin_usage_stats(self, request):
-        query = urllib.parse.parse_qs(request.query, strict_parsing=False)
-        options = {name: values[-1] for name, values in query.items()}
-        return json_reply(200, self.usage_stats(options.get("by", "key"), options.get("since"),
-                                                options.get("until"), options.get("project")))
+        options, output = _query_options(request)
+        rows = self.usage_stats(options.get("by", "key"), options.get("since"), options.get("until"),
+                                options.get("project"))
+        return csv_reply(csv_text(rows)) if output == "csv" else json_reply(200, rows)
+
+    def _admin_logs(self, request):
+        options, output = _query_options(request)
+        page = request_log(self.store, options)
+        if output == "csv":
+            return csv_reply(csv_text(page["data"]), [("x-next-cursor", page["next_cursor"] or "")])
+        return json_reply(200, page)
 
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
         return usage_stats(self.store, group_by, since and parse_time_bound(since),
                            until and parse_time_bound(until, end=True), project, self.clock())
+
+
+def _query_options(request):
+    """An admin GET's query string as {name: last value}, and the output
+    format asked for with ``format`` (json or csv)."""
+    query = urllib.parse.parse_qs(request.query, strict_parsing=False)
+    options = {name: values[-1] for name, values in query.items()}
+    output = options.pop("format", "json")
+    if output not in ("json", "csv"):
+        raise BadRequestError("format must be json or csv")
+    return options, output
 
 
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
