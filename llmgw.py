@@ -2020,14 +2020,19 @@ def estimate_tokens(characters):
 
 
 def text_characters(value):
-    """Characters of text in a JSON value (all strings, recursively)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(text_characters(v) for k, v in value.items() if k != "model")
-    if isinstance(value, list):
-        return sum(text_characters(v) for v in value)
-    return 0
+    """Characters of text in a JSON value (all strings, at any depth). Walked
+    without recursion: a provider's answer is not bounded in depth, and an
+    estimate must never fail the call it accounts for."""
+    characters, pending = 0, [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            characters += len(value)
+        elif isinstance(value, dict):
+            pending.extend(v for k, v in value.items() if k != "model")
+        elif isinstance(value, list):
+            pending.extend(value)
+    return characters
 
 
 # ==== 5. Providers ==========================================================
@@ -2382,6 +2387,11 @@ class KeyLimits:
             counters.in_flight -= 1
             counters.tokens += tokens
             counters.dirty = True
+
+    def in_flight(self):
+        """This process's requests in flight, per key that has had any."""
+        with self._lock:
+            return {key_id: counters.in_flight for key_id, counters in self._counters.items()}
 
     def _totals(self, key_id, counters, window, fraction):
         """Sliding-minute requests and tokens, and requests in flight, here and elsewhere."""
@@ -2761,6 +2771,38 @@ def _reject_constant(name):
 
 #: Client bodies are strict JSON: no duplicate keys, no NaN or Infinity.
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+#: How deep objects and arrays may nest in a client body (the top-level object
+#: is depth 1). Real requests (tool schemas included) stay far below it;
+#: deeper ones are refused before anything else reads them.
+MAX_JSON_DEPTH = 128
+#: A \uD800-\uDFFF escape: the only way a lone surrogate gets into a decoded body.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def nests_deeper_than(value, limit):
+    """Whether objects and arrays in ``value`` nest deeper than ``limit``,
+    looked at level by level (never recursively)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for container in level
+                 for child in (container.values() if isinstance(container, dict) else container)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def has_lone_surrogate(raw, value):
+    """Whether a decoded body holds a lone UTF-16 surrogate (``"\\ud800"``),
+    which no UTF-8 text, SQLite column or re-encoded body can carry. Only
+    bodies that escape a surrogate at all are looked at closely."""
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_json_body(request, max_bytes):
@@ -2778,6 +2820,11 @@ def parse_json_body(request, max_bytes):
         raise BadRequestError("The request body is not valid JSON (UTF-8, no duplicate keys)") from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object")
+    if nests_deeper_than(body, MAX_JSON_DEPTH):
+        raise BadRequestError("The request body nests objects and arrays deeper than %d levels" % MAX_JSON_DEPTH)
+    if has_lone_surrogate(raw, body):
+        raise BadRequestError("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                              "which is not text")
     return raw, body
 
 
@@ -2997,34 +3044,36 @@ class _Call:
         self.settled = False
 
     def settle(self, status, http_status, usage):
-        """Price and record the outcome; committed when this returns. A
-        database failure is logged, not raised: the client's answer is
+        """Price and record the outcome; committed when this returns. Never
+        raises, and the key's request in flight is released whatever
+        happens. A database failure is logged: the client's answer is
         already paid for, and the pending row marks the attempt."""
         if self.settled:
             return
         self.settled = True
-        counted = usage.request_tokens or usage.response_tokens
-        cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
-        result = {
-            "status": status, "http_status": http_status, "usage_source": usage.source,
-            "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
-            "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
-            "cache_write_tokens": usage.cache_write_tokens,
-            "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "cost_nanousd": cost, "priced": priced,
-            "finished_at": self.gateway.clock(), "latency_ms": _milliseconds(self.started, time.monotonic()),
-            "first_byte_ms": _milliseconds(self.sent, self.first_byte),
-            "overhead_ms": _milliseconds(self.request.received, self.sent),
-        }
-        self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
-                                outcome=status)
-        self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
         try:
+            counted = usage.request_tokens or usage.response_tokens
+            cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
+            result = {
+                "status": status, "http_status": http_status, "usage_source": usage.source,
+                "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
+                "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
+                "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+                "cost_nanousd": cost, "priced": priced, "finished_at": self.gateway.clock(),
+                "latency_ms": _milliseconds(self.started, time.monotonic()),
+                "first_byte_ms": _milliseconds(self.sent, self.first_byte),
+                "overhead_ms": _milliseconds(self.request.received, self.sent),
+            }
+            self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
+                                    outcome=status)
             self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
                          type(exc).__name__)
+        finally:
+            self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
 
     def estimate(self, usage, text_bytes):
         """Fill what the provider did not report with the documented estimate:
@@ -3067,6 +3116,7 @@ class Gateway:
         self._keys = {}               # secret hash -> key record, for active keys
         self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
         self._admin_token_hash = None
+        self._secrets = []
         self._unpriced_models = set()
         self.refresh()
         # Liveness is about real time, not the injectable clock of budgets.
@@ -3168,11 +3218,13 @@ class Gateway:
         env_token = self._environ.get(ADMIN_TOKEN_ENV)
         admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
         prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
+        known = [entry[0] for entry in provider_keys.values() if isinstance(entry, tuple) and entry[0]]
         with self._lock:
             self._generation = generation
             self._keys = {}
             self._provider_keys = provider_keys
             self._admin_token_hash = admin_hash
+            self._secrets = known + ([env_token] if env_token else [])
             self.prices = prices
 
     def authenticate(self, headers):
@@ -3194,8 +3246,10 @@ class Gateway:
         return key
 
     def known_secrets(self):
-        """The provider keys in use, for redacting log lines."""
-        return [entry[0] for entry in self._provider_keys.values() if isinstance(entry, tuple) and entry[0]]
+        """The secrets this process holds in plain text (provider keys, an
+        admin token from the environment), for redacting log lines; virtual
+        keys and issued admin tokens are caught by their shape (``redact``)."""
+        return self._secrets
 
     def provider_key(self, provider):
         entry = self._provider_keys.get(provider.name)
@@ -3431,12 +3485,14 @@ class Gateway:
         try:
             outcome = yield from self._forward_events(call, response, meter, held)
         finally:
-            if outcome == "ok" and _read_to_end(response, upstream.sock):
-                call.provider.pool.release(upstream)
-            else:
-                upstream.close()  # also stops a provider still generating for a client that left
-            usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
-            call.settle(outcome, response.status, usage)
+            try:
+                if outcome == "ok" and _read_to_end(response, upstream.sock):
+                    call.provider.pool.release(upstream)
+                else:
+                    upstream.close()  # also stops a provider still generating for a client that left
+            finally:
+                usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
+                call.settle(outcome, response.status, usage)
         if outcome == "client_disconnected":
             return
         yield from held

@@ -123,6 +123,20 @@ class RunningGateway:
         self._thread.join(5)
         self.store.close()
 
+    def assert_books_balanced(self):
+        """Once stopped: no usage row pending, no budget reserved, no request
+        of any key counted in flight (whatever the requests did)."""
+        conn = sqlite3.connect(self.db_path)
+        try:
+            pending = conn.execute("SELECT request_id, endpoint, model FROM usage WHERE status = 'pending'").fetchall()
+            reserved = conn.execute("SELECT COALESCE(SUM(reserved_nanousd), 0) FROM key_spend").fetchone()[0]
+        finally:
+            conn.close()
+        assert pending == [], "usage rows left pending: %r" % pending[:5]
+        assert reserved == 0, "budget still reserved: %d nano-USD" % reserved
+        in_flight = {key: count for key, count in self.gateway.limits.in_flight().items() if count}
+        assert in_flight == {}, "requests still counted in flight: %r" % in_flight
+
     def create_key(self, project="test project", tier="default", rpm=None, **policy):
         """A virtual key with policy fields as the admin API takes them."""
         fields = dict(policy, tier=tier)
@@ -149,9 +163,10 @@ class RunningGateway:
 
 
 @pytest.fixture
-def make_gateway(tmp_path, upstream):
+def make_gateway(request, tmp_path, upstream):
     """Start gateways with custom config sections: ``make_gateway(server={...})``;
-    ``clock=`` injects a wall clock."""
+    ``clock=`` injects a wall clock. A module that uses the ``balanced_books``
+    fixture has every gateway's books checked once it stopped."""
     started = []
 
     def start(environ=None, db_name="gateway.db", clock=time.time, **sections):
@@ -161,6 +176,16 @@ def make_gateway(tmp_path, upstream):
     yield start
     for gateway in started:
         gateway.stop()
+    if "balanced_books" in request.fixturenames:
+        for gateway in started:
+            gateway.assert_books_balanced()
+
+
+@pytest.fixture
+def balanced_books():
+    """Marks a module whose gateways must end with balanced books (see
+    RunningGateway.assert_books_balanced): ``pytestmark =
+    pytest.mark.usefixtures("balanced_books")``."""
 
 
 @pytest.fixture

@@ -33,6 +33,9 @@ from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, COUNT_TOKENS, CREDENTIAL
                       settled_rows, sse_events, wait_until)
 from fake_upstream import CONNECTION_THREAD_NAME, FakeUpstream
 
+#: Whatever a test did, its gateways end with no row pending, nothing reserved, nothing in flight.
+pytestmark = pytest.mark.usefixtures("balanced_books")
+
 #: The small timeouts and limits of the brief; the tests measure against them.
 SERVER = {"header_timeout": 1, "body_timeout": 1, "keepalive_timeout": 1, "upstream_timeout": 2,
           "stream_idle_timeout": 1, "request_deadline": 5, "max_body_bytes": 65536}
@@ -76,6 +79,7 @@ def shared_env(tmp_path_factory):
     finally:
         gw.stop()
         fake.stop()
+    gw.assert_books_balanced()
 
 
 @pytest.fixture

@@ -1,0 +1,157 @@
+"""Attacks by a holder of a valid virtual key on the proxy path (issue 17).
+
+A key holder may send any body the gateway accepts, as slowly as the
+deadlines allow, from as many connections as it likes. None of that may
+leave the books wrong (a usage row pending, a request counted in flight, a
+budget reservation held: every gateway here is checked once stopped), answer
+500, leak a secret into the log, or take the gateway away from other tenants.
+The real gateway runs against tests/fake_upstream.py, driven over real sockets.
+"""
+
+import json
+
+import pytest
+
+import llmgw
+from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RESPONSES, admin, assert_json_error, body_for,
+                      dialect_of, json_request, post, request_bytes, settled_rows)
+from test_hostile import (RATE_LIMITS, SERVER, ScriptedUpstream, assert_alive, chat_body, exchange,  # noqa: F401
+                          gw, gwlog, key, scripted_reply)
+
+pytestmark = pytest.mark.usefixtures("balanced_books")
+
+
+def nested(depth):
+    """A JSON array nested ``depth`` levels deep, as text."""
+    return "[" * depth + "]" * depth
+
+
+def raw_body(path, stream=False, **fields):
+    """A request body as bytes, each of ``fields`` spliced in as raw JSON text."""
+    text = json.dumps(body_for(path, stream=stream))[:-1]
+    return (text + "".join(', "%s": %s' % item for item in fields.items()) + "}").encode()
+
+
+# ---- 1. nesting: bounded where the body is parsed ---------------------------------
+
+@pytest.mark.parametrize("path,stream", [(CHAT, True), (CHAT, False), (MESSAGES, True), (RESPONSES, False)])
+@pytest.mark.parametrize("depth", [llmgw.MAX_JSON_DEPTH + 1, 500, 980])
+def test_nesting_past_the_bound_is_400_and_never_forwarded(gw, key, upstream, path, stream, depth):
+    """A body nested past MAX_JSON_DEPTH (the top-level object counts as
+    one level) is a 400 in the API's shape: nothing is forwarded, no row
+    is written. (It used to be forwarded, and its usage estimate then broke
+    metering.)"""
+    data = raw_body(path, stream, metadata_deep=nested(depth - 1))
+    response, client = exchange(gw, json_request(path, key, data))
+    client.close()
+    assert_json_error(response, 400, dialect_of(path))
+    assert "deeper than %d" % llmgw.MAX_JSON_DEPTH in json.dumps(response.json())
+    assert upstream.requests == [] and gw.rows() == []
+    assert_alive(gw, key)
+
+
+def test_nesting_at_the_bound_is_forwarded(gw, key, upstream):
+    data = raw_body(CHAT, tools_deep=nested(llmgw.MAX_JSON_DEPTH - 1))
+    response = post(gw, CHAT, None, key, raw_body=data)
+    assert response.status == 200, response
+    assert upstream.requests[0]["body"] == data
+
+
+def test_deeply_nested_provider_answer_is_estimated_not_500(make_gateway, upstream):
+    """A provider answer without usage is estimated from its text, however
+    deep it nests: the client gets the provider's 200, the row is settled
+    (it was a 500 after the provider had answered, the row upstream_error)."""
+    answer = json.dumps({"id": "chatcmpl-deep", "object": "chat.completion", "created": 1, "model": "scripted-1",
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                             "role": "assistant", "content": "abcd", "deep": "DEEP"}}]})
+    answer = answer.replace('"DEEP"', nested(600).replace("[]", '["efgh"]')).encode()
+    scripted = ScriptedUpstream([scripted_reply("HTTP/1.1 200 OK", [
+        ("Content-Type", "application/json"), ("Content-Length", str(len(answer)))], answer)])
+    try:
+        gw = make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS, providers={
+            "scripted": {"base_url": scripted.url, "api_key": "sk-CANARY-SCRIPTED-0123456789abcdef",
+                         "models": ["scripted-*"]}})
+        key = gw.create_key()[1]
+        response = post(gw, CHAT, chat_body("scripted-1"), key)
+        assert response.status == 200, response
+        assert response.body == answer
+        row, = settled_rows(gw)
+        assert (row["status"], row["http_status"], row["usage_source"]) == ("ok", 200, "estimated"), row
+        assert row["response_tokens"] == 6  # "assistant", "stop", "abcd", "efgh": 21 characters
+    finally:
+        scripted.close()
+
+
+# ---- 3. lone surrogates: 400, never 500 -------------------------------------------
+
+LONE_SURROGATE = b'"say \\ud800 now"'
+
+
+@pytest.mark.parametrize("path,stream,model", [
+    (CHAT, True, "gpt-4o-mini"), (CHAT, False, "gpt-4o-mini"), (CHAT, False, "openai/gpt-4o-mini"),
+    (COMPLETIONS, True, "gpt-4o-mini"), (RESPONSES, True, "gpt-4o-mini"), (MESSAGES, True, "claude-sonnet-4-5"),
+])
+def test_lone_surrogate_in_a_proxied_body_is_400(gw, key, upstream, path, stream, model):
+    """A lone UTF-16 surrogate escape (``\\ud800``) anywhere in a body is a
+    400 in the API's shape (streamed chat paths re-encode the body to ask
+    for usage, which used to fail with a 500); nothing is forwarded."""
+    data = raw_body(path, stream, user=LONE_SURROGATE.decode())
+    data = data.replace(b'"model": "gpt-4o-mini"', b'"model": "%s"' % model.encode())
+    response, client = exchange(gw, json_request(path, key, data))
+    client.close()
+    assert_json_error(response, 400, dialect_of(path))
+    assert upstream.requests == [] and gw.rows() == []
+    assert_alive(gw, key)
+
+
+def test_lone_surrogate_in_the_model_name_is_400(gw, key, upstream):
+    response = post(gw, CHAT, None, key, raw_body=b'{"model": "gpt-\\udc00", "messages": []}')
+    assert_json_error(response, 400)
+    assert upstream.requests == [] and gw.rows() == []
+
+
+@pytest.mark.parametrize("text", [b'"smile \\ud83d\\ude00"', b'"a backslash then u: \\\\ud800"'])
+def test_surrogate_pairs_and_escaped_backslashes_are_forwarded_unchanged(gw, key, upstream, text):
+    data = raw_body(CHAT, user=text.decode())
+    response = post(gw, CHAT, None, key, raw_body=data)
+    assert response.status == 200, response
+    assert upstream.requests[0]["body"] == data
+
+
+def test_lone_surrogate_in_an_admin_project_name_is_400(make_gateway, upstream):
+    gw = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    response = admin(gw, "POST", "/admin/virtual-keys", raw_body=b'{"project_name": "team \\ud800"}')
+    assert_json_error(response, 400)
+    assert admin(gw, "GET", "/admin/virtual-keys").json()["data"] == []
+
+
+# ---- 4. every secret the process knows is redacted --------------------------------
+
+def test_admin_token_from_the_environment_is_redacted_from_the_log(make_gateway, upstream, gwlog, capfd):
+    """An admin token set with LLMGW_ADMIN_TOKEN (no ``llmgw-`` prefix to
+    spot it by) pasted into a path or a model name never reaches a log line."""
+    gw = make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    key = gw.create_key()[1]
+    assert post(gw, "/v1/" + ADMIN_TOKEN, chat_body(), key).status == 404
+    assert post(gw, CHAT, chat_body(ADMIN_TOKEN), key).status == 200  # unpriced: the warning quotes the model
+    assert admin(gw, "GET", "/admin/" + ADMIN_TOKEN).status == 404
+    out, err = capfd.readouterr()
+    for name, text in (("log", gwlog.text()), ("stdout", out), ("stderr", err)):
+        assert ADMIN_TOKEN not in text, "the admin token is in the %s" % name
+    assert "[redacted]" in gwlog.text()
+    assert_alive(gw, key)
+
+
+# ---- bare LF line endings: accepted (RFC 9112 section 2.2) -------------------------
+
+def test_bare_lf_line_endings_are_accepted(gw, key, upstream):
+    """A request whose head ends its lines with LF alone is served like one
+    with CRLF (RFC 9112 2.2 lets a recipient accept it); a bare CR is still
+    refused (tests/test_hostile.py X02)."""
+    data = request_bytes("POST", CHAT, [("Authorization", "Bearer " + key), ("Content-Type", "application/json"),
+                                        ("Content-Length", str(len(json.dumps(chat_body()))))],
+                         json.dumps(chat_body())).replace(b"\r\n", b"\n")
+    response, client = exchange(gw, data)
+    client.close()
+    assert response.status == 200, response
+    assert len(settled_rows(gw)) == 1
