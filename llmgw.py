@@ -226,6 +226,7 @@ server:
   port: 8000
   # threads: 256                   # threads serving requests; each open stream holds one
   # max_connections: 1024          # open client connections; beyond: 503 + Retry-After
+  # max_connections_per_address: 256  # open connections from one client address; beyond: 429
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
   # max_header_bytes: 32768        # request line + headers; beyond: 431
   # max_header_fields: 100
@@ -282,6 +283,7 @@ class ServerConfig:
     port: int = 8000
     threads: int = 256                  # threads serving requests (streams included)
     max_connections: int = 1024
+    max_connections_per_address: int = 256   # one client's share of max_connections
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 32 * 1024
     max_header_fields: int = 100
@@ -4375,8 +4377,10 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     the worker pool above.
 
     Beyond ``server.max_connections`` open connections, a new one gets an
-    immediate 503 with Retry-After. ``server_close`` drains: in-flight
-    requests and streams may finish within ``server.drain_timeout``.
+    immediate 503 with Retry-After; beyond ``max_connections_per_address``
+    from one client address, a 429 with Retry-After, so one client cannot
+    take every place. ``server_close`` drains: in-flight requests and
+    streams may finish within ``server.drain_timeout``.
     """
 
     request_queue_size = 1024  # the listen backlog; http.server's 5 drops bursts
@@ -4386,6 +4390,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self.draining = False
         self._reuse_port = reuse_port
         self._open = 0
+        self._open_by_address = {}  # client address -> its open connections
         self._open_lock = threading.Lock()
         super().__init__(address, GatewayHandler)
         self.workers = WorkerPool(self, gateway.config.server.threads)
@@ -4401,12 +4406,20 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         except OSError:  # already reset by the client
             self.shutdown_request(request)
             return
+        limits, address = self.gateway.config.server, client_address[0]
         with self._open_lock:
-            admitted = self._open < self.gateway.config.server.max_connections
-            if admitted:
+            if self._open >= limits.max_connections:
+                refusal = ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
+                                                  headers=[("retry-after", "1")])
+            elif self._open_by_address.get(address, 0) >= limits.max_connections_per_address:
+                refusal = RateLimitError("Too many open connections from your address; close some or retry "
+                                         "shortly", code="too_many_connections", headers=[("retry-after", "1")])
+            else:
+                refusal = None
                 self._open += 1
-        if not admitted:
-            self._refuse(request)
+                self._open_by_address[address] = self._open_by_address.get(address, 0) + 1
+        if refusal is not None:
+            self._refuse(request, refusal)
             return
         self.workers.watch(Connection(request, client_address))
 
@@ -4422,12 +4435,15 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         except OSError:
             pass
         connection.close()
+        address = connection.address[0]
         with self._open_lock:
             self._open -= 1
+            if self._open_by_address[address] > 1:
+                self._open_by_address[address] -= 1
+            else:
+                del self._open_by_address[address]
 
-    def _refuse(self, request):
-        error = ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
-                                        headers=[("retry-after", "1")])
+    def _refuse(self, request, error):
         try:
             request.setblocking(False)
             request.send(closing_error_response(error))

@@ -315,8 +315,10 @@ class RawResponse(Response):
 class RawClient:
     """One client socket: exact bytes out, responses parsed back in."""
 
-    def __init__(self, gateway, timeout=5.0):
-        self.sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout)
+    def __init__(self, gateway, timeout=5.0, source=None):
+        """``source``: the client's own address (any of 127.0.0.0/8 on loopback)."""
+        self.sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buffer = b""
         self.received = b""  # every byte the gateway ever sent on this socket
         self.eof = False

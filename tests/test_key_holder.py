@@ -9,12 +9,14 @@ The real gateway runs against tests/fake_upstream.py, driven over real sockets.
 """
 
 import json
+import select
+import time
 
 import pytest
 
 import llmgw
-from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RESPONSES, admin, assert_json_error, body_for,
-                      dialect_of, json_request, post, request_bytes, settled_rows)
+from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RESPONSES, RawClient, admin, assert_json_error,
+                      body_for, dialect_of, json_request, post, request_bytes, settled_rows, wait_until)
 from test_hostile import (RATE_LIMITS, SERVER, ScriptedUpstream, assert_alive, chat_body, exchange,  # noqa: F401
                           gw, gwlog, key, scripted_reply)
 
@@ -155,3 +157,43 @@ def test_bare_lf_line_endings_are_accepted(gw, key, upstream):
     client.close()
     assert response.status == 200, response
     assert len(settled_rows(gw)) == 1
+
+
+# ---- 5. a connection flood from one address leaves room for the others -------------
+
+def answer_from(gw, key, source):
+    """(status, seconds) of a chat request from client address ``source``."""
+    started = time.monotonic()
+    client = RawClient(gw, source=source)
+    try:
+        client.send(json_request(CHAT, key, chat_body()))
+        response = client.read_response(timeout=5)
+    finally:
+        client.close()
+    return response.status, time.monotonic() - started
+
+
+def test_one_address_cannot_take_every_connection(make_gateway, upstream):
+    """[S05 E01] 40 idle connections from one address against
+    max_connections 16: that address holds its 8
+    (max_connections_per_address), the rest get 429 too_many_connections at
+    once; clients from other addresses are served meanwhile (they got 503
+    until the flood timed out); once the flood leaves, its address is
+    served again."""
+    gw = make_gateway(server=dict(SERVER, max_connections=16, max_connections_per_address=8,
+                                  keepalive_timeout=30, header_timeout=30), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    flood = [RawClient(gw, source="127.0.0.1") for _ in range(40)]
+    answered = lambda: [c for c in flood if select.select([c.sock], [], [], 0)[0]]  # noqa: E731
+    assert wait_until(lambda: len(answered()) == 32, 3.0), len(answered())
+    for client in answered():
+        response = client.read_response(timeout=1)
+        assert_json_error(response, 429, code="too_many_connections", close=True)
+        assert response.header("retry-after") == "1"
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+        status, seconds = answer_from(gw, key, source)
+        assert status == 200 and seconds < 1.0, (status, seconds)
+    assert len(upstream.requests) == 3
+    for client in flood:
+        client.close()
+    assert wait_until(lambda: answer_from(gw, key, "127.0.0.1")[0] == 200, 3.0)
