@@ -228,6 +228,7 @@ server:
   # max_connections: 1024          # open client connections; beyond: 503 + Retry-After
   # max_connections_per_address: 256  # open connections from one client address; beyond: 429
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
+  # body_buffer_bytes: 268435456   # large bodies being received, in total (one key: a quarter); beyond: 503 / 429
   # max_header_bytes: 32768        # request line + headers; beyond: 431
   # max_header_fields: 100
   # max_request_line_bytes: 8192   # beyond: 414
@@ -285,6 +286,7 @@ class ServerConfig:
     max_connections: int = 1024
     max_connections_per_address: int = 256   # one client's share of max_connections
     max_body_bytes: int = 10 * 1024 * 1024
+    body_buffer_bytes: int = 256 * 1024 * 1024  # large bodies being received at once; one key: a quarter
     max_header_bytes: int = 32 * 1024
     max_header_fields: int = 100
     max_request_line_bytes: int = 8 * 1024
@@ -385,6 +387,8 @@ def parse_config(document, path=None):
     for field in dataclasses.fields(ServerConfig):
         if field.type in (int, float) and field.name != "port" and getattr(server, field.name) <= 0:
             raise ConfigError("server.%s: must be positive" % field.name)
+    if server.body_buffer_bytes < server.max_body_bytes:
+        raise ConfigError("server.body_buffer_bytes: must be at least server.max_body_bytes")
     database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
     if database.synchronous not in ("normal", "full"):
         raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
@@ -2716,7 +2720,8 @@ class Request:
     """One client request, as the handler parsed it. The body is read only
     when the gateway asks, after the key is checked."""
 
-    def __init__(self, method, path, headers, content_length, read_body, send_continue=None, query=""):
+    def __init__(self, method, path, headers, content_length, read_body, send_continue=None, query="",
+                 admission=None):
         self.method = method
         self.path = path
         self.query = query                  # never forwarded
@@ -2724,6 +2729,7 @@ class Request:
         self.content_length = content_length
         self._read_body = read_body
         self._send_continue = send_continue  # set when the client sent Expect: 100-continue
+        self.admission = admission          # an Admission when checked before its body arrived
         self.body_consumed = not content_length
         self.log = {}                        # what the access log line reports
         self.received = time.monotonic()     # the gateway's overhead counts from here
@@ -3028,6 +3034,32 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
 def _milliseconds(start, end):
     """Between two monotonic times, or None if either did not happen."""
     return None if start is None or end is None else round((end - start) * 1000, 3)
+
+
+class Admission:
+    """A proxied request let in before its body arrived (``Gateway.admit``):
+    its key's request in flight, held while the body arrives. The call made
+    of it takes the request over (``hand_over``); otherwise ``release``
+    gives it back (refused, timed out, closed). Both are safe to repeat."""
+
+    def __init__(self, limits, key_id, body_bytes):
+        self._limits = limits
+        self.key_id, self.body_bytes = key_id, body_bytes
+        self._held = True
+        self._lock = threading.Lock()
+
+    def _give_up(self):
+        with self._lock:
+            held, self._held = self._held, False
+        return held
+
+    def hand_over(self, key_id):
+        """True if this admission's request in flight is now the caller's."""
+        return key_id == self.key_id and self._give_up()
+
+    def release(self):
+        if self._give_up():
+            self._limits.release(self.key_id, 0)
 
 
 class _Call:
@@ -3347,10 +3379,33 @@ class Gateway:
             call.settle("upstream_error", None, Usage())
             raise
 
-    def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
-        """Count the request against the key's rate limits, then write its
-        pending usage row (reserving the budget); either may refuse it."""
+    def admit(self, request):
+        """Check a proxied call before its body arrives (a large body, or
+        one the client awaits leave to send): its key, the key's rate
+        limits and what is left of its budget, and count it in flight, so
+        that no body is waited for on behalf of a key that may not send it.
+        Returns an Admission; None for other requests (nothing to check
+        ahead). Raises GatewayError to refuse."""
+        route = ROUTES.get(request.path)
+        if route is None or route.method != "POST" or request.method != "POST":
+            return None
+        self.refresh()
+        key = self.authenticate(request.headers)
+        if key.max_budget_nanousd is not None:
+            spend = self.store.key_spend(key, self.clock())
+            if spend["spent_nanousd"] + spend["reserved_nanousd"] >= spend["allowance_nanousd"]:
+                raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
+                    nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
+                    nanousd_to_usd(spend["allowance_nanousd"])))
         self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+        return Admission(self.limits, key.id, request.content_length or 0)
+
+    def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
+        """Count the request against the key's rate limits (unless its
+        admission did), then write its pending usage row (reserving the
+        budget); either may refuse it."""
+        if request.admission is None or not request.admission.hand_over(key.id):
+            self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
         try:
             return _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
         except BaseException:
@@ -3764,7 +3819,10 @@ _CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
 #: Headers that may appear once: a second copy is a smuggling attempt or a mistake.
 _SINGLE_HEADERS = frozenset(("content-length", "authorization", "x-api-key", "api-key", "content-type", "host",
                              "anthropic-version", "transfer-encoding", "expect"))
-#: Bodies up to this size arrive before the request is served, so their senders never hold a worker.
+#: Bodies up to this size arrive before the request is checked. Larger ones
+#: (and any the client awaits leave to send) are checked first (key, limits:
+#: ``Gateway.admit``), then arrive the same way. Either way a body's sender
+#: never holds a worker while it sends.
 INLINE_BODY_BYTES = 256 * 1024
 
 
@@ -3835,13 +3893,14 @@ def head_error(head, limits):
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
     assembled, and the deadline the sweep enforces while it waits."""
-    __slots__ = ("sock", "fd", "address", "buffer", "head", "deadline", "idle", "armed")
+    __slots__ = ("sock", "fd", "address", "buffer", "head", "admission", "deadline", "idle", "armed")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
         self.fd = sock.fileno()  # kept: a closed socket forgets it
         self.buffer = b""
         self.head = None        # RequestHead once the head is complete
+        self.admission = None   # Admission of a request checked before its body arrived
         self.deadline = 0.0
         self.idle = True        # between requests: no byte of the next one yet
         self.armed = False      # waiting for bytes, owned by no worker
@@ -3991,6 +4050,8 @@ class WorkerPool:
         self._last_peak = 0       # ... and in the previous one
         self._window_end = 0.0
         self._next_sweep = 0.0
+        self._buffered = 0            # bytes of admitted bodies being received
+        self._buffered_by_key = {}    # ... per key id
         with self._lock:
             self._start_thread()
 
@@ -4106,8 +4167,67 @@ class WorkerPool:
             connection.deadline = time.monotonic() + limits.body_timeout
         head = connection.head
         wanted = head.content_length or 0
-        return (head.expects_continue or wanted > min(INLINE_BODY_BYTES, limits.max_body_bytes)
-                or len(connection.buffer) >= wanted)
+        if len(connection.buffer) >= wanted or wanted > limits.max_body_bytes:
+            return True  # whole, or refused with a 413 without reading it
+        if connection.admission is None and (head.expects_continue or wanted > INLINE_BODY_BYTES):
+            return self._admit(connection)
+        return False
+
+    def _admit(self, connection):
+        """Check a request before waiting for its large or awaited body
+        (``Gateway.admit``), and make room for that body. True to serve it
+        at once (not a proxied call); False while its body arrives, or once
+        it was refused (its connection closed)."""
+        head = connection.head
+        request = Request(head.method, head.target.partition("?")[0], head.headers, head.content_length, None)
+        try:
+            admission = self.server.gateway.admit(request)
+            if admission is None:
+                return True
+            try:
+                self._make_room(admission)
+            except GatewayError:
+                admission.release()
+                raise
+        except GatewayError as exc:
+            self._reject(connection, exc, dialect_for(ROUTES.get(request.path), request))
+            return False
+        connection.admission = admission
+        if head.expects_continue:
+            head.expects_continue = False  # answered here, not again when served
+            try:
+                connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                self._close(connection)
+        return False
+
+    def _make_room(self, admission):
+        """Count an admitted body against ``body_buffer_bytes``, of which
+        one key may fill a quarter (or hold one body, whatever its size)."""
+        limit = self.limits.body_buffer_bytes
+        with self._lock:
+            held = self._buffered_by_key.get(admission.key_id, 0)
+            if self._buffered + admission.body_bytes > limit:
+                raise ServiceUnavailableError("The gateway is receiving too many large bodies; retry shortly",
+                                              headers=[("retry-after", "1")])
+            if held and held + admission.body_bytes > limit // 4:
+                raise RateLimitError("This key is sending too many large bodies at once; retry when one is in",
+                                     code="too_many_uploads", headers=[("retry-after", "1")])
+            self._buffered += admission.body_bytes
+            self._buffered_by_key[admission.key_id] = held + admission.body_bytes
+
+    def _release_admission(self, connection):
+        """Give back what an admitted request held (its call, if one was
+        made, took its request in flight over) and its body's room."""
+        admission, connection.admission = connection.admission, None
+        if admission is None:
+            return
+        admission.release()
+        with self._lock:
+            self._buffered -= admission.body_bytes
+            held = self._buffered_by_key.pop(admission.key_id) - admission.body_bytes
+            if held:
+                self._buffered_by_key[admission.key_id] = held
 
     def _serve(self, connection):
         """Serve one request; False if the connection was closed after it."""
@@ -4124,6 +4244,7 @@ class WorkerPool:
             logger.debug("traceback", exc_info=True)
             keep_alive = False
         finally:
+            self._release_admission(connection)
             with self._lock:
                 self._busy -= 1
                 self._waiting += 1
@@ -4132,11 +4253,11 @@ class WorkerPool:
             self._close(connection)
         return keep_alive
 
-    def _reject(self, connection, error):
+    def _reject(self, connection, error, dialect=OPENAI):
         """Answer a request that never became one: the answer is small and
         the socket non-blocking, so a slow or broken client holds nothing."""
         try:
-            connection.sock.send(closing_error_response(error))
+            connection.sock.send(closing_error_response(error, dialect))
             connection.sock.recv(INLINE_BODY_BYTES + 65536)  # unread input would turn the close into a reset
         except OSError:
             pass
@@ -4144,6 +4265,7 @@ class WorkerPool:
         self._close(connection)
 
     def _close(self, connection):
+        self._release_admission(connection)
         self.ready.forget(connection)
         self.server.release(connection)
 
@@ -4171,10 +4293,12 @@ class WorkerPool:
     def _waits_for_a_worker(self, connection, now):
         """Whether an expired connection holds bytes no worker has read yet
         (all were busy). A request is judged on what arrived: its clock
-        starts when the sweep first sees its bytes, and one that is whole
-        waits for its turn however long that takes."""
+        starts when the sweep first sees its bytes, and one that is whole,
+        or whose body arrives faster than the busy workers read it, waits
+        for its turn however long that takes."""
+        peek = INLINE_BODY_BYTES + 65536
         try:
-            waiting = connection.sock.recv(INLINE_BODY_BYTES + 65536, socket.MSG_PEEK)
+            waiting = connection.sock.recv(peek, socket.MSG_PEEK)
         except OSError:  # nothing waiting
             return False
         if not waiting:
@@ -4184,7 +4308,8 @@ class WorkerPool:
             connection.idle = False
         elif connection.head is None and _HEAD_END.search(data) is None:
             return False
-        elif connection.head is not None and len(data) < (connection.head.content_length or 0):
+        elif (connection.head is not None and len(data) < (connection.head.content_length or 0)
+              and len(waiting) < peek):  # (more than a peek waiting: the client is not the slow one)
             return False
         connection.deadline = now + self.limits.header_timeout
         return True
@@ -4236,7 +4361,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         path, _, query = head.target.partition("?")
         send_continue = self._send_continue if head.expects_continue else None
         request = Request(head.method, path, head.headers, head.content_length, self._read_body,
-                          send_continue, query)
+                          send_continue, query, self.connection_state.admission)
         try:
             reply = self.server.gateway.handle(request)
         except ClientDisconnected:
@@ -4355,11 +4480,11 @@ def response_head(reply, framing, close):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def closing_error_response(error):
+def closing_error_response(error, dialect=OPENAI):
     """A whole JSON error response that closes its connection, for answers
     written before a request reached the gateway (small enough for one send
     on a non-blocking socket)."""
-    reply = error_reply(error, OPENAI)
+    reply = error_reply(error, dialect)
     return response_head(reply, "content-length: %d" % len(reply.body), True) + reply.body
 
 

@@ -18,7 +18,7 @@ import llmgw
 from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RESPONSES, RawClient, admin, assert_json_error,
                       body_for, dialect_of, json_request, post, request_bytes, settled_rows, wait_until)
 from test_hostile import (RATE_LIMITS, SERVER, ScriptedUpstream, assert_alive, chat_body, exchange,  # noqa: F401
-                          gw, gwlog, key, scripted_reply)
+                          gw, gwlog, key, scripted_reply, worker_threads)
 
 pytestmark = pytest.mark.usefixtures("balanced_books")
 
@@ -197,3 +197,146 @@ def test_one_address_cannot_take_every_connection(make_gateway, upstream):
     for client in flood:
         client.close()
     assert wait_until(lambda: answer_from(gw, key, "127.0.0.1")[0] == 200, 3.0)
+
+
+# ---- 2. large bodies: the key checked first, received without a worker -------------
+
+def padded_body(path, size):
+    """A valid request body for ``path`` of exactly ``size`` bytes."""
+    text = json.dumps(body_for(path, pad=""))
+    return text.replace('"pad": ""', '"pad": "%s"' % ("x" * (size - len(text)))).encode()
+
+
+def start_upload(gw, key, size, path=CHAT, sent=100, expect=False):
+    """A client that sent a request head declaring a ``size``-byte body and
+    its first ``sent`` bytes; returns (client, the whole body)."""
+    body = padded_body(path, size)
+    headers = [("Authorization", "Bearer " + key), ("Content-Type", "application/json"),
+               ("Content-Length", str(size))] + ([("Expect", "100-continue")] if expect else [])
+    if path == MESSAGES:
+        headers.append(("anthropic-version", "2023-06-01"))
+    client = RawClient(gw)
+    client.send(request_bytes("POST", path, headers) + body[:sent])
+    return client, body
+
+
+def answered(clients, timeout=0.0):
+    """The clients the gateway has sent something to."""
+    return [client for client in clients if select.select([client.sock], [], [], timeout)[0]]
+
+
+UPLOAD_SERVER = dict(SERVER, threads=16, body_timeout=5, max_body_bytes=2 * 1024 * 1024)
+
+
+def test_slow_uploads_from_a_limited_key_stall_no_one(make_gateway, upstream):
+    """The issue's scenario: 64 slow 1 MiB uploads from one key limited to 5
+    requests a minute and 1 in flight, against 16 worker threads. The key's
+    limits are checked before any body is waited for: one upload is let in
+    (and counts against max-parallel), 63 get 429 at once; no upload holds
+    a worker, so another tenant is answered at once throughout. (Every
+    upload used to hold a worker for body_timeout: the other tenant waited.)"""
+    gw = make_gateway(server=UPLOAD_SERVER, rate_limits=RATE_LIMITS)
+    limited = gw.create_key("limited", rpm=5, max_parallel=1)[1]
+    other = gw.create_key("other tenant")[1]
+    uploads = [start_upload(gw, limited, 1024 * 1024)[0] for _ in range(64)]
+    assert wait_until(lambda: len(answered(uploads)) == 63, 3.0), len(answered(uploads))
+    for client in answered(uploads):
+        response = client.read_response(timeout=1)
+        assert_json_error(response, 429, close=True)
+    started = time.monotonic()
+    for _ in range(5):
+        assert post(gw, CHAT, chat_body(), other, timeout=5).status == 200
+    assert time.monotonic() - started < 2.0
+    response = post(gw, CHAT, chat_body(), limited)
+    assert response.status == 429 and "in flight" in response.json()["error"]["message"]
+    assert worker_threads() <= 6  # admissions start no thread; 16 used to be busy receiving
+    for client in uploads:
+        client.close()
+    assert len(upstream.requests) == 5
+
+
+def test_large_bodies_arrive_without_holding_a_worker(make_gateway, upstream):
+    """Two worker threads, eight keys each sending a 1 MiB body slowly: the
+    bodies are received between readiness wake-ups, other requests are
+    answered meanwhile, and each upload is served once whole, with its row."""
+    gw = make_gateway(server=dict(UPLOAD_SERVER, threads=2), rate_limits=RATE_LIMITS)
+    other = gw.create_key("other tenant")[1]
+    uploads = [start_upload(gw, gw.create_key("uploader %d" % n)[1], 1024 * 1024) for n in range(8)]
+    for sent in (300 * 1024, 700 * 1024):
+        for client, body in uploads:
+            client.send(body[100:sent] if sent == 300 * 1024 else body[300 * 1024:sent])
+        started = time.monotonic()
+        assert post(gw, CHAT, chat_body(), other, timeout=5).status == 200
+        assert time.monotonic() - started < 1.0
+    assert answered([client for client, _ in uploads]) == []
+    for client, body in uploads:
+        client.send(body[700 * 1024:])
+    for client, body in uploads:
+        assert client.read_response(timeout=5).status == 200
+        client.close()
+    assert sum(len(request["body"]) == 1024 * 1024 for request in upstream.requests) == 8
+    assert len(settled_rows(gw, 10)) == 10
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_a_large_upload_counts_against_max_parallel(make_gateway, upstream, path):
+    """While one large body of a max-parallel-1 key arrives, the key's next
+    request is refused at once, in the API's shape, even one that waits
+    for 100 Continue (which it never gets); once the upload is served, the
+    key is free again."""
+    gw = make_gateway(server=UPLOAD_SERVER, rate_limits=RATE_LIMITS)
+    key = gw.create_key(max_parallel=1)[1]
+    upload, body = start_upload(gw, key, 512 * 1024, path)
+    time.sleep(0.1)
+    second, _ = start_upload(gw, key, 512 * 1024, path, sent=0, expect=True)
+    assert_json_error(second.read_response(timeout=2), 429, dialect_of(path), close=True)
+    assert b"100 Continue" not in second.received
+    assert post(gw, path, body_for(path), key).status == 429
+    upload.send(body[100:])
+    assert upload.read_response(timeout=5).status == 200
+    assert post(gw, path, body_for(path), key).status == 200
+
+
+def test_an_upload_given_up_gives_its_place_back(make_gateway, upstream):
+    """A large body that never arrives whole (408 at body_timeout) or whose
+    client leaves gives back its request in flight."""
+    gw = make_gateway(server=dict(UPLOAD_SERVER, body_timeout=1), rate_limits=RATE_LIMITS)
+    key = gw.create_key(max_parallel=1)[1]
+    upload, _ = start_upload(gw, key, 512 * 1024)
+    assert_json_error(upload.read_response(timeout=3), 408, close=True)
+    upload, _ = start_upload(gw, key, 512 * 1024)
+    time.sleep(0.1)
+    upload.rst()
+    assert wait_until(lambda: post(gw, CHAT, chat_body(), key).status == 200, 3.0)
+    assert upstream.requests and all(len(r["body"]) < 1000 for r in upstream.requests)
+
+
+def test_large_bodies_being_received_are_bounded_in_total_and_per_key(make_gateway, upstream):
+    """body_buffer_bytes 2 MiB: a key may hold one large body whatever its
+    size, a second only within a quarter of the buffer (429
+    too_many_uploads); all keys together within the buffer (503)."""
+    gw = make_gateway(server=dict(UPLOAD_SERVER, max_body_bytes=1024 * 1024, body_buffer_bytes=2 * 1024 * 1024),
+                      rate_limits=RATE_LIMITS)
+    keys = [gw.create_key("uploader %d" % n)[1] for n in range(4)]
+    first = [start_upload(gw, keys[n], 500 * 1024) for n in range(3)]  # 1.5 of 2 MiB
+    again, _ = start_upload(gw, keys[0], 300 * 1024, sent=0)  # 0.8 of the key's 0.5 MiB
+    assert_json_error(again.read_response(timeout=2), 429, code="too_many_uploads", close=True)
+    full, _ = start_upload(gw, keys[3], 600 * 1024, sent=0)  # 2.1 of 2 MiB
+    assert_json_error(full.read_response(timeout=2), 503, close=True)
+    assert answered([client for client, _ in first]) == []
+    client, body = first[0]
+    client.send(body[100:])
+    assert client.read_response(timeout=5).status == 200
+    late, body = start_upload(gw, keys[3], 600 * 1024)
+    late.send(body[100:])
+    assert late.read_response(timeout=5).status == 200
+    for client, _ in first[1:]:
+        client.close()
+
+
+def test_an_upload_from_a_key_without_budget_left_is_refused_before_its_body(make_gateway, upstream):
+    gw = make_gateway(server=UPLOAD_SERVER, rate_limits=RATE_LIMITS)
+    key = gw.create_key(max_budget=0)[1]
+    client, _ = start_upload(gw, key, 512 * 1024, sent=0, expect=True)
+    assert_json_error(client.read_response(timeout=2), 429, code="budget_exceeded", close=True)
+    assert b"100 Continue" not in client.received and upstream.requests == []
