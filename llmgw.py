@@ -588,7 +588,6 @@ def write_private_file(path, text):
 # write transactions begun IMMEDIATE. Every change to keys or settings bumps
 # a ``generation`` counter, which running gateways watch to drop their caches.
 
-SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS virtual_keys (
     id            TEXT PRIMARY KEY,
@@ -722,13 +721,6 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
     heartbeat_at  REAL NOT NULL
 );
 """
-
-#: Version 1 databases gain the request-log columns of usage rows; their
-#: settled rows are rolled up once the rollup table exists (ROLL_UP_ALL).
-MIGRATE_TO_2 = (
-    "ALTER TABLE usage ADD COLUMN first_byte_ms REAL",
-    "ALTER TABLE usage ADD COLUMN overhead_ms REAL",
-)
 
 #: A key's limits and budget: the columns ``keys create/update`` may set.
 POLICY_COLUMNS = ("tier", "rpm", "tpm", "max_parallel", "max_budget_nanousd", "budget_period", "expires_at",
@@ -867,6 +859,39 @@ STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM u
     ", ".join(expression for _, expression in ROLLUP_MEASURES))
 STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
 
+#: Forward-only schema changes, by ``PRAGMA user_version``: MIGRATIONS[n - 2]
+#: takes a database from version n - 1 to n. A database opened at an older
+#: version gets SCHEMA's missing tables (created whole), then each later
+#: step, then SCHEMA's indexes. A step holds what CREATE ... IF NOT EXISTS
+#: cannot do: ``ALTER TABLE t ADD COLUMN c`` (skipped where the column
+#: exists, as in a table just created whole), an index dropped to be made
+#: anew, a backfill. To change the schema, edit SCHEMA and append one step
+#: (``()`` if only tables or indexes were added); tests/test_operations.py
+#: migrates a fixture database of every earlier version (tests/schemas/).
+MIGRATIONS = (
+    # 2: every schema stamped 1 (it grew five times before versions were
+    # counted: prices, audit log, spend control, process owners), then the
+    # request log's latencies and the rollups of the rows so far.
+    ("ALTER TABLE virtual_keys ADD COLUMN tpm INTEGER",
+     "ALTER TABLE virtual_keys ADD COLUMN max_parallel INTEGER",
+     "ALTER TABLE virtual_keys ADD COLUMN max_budget_nanousd INTEGER",
+     "ALTER TABLE virtual_keys ADD COLUMN budget_period TEXT NOT NULL DEFAULT 'monthly'",
+     "ALTER TABLE virtual_keys ADD COLUMN expires_at REAL",
+     "ALTER TABLE virtual_keys ADD COLUMN models TEXT",
+     "ALTER TABLE virtual_keys ADD COLUMN metadata TEXT",
+     "ALTER TABLE virtual_keys ADD COLUMN previous_key_hash TEXT",
+     "ALTER TABLE virtual_keys ADD COLUMN previous_key_expires_at REAL",
+     "ALTER TABLE usage ADD COLUMN reserved_nanousd INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE usage ADD COLUMN budget_period_start REAL",
+     "ALTER TABLE usage ADD COLUMN owner TEXT",  # usage.owner_pid stays, unused
+     "DROP INDEX IF EXISTS usage_pending",  # it was on owner_pid
+     "ALTER TABLE usage ADD COLUMN first_byte_ms REAL",
+     "ALTER TABLE usage ADD COLUMN overhead_ms REAL",
+     ROLL_UP_ALL),
+)
+SCHEMA_VERSION = len(MIGRATIONS) + 1
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
+
 #: How ``stats`` may group rows: name -> (key columns, SQL expressions).
 STATS_GROUPS = {
     "key": (("virtual_key_id", "project_name"), ("u.virtual_key_id", "k.project_name")),
@@ -924,6 +949,10 @@ def _pid_alive(pid):
     except OSError:  # alive, owned by someone else
         return True
     return True
+
+
+def _columns(conn, table):
+    return {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table)}
 
 
 def _process_gone(host, pid, heartbeat_at, now, stale_after):
@@ -1056,6 +1085,7 @@ class Store:
         return conn
 
     def _migrate(self):
+        """Bring the database to SCHEMA_VERSION (see MIGRATIONS), in one transaction."""
         conn = self._writer
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -1063,16 +1093,24 @@ class Store:
             if version > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise StorageError("database %s was written by a newer llmgw" % self.path)
-            if 0 < version < 2:
-                for statement in MIGRATE_TO_2:
+            statements = [statement for statement in SCHEMA.split(";") if statement.strip()]
+            tables = [statement for statement in statements if "CREATE TABLE" in statement]
+            for statement in tables:
+                conn.execute(statement)
+            for step in MIGRATIONS[version - 1:] if version else ():
+                for statement in step:
+                    added = _ADD_COLUMN.match(statement)
+                    if added and added.group(2) in _columns(conn, added.group(1)):
+                        continue
                     conn.execute(statement)
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
+            for statement in statements:
+                if statement not in tables:
                     conn.execute(statement)
-            if 0 < version < 2:
-                conn.execute(ROLL_UP_ALL)
             conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
             conn.execute("COMMIT")
+            if 0 < version < SCHEMA_VERSION:
+                logger.info("database %s migrated from schema version %d to %d", self.path, version,
+                            SCHEMA_VERSION)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -7,8 +7,10 @@ real gateway serves a steady load; the copies are read back with sqlite3.
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
+import sys
 import threading
 
 import pytest
@@ -130,3 +132,69 @@ def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_
     assert query(tmp_path / "gateway.db", "PRAGMA quick_check") == [("ok",)]
     result = cli_main("restore", tmp_path / "missing.db")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+# ---- schema migrations from every earlier version -------------------------------------
+
+SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
+sys.path.insert(0, SCHEMAS)
+import make_fixture  # noqa: E402
+
+
+def schema_of(path):
+    """Each table's columns (name -> type, not null, default, primary key)
+    and each index's definition, whitespace folded."""
+    tables = {name: {column[1]: column[2:] for column in query(path, "PRAGMA table_info(%s)" % name)}
+              for (name,) in query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    indexes = {name: " ".join(sql.split()) for name, sql in
+               query(path, "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    return tables, indexes
+
+
+FIXTURES = sorted(name for name in os.listdir(SCHEMAS) if name.endswith(".db"))
+
+
+@pytest.mark.parametrize("version", range(1, llmgw.SCHEMA_VERSION))
+def test_every_earlier_schema_version_has_a_fixture_database(version):
+    assert any(name.startswith("v%d-" % version) for name in FIXTURES), (
+        "no fixture database for schema version %d: run python tests/schemas/make_fixture.py REV %d "
+        "with REV the last revision at that version" % (version, version))
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_a_database_of_every_earlier_schema_migrates_to_todays(tmp_path, make_gateway, fixture):
+    shutil.copy(os.path.join(SCHEMAS, fixture), str(tmp_path / "gateway.db"))
+    gateway = make_gateway()  # opening migrates
+    assert query(gateway.db_path, "PRAGMA user_version") == [(llmgw.SCHEMA_VERSION,)]
+    fresh = str(tmp_path / "fresh.db")
+    llmgw.Store(fresh).close()
+    (migrated_tables, migrated_indexes), (fresh_tables, fresh_indexes) = schema_of(gateway.db_path), schema_of(fresh)
+    assert migrated_indexes == fresh_indexes
+    assert set(migrated_tables) == set(fresh_tables)
+    for table, columns in fresh_tables.items():
+        retired = {name: spec for name, spec in migrated_tables[table].items() if name not in columns}
+        assert {name: migrated_tables[table].get(name) for name in columns} == columns, table
+        # A column no longer used may stay (SQLite before 3.35 cannot drop one): nullable, no default.
+        assert all(spec[1:] == (0, None, 0) for spec in retired.values()), (table, retired)
+
+    # The old rows are all there; the old key works and its usage adds up.
+    usage = query(gateway.db_path, "SELECT request_id, model, request_tokens, response_tokens, cost_nanousd "
+                                   "FROM usage ORDER BY id")
+    assert usage == [tuple(row) for row in make_fixture.USAGE_ROWS]
+    assert gateway.store.provider_keys() == {"openai": "sk-fixture-123456"}
+    reply = post(gateway, CHAT, body_for(CHAT), make_fixture.FIXTURE_SECRET)
+    assert reply.status == 200, reply
+    [stats] = llmgw.usage_stats(gateway.store)
+    assert (stats["virtual_key_id"], stats["project_name"], stats["requests"]) == (
+        make_fixture.KEY_ID, "fixture project", 3)
+
+
+def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
+    path = str(tmp_path / "gateway.db")
+    llmgw.Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = %d" % (llmgw.SCHEMA_VERSION + 1))
+    conn.close()
+    with pytest.raises(llmgw.StorageError, match="newer llmgw"):
+        llmgw.Store(path)
+    assert query(path, "PRAGMA user_version") == [(llmgw.SCHEMA_VERSION + 1,)]
