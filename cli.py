@@ -23,6 +23,7 @@
     python cli.py prices list [--output json]   prices in force and where each came from
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
+    python cli.py metrics-token                 issue a token that reads /metrics only (for a scraper)
     python cli.py audit [--limit N] [--output json]   administrative actions, newest first
     python cli.py backup PATH                   a consistent copy of the database (0600), gateways running
     python cli.py restore PATH                  replace the database with a backup (gateways stopped)
@@ -88,14 +89,21 @@ def cmd_init(args):
     return 0
 
 
-def cmd_admin_token(args):
-    token = llmgw.issue_admin_token(_store())
-    print("Admin token: %s" % token)
-    print("(Shown once. The previous admin token no longer works.)")
-    if os.environ.get(llmgw.ADMIN_TOKEN_ENV):
-        print("Note: %s is set in this environment; gateways that see it use it instead."
-              % llmgw.ADMIN_TOKEN_ENV)
+def _print_new_token(what, token, environment_variable, scope=""):
+    print("%s token: %s" % (what, token))
+    print("(Shown once.%s The previous one no longer works.)" % scope)
+    if os.environ.get(environment_variable):
+        print("Note: %s is set in this environment; gateways that see it use it instead." % environment_variable)
     return 0
+
+
+def cmd_admin_token(args):
+    return _print_new_token("Admin", llmgw.issue_admin_token(_store()), llmgw.ADMIN_TOKEN_ENV)
+
+
+def cmd_metrics_token(args):
+    return _print_new_token("Metrics", llmgw.issue_metrics_token(_store()), llmgw.METRICS_TOKEN_ENV,
+                            " It reads GET /metrics and nothing else.")
 
 
 def cmd_serve(args):
@@ -418,6 +426,8 @@ def build_parser():
     commands.add_parser("init", help="create config.yaml, the database and an admin token").set_defaults(
         run=cmd_init)
     commands.add_parser("admin-token", help="issue a new admin token").set_defaults(run=cmd_admin_token)
+    commands.add_parser("metrics-token", help="issue a token for GET /metrics only").set_defaults(
+        run=cmd_metrics_token)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to listen on (default: server.host in config.yaml)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")

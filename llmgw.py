@@ -78,10 +78,12 @@ logger.addHandler(logging.NullHandler())
 DEFAULT_CONFIG_PATH = "config.yaml"
 DEFAULT_DB_PATH = "gateway.db"
 ADMIN_TOKEN_ENV = "LLMGW_ADMIN_TOKEN"
+METRICS_TOKEN_ENV = "LLMGW_METRICS_TOKEN"
 
 #: Prefix of every virtual key secret, so secret scanners can spot leaked ones.
 VIRTUAL_KEY_PREFIX = "llmgw-"
 ADMIN_TOKEN_PREFIX = "llmgw-admin-"
+METRICS_TOKEN_PREFIX = "llmgw-metrics-"
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 OPENAI = "openai"          # an API dialect: request, error and stream shapes
@@ -690,29 +692,6 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner) WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS usage_hourly (
-    hour          INTEGER NOT NULL,
-    virtual_key_id TEXT NOT NULL,
-    model         TEXT NOT NULL,
-    provider      TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    requests      INTEGER NOT NULL,
-    errors        INTEGER NOT NULL,
-    request_tokens INTEGER NOT NULL,
-    response_tokens INTEGER NOT NULL,
-    input_tokens  INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cache_read_tokens INTEGER NOT NULL,
-    cache_write_tokens INTEGER NOT NULL,
-    reasoning_tokens INTEGER NOT NULL,
-    cost_nanousd  INTEGER NOT NULL,
-    unpriced_requests INTEGER NOT NULL,
-    estimated_usage_requests INTEGER NOT NULL,
-    estimated_usage_cost_nanousd INTEGER NOT NULL,
-    latency_us    INTEGER NOT NULL,
-    PRIMARY KEY (hour, virtual_key_id, model, provider, status)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_hourly_by_key ON usage_hourly (virtual_key_id, hour);
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
@@ -838,19 +817,59 @@ ROLLUP_MEASURES = (
     ("estimated_usage_cost_nanousd", "CASE WHEN usage_source = 'estimated' THEN cost_nanousd ELSE 0 END"),
     ("latency_us", "CAST(ROUND(COALESCE(latency_ms, 0) * 1000) AS INTEGER)"),
 )
-ROLLUP_COLUMNS = ("hour", "virtual_key_id", "model", "provider", "status") + tuple(m for m, _ in ROLLUP_MEASURES)
-#: A row's hour, in integers so a row and its rollup never disagree on it.
-ROW_HOUR = "CAST(started_at AS INTEGER) / 3600 * 3600"
-_ROW_KEY = (ROW_HOUR, "virtual_key_id", "COALESCE(model, '')", "provider", "status")
-_ROLL_UP = """INSERT INTO usage_hourly (%s) %%s
-              ON CONFLICT (hour, virtual_key_id, model, provider, status) DO UPDATE SET %s""" % (
-    ", ".join(ROLLUP_COLUMNS), ", ".join("%s = %s + excluded.%s" % (m, m, m) for m, _ in ROLLUP_MEASURES))
-#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2) to its rollup.
-ROLL_UP_ROW = _ROLL_UP % ("SELECT %s, %s FROM usage WHERE id = ?2" % (
-    ", ".join(_ROW_KEY), ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
-#: Roll up every settled row (a database from before rollups).
-ROLL_UP_ALL = _ROLL_UP % ("SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY 1, 2, 3, 4, 5" % (
-    ", ".join(_ROW_KEY), ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES)))
+_MEASURE_NAMES = ", ".join(m for m, _ in ROLLUP_MEASURES)
+_MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL,\n" % m for m, _ in ROLLUP_MEASURES)
+#: The rollup tables, created with SCHEMA: hourly, and all-time totals.
+ROLLUP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage_hourly (
+    hour          INTEGER NOT NULL,
+    virtual_key_id TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    status        TEXT NOT NULL,
+%s    PRIMARY KEY (hour, virtual_key_id, model, provider, status)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_hourly_by_key ON usage_hourly (virtual_key_id, hour);
+CREATE TABLE IF NOT EXISTS usage_totals (
+    virtual_key_id TEXT NOT NULL,
+    model         TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    status        TEXT NOT NULL,
+%s    PRIMARY KEY (virtual_key_id, model, provider, status)
+) WITHOUT ROWID;
+""" % (_MEASURE_COLUMNS, _MEASURE_COLUMNS)
+#: What a rollup is kept per, and a usage row's values of it. A row's hour is
+#: reckoned in integers, so a row and its rollup never disagree on it.
+_HOURLY = (("hour", "CAST(started_at AS INTEGER) / 3600 * 3600"), ("virtual_key_id", "virtual_key_id"),
+           ("model", "COALESCE(model, '')"), ("provider", "provider"), ("status", "status"))
+#: All-time totals per key, model, provider and status: what /metrics counts.
+_TOTALS = _HOURLY[1:]
+
+
+def _roll_up(table, dimensions, select):
+    """An upsert adding the measures ``select`` yields to ``table``'s rows."""
+    names = ", ".join(name for name, _ in dimensions)
+    return "INSERT INTO %s (%s, %s) %s ON CONFLICT (%s) DO UPDATE SET %s" % (
+        table, names, _MEASURE_NAMES, select, names,
+        ", ".join("%s = %s + excluded.%s" % (m, m, m) for m, _ in ROLLUP_MEASURES))
+
+
+#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2): to its hour's
+#: rollup and to the totals.
+ROLL_UP_ROW = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE id = ?2" % (
+    ", ".join(expression for _, expression in dimensions),
+    ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
+    for table, dimensions in (("usage_hourly", _HOURLY), ("usage_totals", _TOTALS)))
+#: Roll up every settled row (a database from before rollups: schema 1).
+ROLL_UP_ALL = _roll_up("usage_hourly", _HOURLY, "SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY %s" % (
+    ", ".join(expression for _, expression in _HOURLY),
+    ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES), "1, 2, 3, 4, 5"))
+#: Total the hourly rollups (a database from before totals: schema 2).
+TOTAL_UP_ALL = _roll_up("usage_totals", _TOTALS, "SELECT %s, %s FROM usage_hourly GROUP BY 1, 2, 3, 4" % (
+    ", ".join(name for name, _ in _TOTALS), ", ".join("SUM(%s)" % m for m, _ in ROLLUP_MEASURES)))
+USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
+                  FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
+    "t." + m for m, _ in ROLLUP_MEASURES)
 #: The rows stats read, in one shape: rollups of whole hours, raw settled
 #: rows at the ragged ends of the range, and pending rows (not rolled up yet).
 STATS_FROM_ROLLUPS = "SELECT virtual_key_id, NULLIF(model, ''), provider, hour, %s FROM usage_hourly" % (
@@ -888,6 +907,8 @@ MIGRATIONS = (
      "ALTER TABLE usage ADD COLUMN first_byte_ms REAL",
      "ALTER TABLE usage ADD COLUMN overhead_ms REAL",
      ROLL_UP_ALL),
+    # 3: all-time totals (what /metrics counts), from the hourly rollups.
+    (TOTAL_UP_ALL,),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -922,6 +943,8 @@ PRUNE_USAGE = """DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE start
 
 
 ADMIN_TOKEN_SETTING = "admin_token_hash"
+METRICS_TOKEN_SETTING = "metrics_token_hash"
+BUDGETED_KEYS = "SELECT %s FROM virtual_keys WHERE max_budget_nanousd IS NOT NULL AND is_active = 1" % _KEY_SELECT
 
 
 class StorageError(ServiceUnavailableError):
@@ -1093,7 +1116,7 @@ class Store:
             if version > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise StorageError("database %s was written by a newer llmgw" % self.path)
-            statements = [statement for statement in SCHEMA.split(";") if statement.strip()]
+            statements = [statement for statement in (SCHEMA + ROLLUP_SCHEMA).split(";") if statement.strip()]
             tables = [statement for statement in statements if "CREATE TABLE" in statement]
             for statement in tables:
                 conn.execute(statement)
@@ -1361,7 +1384,7 @@ class Store:
         def finish(conn):
             if not conn.execute(FINISH_USAGE, values).rowcount:
                 return  # recovery got there first and charged the reservation
-            conn.execute(ROLL_UP_ROW, (1, row_id))
+            _roll_up_row(conn, row_id, 1)
             cost = result["cost_nanousd"]
             if period_start is not None:
                 conn.execute(SETTLE_SPEND, (reserved, cost, key_id, period_start))
@@ -1406,7 +1429,7 @@ class Store:
                 for row_id, key_id, reserved, period_start in conn.execute(
                         ABANDONED_ROWS, (other,)).fetchall():
                     conn.execute(INTERRUPT_ROW, (time.time(), row_id))
-                    conn.execute(ROLL_UP_ROW, (1, row_id))
+                    _roll_up_row(conn, row_id, 1)
                     if period_start is not None:
                         conn.execute(SETTLE_SPEND, (reserved, reserved, key_id, period_start))
                     count += 1
@@ -1425,9 +1448,9 @@ class Store:
         moving each row's rollup with it."""
         def reprice(conn):
             for cost, priced, row_id in updates:
-                conn.execute(ROLL_UP_ROW, (-1, row_id))
+                _roll_up_row(conn, row_id, -1)
                 conn.execute(SET_COST, (cost, priced, row_id))
-                conn.execute(ROLL_UP_ROW, (1, row_id))
+                _roll_up_row(conn, row_id, 1)
         self._write(reprice)
 
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
@@ -1486,6 +1509,15 @@ class Store:
             next_cursor = "%r:%d" % (rows[limit - 1][LOG_COLUMNS.index("started_at")],
                                      rows[limit - 1][LOG_COLUMNS.index("id")])
         return entries, next_cursor
+
+    def usage_totals(self):
+        """All-time totals per key, model, provider and status (settled
+        rows): (key id, project, model, provider, status, ROLLUP_MEASURES...)."""
+        return self._read_apart(USAGE_TOTALS)
+
+    def budgeted_keys(self):
+        """Active keys with a budget, as VirtualKeys."""
+        return [VirtualKey.from_row(row) for row in self._read(BUDGETED_KEYS)]
 
     def prune_usage(self, before, batch=2000, at_most=None):
         """Delete settled usage rows that started before ``before`` (rounded
@@ -1612,14 +1644,29 @@ def parse_log_cursor(text):
     return float(match.group(1)), int(match.group(2))
 
 
+def _roll_up_row(conn, row_id, sign):
+    for statement in ROLL_UP_ROW:
+        conn.execute(statement, (sign, row_id))
+
+
 def _audit(conn, actor, action, target=None, detail=None):
     conn.execute(INSERT_AUDIT, (time.time(), actor, action, target, detail))
 
 
 def issue_admin_token(store, actor="cli"):
     """Create a new admin token, retire the old one; returns the token (shown once)."""
-    token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    store.set_setting(ADMIN_TOKEN_SETTING, hash_secret(token), actor)
+    return _issue_token(store, ADMIN_TOKEN_SETTING, ADMIN_TOKEN_PREFIX, actor)
+
+
+def issue_metrics_token(store, actor="cli"):
+    """A token that reads /metrics and nothing else, for a scraper; retires
+    the previous one. Returned once; only its hash is stored."""
+    return _issue_token(store, METRICS_TOKEN_SETTING, METRICS_TOKEN_PREFIX, actor)
+
+
+def _issue_token(store, setting, prefix, actor):
+    token = prefix + secrets.token_urlsafe(32)
+    store.set_setting(setting, hash_secret(token), actor)
     return token
 
 
@@ -3069,6 +3116,148 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
     return totals
 
 
+# -- metrics ------------------------------------------------------------------
+#
+# /metrics speaks Prometheus' text format. Counters of requests, tokens and
+# cost come from the books (usage_totals, so every process answers for all
+# of them, and restarts lose nothing); latency histograms, refusals and
+# gauges are this process's own. Labels are ids and names the operator
+# chose: a key's id and project, a provider, a model the price table knows
+# (any other model counts as "other"), so a client cannot mint series.
+
+#: Histogram bounds in seconds, per latency.
+LATENCY_BUCKETS = {
+    "overhead": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    "first_byte": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    "total": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+}
+#: The metrics served: name -> (type, help).
+METRICS = {
+    "llmgw_requests_total": ("counter", "Requests forwarded to a provider and settled, by outcome (status)."),
+    "llmgw_request_errors_total": ("counter", "Forwarded requests that ended non-2xx or broke off."),
+    "llmgw_tokens_total": ("counter", "Tokens by kind: input (uncached), cache_read, cache_write, output, "
+                                      "reasoning (part of output)."),
+    "llmgw_cost_usd_total": ("counter", "Cost in USD, as recorded in the usage rows."),
+    "llmgw_request_duration_seconds": ("histogram", "Total time of forwarded requests (this process)."),
+    "llmgw_upstream_first_byte_seconds": ("histogram", "Request sent to the provider's answer head (this process)."),
+    "llmgw_gateway_overhead_seconds": ("histogram", "Request received to request forwarded (this process)."),
+    "llmgw_rate_limit_refusals_total": ("counter", "Requests refused by a key's limits or budget (this process)."),
+    "llmgw_budget_spent_usd": ("gauge", "Spend in the current budget period, per key with a budget."),
+    "llmgw_budget_limit_usd": ("gauge", "The current budget period's allowance (budget plus top-ups)."),
+    "llmgw_streams_in_flight": ("gauge", "Streams being relayed (this process)."),
+    "llmgw_connections_open": ("gauge", "Client connections open (this process)."),
+    "llmgw_connections_max": ("gauge", "server.max_connections."),
+    "llmgw_worker_threads": ("gauge", "Worker threads running (this process)."),
+    "llmgw_workers_busy": ("gauge", "Worker threads serving a request (this process)."),
+}
+_LATENCY_METRICS = {"total": "llmgw_request_duration_seconds", "first_byte": "llmgw_upstream_first_byte_seconds",
+                    "overhead": "llmgw_gateway_overhead_seconds"}
+#: A usage total's tokens by kind: kind -> ROLLUP_MEASURES column.
+_TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
+                ("cache_write", "cache_write_tokens"), ("output", "output_tokens"),
+                ("reasoning", "reasoning_tokens"))
+
+
+class ProcessMetrics:
+    """What this process saw that the books do not hold: latency
+    histograms per provider, refusals per key and code, streams relayed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._latencies = {}    # (latency, provider) -> [count per bucket..., sum, count]
+        self._refusals = {}     # (key id, error code) -> count
+        self.streams = 0
+
+    def observe(self, provider, latencies):
+        """Record one settled call's latencies: LATENCY_BUCKETS name ->
+        milliseconds, or None for a step not reached."""
+        with self._lock:
+            for name, milliseconds in latencies.items():
+                if milliseconds is None:
+                    continue
+                seconds = milliseconds / 1000
+                bounds = LATENCY_BUCKETS[name]
+                counts = self._latencies.setdefault((name, provider), [0] * (len(bounds) + 2))
+                for index, bound in enumerate(bounds):
+                    if seconds <= bound:
+                        counts[index] += 1
+                counts[-2] += seconds
+                counts[-1] += 1
+
+    def refused(self, key_id, code):
+        with self._lock:
+            self._refusals[(key_id, code)] = self._refusals.get((key_id, code), 0) + 1
+
+    def stream(self, change):
+        with self._lock:
+            self.streams += change
+
+    def snapshot(self):
+        with self._lock:
+            return ({key: list(counts) for key, counts in self._latencies.items()}, dict(self._refusals),
+                    self.streams)
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _sample(name, labels, value):
+    text = ",".join('%s="%s"' % (label, _label_value(v)) for label, v in labels)
+    return "%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value)) if isinstance(value, float) else value)
+
+
+def metrics_text(store, prices, process, gauges, now):
+    """The /metrics page: the books' counters (from usage_totals), budget
+    gauges, this process's histograms, refusals and gauges."""
+    known_models = {model for model, _ in prices.items()}
+    samples = {name: [] for name in METRICS}
+    totals = {}
+    for key_id, project, model, provider, status, *measures in store.usage_totals():
+        labels = (("key_id", key_id), ("project", project or ""), ("provider", provider),
+                  ("model", model if model in known_models else "other"))
+        entry = totals.setdefault(labels, {"status": {}})
+        for (name, _), value in zip(ROLLUP_MEASURES, measures):
+            entry[name] = entry.get(name, 0) + value
+        entry["status"][status] = entry["status"].get(status, 0) + measures[0]
+    for labels, entry in sorted(totals.items()):
+        for status, count in sorted(entry["status"].items()):
+            samples["llmgw_requests_total"].append(_sample("llmgw_requests_total", labels + (("status", status),),
+                                                           count))
+        samples["llmgw_request_errors_total"].append(_sample("llmgw_request_errors_total", labels, entry["errors"]))
+        for kind, column in _TOKEN_KINDS:
+            samples["llmgw_tokens_total"].append(_sample("llmgw_tokens_total", labels + (("kind", kind),),
+                                                         entry[column]))
+        samples["llmgw_cost_usd_total"].append(_sample("llmgw_cost_usd_total", labels,
+                                                       nanousd_to_usd(entry["cost_nanousd"])))
+    for key in store.budgeted_keys():
+        spend = store.key_spend(key, now)
+        labels = (("key_id", key.id), ("project", key.project_name))
+        samples["llmgw_budget_spent_usd"].append(_sample("llmgw_budget_spent_usd", labels,
+                                                         nanousd_to_usd(spend["spent_nanousd"])))
+        samples["llmgw_budget_limit_usd"].append(_sample("llmgw_budget_limit_usd", labels,
+                                                         nanousd_to_usd(spend["allowance_nanousd"])))
+    latencies, refusals, streams = process.snapshot()
+    for (latency, provider), counts in sorted(latencies.items()):
+        name = _LATENCY_METRICS[latency]
+        labels = (("provider", provider),)
+        for bound, count in zip(LATENCY_BUCKETS[latency] + ("+Inf",), counts[:-2] + [counts[-1]]):
+            samples[name].append(_sample(name + "_bucket", labels + (("le", str(bound)),), count))
+        samples[name].append(_sample(name + "_sum", labels, float(counts[-2])))
+        samples[name].append(_sample(name + "_count", labels, counts[-1]))
+    for (key_id, code), count in sorted(refusals.items()):
+        samples["llmgw_rate_limit_refusals_total"].append(
+            _sample("llmgw_rate_limit_refusals_total", (("key_id", key_id), ("reason", code)), count))
+    samples["llmgw_streams_in_flight"].append(_sample("llmgw_streams_in_flight", (), streams))
+    for name, value in gauges.items():
+        samples[name].append(_sample(name, (), value))
+    lines = []
+    for name, (kind, help_text) in METRICS.items():
+        if samples[name]:
+            lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)] + samples[name]
+    return "\n".join(lines) + "\n"
+
+
 def _milliseconds(start, end):
     """Between two monotonic times, or None if either did not happen."""
     return None if start is None or end is None else round((end - start) * 1000, 3)
@@ -3140,6 +3329,9 @@ class _Call:
             }
             self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
                                     outcome=status)
+            self.gateway.metrics.observe(self.provider.name, {
+                "total": result["latency_ms"], "first_byte": result["first_byte_ms"],
+                "overhead": result["overhead_ms"]})
             self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
@@ -3188,7 +3380,11 @@ class Gateway:
         self._keys = {}               # secret hash -> key record, for active keys
         self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
         self._admin_token_hash = None
+        self._metrics_token_hash = None
         self._secrets = []
+        self.metrics = ProcessMetrics()
+        #: The HTTP server's gauges (connections, workers); set by the server.
+        self.server_gauges = dict
         self._unpriced_models = set()
         self.refresh()
         # Liveness is about real time, not the injectable clock of budgets.
@@ -3289,6 +3485,9 @@ class Gateway:
                 provider_keys[name] = exc
         env_token = self._environ.get(ADMIN_TOKEN_ENV)
         admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
+        env_metrics_token = self._environ.get(METRICS_TOKEN_ENV)
+        metrics_hash = (hash_secret(env_metrics_token) if env_metrics_token
+                        else self.store.get_setting(METRICS_TOKEN_SETTING))
         prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
         known = [entry[0] for entry in provider_keys.values() if isinstance(entry, tuple) and entry[0]]
         with self._lock:
@@ -3296,7 +3495,8 @@ class Gateway:
             self._keys = {}
             self._provider_keys = provider_keys
             self._admin_token_hash = admin_hash
-            self._secrets = known + ([env_token] if env_token else [])
+            self._metrics_token_hash = metrics_hash
+            self._secrets = known + [token for token in (env_token, env_metrics_token) if token]
             self.prices = prices
 
     def authenticate(self, headers):
@@ -3353,6 +3553,9 @@ class Gateway:
         if path == "/admin" or path.startswith("/admin/"):
             dialect = OPENAI
             handler = self._admin
+        elif path == "/metrics":
+            dialect = OPENAI
+            handler = self._metrics
         else:
             route = ROUTES.get(path)
             dialect = dialect_for(route, request)
@@ -3429,25 +3632,33 @@ class Gateway:
             return None
         self.refresh()
         key = self.authenticate(request.headers)
-        if key.max_budget_nanousd is not None:
-            spend = self.store.key_spend(key, self.clock())
-            if spend["spent_nanousd"] + spend["reserved_nanousd"] >= spend["allowance_nanousd"]:
-                raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
-                    nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
-                    nanousd_to_usd(spend["allowance_nanousd"])))
-        self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+        try:
+            if key.max_budget_nanousd is not None:
+                spend = self.store.key_spend(key, self.clock())
+                if spend["spent_nanousd"] + spend["reserved_nanousd"] >= spend["allowance_nanousd"]:
+                    raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
+                        nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
+                        nanousd_to_usd(spend["allowance_nanousd"])))
+            self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+        except RateLimitError as exc:  # requests, tokens or parallel calls per key, or the budget
+            self.metrics.refused(key.id, exc.code)
+            raise
         return Admission(self.limits, key.id, request.content_length or 0)
 
     def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
         """Count the request against the key's rate limits (unless its
         admission did), then write its pending usage row (reserving the
-        budget); either may refuse it."""
-        if request.admission is None or not request.admission.hand_over(key.id):
-            self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+        budget); either may refuse it (and is counted in /metrics)."""
         try:
-            return _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
-        except BaseException:
-            self.limits.release(key.id, 0)
+            if request.admission is None or not request.admission.hand_over(key.id):
+                self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+            try:
+                return _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
+            except BaseException:
+                self.limits.release(key.id, 0)
+                raise
+        except RateLimitError as exc:
+            self.metrics.refused(key.id, exc.code)
             raise
 
     def requests_per_minute(self, key):
@@ -3577,9 +3788,11 @@ class Gateway:
         held = []
         response = upstream.response
         outcome = "client_disconnected"  # if the handler closes this generator
+        self.metrics.stream(1)
         try:
             outcome = yield from self._forward_events(call, response, meter, held)
         finally:
+            self.metrics.stream(-1)
             try:
                 if outcome == "ok" and _read_to_end(response, upstream.sock):
                     call.provider.pool.release(upstream)
@@ -3623,9 +3836,7 @@ class Gateway:
             raise PermissionDeniedError(
                 "The admin API is off. Turn it on with LLMGW_ADMIN_TOKEN in the environment, "
                 "or run: python cli.py admin-token", code="admin_disabled")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        presented = hash_secret(token) if scheme.lower() == "bearer" and token else ""
-        if not hmac.compare_digest(presented, self._admin_token_hash):
+        if not hmac.compare_digest(_bearer_hash(request), self._admin_token_hash):
             raise AuthenticationError("Admin routes need Authorization: Bearer <admin token>",
                                       code="invalid_admin_token")
         parts = request.path.split("/")[2:]  # after "", "admin"
@@ -3648,6 +3859,23 @@ class Gateway:
                 raise MethodNotAllowedError("%s is not allowed on %s" % (request.method, request.path))
             raise NotFoundError("Unknown admin route")
         return route()
+
+    def _metrics(self, request):
+        """Prometheus' scrape: the metrics token or the admin token."""
+        self.refresh()
+        if request.method != "GET":
+            raise MethodNotAllowedError("/metrics accepts GET only")
+        accepted = [digest for digest in (self._metrics_token_hash, self._admin_token_hash) if digest]
+        if not accepted:
+            raise PermissionDeniedError(
+                "/metrics is off. Turn it on with a metrics token (python cli.py metrics-token, or "
+                "LLMGW_METRICS_TOKEN) or an admin token", code="metrics_disabled")
+        presented = _bearer_hash(request)
+        if not any([hmac.compare_digest(presented, digest) for digest in accepted]):
+            raise AuthenticationError("/metrics needs Authorization: Bearer <metrics token or admin token>",
+                                      code="invalid_metrics_token")
+        text = metrics_text(self.store, self.prices, self.metrics, self.server_gauges(), self.clock())
+        return Reply(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text.encode("utf-8"))
 
     def _admin_key(self, key_id):
         record = self.store.get_key(key_id)
@@ -3708,6 +3936,12 @@ class Gateway:
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
         return usage_stats(self.store, group_by, since and parse_time_bound(since),
                            until and parse_time_bound(until, end=True), project, self.clock())
+
+
+def _bearer_hash(request):
+    """The hash of the request's ``Authorization: Bearer`` token, or ""."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return hash_secret(token) if scheme.lower() == "bearer" and token else ""
 
 
 def _query_options(request):
@@ -4356,6 +4590,11 @@ class WorkerPool:
         with self._lock:
             return self._busy
 
+    def counts(self):
+        """(threads running, threads serving a request)."""
+        with self._lock:
+            return self._threads, self._busy
+
     def stop(self, drain_timeout):
         """Stop serving: every worker finishes what it holds (bounded by
         ``drain_timeout``) and leaves. A request still waiting for a worker
@@ -4557,6 +4796,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self._open_lock = threading.Lock()
         super().__init__(address, GatewayHandler)
         self.workers = WorkerPool(self, gateway.config.server.threads)
+        gateway.server_gauges = self.gauges
 
     def server_bind(self):
         if self._reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -4588,6 +4828,13 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def service_actions(self):
         self.workers.sweep()
+
+    def gauges(self):
+        """Connections and workers, for /metrics (METRICS names)."""
+        threads, busy = self.workers.counts()
+        return {"llmgw_connections_open": self._open,
+                "llmgw_connections_max": self.gateway.config.server.max_connections,
+                "llmgw_worker_threads": threads, "llmgw_workers_busy": busy}
 
     def release(self, connection):
         """Close a connection and free its place (once)."""

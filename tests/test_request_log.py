@@ -178,13 +178,15 @@ def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
     gateway = logged["gateway"]
     expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
     conn = sqlite3.connect(gateway.db_path)
-    conn.executescript("DROP TABLE usage_hourly; ALTER TABLE usage DROP COLUMN first_byte_ms;"
+    conn.executescript("DROP TABLE usage_hourly; DROP TABLE usage_totals; ALTER TABLE usage DROP COLUMN first_byte_ms;"
                        "ALTER TABLE usage DROP COLUMN overhead_ms; PRAGMA user_version = 1;")
     conn.close()
     store = llmgw.Store(gateway.db_path)
     try:
         for group in ("key", "day"):
             assert rollup_stats(store, group) == expected[group]
+        totals = store.usage_totals()
+        assert sum(row[5] for row in totals) == sum(row[1]["requests"] for row in expected["key"]) - 1  # pending
         assert "first_byte_ms" in store.usage_log({})[0][0]
     finally:
         store.close()
