@@ -106,10 +106,14 @@ def cmd_metrics_token(args):
                             " It reads GET /metrics and nothing else.")
 
 
+def _whole_number(text, flag, low, high):
+    return llmgw.check_number(llmgw.number_in_text(text), flag, low, high, integer=True)
+
+
 def cmd_serve(args):
-    if args.workers < 1:
-        raise llmgw.ConfigError("--workers must be at least 1")
-    llmgw.serve(llmgw.load_config(), host=args.host, port=args.port, processes=args.workers)
+    port = None if args.port is None else _whole_number(args.port, "--port", 0, 65535)
+    workers = _whole_number(args.workers, "--workers", 1, MAX_WORKERS)
+    llmgw.serve(llmgw.load_config(), host=args.host, port=port, processes=workers)
     return 0
 
 
@@ -119,20 +123,13 @@ KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rp
                ("key_hint", "KEY")]
 
 
-def _number(convert, flag):
-    def parse(text):
-        try:
-            return convert(text)
-        except ValueError:
-            raise llmgw.ConfigError("%s: %r is not a number" % (flag, text)) from None
-    return parse
-
-
 #: (argparse destination, policy field, converter) for the shared key flags.
-POLICY_FLAGS = [("tier", "tier", str), ("rpm", "rpm", _number(int, "--rpm")), ("tpm", "tpm", _number(int, "--tpm")),
-                ("max_parallel", "max_parallel", _number(int, "--max-parallel")),
-                ("budget", "max_budget", _number(float, "--budget")), ("budget_period", "budget_period", str),
-                ("expires_in", "expires_in", str), ("expires_at", "expires_at", str), ("models", "models", str)]
+POLICY_FLAGS = [("tier", "tier", str), ("rpm", "rpm", llmgw.number_in_text), ("tpm", "tpm", llmgw.number_in_text),
+                ("max_parallel", "max_parallel", llmgw.number_in_text), ("budget", "max_budget", llmgw.number_in_text),
+                ("budget_period", "budget_period", str), ("expires_in", "expires_in", str),
+                ("expires_at", "expires_at", str), ("models", "models", str)]
+MAX_WORKERS = 1024
+MAX_AUDIT_ENTRIES = 10 ** 6
 
 
 def _policy_fields(args):
@@ -178,7 +175,7 @@ def cmd_keys_update(args):
 
 
 def cmd_keys_rotate(args):
-    grace = llmgw.parse_duration(args.grace)
+    grace = llmgw.parse_duration(args.grace, "--grace")
     secret = _store().rotate_key(args.id, grace, time.time())
     if secret is None:
         raise llmgw.ConfigError("no active virtual key with id %s" % args.id)
@@ -188,7 +185,7 @@ def cmd_keys_rotate(args):
 
 
 def cmd_keys_topup(args):
-    amount = llmgw.parse_usd(args.amount)
+    amount = llmgw.parse_usd(llmgw.number_in_text(args.amount))
     store = _store()
     if not amount or not store.topup(args.id, amount, time.time()):
         raise llmgw.ConfigError("the amount must be positive, and key %s must exist and have a budget" % args.id)
@@ -264,8 +261,8 @@ def _price_table(store):
 
 def cmd_stats(args):
     store = _store()
-    window = (args.since and llmgw.parse_time_bound(args.since),
-              args.until and llmgw.parse_time_bound(args.until, end=True), args.project)
+    window = (args.since and llmgw.parse_time_bound(args.since, name="--since"),
+              args.until and llmgw.parse_time_bound(args.until, end=True, name="--until"), args.project)
     if args.reprice:
         return _reprice(store, window, args)
     rows = llmgw.usage_stats(store, args.by, *window)
@@ -334,7 +331,7 @@ def cmd_logs(args):
 def cmd_prune(args):
     store = _store()
     if args.older_than is not None:
-        age = llmgw.parse_duration(args.older_than)
+        age = llmgw.parse_duration(args.older_than, "--older-than")
     else:
         days = llmgw.load_config().logging.retention_days
         if days is None:
@@ -364,7 +361,7 @@ def cmd_prices_import(args):
     try:
         with open(args.file, encoding="utf-8") as f:
             document = json.load(f)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise llmgw.ConfigError("cannot read price pack %s: %s" % (args.file, exc)) from None
     prices = llmgw.parse_price_pack(document)
     if not prices:
@@ -377,7 +374,7 @@ def cmd_prices_import(args):
 
 
 def cmd_audit(args):
-    entries = _store().audit_log(args.limit)
+    entries = _store().audit_log(_whole_number(args.limit, "--limit", 1, MAX_AUDIT_ENTRIES))
     if args.output == "json":
         _print_json(entries)
     elif not entries:
@@ -430,8 +427,8 @@ def build_parser():
         run=cmd_metrics_token)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to listen on (default: server.host in config.yaml)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--port", help="port to listen on (default: server.port)")
+    serve.add_argument("--workers", default="1",
                        help="gateway processes sharing the port and the database (default 1)")
     serve.set_defaults(run=cmd_serve)
 
@@ -452,7 +449,7 @@ def build_parser():
     rotate.set_defaults(run=cmd_keys_rotate)
     topup = keys.add_parser("topup", help="add USD to a key's current budget period (or balance)")
     topup.add_argument("id")
-    topup.add_argument("amount", type=float)
+    topup.add_argument("amount")
     topup.set_defaults(run=cmd_keys_topup)
     listing = keys.add_parser("list", help="list virtual keys (never their secrets)")
     listing.add_argument("--output", choices=("table", "json"), default="table")
@@ -505,7 +502,7 @@ def build_parser():
     price_import.add_argument("file")
     price_import.set_defaults(run=cmd_prices_import)
     audit = commands.add_parser("audit", help="administrative actions: keys, provider keys, tokens, prices")
-    audit.add_argument("--limit", type=int, default=100, help="how many entries (default 100)")
+    audit.add_argument("--limit", default="100", help="how many entries (default 100)")
     audit.add_argument("--output", choices=("table", "json"), default="table")
     audit.set_defaults(run=cmd_audit)
     backup = commands.add_parser("backup", help="copy the database, consistently, while gateways serve")
@@ -520,6 +517,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        for name, value in vars(args).items():  # bytes the locale could not decode would reach SQLite
+            if isinstance(value, str) and any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+                raise llmgw.ConfigError("%s: not valid text in this locale's encoding" % name)
         return args.run(args)
     except llmgw.GatewayError as exc:
         print("error: %s" % exc.message, file=sys.stderr)

@@ -95,12 +95,13 @@ class GatewayError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message, code=None, headers=None):
+    def __init__(self, message, code=None, headers=None, param=None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.headers = headers or []
+        self.param = param  # the field of the client's input at fault, if one is
 
 
 class BadRequestError(GatewayError):
@@ -205,7 +206,7 @@ def error_body(exc, dialect):
     if dialect == ANTHROPIC:
         return {"type": "error", "error": {"type": error_type, "message": exc.message}}
     return {"error": {"message": exc.message, "type": error_type,
-                      "param": None, "code": exc.code}}
+                      "param": exc.param, "code": exc.code}}
 
 
 # ==== 2. Config =============================================================
@@ -350,6 +351,17 @@ PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+#: The largest requests or tokens per minute, or requests in flight, a limit may name.
+MAX_RATE = 10 ** 12
+#: The dearest price a token may have, in USD per million tokens ($1 a token):
+#: with it, a billion tokens still cost less than SQLite's largest integer in nano-dollars.
+MAX_PRICE_USD_PER_MTOK = 10 ** 6
+#: (lowest, highest) of a server, budgets or rate-limit setting, by type: C
+#: sizes, and timeouts that fit select's milliseconds and the OS's time_t.
+_SETTING_RANGES = {int: (1, 2 ** 31 - 1), float: (0.001, 10 ** 6)}
+#: Settings with a range of their own; a retention past 100 years would
+#: reach before year 1.
+_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600)}
 
 
 def config_path_from_env(environ=os.environ):
@@ -374,6 +386,8 @@ def load_config(path=None):
         raise ConfigError("cannot read %s: %s" % (path, exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError("%s is not valid YAML: %s" % (path, str(exc).splitlines()[0])) from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
+        raise ConfigError("%s: a value PyYAML cannot read: %s" % (path, str(exc).splitlines()[0])) from None
     return parse_config(document if document is not None else {}, path)
 
 
@@ -382,26 +396,18 @@ def parse_config(document, path=None):
     _expect(document, dict, "config")
     for section in document:
         if section not in _SECTIONS:
-            raise ConfigError("unknown section %r (known: %s)" % (section, ", ".join(_SECTIONS)))
+            raise ConfigError("unknown section %s (known: %s)" % (shown(section), ", ".join(_SECTIONS)))
     server = _parse_dataclass(ServerConfig, document.get("server"), "server")
-    if not 0 <= server.port <= 65535:
-        raise ConfigError("server.port: %d is not a port number" % server.port)
-    for field in dataclasses.fields(ServerConfig):
-        if field.type in (int, float) and field.name != "port" and getattr(server, field.name) <= 0:
-            raise ConfigError("server.%s: must be positive" % field.name)
+    check_text(server.host, "server.host", max_length=253, blank_ok=True)  # "" listens on every address
     if server.body_buffer_bytes < server.max_body_bytes:
         raise ConfigError("server.body_buffer_bytes: must be at least server.max_body_bytes")
     database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
     if database.synchronous not in ("normal", "full"):
         raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
     budgets = _parse_dataclass(BudgetsConfig, document.get("budgets"), "budgets")
-    if budgets.max_output_tokens <= 0:
-        raise ConfigError("budgets.max_output_tokens: must be positive")
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
-    if log.retention_days is not None and log.retention_days <= 0:
-        raise ConfigError("logging.retention_days: must be a positive number of days")
     providers = _parse_providers(document.get("providers"))
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
@@ -409,15 +415,54 @@ def parse_config(document, path=None):
                   rate_limits=rate_limits, pricing=pricing, path=path)
 
 
+def shown(value, limit=60):
+    """``repr(value)`` cut to ``limit`` characters, for an error message
+    (an integer too long for ``repr`` is described instead)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer of %d bits" % value.bit_length()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def number_in_text(text):
+    """The number ``text`` spells (an int, else a float), else ``text``
+    itself: typed input for check_number, which names the field."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:  # also an integer of over 4300 digits
+            pass
+    return text
+
+
+def check_number(value, name, low, high, integer=False, error=ConfigError):
+    """``value`` if it is a number (an integer with ``integer``; never a
+    bool) from ``low`` to ``high``; else ``error`` naming ``name`` and the
+    range. The comparison is exact, so a huge integer cannot overflow a
+    float, and NaN and the infinities fail it."""
+    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            or not low <= value <= high):
+        raise error("%s: expected %s from %s to %s, got %s" % (
+            name, "an integer" if integer else "a number", low, high, shown(value)), param=name)
+    return value
+
+
+def check_text(value, name, max_length=200, blank_ok=False, error=ConfigError):
+    """``value`` if it is a string of at most ``max_length`` characters, not
+    blank unless ``blank_ok``, without control characters or lone
+    surrogates (which SQLite refuses)."""
+    if (not isinstance(value, str) or not (blank_ok or value.strip()) or len(value) > max_length
+            or any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0xD800 <= ord(ch) <= 0xDFFF for ch in value)):
+        raise error("%s: expected %stext of at most %d printable characters, got %s"
+                    % (name, "" if blank_ok else "non-blank ", max_length, shown(value)), param=name)
+    return value
+
+
 def _expect(value, kind, where):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError("%s: expected a finite number, got %r" % (where, value))
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-                 float: "a number", bool: "true or false"}
-        raise ConfigError("%s: expected %s, got %r" % (where, names.get(kind, kind.__name__), value))
+        names = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false"}
+        raise ConfigError("%s: expected %s, got %s" % (where, names.get(kind, kind.__name__), shown(value)))
     return value
 
 
@@ -431,11 +476,17 @@ def _parse_dataclass(cls, section, where):
     for key, value in section.items():
         if key not in types:
             raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(types)))
-        kind = types[key]
+        kind, name = types[key], "%s.%s" % (where, key)
         if kind in (Optional[str], Optional[int]):
-            values[key] = None if value is None else _expect(value, kind.__args__[0], "%s.%s" % (where, key))
+            if value is None:
+                values[key] = None
+                continue
+            kind = kind.__args__[0]
+        if kind in (int, float):
+            low, high = _SETTING_RANGE_OF.get(name, _SETTING_RANGES[kind])
+            values[key] = kind(check_number(value, name, low, high, integer=kind is int))
         else:
-            values[key] = _expect(value, kind, "%s.%s" % (where, key))
+            values[key] = _expect(value, kind, name)
     return cls(**values)
 
 
@@ -456,17 +507,20 @@ def _parse_providers(section):
         if not entry.get("base_url"):
             raise ConfigError("%s.base_url: missing" % where)
         base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where)
-        api_format = entry.get("format") or (ANTHROPIC if name == "anthropic" else OPENAI)
+        api_format = entry.get("format")
+        if api_format is None:
+            api_format = ANTHROPIC if name == "anthropic" else OPENAI
         if api_format not in (OPENAI, ANTHROPIC):
-            raise ConfigError("%s.format: %r is not openai or anthropic" % (where, api_format))
+            raise ConfigError("%s.format: %s is not openai or anthropic" % (where, shown(api_format)))
         api_key = entry.get("api_key")
         if api_key is not None:
             if not isinstance(api_key, str):  # never echo a key, even a mistyped one
                 raise ConfigError("%s.api_key: expected a string (quote the key)" % where)
             if not _ENV_REFERENCE.match(api_key):
                 check_provider_key(name, api_key)
+        models = entry.get("models")
         models = tuple(_expect(glob, str, where + ".models[]")
-                       for glob in _expect(entry.get("models") or [], list, where + ".models"))
+                       for glob in ([] if models is None else _expect(models, list, where + ".models")))
         allow_link_local = _expect(entry.get("allow_link_local", False), bool, where + ".allow_link_local")
         host = urllib.parse.urlsplit(base_url).hostname
         if not allow_link_local and is_link_local(host):
@@ -511,9 +565,7 @@ def _parse_rate_limits(section):
     _expect(section, dict, "rate_limits")
     for tier, rpm in section.items():
         _expect(tier, str, "rate_limits")
-        if _expect(rpm, int, "rate_limits.%s" % tier) <= 0:
-            raise ConfigError("rate_limits.%s: must be a positive number of requests per minute" % tier)
-        limits[tier] = rpm
+        limits[tier] = check_number(rpm, "rate_limits.%s" % tier, 1, MAX_RATE, integer=True)
     return limits
 
 
@@ -531,11 +583,11 @@ def _parse_pricing(section, where):
             if field not in PRICE_FIELDS:
                 raise ConfigError("%s: unknown key %r (known: %s)" % (entry_where, field, ", ".join(PRICE_FIELDS)))
         for field in ("input", "output"):
-            if field not in entry:
+            if entry.get(field) is None:
                 raise ConfigError("%s.%s: missing" % (entry_where, field))
         for field, value in entry.items():
-            if value is not None and _expect(value, float, "%s.%s" % (entry_where, field)) < 0:
-                raise ConfigError("%s.%s: a price cannot be negative" % (entry_where, field))
+            if value is not None:
+                check_number(value, "%s.%s" % (entry_where, field), 0, MAX_PRICE_USD_PER_MTOK)
         prices[model] = dict(entry)
     return prices
 
@@ -1466,8 +1518,8 @@ class Store:
         elif group_by in STATS_GROUPS:
             names, expressions = STATS_GROUPS[group_by]
         else:
-            raise BadRequestError("cannot group by %r (choose: %s, or label:NAME)"
-                                  % (group_by, ", ".join(STATS_GROUPS)))
+            raise BadRequestError("by: cannot group by %s (choose: %s, or label:NAME)"
+                                  % (shown(group_by), ", ".join(STATS_GROUPS)), param="by")
         sources, params = _stats_sources(since, until)
         where = ""
         if project is not None:
@@ -1639,8 +1691,8 @@ def log_entry(row):
 def parse_log_cursor(text):
     """A request log page's ``next_cursor`` back as (started_at, id)."""
     match = _LOG_CURSOR.match(text or "")
-    if match is None:
-        raise BadRequestError("cursor: not a cursor this log returned")
+    if match is None or int(match.group(2)) >= 2 ** 63:  # past SQLite's largest row id
+        raise BadRequestError("cursor: not a cursor this log returned", param="cursor")
     return float(match.group(1)), int(match.group(2))
 
 
@@ -1687,14 +1739,18 @@ def budget_period_bounds(now, period):
     day = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(
         hour=0, minute=0, second=0, microsecond=0)
     if period == "daily":
-        start, end = day, day + datetime.timedelta(days=1)
+        start, length = day, datetime.timedelta(days=1)
     elif period == "weekly":
         start = day - datetime.timedelta(days=day.weekday())
-        end = start + datetime.timedelta(days=7)
+        length = datetime.timedelta(days=7)
     else:
         start = day.replace(day=1)
-        end = (start + datetime.timedelta(days=32)).replace(day=1)
-    return start.timestamp(), end.timestamp()
+        length = datetime.timedelta(days=32)
+    try:
+        end = start + length
+    except OverflowError:  # the calendar (year 9999) ends before this period does
+        return start.timestamp(), None
+    return start.timestamp(), (end.replace(day=1) if period == "monthly" else end).timestamp()
 
 
 def _reserve(conn, key_id, amount, now):
@@ -1952,6 +2008,7 @@ class PriceTable:
 #: Our price-pack format (shared/prices.json): per-million-token fields.
 _PACK_FIELDS = {"input": "input_per_mtok", "output": "output_per_mtok",
                 "cache_write": "cache_write_per_mtok", "cache_write_1h": "cache_write_1h_per_mtok"}
+_PACK_CACHED_INPUT = ("cached_input_per_mtok", "cache_read_per_mtok")  # either name, the first preferred
 #: LiteLLM's model_prices_and_context_window.json: per-token fields.
 _LITELLM_FIELDS = {"input": "input_cost_per_token", "output": "output_cost_per_token",
                    "cached_input": "cache_read_input_token_cost",
@@ -1975,11 +2032,12 @@ def parse_price_pack(document):
     prices = {}
     if isinstance(document.get("models"), dict):
         for model, entry in document["models"].items():
-            if not isinstance(entry, dict):
-                continue
+            where = "models.%s" % check_text(model, "price pack: a model name")
+            _check_pack_prices(_expect(entry, dict, where), tuple(_PACK_FIELDS.values()) + _PACK_CACHED_INPUT,
+                               where, MAX_PRICE_USD_PER_MTOK)
             fields = {name: entry.get(key) for name, key in _PACK_FIELDS.items()}
-            fields["cached_input"] = entry.get("cached_input_per_mtok", entry.get("cache_read_per_mtok"))
-            if _valid_prices(fields):
+            fields["cached_input"] = entry.get(_PACK_CACHED_INPUT[0], entry.get(_PACK_CACHED_INPUT[1]))
+            if _has_prices(fields):
                 prices[model] = fields
         return prices
     million = decimal.Decimal(1000000)
@@ -1987,10 +2045,12 @@ def parse_price_pack(document):
     for model, entry in document.items():
         if model == "sample_spec" or not isinstance(entry, dict) or entry.get("mode") not in _LITELLM_MODES:
             continue
+        _check_pack_prices(entry, _LITELLM_FIELDS.values(), check_text(model, "price pack: a model name"),
+                           MAX_PRICE_USD_PER_MTOK / million)
         fields = {name: entry.get(key) for name, key in _LITELLM_FIELDS.items()}
         if fields["output"] is None and entry.get("mode") == "embedding":
             fields["output"] = 0
-        if not _valid_prices(fields):
+        if not _has_prices(fields):
             continue
         # Per-token floats to per-million decimals, exactly: 2.5e-06 -> 2.5.
         prices[model] = {name: None if value is None else
@@ -2002,12 +2062,17 @@ def parse_price_pack(document):
     return prices
 
 
-def _valid_prices(fields):
-    if fields.get("input") is None or fields.get("output") is None:
-        return False
-    return all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                 and math.isfinite(value) and value >= 0)
-               for value in fields.values())
+def _check_pack_prices(entry, keys, where, high):
+    """Each price a pack entry gives is a number from 0 to ``high`` (one
+    bad number refuses the pack: it would be charged)."""
+    for key in keys:
+        if entry.get(key) is not None:
+            check_number(entry[key], "price pack: %s.%s" % (where, key), 0, high)
+
+
+def _has_prices(fields):
+    """An entry without an input or output price is skipped: unknown is not zero."""
+    return fields["input"] is not None and fields["output"] is not None
 
 
 @dataclasses.dataclass
@@ -2921,16 +2986,20 @@ def parse_json_body(request, max_bytes):
     return raw, body
 
 
-def parse_time_bound(text, end=False):
+def parse_time_bound(text, end=False, name="time"):
     """``YYYY-MM-DD`` or an ISO 8601 time (UTC unless it says otherwise) as
-    epoch seconds. With ``end``, a bare date means the end of that day."""
+    epoch seconds. With ``end``, a bare date means the end of that day
+    (counted in seconds: the end of 9999-12-31 has no datetime)."""
     try:
+        if not isinstance(text, str):
+            raise ValueError(text)
         if len(text) == 10:
             day = datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
-            return (day + datetime.timedelta(days=1 if end else 0)).timestamp()
+            return day.timestamp() + (86400 if end else 0)
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise BadRequestError("%r is not a date (YYYY-MM-DD) or ISO 8601 time" % text) from None
+        raise BadRequestError("%s: %s is not a date (YYYY-MM-DD) or ISO 8601 time, years 1 to 9999"
+                              % (name, shown(text)), param=name) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
@@ -2938,37 +3007,31 @@ def parse_time_bound(text, end=False):
 
 _DURATION = re.compile(r"^([0-9]{1,12})([smhdw])$")
 _MAX_DURATION = 100 * 366 * 86400
-_MAX_POLICY_INT = 10 ** 12
 _MAX_BUDGET_USD = 10 ** 9
+#: An expiry from this moment on (UTC) is stored as none: calendar sums
+#: beyond it leave year 9999, the last that datetime knows.
+_NEVER_EXPIRES_FROM = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: The fields a key's policy is set with, from the CLI or the admin API.
 POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
                  "models", "metadata")
 
 
-def parse_duration(text):
+def parse_duration(text, name="duration"):
     """``30d``, ``24h``, ``15m``, ``90s`` or ``2w`` as seconds."""
-    match = _DURATION.match(str(text).strip())
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
     if match is None:
-        raise BadRequestError("%r is not a duration like 30d, 24h, 15m or 90s" % (text,))
+        raise BadRequestError("%s: %s is not a duration like 30d, 24h, 15m or 90s" % (name, shown(text)),
+                              param=name)
     seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
     if seconds > _MAX_DURATION:
-        raise BadRequestError("%r is longer than 100 years" % (text,))
+        raise BadRequestError("%s: %s is longer than 100 years" % (name, shown(text)), param=name)
     return seconds
-
-
-def _positive_int_or_none(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or not 0 < value <= _MAX_POLICY_INT):
-        raise BadRequestError("%s must be a positive integer (at most %d)" % (name, _MAX_POLICY_INT))
-    return value
 
 
 def parse_usd(amount, name="amount"):
     """A non-negative amount of USD (a JSON number) as integer nano-dollars."""
-    if (isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount)
-            or not 0 <= amount <= _MAX_BUDGET_USD):
-        raise BadRequestError("%s must be a non-negative amount in USD" % name)
+    check_number(amount, name, 0, _MAX_BUDGET_USD, error=BadRequestError)
     return int((decimal.Decimal(str(amount)) * 1000000000).to_integral_value())
 
 
@@ -2979,44 +3042,45 @@ def parse_key_policy(fields, config, now):
     if unknown:
         raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
     policy = {}
-    if "tier" in fields:
-        if fields["tier"] not in config.rate_limits:
-            raise BadRequestError("unknown tier %r (configured: %s)" % (fields["tier"], ", ".join(config.rate_limits)))
-        policy["tier"] = fields["tier"]
+    for name, choices in (("tier", tuple(config.rate_limits)), ("budget_period", BUDGET_PERIODS)):
+        if name in fields:
+            if not isinstance(fields[name], str) or fields[name] not in choices:
+                raise BadRequestError("%s: %s is not one of %s" % (name, shown(fields[name]), ", ".join(choices)),
+                                      param=name)
+            policy[name] = fields[name]
     for name in ("rpm", "tpm", "max_parallel"):
         if name in fields:
-            policy[name] = _positive_int_or_none(name, fields[name])
+            policy[name] = None if fields[name] is None else check_number(
+                fields[name], name, 1, MAX_RATE, integer=True, error=BadRequestError)
     if "max_budget" in fields:
         budget = fields["max_budget"]
         policy["max_budget_nanousd"] = None if budget is None else parse_usd(budget, "max_budget")
-    if "budget_period" in fields:
-        if fields["budget_period"] not in BUDGET_PERIODS:
-            raise BadRequestError("budget_period must be one of %s" % ", ".join(BUDGET_PERIODS))
-        policy["budget_period"] = fields["budget_period"]
     if fields.get("expires_at") is not None and fields.get("expires_in") is not None:
-        raise BadRequestError("give expires_at or expires_in, not both")
-    if "expires_in" in fields:
-        policy["expires_at"] = None if fields["expires_in"] is None else now + parse_duration(fields["expires_in"])
-    if "expires_at" in fields and fields["expires_at"] is not None:
-        if not isinstance(fields["expires_at"], str):
-            raise BadRequestError("expires_at must be an ISO 8601 time")
-        policy["expires_at"] = parse_time_bound(fields["expires_at"])
-    elif "expires_at" in fields and "expires_in" not in fields:
+        raise BadRequestError("give expires_at or expires_in, not both", param="expires_at")
+    if fields.get("expires_in") is not None:
+        policy["expires_at"] = now + parse_duration(fields["expires_in"], "expires_in")
+    elif fields.get("expires_at") is not None:
+        policy["expires_at"] = parse_time_bound(fields["expires_at"], name="expires_at")
+    elif "expires_at" in fields or "expires_in" in fields:
         policy["expires_at"] = None
+    if policy.get("expires_at") is not None and policy["expires_at"] >= _NEVER_EXPIRES_FROM:
+        policy["expires_at"] = None  # so far out it means never
     if "models" in fields:
         models = fields["models"]
         if isinstance(models, str):
             models = [glob.strip() for glob in models.split(",") if glob.strip()]
-        if models is not None and (not isinstance(models, list) or not models
-                                   or not all(isinstance(glob, str) and glob for glob in models)):
-            raise BadRequestError("models must be a non-empty list of model names or globs")
-        policy["models"] = models
+        if models is not None and (not isinstance(models, list) or not models):
+            raise BadRequestError("models: expected a non-empty list of model names or globs, got %s"
+                                  % shown(fields["models"]), param="models")
+        policy["models"] = models and [check_text(glob, "models[]", error=BadRequestError) for glob in models]
     if "metadata" in fields:
-        metadata = fields["metadata"] or {}
-        if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and LABEL_NAME.match(k) and isinstance(v, str) and len(v) <= 200
-                for k, v in metadata.items()):
-            raise BadRequestError("metadata must map label names (letters, digits, _ . -) to strings")
+        metadata = {} if fields["metadata"] is None else fields["metadata"]
+        if not isinstance(metadata, dict) or not all(isinstance(name, str) and LABEL_NAME.match(name)
+                                                     for name in metadata):
+            raise BadRequestError("metadata: expected a mapping of label names (letters, digits, _ . -) to text, "
+                                  "got %s" % shown(fields["metadata"]), param="metadata")
+        for name, value in metadata.items():
+            check_text(value, "metadata.%s" % name, blank_ok=True, error=BadRequestError)
         policy["metadata"] = metadata or None
     return policy
 
@@ -3024,10 +3088,7 @@ def parse_key_policy(fields, config, now):
 def create_virtual_key(store, config, project_name, fields=None, actor="cli", now=None):
     """Validate and create a virtual key (CLI and admin API alike).
     Returns (record, secret)."""
-    if not isinstance(project_name, str) or not project_name.strip() or len(project_name) > 200:
-        raise BadRequestError("project_name must be a non-empty string of at most 200 characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in project_name):
-        raise BadRequestError("project_name must not contain control characters")
+    check_text(project_name, "project_name", error=BadRequestError)
     policy = parse_key_policy(fields or {}, config, time.time() if now is None else now)
     return store.create_key(project_name.strip(), policy, actor)
 
@@ -3063,12 +3124,11 @@ def request_log(store, options):
     filters = {name: options.get(name) for name in LOG_FILTERS}
     for name, end in (("since", False), ("until", True)):
         if filters[name] is not None:
-            filters[name] = parse_time_bound(filters[name], end)
-    limit = options.get("limit") or "50"
-    if not limit.isdigit() or not 1 <= int(limit) <= LOG_PAGE_LIMIT:
-        raise BadRequestError("limit must be a whole number from 1 to %d" % LOG_PAGE_LIMIT)
+            filters[name] = parse_time_bound(filters[name], end, name)
+    limit = check_number(number_in_text(options.get("limit") or "50"), "limit", 1, LOG_PAGE_LIMIT, integer=True,
+                         error=BadRequestError)
     cursor = options.get("cursor")
-    entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), int(limit))
+    entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), limit)
     return {"data": entries, "next_cursor": next_cursor}
 
 
@@ -3679,10 +3739,13 @@ class Gateway:
             raise PermissionDeniedError("Model %s has no price, and this key has a budget: its spend could not "
                                         "be bounded (price it under pricing: in config.yaml)" % printable(model)[:100],
                                         code="model_not_priced")
-        limit = next((body[name] for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        # A count past _MAX_COUNT bounds nothing more; unclamped, a huge one
+        # overflowed the float of the refusal's message.
+        limit = next((min(body[name], _MAX_COUNT) for name in ("max_tokens", "max_completion_tokens",
+                                                               "max_output_tokens")
                       if isinstance(body.get(name), int) and not isinstance(body.get(name), bool)
                       and body[name] > 0), None)
-        choices = max([body[name] for name in ("n", "best_of") if isinstance(body.get(name), int)
+        choices = max([min(body[name], _MAX_COUNT) for name in ("n", "best_of") if isinstance(body.get(name), int)
                        and not isinstance(body.get(name), bool) and body[name] > 0] or [1])
         output_tokens = 0 if not route.generates else (
             (limit or self.config.budgets.max_output_tokens) * choices)
@@ -3906,7 +3969,7 @@ class Gateway:
 
     def _admin_rotate_key(self, request, key_id):
         _, body = parse_json_body(request, ADMIN_BODY_BYTES)
-        grace = parse_duration(body.get("grace", "0s"))
+        grace = parse_duration(body.get("grace", "0s"), "grace")
         secret = self.store.rotate_key(key_id, grace, self.clock(), "admin-api")
         if secret is None:
             raise NotFoundError("No active virtual key with that id")
@@ -3934,8 +3997,8 @@ class Gateway:
         return json_reply(200, page)
 
     def usage_stats(self, group_by="key", since=None, until=None, project=None):
-        return usage_stats(self.store, group_by, since and parse_time_bound(since),
-                           until and parse_time_bound(until, end=True), project, self.clock())
+        return usage_stats(self.store, group_by, since and parse_time_bound(since, name="since"),
+                           until and parse_time_bound(until, end=True, name="until"), project, self.clock())
 
 
 def _bearer_hash(request):
@@ -3951,7 +4014,7 @@ def _query_options(request):
     options = {name: values[-1] for name, values in query.items()}
     output = options.pop("format", "json")
     if output not in ("json", "csv"):
-        raise BadRequestError("format must be json or csv")
+        raise BadRequestError("format: %s is not json or csv" % shown(output), param="format")
     return options, output
 
 
@@ -4794,7 +4857,13 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self._open = 0
         self._open_by_address = {}  # client address -> its open connections
         self._open_lock = threading.Lock()
-        super().__init__(address, GatewayHandler)
+        super().__init__(address, GatewayHandler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:  # not server_close: there is nothing to drain yet
+            self.socket.close()
+            raise
         self.workers = WorkerPool(self, gateway.config.server.threads)
         gateway.server_gauges = self.gauges
 
@@ -4885,7 +4954,11 @@ def make_server(config, store=None, host=None, port=None, environ=None, reuse_po
     gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,
                port if port is not None else config.server.port)
-    return GatewayServer(address, gateway, reuse_port)
+    try:
+        return GatewayServer(address, gateway, reuse_port)
+    except (OSError, OverflowError, ValueError) as exc:  # no such address, port taken, a NUL in the host
+        gateway.close()
+        raise ConfigError("cannot listen on %s port %s: %s" % (shown(address[0]), address[1], exc)) from None
 
 
 def configure_logging(log_config):
