@@ -776,8 +776,8 @@ SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, 
 TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
 #: What a key's settled rows cost from a budget period's start, read from the
 #: hourly rollups: periods start on the hour, and pruned rows stay counted.
-SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_hourly
-                  WHERE virtual_key_id = ?1 AND hour >= ?2"""
+SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_days
+                  WHERE virtual_key_id = ?1 AND day >= ?2"""
 #: A row's reservation counts while it is pending; its cost once settled.
 PERIOD_COST = """SELECT (%s) + (SELECT COALESCE(SUM(reserved_nanousd), 0) FROM usage
                                 INDEXED BY usage_pending
@@ -871,31 +871,27 @@ ROLLUP_MEASURES = (
 )
 _MEASURE_NAMES = ", ".join(m for m, _ in ROLLUP_MEASURES)
 _MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL,\n" % m for m, _ in ROLLUP_MEASURES)
-#: The rollup tables, created with SCHEMA: hourly, and all-time totals.
-ROLLUP_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage_hourly (
-    hour          INTEGER NOT NULL,
-    virtual_key_id TEXT NOT NULL,
-    model         TEXT NOT NULL,
-    provider      TEXT NOT NULL,
-    status        TEXT NOT NULL,
-%s    PRIMARY KEY (hour, virtual_key_id, model, provider, status)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_hourly_by_key ON usage_hourly (virtual_key_id, hour);
-CREATE TABLE IF NOT EXISTS usage_totals (
-    virtual_key_id TEXT NOT NULL,
-    model         TEXT NOT NULL,
-    provider      TEXT NOT NULL,
-    status        TEXT NOT NULL,
-%s    PRIMARY KEY (virtual_key_id, model, provider, status)
-) WITHOUT ROWID;
-""" % (_MEASURE_COLUMNS, _MEASURE_COLUMNS)
-#: What a rollup is kept per, and a usage row's values of it. A row's hour is
-#: reckoned in integers, so a row and its rollup never disagree on it.
-_HOURLY = (("hour", "CAST(started_at AS INTEGER) / 3600 * 3600"), ("virtual_key_id", "virtual_key_id"),
-           ("model", "COALESCE(model, '')"), ("provider", "provider"), ("status", "status"))
-#: All-time totals per key, model, provider and status: what /metrics counts.
-_TOTALS = _HOURLY[1:]
+#: Rollups by time, coarsest first: (table, time column, seconds per unit).
+#: Days start at midnight UTC, as budget periods do.
+ROLLUP_LEVELS = (("usage_days", "day", 86400), ("usage_hours", "hour", 3600))
+_KEY_MODEL = (("virtual_key_id", "virtual_key_id"), ("model", "COALESCE(model, '')"), ("provider", "provider"))
+#: Each rollup table and what it is kept per: (column, a usage row's value).
+#: By time, per key, model and provider (a row's unit of time reckoned in
+#: integers, so a row and its rollup never disagree); all-time totals also
+#: per status, for /metrics.
+_ROLLUP_TABLES = tuple(
+    (table, ((column, "CAST(started_at AS INTEGER) / %d * %d" % (size, size)),) + _KEY_MODEL)
+    for table, column, size in ROLLUP_LEVELS) + (("usage_totals", _KEY_MODEL + (("status", "status"),)),)
+#: The rollup tables, created with SCHEMA.
+ROLLUP_SCHEMA = "".join("""
+CREATE TABLE IF NOT EXISTS %s (
+%s%s    PRIMARY KEY (%s)
+) WITHOUT ROWID;""" % (table, "".join("    %s %s NOT NULL,\n" % (name, "INTEGER" if name in ("day", "hour") else "TEXT")
+                                     for name, _ in dimensions),
+                       _MEASURE_COLUMNS, ", ".join(name for name, _ in dimensions))
+    for table, dimensions in _ROLLUP_TABLES) + """
+CREATE INDEX IF NOT EXISTS usage_days_by_key ON usage_days (virtual_key_id, day);
+"""
 
 
 def _roll_up(table, dimensions, select):
@@ -906,29 +902,27 @@ def _roll_up(table, dimensions, select):
         ", ".join("%s = %s + excluded.%s" % (m, m, m) for m, _ in ROLLUP_MEASURES))
 
 
-#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2): to its hour's
-#: rollup and to the totals.
+#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2) to every rollup.
 ROLL_UP_ROW = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE id = ?2" % (
     ", ".join(expression for _, expression in dimensions),
     ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
-    for table, dimensions in (("usage_hourly", _HOURLY), ("usage_totals", _TOTALS)))
-#: Roll up every settled row (a database from before rollups: schema 1).
-ROLL_UP_ALL = _roll_up("usage_hourly", _HOURLY, "SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY %s" % (
-    ", ".join(expression for _, expression in _HOURLY),
-    ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES), "1, 2, 3, 4, 5"))
-#: Total the hourly rollups (a database from before totals: schema 2).
-TOTAL_UP_ALL = _roll_up("usage_totals", _TOTALS, "SELECT %s, %s FROM usage_hourly GROUP BY 1, 2, 3, 4" % (
-    ", ".join(name for name, _ in _TOTALS), ", ".join("SUM(%s)" % m for m, _ in ROLLUP_MEASURES)))
+    for table, dimensions in _ROLLUP_TABLES)
+#: Roll up every settled row (a migration step).
+ROLL_UP_ALL = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY %s" % (
+    ", ".join(expression for _, expression in dimensions),
+    ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES),
+    ", ".join(str(number) for number in range(1, len(dimensions) + 1))))
+    for table, dimensions in _ROLLUP_TABLES)
 USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
                   FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
     "t." + m for m, _ in ROLLUP_MEASURES)
-#: The rows stats read, in one shape: rollups of whole hours, raw settled
-#: rows at the ragged ends of the range, and pending rows (not rolled up yet).
-STATS_FROM_ROLLUPS = "SELECT virtual_key_id, NULLIF(model, ''), provider, hour, %s FROM usage_hourly" % (
-    ", ".join(m for m, _ in ROLLUP_MEASURES))
+#: The rows stats read, in one shape (key, model, provider, time, measures):
+#: rollups of the whole days and hours in a range, settled rows at its
+#: ragged ends, and pending rows (not rolled up yet).
 STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM usage" % (
     ", ".join(expression for _, expression in ROLLUP_MEASURES))
 STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
+STATS_FROM_TOTALS = "SELECT virtual_key_id, NULLIF(model, ''), provider, NULL, %s FROM usage_totals" % _MEASURE_NAMES
 
 #: Forward-only schema changes, by ``PRAGMA user_version``: MIGRATIONS[n - 2]
 #: takes a database from version n - 1 to n. A database opened at an older
@@ -957,10 +951,11 @@ MIGRATIONS = (
      "ALTER TABLE usage ADD COLUMN owner TEXT",  # usage.owner_pid stays, unused
      "DROP INDEX IF EXISTS usage_pending",  # it was on owner_pid
      "ALTER TABLE usage ADD COLUMN first_byte_ms REAL",
-     "ALTER TABLE usage ADD COLUMN overhead_ms REAL",
-     ROLL_UP_ALL),
-    # 3: all-time totals (what /metrics counts), from the hourly rollups.
-    (TOTAL_UP_ALL,),
+     "ALTER TABLE usage ADD COLUMN overhead_ms REAL"),
+    # 3: rollups by day and by hour (no longer per status: errors are a
+    # measure) and all-time totals, from the rows; schema 2's usage_hourly
+    # goes (it lived an hour on main: no database of it was pruned).
+    ("DROP TABLE IF EXISTS usage_hourly",) + ROLL_UP_ALL,
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -971,7 +966,7 @@ STATS_GROUPS = {
     "project": (("project_name",), ("k.project_name",)),
     "model": (("model",), ("u.model",)),
     "provider": (("provider",), ("u.provider",)),
-    "day": (("day",), ("date(u.at, 'unixepoch')",)),
+    "day": (("day",), ("date(u.day * 86400, 'unixepoch')",)),
 }
 STATS_TOTAL_FIELDS = ("requests", "errors", "request_tokens", "response_tokens", "cache_read_tokens",
                       "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "unpriced_requests",
@@ -1520,15 +1515,23 @@ class Store:
         else:
             raise BadRequestError("by: cannot group by %s (choose: %s, or label:NAME)"
                                   % (shown(group_by), ", ".join(STATS_GROUPS)), param="by")
-        sources, params = _stats_sources(since, until)
+        sources, params = _stats_sources(since, until, group_by == "day")
         where = ""
         if project is not None:
             where = " WHERE k.project_name = ?"
             params.append(project)
-        sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s) "
-               "SELECT %s, %s FROM u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
+        # Summed first by what the grouping and the filter need (the key,
+        # model, provider or day): the join with the keys then meets
+        # hundreds of rows, not every rollup.
+        needs = {"virtual_key_id": group_by != "day" or project is not None, "model": group_by == "model",
+                 "provider": group_by == "provider", "CAST(at AS INTEGER) / 86400": group_by == "day"}
+        sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s), "
+               "g (virtual_key_id, model, provider, day, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4) "
+               "SELECT %s, %s FROM g u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
                "GROUP BY %s ORDER BY %s") % (
-            ", ".join(m for m, _ in ROLLUP_MEASURES), " UNION ALL ".join(sources), ", ".join(expressions),
+            _MEASURE_NAMES, " UNION ALL ".join(sources), ", ".join(STATS_TOTAL_FIELDS),
+            ", ".join(column if needed else "NULL" for column, needed in needs.items()),
+            ", ".join("SUM(%s)" % name for name in STATS_TOTAL_FIELDS), ", ".join(expressions),
             ", ".join("SUM(u.%s)" % name for name in STATS_TOTAL_FIELDS), where, ", ".join(expressions),
             ", ".join(expressions))
         result = []
@@ -1639,30 +1642,46 @@ class Store:
             source.close()
 
 
-def _stats_sources(since, until):
-    """The SELECTs (in STATS_FROM_* shape) and parameters that cover
-    [since, until) exactly: rollups for the whole hours inside it, settled
-    rows for the ragged ends, and every pending row in it."""
-    first_hour = None if since is None else -(-math.ceil(since) // 3600) * 3600
-    end_hour = None if until is None else math.floor(until) // 3600 * 3600
-    pending = [("started_at >= ?", since), ("started_at < ?", until)]
-    if first_hour is not None and end_hour is not None and first_hour >= end_hour:
-        parts = [(STATS_FROM_ROWS, [("status != 'pending'", None)] + pending)]
+def _stats_sources(since, until, by_time):
+    """The SELECTs (in STATS_FROM_ROWS' shape) and parameters that cover
+    [since, until) exactly: rollups for the whole days, then hours, inside
+    it, settled rows for the ragged ends, and every pending row in it. All
+    time, unless grouped by time, is the totals."""
+    pending = (STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
+                                    ("started_at < ?", until)])
+    if since is None and until is None and not by_time:
+        parts = [(STATS_FROM_TOTALS, [])]
     else:
-        parts = [(STATS_FROM_ROLLUPS, [("hour >= ?", first_hour), ("hour < ?", end_hour)])]
-        if since is not None:
-            parts.append((STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", since),
-                                            ("started_at < ?", first_hour)]))
-        if until is not None:
-            parts.append((STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", end_hour),
-                                            ("started_at < ?", until)]))
-    parts.append((STATS_FROM_PENDING, [("status = 'pending'", None)] + pending))
+        parts = [(STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", lo), ("started_at < ?", hi)])
+                 if level is None else
+                 ("SELECT virtual_key_id, NULLIF(model, ''), provider, %s, %s FROM %s" % (
+                     level[1], _MEASURE_NAMES, level[0]), [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
+                 for level, lo, hi in _cover(since, until, ROLLUP_LEVELS)]
     sources, params = [], []
-    for select, conditions in parts:
+    for select, conditions in parts + [pending]:
         clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]
         sources.append(select + (" WHERE " + " AND ".join(clauses) if clauses else ""))
         params.extend(value for clause, value in conditions if value is not None)
     return sources, params
+
+
+def _cover(since, until, levels):
+    """Split [since, until) (None: unbounded) into (level, start, end) parts:
+    the whole units of the coarsest level inside it, the ragged ends split
+    the same way by the finer levels, and level None (the rows) for what
+    is left."""
+    if since is not None and until is not None and since >= until:
+        return []
+    if not levels:
+        return [(None, since, until)]
+    level, finer = levels[0], levels[1:]
+    size = level[2]
+    first = None if since is None else -(-math.ceil(since) // size) * size
+    end = None if until is None else math.floor(until) // size * size
+    if first is not None and end is not None and first >= end:
+        return _cover(since, until, finer)
+    return ([(level, first, end)] + (_cover(since, first, finer) if since is not None else [])
+            + (_cover(end, until, finer) if until is not None else []))
 
 
 def _usage_filter(since, until, project, settled_only=False):
@@ -3262,8 +3281,13 @@ def _label_value(value):
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _labels(pairs):
+    """``name="value",...`` for a sample's braces, values escaped."""
+    return ",".join('%s="%s"' % (name, _label_value(value)) for name, value in pairs)
+
+
 def _sample(name, labels, value):
-    text = ",".join('%s="%s"' % (label, _label_value(v)) for label, v in labels)
+    text = _labels(labels)
     return "%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value)) if isinstance(value, float) else value)
 
 
@@ -3274,22 +3298,24 @@ def metrics_text(store, prices, process, gauges, now):
     samples = {name: [] for name in METRICS}
     totals = {}
     for key_id, project, model, provider, status, *measures in store.usage_totals():
-        labels = (("key_id", key_id), ("project", project or ""), ("provider", provider),
-                  ("model", model if model in known_models else "other"))
-        entry = totals.setdefault(labels, {"status": {}})
-        for (name, _), value in zip(ROLLUP_MEASURES, measures):
-            entry[name] = entry.get(name, 0) + value
-        entry["status"][status] = entry["status"].get(status, 0) + measures[0]
+        labels = (key_id, project or "", provider, model if model in known_models else "other")
+        entry = totals.get(labels)
+        if entry is None:
+            entry = totals[labels] = [{}] + [0] * len(measures)
+        for index, value in enumerate(measures, 1):
+            entry[index] += value
+        entry[0][status] = entry[0].get(status, 0) + measures[0]
+    columns = {name: index for index, (name, _) in enumerate(ROLLUP_MEASURES, 1)}
     for labels, entry in sorted(totals.items()):
-        for status, count in sorted(entry["status"].items()):
-            samples["llmgw_requests_total"].append(_sample("llmgw_requests_total", labels + (("status", status),),
-                                                           count))
-        samples["llmgw_request_errors_total"].append(_sample("llmgw_request_errors_total", labels, entry["errors"]))
-        for kind, column in _TOKEN_KINDS:
-            samples["llmgw_tokens_total"].append(_sample("llmgw_tokens_total", labels + (("kind", kind),),
-                                                         entry[column]))
-        samples["llmgw_cost_usd_total"].append(_sample("llmgw_cost_usd_total", labels,
-                                                       nanousd_to_usd(entry["cost_nanousd"])))
+        text = _labels(zip(("key_id", "project", "provider", "model"), labels))
+        samples["llmgw_requests_total"].extend('llmgw_requests_total{%s,status="%s"} %d' % (
+            text, _label_value(status), count) for status, count in sorted(entry[0].items()))
+        samples["llmgw_request_errors_total"].append("llmgw_request_errors_total{%s} %d" % (
+            text, entry[columns["errors"]]))
+        samples["llmgw_tokens_total"].extend('llmgw_tokens_total{%s,kind="%s"} %d' % (
+            text, kind, entry[columns[column]]) for kind, column in _TOKEN_KINDS)
+        samples["llmgw_cost_usd_total"].append("llmgw_cost_usd_total{%s} %r" % (
+            text, nanousd_to_usd(entry[columns["cost_nanousd"]])))
     for key in store.budgeted_keys():
         spend = store.key_spend(key, now)
         labels = (("key_id", key.id), ("project", key.project_name))

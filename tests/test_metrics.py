@@ -173,11 +173,12 @@ def test_who_may_scrape(make_gateway, tmp_path, monkeypatch, capsys):
     assert call(gateway, "GET", "/metrics", key=token).status == 401
 
 
-def test_version_2_database_gains_totals_equal_to_its_rollups(scraped):
+def test_version_2_database_gains_totals_equal_to_its_rows(scraped):
     gateway = scraped["gateway"]
     before = scrape(gateway)
     conn = sqlite3.connect(gateway.db_path)
-    conn.executescript("DROP TABLE usage_totals; PRAGMA user_version = 2;")
+    conn.executescript("DROP TABLE usage_days; DROP TABLE usage_hours; DROP TABLE usage_totals;"
+                       "PRAGMA user_version = 2;")
     conn.close()
     store = llmgw.Store(gateway.db_path)
     try:

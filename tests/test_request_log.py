@@ -22,6 +22,7 @@ import llmgw
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
 HOUR = 3600
+DAY = 86400
 #: 2026-11-02T00:00:00Z, a Monday: the first request lands 10 minutes after.
 T0 = 1793577600
 
@@ -113,6 +114,13 @@ def logged(make_gateway, clock):
                 reply = post(gateway, CHAT, body, key=key)
             assert reply.status in (200, 500), reply
             count += 1
+    for day in (1, 2):  # a few more calls on the next two days, for ranges that hold whole days
+        for index in range(3):
+            clock.now = T0 + day * DAY + index * 7 * HOUR + 321.5
+            key = (search_key, ads_key, ads2_key)[index]
+            assert post(gateway, CHAT, {"model": models[index], "messages": [{"role": "user", "content": "d%d" % count}]},
+                        key=key).status == 200
+            count += 1
     clock.now = T0 + 4 * HOUR + 60
     gateway.store.begin_usage("pending-1", gateway.gateway.owner, search["id"], "openai", CHAT, "gpt-4o-mini",
                               False, T0 + 2 * HOUR + 5)
@@ -134,6 +142,10 @@ RANGES = [
     (T0 + HOUR + 60, T0 + HOUR + 2000),         # inside one hour
     (T0 + 2 * HOUR + 5, T0 + 2 * HOUR + 6),     # just the pending row
     (T0 + 5 * HOUR, T0 + 6 * HOUR),             # nothing
+    (T0, T0 + 2 * DAY),                         # whole days
+    (T0 + 1000.5, T0 + 2 * DAY + 8 * HOUR + 100.75),  # a day, hours and rows on both sides
+    (T0 + DAY - 1, T0 + 3 * DAY),
+    (None, T0 + DAY + 7 * HOUR + 322),
 ]
 
 
@@ -152,12 +164,14 @@ def test_rollups_are_written_when_rows_settle(logged):
     """Rollups exist for the settled rows only (stats did not just read rows)."""
     conn = sqlite3.connect(logged["gateway"].db_path)
     try:
-        rolled = conn.execute("SELECT SUM(requests), SUM(cost_nanousd) FROM usage_hourly").fetchone()
-        settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd) FROM usage WHERE status != 'pending'").fetchone()
+        rolled = [conn.execute("SELECT SUM(requests), SUM(cost_nanousd), SUM(output_tokens) FROM %s" % table).fetchone()
+                  for table in ("usage_hours", "usage_days", "usage_totals")]
+        settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens) FROM usage "
+                               "WHERE status != 'pending'").fetchone()
     finally:
         conn.close()
-    assert rolled == settled
-    assert rolled[0] == logged["count"] - 1 and rolled[1] > 0
+    assert rolled == [settled] * 3
+    assert settled[0] == logged["count"] - 1 and settled[1] > 0
 
 
 def test_repricing_moves_the_rollups_with_the_rows(logged):
@@ -174,12 +188,14 @@ def test_repricing_moves_the_rollups_with_the_rows(logged):
 
 def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
     """A database from before rollups (schema 1) is migrated forward:
-    new columns added, every settled row rolled up."""
+    new columns added, every settled row rolled up (tests/test_operations.py
+    migrates a database of each earlier schema made by its own code)."""
     gateway = logged["gateway"]
     expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
     conn = sqlite3.connect(gateway.db_path)
-    conn.executescript("DROP TABLE usage_hourly; DROP TABLE usage_totals; ALTER TABLE usage DROP COLUMN first_byte_ms;"
-                       "ALTER TABLE usage DROP COLUMN overhead_ms; PRAGMA user_version = 1;")
+    conn.executescript("DROP TABLE usage_hours; DROP TABLE usage_days; DROP TABLE usage_totals;"
+                       "ALTER TABLE usage DROP COLUMN first_byte_ms; ALTER TABLE usage DROP COLUMN overhead_ms;"
+                       "PRAGMA user_version = 1;")
     conn.close()
     store = llmgw.Store(gateway.db_path)
     try:
@@ -244,7 +260,8 @@ def test_the_gateway_prunes_past_retention(make_gateway, monkeypatch):
     conn = sqlite3.connect(gateway.db_path)
     with conn:  # age the row and its rollup by three days, as if written then
         conn.execute("UPDATE usage SET started_at = started_at - 3 * 86400")
-        conn.execute("UPDATE usage_hourly SET hour = hour - 3 * 86400")
+        conn.execute("UPDATE usage_hours SET hour = hour - 3 * 86400")
+        conn.execute("UPDATE usage_days SET day = day - 3 * 86400")
     conn.close()
     before = rollup_stats(gateway.store, "key")
     assert gateway.wait_for_rows(lambda rows: not rows) == []
@@ -341,8 +358,9 @@ def test_log_needs_the_admin_token(logged):
     assert vkey_reply.status == 401
 
 
-def test_log_csv_matches_json_and_defuses_formulas(logged, monkeypatch, capsys):
+def test_log_csv_matches_json_and_defuses_formulas(logged, clock, monkeypatch, capsys):
     gateway = logged["gateway"]
+    clock.now = T0 + 3 * DAY  # the newest row
     key = gateway.create_key("=HYPERLINK(\"http://evil\")")[1]
     assert post(gateway, CHAT, {"model": "=1+1", "messages": [{"role": "user", "content": "x"}]},
                 key=key).status == 200

@@ -46,8 +46,9 @@ with conn:
                      " VALUES (?, ?, 'openai', '/v1/chat/completions', ?, 0, 'ok', 200, 'reported', ?, ?, ?, ?, ?, ?, ?, 12.5)",
                      (request_id, key_id, model, request_tokens, response_tokens, request_tokens, response_tokens,
                       cost, 1764000000.0 + number, 1764000001.0 + number))
-    if hasattr(llmgw, "ROLL_UP_ALL"):  # schema 2 on: settled rows are in the hourly rollups too
-        conn.execute(llmgw.ROLL_UP_ALL)
+    if hasattr(llmgw, "ROLL_UP_ALL"):  # schema 2 on: settled rows are in the rollups too
+        for statement in [llmgw.ROLL_UP_ALL] if isinstance(llmgw.ROLL_UP_ALL, str) else llmgw.ROLL_UP_ALL:
+            conn.execute(statement)
 conn.execute("PRAGMA journal_mode = DELETE")
 conn.execute("PRAGMA page_size = 1024")
 conn.execute("VACUUM")
