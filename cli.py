@@ -19,7 +19,7 @@
                         [--reprice [--apply]]
     python cli.py logs [--key ID] [--project P] [--provider P] [--model M] [--status S]
                        [--since D] [--until D] [--limit N] [--cursor C] [--output table|json|csv]
-    python cli.py prune [--older-than 90d]    delete old request-log rows (hourly rollups stay)
+    python cli.py prune [--older-than 90d]    delete old request-log rows (rollups stay)
     python cli.py prices list [--output json]   prices in force and where each came from
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
     python cli.py admin-token                   issue a new admin token, retiring the old one
@@ -338,7 +338,7 @@ def cmd_prune(args):
             raise llmgw.ConfigError("give --older-than (e.g. 90d) or set logging.retention_days in config.yaml")
         age = days * 86400
     deleted = store.prune_usage(time.time() - age)
-    print("Pruned %d request-log row(s) that started before %s; hourly rollups (stats, charts) are kept."
+    print("Pruned %d request-log row(s) that started before %s; rollups (stats, charts, budgets) are kept."
           % (deleted, llmgw.iso_time((time.time() - age) // 3600 * 3600)))
     return 0
 
@@ -488,7 +488,7 @@ def build_parser():
     logs.add_argument("--cursor", help="the next page: the cursor the previous page printed")
     logs.add_argument("--output", choices=("table", "json", "csv"), default="table")
     logs.set_defaults(run=cmd_logs)
-    prune = commands.add_parser("prune", help="delete old request-log rows; hourly rollups stay")
+    prune = commands.add_parser("prune", help="delete old request-log rows; rollups stay")
     prune.add_argument("--older-than", dest="older_than",
                        help="age like 90d (default: logging.retention_days in config.yaml)")
     prune.set_defaults(run=cmd_prune)

@@ -265,7 +265,7 @@ database:                          # the file itself: DB_PATH (default gateway.d
 logging:
   level: INFO
   # file: llmgw.log
-  # retention_days: 90             # prune request-log rows older than this; hourly rollups stay
+  # retention_days: 90             # prune request-log rows older than this; rollups stay
 
 rate_limits:                       # requests per minute per virtual key, by tier
   default: 100
@@ -775,7 +775,7 @@ SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, 
                   WHERE key_id = ? AND period_start = ?"""
 TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
 #: What a key's settled rows cost from a budget period's start, read from the
-#: hourly rollups: periods start on the hour, and pruned rows stay counted.
+#: daily rollups: periods start at midnight UTC, and pruned rows stay counted.
 SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_days
                   WHERE virtual_key_id = ?1 AND day >= ?2"""
 #: A row's reservation counts while it is pending; its cost once settled.
