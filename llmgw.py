@@ -2883,6 +2883,11 @@ ROUTES = {
 KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
 #: Admin API bodies are small JSON objects.
 ADMIN_BODY_BYTES = 64 * 1024
+#: Model names are short (fine-tuned ids run to about 70 characters); a
+#: longer one would be copied into every log line and usage row it touches.
+MAX_MODEL_CHARS = 256
+#: How many distinct unpriced models a process logs (one line each).
+UNPRICED_MODELS_LOGGED = 100
 
 
 class Request:
@@ -3622,11 +3627,17 @@ class Gateway:
         return entry[0]
 
     def price_for(self, model):
+        """The price of ``model``; the first UNPRICED_MODELS_LOGGED models
+        without one are logged once each (clients choose model names: the
+        names remembered must not grow without bound)."""
         price = self.prices.lookup(model)
-        if price is None and model not in self._unpriced_models:
+        if (price is None and model not in self._unpriced_models
+                and len(self._unpriced_models) < UNPRICED_MODELS_LOGGED):
             self._unpriced_models.add(model)
+            last = len(self._unpriced_models) == UNPRICED_MODELS_LOGGED
             logger.warning("model %s has no price; its usage is recorded at cost 0 (add it under "
-                           "pricing: in config.yaml)", redact(model, self.known_secrets()))
+                           "pricing: in config.yaml)%s", redact(model, self.known_secrets()),
+                           "; further unpriced models are not logged until a restart" if last else "")
         return price
 
     # -- the request path --------------------------------------------------
@@ -4056,6 +4067,8 @@ def read_request_body(route, request, max_bytes):
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequestError("The request body must name a model (\"model\": \"...\")")
+    if len(model) > MAX_MODEL_CHARS:
+        raise BadRequestError("The model name is longer than %d characters" % MAX_MODEL_CHARS)
     return raw, body, model
 
 

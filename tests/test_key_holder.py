@@ -340,3 +340,28 @@ def test_an_upload_from_a_key_without_budget_left_is_refused_before_its_body(mak
     client, _ = start_upload(gw, key, 512 * 1024, sent=0, expect=True)
     assert_json_error(client.read_response(timeout=2), 429, code="budget_exceeded", close=True)
     assert b"100 Continue" not in client.received and upstream.requests == []
+
+
+# ---- 6. what a fuzzer leaves behind: nothing that grows with its requests ----------
+
+def test_model_names_are_bounded(gw, key, upstream):
+    """A model name longer than MAX_MODEL_CHARS is a 400 before anything is
+    forwarded or recorded (it would be copied into log lines, usage rows and
+    the gateway's memory)."""
+    response = post(gw, CHAT, chat_body("m" * (llmgw.MAX_MODEL_CHARS + 1)), key)
+    assert_json_error(response, 400)
+    assert upstream.requests == [] and gw.rows() == []
+    assert post(gw, CHAT, chat_body("m" * llmgw.MAX_MODEL_CHARS), key).status == 200
+
+
+def test_unpriced_model_names_are_remembered_only_up_to_a_bound(gw, key, upstream, gwlog):
+    """Each model without a price is logged once, but only the first
+    UNPRICED_MODELS_LOGGED of them: the names remembered for that used to
+    grow with every new name a client made up (found by fuzzing: the
+    gateway's only memory that grew with the requests)."""
+    for n in range(llmgw.UNPRICED_MODELS_LOGGED + 20):
+        assert post(gw, CHAT, chat_body("made-up-%d" % n), key).status == 200
+    warnings = [line for line in gwlog.lines() if "has no price" in line]
+    assert len(warnings) == llmgw.UNPRICED_MODELS_LOGGED
+    assert "further unpriced models are not logged" in warnings[-1]
+    assert "made-up-0 " in warnings[0]
