@@ -274,6 +274,10 @@ rate_limits:                       # requests per minute per virtual key, by tie
 budgets:
   max_output_tokens: 32768         # worst-case output reserved for a budgeted call without max_tokens
 
+# alerts:                          # budget threshold alerts, POSTed as JSON
+#   webhook_url: https://hooks.example.com/llmgw   # signed when LLMGW_ALERT_SECRET is set
+#   thresholds: [50, 80, 100]      # percent of each budgeted key's period allowance, once per period
+
 pricing: {}                        # USD per million tokens; overrides built-in prices
 #  gpt-4o: {input: 2.5, output: 10, cached_input: 1.25, cache_write: 0}
 #  my-local-model: {input: 0, output: 0}
@@ -323,6 +327,16 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlertsConfig:
+    webhook_url: Optional[str] = None   # None: no alerts
+    thresholds: Tuple[int, ...] = (50, 80, 100)  # percent of a key's budget period allowance
+    timeout: float = 10.0               # seconds per delivery attempt
+    attempts: int = 6                   # deliveries tried before one is given up
+    retry_backoff: float = 2.0          # seconds before the first retry; doubled for each
+    allow_link_local: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ProviderConfig:
     name: str
     base_url: str
@@ -342,10 +356,11 @@ class Config:
     rate_limits: Dict[str, int] = dataclasses.field(
         default_factory=lambda: {"default": 100, "premium": 1000})
     pricing: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    alerts: AlertsConfig = AlertsConfig()
     path: Optional[str] = None
 
 
-_SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing")
+_SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts")
 _PROVIDER_KEYS = ("base_url", "api_key", "format", "models", "allow_link_local")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -410,8 +425,9 @@ def parse_config(document, path=None):
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
     providers = _parse_providers(document.get("providers"))
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
+    alerts = _parse_alerts(document.get("alerts"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
-    return Config(server=server, providers=providers, database=database, budgets=budgets, logging=log,
+    return Config(server=server, providers=providers, database=database, budgets=budgets, logging=log, alerts=alerts,
                   rate_limits=rate_limits, pricing=pricing, path=path)
 
 
@@ -506,7 +522,7 @@ def _parse_providers(section):
                 raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(_PROVIDER_KEYS)))
         if not entry.get("base_url"):
             raise ConfigError("%s.base_url: missing" % where)
-        base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where)
+        base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where + ".base_url")
         api_format = entry.get("format")
         if api_format is None:
             api_format = ANTHROPIC if name == "anthropic" else OPENAI
@@ -547,15 +563,42 @@ def is_link_local(host):
 def _check_base_url(url, where):
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("%s.base_url: %r is not an http(s) URL with a host" % (where, url))
+        raise ConfigError("%s: %r is not an http(s) URL with a host" % (where, url))
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ConfigError("%s.base_url: credentials, query and fragment are not allowed" % where)
+        raise ConfigError("%s: credentials, query and fragment are not allowed" % where)
     try:
         parts.port
         parts.hostname.encode("idna")  # the Host field is written as http.client would
     except ValueError:  # UnicodeError included
-        raise ConfigError("%s.base_url: bad host or port in %r" % (where, url)) from None
+        raise ConfigError("%s: bad host or port in %r" % (where, url)) from None
     return url.rstrip("/")
+
+
+def _parse_alerts(section):
+    """The budget alerts' webhook: its URL is checked like a provider's."""
+    if section is None:
+        return AlertsConfig()
+    _expect(section, dict, "alerts")
+    fields = dict(section)
+    thresholds = fields.pop("thresholds", None)
+    alerts = _parse_dataclass(AlertsConfig, fields, "alerts")
+    if thresholds is not None:
+        thresholds = tuple(sorted(set(_expect(value, int, "alerts.thresholds[]")
+                                      for value in _expect(thresholds, list, "alerts.thresholds"))))
+        if not thresholds or not all(0 < value <= 1000 for value in thresholds):
+            raise ConfigError("alerts.thresholds: a list of percentages from 1 to 1000")
+        alerts = dataclasses.replace(alerts, thresholds=thresholds)
+    if alerts.webhook_url is not None:
+        url = _check_base_url(alerts.webhook_url, "alerts.webhook_url")
+        host = urllib.parse.urlsplit(url).hostname
+        if not alerts.allow_link_local and is_link_local(host):
+            raise ConfigError("alerts.webhook_url: %s is a link-local or cloud-metadata address; set "
+                              "allow_link_local: true if that is really the receiver" % host)
+        alerts = dataclasses.replace(alerts, webhook_url=url)
+    for name in ("timeout", "attempts", "retry_backoff"):
+        if getattr(alerts, name) <= 0:
+            raise ConfigError("alerts.%s: must be positive" % name)
+    return alerts
 
 
 def _parse_rate_limits(section):
@@ -744,6 +787,19 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_pending ON usage (owner) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    id            INTEGER PRIMARY KEY,
+    key_id        TEXT NOT NULL,
+    period_start  REAL NOT NULL,
+    threshold     INTEGER NOT NULL,
+    payload       TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    delivered_at  REAL,
+    UNIQUE (key_id, period_start, threshold)
+);
+CREATE INDEX IF NOT EXISTS budget_alerts_due ON budget_alerts (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
@@ -956,6 +1012,8 @@ MIGRATIONS = (
     # measure) and all-time totals, from the rows; schema 2's usage_hourly
     # goes (it lived an hour on main: no database of it was pruned).
     ("DROP TABLE IF EXISTS usage_hourly",) + ROLL_UP_ALL,
+    # 4: the budget alerts' outbox (a new table).
+    (),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -985,6 +1043,13 @@ LOG_FILTERS = {"key": "u.virtual_key_id = ?", "project": "k.project_name = ?", "
                "model": "u.model = ?", "status": "u.status = ?", "since": "u.started_at >= ?",
                "until": "u.started_at < ?"}
 _LOG_CURSOR = re.compile(r"^([0-9]{1,12}(?:\.[0-9]{1,20})?):([0-9]{1,19})\Z")
+#: A budget alert, once per key, period and threshold; due until delivered or given up.
+QUEUE_ALERT = """INSERT OR IGNORE INTO budget_alerts (key_id, period_start, threshold, payload, created_at,
+                                                     next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)"""
+DUE_ALERTS = "SELECT id, payload, attempts FROM budget_alerts WHERE next_attempt_at <= ? ORDER BY id LIMIT 20"
+LEASE_ALERT = "UPDATE budget_alerts SET next_attempt_at = ? WHERE id = ?"
+ALERT_TRIED = """UPDATE budget_alerts SET attempts = attempts + 1, next_attempt_at = ?,
+                                         delivered_at = ? WHERE id = ?"""
 PRUNE_USAGE = """DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE started_at < ? AND status != 'pending'
                                                 LIMIT ?)"""
 
@@ -1423,21 +1488,46 @@ class Store:
             return conn.execute(INSERT_USAGE, values).lastrowid, period_start
         return self._write(begin)
 
-    def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None):
+    def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None, alert_thresholds=()):
         """Settle a usage row (``result`` maps USAGE_RESULT_COLUMNS to values)
-        and turn its budget reservation into the real cost."""
+        and turn its budget reservation into the real cost. Budget
+        thresholds (percentages) the spend has now reached queue their
+        alerts in the same transaction; returns how many it queued."""
         values = tuple(result[column] for column in USAGE_RESULT_COLUMNS) + (row_id,)
 
         def finish(conn):
             if not conn.execute(FINISH_USAGE, values).rowcount:
-                return  # recovery got there first and charged the reservation
+                return 0  # recovery got there first and charged the reservation
             _roll_up_row(conn, row_id, 1)
             cost = result["cost_nanousd"]
             if period_start is not None:
                 conn.execute(SETTLE_SPEND, (reserved, cost, key_id, period_start))
+                if cost and alert_thresholds:
+                    return _queue_alerts(conn, key_id, period_start, alert_thresholds, result["finished_at"])
             elif cost:
                 _charge_new_budget(conn, key_id, cost, result["finished_at"])
-        self._write(finish)
+            return 0
+        return self._write(finish)
+
+    def claim_alerts(self, now, lease):
+        """Alerts due for delivery, as (id, payload, attempts so far), held
+        for ``lease`` seconds so no other process sends them meanwhile."""
+        def claim(conn):
+            due = conn.execute(DUE_ALERTS, (now,)).fetchall()
+            conn.executemany(LEASE_ALERT, [(now + lease, alert_id) for alert_id, _, _ in due])
+            return due
+        return self._write(claim)
+
+    def alert_tried(self, alert_id, target, delivered, detail, retry_at=None):
+        """Record a delivery attempt (and audit it): delivered, to retry at
+        ``retry_at``, or given up (neither)."""
+        now = time.time()
+        action = "alert_delivered" if delivered else ("alert_retrying" if retry_at else "alert_abandoned")
+
+        def tried(conn):
+            conn.execute(ALERT_TRIED, (retry_at, now if delivered else None, alert_id))
+            _audit(conn, "gateway", action, target, detail)
+        self._write(tried)
 
     def publish_activity(self, owner, rows, now, forget_before):
         """This process's request counters (see KeyLimits), for the others."""
@@ -1713,6 +1803,29 @@ def parse_log_cursor(text):
     if match is None or int(match.group(2)) >= 2 ** 63:  # past SQLite's largest row id
         raise BadRequestError("cursor: not a cursor this log returned", param="cursor")
     return float(match.group(1)), int(match.group(2))
+
+
+def _queue_alerts(conn, key_id, period_start, thresholds, now):
+    """Queue the budget alerts of ``thresholds`` (percentages) that the key's
+    settled spend in the period has reached; each goes once per period.
+    Returns how many were new."""
+    budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
+    if budget is None:
+        return 0
+    spent, _, topup = conn.execute(GET_SPEND, (key_id, period_start)).fetchone()
+    allowance = budget + topup
+    queued = 0
+    for threshold in (value for value in thresholds if spent * 100 >= value * allowance):
+        project = conn.execute("SELECT project_name FROM virtual_keys WHERE id = ?", (key_id,)).fetchone()[0]
+        payload = {"type": "budget.threshold",
+                   "alert_id": "%s/%s/%d" % (key_id, iso_time(period_start), threshold),
+                   "key_id": key_id, "project": project, "threshold_pct": threshold,
+                   "used_pct": round(100.0 * spent / allowance, 2) if allowance else None,
+                   "spent_usd": nanousd_to_usd(spent), "budget_usd": nanousd_to_usd(allowance),
+                   "budget_period": period, "period_start": iso_time(period_start),
+                   "period_end": iso_time(budget_period_bounds(period_start, period)[1]), "at": iso_time(now)}
+        queued += conn.execute(QUEUE_ALERT, (key_id, period_start, threshold, json.dumps(payload), now, now)).rowcount
+    return queued
 
 
 def _roll_up_row(conn, row_id, sign):
@@ -3349,6 +3462,89 @@ def metrics_text(store, prices, process, gauges, now):
     return "\n".join(lines) + "\n"
 
 
+# -- budget alerts --------------------------------------------------------------
+#
+# A settle that takes a key's spend past a threshold queues the alert in its
+# own transaction (once per key, period and threshold, in any number of
+# processes: budget_alerts is the outbox). A thread per process delivers due
+# alerts to the webhook, so no request ever waits on it; a failed delivery
+# is retried with backoff, and every attempt is in the audit log.
+
+ALERT_SECRET_ENV = "LLMGW_ALERT_SECRET"
+
+
+def alert_request(pool, payload, secret, now):
+    """The webhook POST as bytes. With a secret, ``x-llmgw-signature``
+    is ``sha256=`` HMAC-SHA256 of ``<x-llmgw-timestamp>.<body>``."""
+    body = payload.encode("utf-8")
+    timestamp = str(int(now))
+    headers = ["POST %s HTTP/1.1" % (pool.base_path or "/"), "Host: %s" % pool.host_field,
+               "User-Agent: llmgw/%s" % __version__, "Content-Type: application/json",
+               "Content-Length: %d" % len(body), "Connection: close", "x-llmgw-event: budget.threshold",
+               "x-llmgw-timestamp: %s" % timestamp]
+    if secret:
+        digest = hmac.new(secret.encode("utf-8"), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        headers.append("x-llmgw-signature: sha256=%s" % digest)
+    return ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body
+
+
+class AlertSender:
+    """Delivers due budget alerts to ``alerts.webhook_url`` from a thread."""
+
+    def __init__(self, store, config, secret):
+        self.store, self.config, self.secret = store, config, secret
+        self.pool = UpstreamPool(config.webhook_url, config.timeout, config.timeout, config.allow_link_local)
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="llmgw-alerts", daemon=True)
+        self._thread.start()
+
+    poll_interval = 1.0
+
+    def wake(self):
+        self._wake.set()
+
+    def stop(self):
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(self.config.timeout + 1)
+
+    def _run(self):
+        while not self._stopped:
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+            try:
+                for alert_id, payload, attempts in self.store.claim_alerts(time.time(), self.config.timeout * 2):
+                    if self._stopped:
+                        return
+                    self._deliver(alert_id, payload, attempts + 1)
+            except GatewayError as exc:
+                logger.warning("budget alerts: %s", exc.message)
+
+    def _deliver(self, alert_id, payload, attempt):
+        target = json.loads(payload)["key_id"]
+        try:
+            conn, _ = self.pool.acquire(fresh=True)
+            try:
+                conn.sock.sendall(alert_request(self.pool, payload, self.secret, time.time()))
+                response = conn.getresponse("POST")
+                response.read(64 * 1024)
+                status = response.status
+            finally:
+                conn.close()
+            outcome = "HTTP %d" % status
+            delivered = 200 <= status < 300
+        except (OSError, http.client.HTTPException, UpstreamError) as exc:
+            outcome, delivered = type(exc).__name__, False
+        retry_at = None
+        if not delivered and attempt < self.config.attempts:
+            retry_at = time.time() + self.config.retry_backoff * 2 ** (attempt - 1)
+        detail = "%s attempt %d: %s" % (json.loads(payload)["alert_id"], attempt, outcome)
+        if not delivered:
+            logger.warning("budget alert %s", detail)
+        self.store.alert_tried(alert_id, target, delivered, detail, retry_at)
+
+
 def _milliseconds(start, end):
     """Between two monotonic times, or None if either did not happen."""
     return None if start is None or end is None else round((end - start) * 1000, 3)
@@ -3423,7 +3619,10 @@ class _Call:
             self.gateway.metrics.observe(self.provider.name, {
                 "total": result["latency_ms"], "first_byte": result["first_byte_ms"],
                 "overhead": result["overhead_ms"]})
-            self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start)
+            alerts = self.gateway.alerts
+            if self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start,
+                                               alerts.config.thresholds if alerts is not None else ()):
+                alerts.wake()
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
                          type(exc).__name__)
@@ -3486,10 +3685,18 @@ class Gateway:
         self._stopped = threading.Event()
         self._background = threading.Thread(target=self._maintain, name="llmgw-limits", daemon=True)
         self._background.start()
+        self.alerts = self._alert_sender(config)
+
+    def _alert_sender(self, config):
+        if config.alerts.webhook_url is None:
+            return None
+        return AlertSender(self.store, config.alerts, self._environ.get(ALERT_SECRET_ENV))
 
     def close(self):
         self._stopped.set()
         self._background.join(2)
+        if self.alerts is not None:
+            self.alerts.stop()
         for provider in self.providers.values():
             provider.pool.close()
         try:
@@ -3532,10 +3739,15 @@ class Gateway:
             if getattr(config.server, field) != getattr(self.config.server, field):
                 logger.warning("server.%s changed; it takes effect at the next start", field)
         retired = [p for name, p in self.providers.items() if providers.get(name) is not p]
+        alerts, retired_alerts = self.alerts, None
+        if config.alerts != self.config.alerts:
+            alerts, retired_alerts = self._alert_sender(config), self.alerts
         with self._lock:
-            self.config, self.providers = config, providers
+            self.config, self.providers, self.alerts = config, providers, alerts
             self._data_version = self._generation = None  # re-read keys and prices
         self.refresh()
+        if retired_alerts is not None:
+            retired_alerts.stop()
         for provider in retired:
             provider.pool.close()
 
