@@ -350,10 +350,16 @@ def cmd_prices_list(args):
     if args.output == "json":
         _print_json(rows)
         return 0
+    for row in rows:
+        tier = row["long_context"]
+        row["long_context"] = tier and "above %d: %s %g/%g" % (tier["above_tokens"], tier["charge"], tier["input"],
+                                                               tier["output"])
     _print_table(rows, [("model", "MODEL"), ("input", "INPUT"), ("output", "OUTPUT"),
                         ("cached_input", "CACHED INPUT"), ("cache_write", "CACHE WRITE"),
-                        ("cache_write_1h", "CACHE WRITE 1H"), ("source", "SOURCE")])
-    print("USD per million tokens. Precedence: config.yaml, then imported packs, then built-in.")
+                        ("cache_write_1h", "CACHE WRITE 1H"), ("long_context", "LONG CONTEXT"),
+                        ("source", "SOURCE")])
+    print("USD per million tokens. Precedence: config.yaml, then imported packs, then built-in. Long context: "
+          "past that many prompt tokens, the whole request (or the excess) at input/output.")
     return 0
 
 

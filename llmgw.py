@@ -280,6 +280,10 @@ budgets:
 
 pricing: {}                        # USD per million tokens; overrides built-in prices
 #  gpt-4o: {input: 2.5, output: 10, cached_input: 1.25, cache_write: 0}
+#  my-long-model:                   # a prompt past above_tokens (input + cache reads + writes) is
+#    input: 3                       # charged at long_context's prices: the whole request, or with
+#    output: 15                     # charge: excess only the prompt tokens past the threshold
+#    long_context: {above_tokens: 200000, charge: whole, input: 6, output: 22.5}
 #  my-local-model: {input: 0, output: 0}
 #  default: {input: 10, output: 30}   # any model without a price of its own
 """
@@ -363,6 +367,9 @@ class Config:
 _SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts")
 _PROVIDER_KEYS = ("base_url", "api_key", "format", "models", "allow_link_local")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
+#: A long-context tier: PRICE_FIELDS and these (``charge`` defaults to whole).
+LONG_CONTEXT_FIELDS = ("above_tokens", "charge")
+LONG_CONTEXT_CHARGES = ("whole", "excess")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
@@ -619,20 +626,32 @@ def _parse_pricing(section, where):
     _expect(section, dict, where)
     prices = {}
     for model, entry in section.items():
-        entry_where = "%s.%s" % (where, model)
         _expect(model, str, where)
-        _expect(entry, dict, entry_where)
-        for field in entry:
-            if field not in PRICE_FIELDS:
-                raise ConfigError("%s: unknown key %r (known: %s)" % (entry_where, field, ", ".join(PRICE_FIELDS)))
-        for field in ("input", "output"):
-            if entry.get(field) is None:
-                raise ConfigError("%s.%s: missing" % (entry_where, field))
-        for field, value in entry.items():
-            if value is not None:
-                check_number(value, "%s.%s" % (entry_where, field), 0, MAX_PRICE_USD_PER_MTOK)
-        prices[model] = dict(entry)
+        prices[model] = _parse_price_entry(entry, "%s.%s" % (where, model), PRICE_FIELDS + ("long_context",))
+        if entry.get("long_context") is not None:
+            prices[model]["long_context"] = _parse_price_entry(
+                entry["long_context"], "%s.%s.long_context" % (where, model), PRICE_FIELDS + LONG_CONTEXT_FIELDS)
     return prices
+
+
+def _parse_price_entry(entry, where, known):
+    """One model's prices, or its long-context tier's (``known`` keys)."""
+    _expect(entry, dict, where)
+    for field in entry:
+        if field not in known:
+            raise ConfigError("%s: unknown key %r (known: %s)" % (where, field, ", ".join(known)))
+    for field in ("input", "output") + (("above_tokens",) if "above_tokens" in known else ()):
+        if entry.get(field) is None:
+            raise ConfigError("%s.%s: missing" % (where, field))
+    for field in PRICE_FIELDS:
+        if entry.get(field) is not None:
+            check_number(entry[field], "%s.%s" % (where, field), 0, MAX_PRICE_USD_PER_MTOK)
+    if "above_tokens" in entry:
+        check_number(entry["above_tokens"], where + ".above_tokens", 1, MAX_RATE, integer=True)
+    if entry.get("charge", "whole") not in LONG_CONTEXT_CHARGES:
+        raise ConfigError("%s.charge: %s is not one of %s" % (where, shown(entry["charge"]),
+                                                             ", ".join(LONG_CONTEXT_CHARGES)))
+    return dict(entry)
 
 
 def check_provider_key(provider, key):
@@ -1995,110 +2014,175 @@ def nanousd_to_usd(nanos):
 # re-applied. Money is integer nano-dollars (1e-9 USD): the cheapest listed
 # token costs 5 of them, so nothing rounds away.
 
-#: Built-in list prices, USD per million tokens, standard tier:
-#: model -> (input, output, cached input / cache read, cache write 5m, cache write 1h).
-#: Source: shared/prices.json (2026-11-27), compiled from the LiteLLM price map
-#: 1.110.2 and cross-checked against the providers' pricing pages
-#: (developers.openai.com/api/docs/pricing, platform.claude.com pricing);
-#: retired models keep their historical list prices.
-BUILTIN_PRICES_SOURCE = "built-in (list prices as of 2026-11-27)"
+#: Where the built-in prices were read (the last field of each entry): the
+#: providers' published list prices, standard tier, as carried in LiteLLM's
+#: model_prices_and_context_window.json (PyPI litellm 1.110.2, the file in
+#: its wheel, read 2026-12-03; the same values as shared/prices.json of
+#: 2026-11-27 wherever both have the model); a model LiteLLM does not carry
+#: yet from its provider's own model page; a retired model keeps its
+#: historical list price from shared/prices.json. Refreshing: compare each
+#: entry with the newer file and change its source with its numbers.
+LITELLM = "built-in: LiteLLM 1.110.2 price map (provider list price), read 2026-12-03"
+OPENAI_MODEL_PAGE = "built-in: developers.openai.com/api/docs/models (the model's own page), read 2026-12-03"
+RETIRED = "built-in: shared/prices.json 2026-11-27 (retired model, historical list price)"
+#: Built-in list prices, USD per million tokens, standard tier: model ->
+#: (input, output, cached input / cache read, cache write 5m, cache write 1h, source).
 BUILTIN_PRICES = {
     # openai
-    "gpt-3.5-turbo":               ("0.5", "1.5", None, None, None),
-    "gpt-4o":                      ("2.5", "10", "1.25", None, None),
-    "gpt-4o-mini":                 ("0.15", "0.6", "0.075", None, None),
-    "gpt-4.1":                     ("2", "8", "0.5", None, None),
-    "gpt-4.1-mini":                ("0.4", "1.6", "0.1", None, None),
-    "gpt-4.1-nano":                ("0.1", "0.4", "0.025", None, None),
-    "o1":                          ("15", "60", "7.5", None, None),
-    "o1-pro":                      ("150", "600", None, None, None),
-    "o3":                          ("2", "8", "0.5", None, None),
-    "o3-mini":                     ("1.1", "4.4", "0.55", None, None),
-    "o3-pro":                      ("20", "80", None, None, None),
-    "o4-mini":                     ("1.1", "4.4", "0.275", None, None),
-    "gpt-5":                       ("1.25", "10", "0.125", None, None),
-    "gpt-5-mini":                  ("0.25", "2", "0.025", None, None),
-    "gpt-5-nano":                  ("0.05", "0.4", "0.005", None, None),
-    "gpt-5-pro":                   ("15", "120", None, None, None),
-    "gpt-5.1":                     ("1.25", "10", "0.125", None, None),
-    "gpt-5.2":                     ("1.75", "14", "0.175", None, None),
-    "gpt-5.4":                     ("2.5", "15", "0.25", None, None),
-    "gpt-5.4-mini":                ("0.75", "4.5", "0.075", None, None),
-    "gpt-5.4-nano":                ("0.2", "1.25", "0.02", None, None),
-    "gpt-5.5":                     ("5", "30", "0.5", None, None),
-    "gpt-5.5-pro":                 ("30", "180", None, None, None),
-    "gpt-5.6":                     ("4", "20", "0.4", "5", None),
-    "gpt-6-sol":                   ("2", "10", "0.2", "2.5", None),
-    "gpt-6-luna":                  ("0.1", "0.5", "0.01", "0.125", None),
-    "text-embedding-3-small":      ("0.02", "0", None, None, None),
-    "text-embedding-3-large":      ("0.13", "0", None, None, None),
-    "text-embedding-ada-002":      ("0.1", "0", None, None, None),
+    "gpt-3.5-turbo":               ("0.5", "1.5", None, None, None, LITELLM),
+    "gpt-4o":                      ("2.5", "10", "1.25", None, None, LITELLM),
+    "gpt-4o-mini":                 ("0.15", "0.6", "0.075", None, None, LITELLM),
+    "gpt-4.1":                     ("2", "8", "0.5", None, None, LITELLM),
+    "gpt-4.1-mini":                ("0.4", "1.6", "0.1", None, None, LITELLM),
+    "gpt-4.1-nano":                ("0.1", "0.4", "0.025", None, None, LITELLM),
+    "o1":                          ("15", "60", "7.5", None, None, LITELLM),
+    "o1-pro":                      ("150", "600", None, None, None, LITELLM),
+    "o3":                          ("2", "8", "0.5", None, None, LITELLM),
+    "o3-mini":                     ("1.1", "4.4", "0.55", None, None, LITELLM),
+    "o3-pro":                      ("20", "80", None, None, None, LITELLM),
+    "o4-mini":                     ("1.1", "4.4", "0.275", None, None, LITELLM),
+    "gpt-5":                       ("1.25", "10", "0.125", None, None, LITELLM),
+    "gpt-5-mini":                  ("0.25", "2", "0.025", None, None, LITELLM),
+    "gpt-5-nano":                  ("0.05", "0.4", "0.005", None, None, LITELLM),
+    "gpt-5-pro":                   ("15", "120", None, None, None, LITELLM),
+    "gpt-5-codex":                 ("1.25", "10", "0.125", None, None, LITELLM),
+    "gpt-5.1-codex":               ("1.25", "10", "0.125", None, None, LITELLM),
+    "gpt-5.1":                     ("1.25", "10", "0.125", None, None, LITELLM),
+    "gpt-5.2":                     ("1.75", "14", "0.175", None, None, LITELLM),
+    "gpt-5.4":                     ("2.5", "15", "0.25", None, None, LITELLM),
+    "gpt-5.4-mini":                ("0.75", "4.5", "0.075", None, None, LITELLM),
+    "gpt-5.4-nano":                ("0.2", "1.25", "0.02", None, None, LITELLM),
+    "gpt-5.5":                     ("5", "30", "0.5", None, None, LITELLM),
+    "gpt-5.5-pro":                 ("30", "180", None, None, None, LITELLM),
+    "gpt-5.6":                     ("4", "20", "0.4", "5", None, LITELLM),
+    "gpt-6-sol":                   ("2", "10", "0.2", "2.5", None, LITELLM),
+    "gpt-6-luna":                  ("0.1", "0.5", "0.01", "0.125", None, LITELLM),
+    "gpt-6-astra":                 ("10", "50", "1", "12.5", None, LITELLM),
+    "gpt-6.1-sol":                 ("2", "10", "0.1", "2.5", None, LITELLM),
+    "gpt-6.1-terra":               ("1", "5", "0.05", "1.25", None, LITELLM),
+    "gpt-6.2-sol":                 ("2", "10", "0.1", "2.5", None, OPENAI_MODEL_PAGE),
+    "text-embedding-3-small":      ("0.02", "0", None, None, None, LITELLM),
+    "text-embedding-3-large":      ("0.13", "0", None, None, None, LITELLM),
+    "text-embedding-ada-002":      ("0.1", "0", None, None, None, LITELLM),
     # anthropic
-    "claude-3-haiku-20240307":     ("0.25", "1.25", "0.03", "0.3", None),
-    "claude-3-sonnet-20240229":    ("3", "15", None, None, None),
-    "claude-3-opus-20240229":      ("15", "75", "1.5", "18.75", None),
-    "claude-3-5-haiku-20241022":   ("0.8", "4", "0.08", "1", "1.6"),
-    "claude-3-5-sonnet-20241022":  ("3", "15", "0.3", "3.75", "6"),
-    "claude-3-7-sonnet-20250219":  ("3", "15", "0.3", "3.75", "6"),
-    "claude-sonnet-4-20250514":    ("3", "15", "0.3", "3.75", "6"),
-    "claude-opus-4-20250514":      ("15", "75", "1.5", "18.75", "30"),
-    "claude-opus-4-1-20250805":    ("15", "75", "1.5", "18.75", "30"),
-    "claude-sonnet-4-5":           ("3", "15", "0.3", "3.75", "6"),
-    "claude-haiku-4-5":            ("1", "5", "0.1", "1.25", "2"),
-    "claude-opus-4-5":             ("5", "25", "0.5", "6.25", "10"),
-    "claude-sonnet-4-6":           ("3", "15", "0.3", "3.75", "6"),
-    "claude-opus-4-6":             ("5", "25", "0.5", "6.25", "10"),
-    "claude-opus-4-7":             ("5", "25", "0.5", "6.25", "10"),
-    "claude-opus-4-8":             ("5", "25", "0.5", "6.25", "10"),
-    "claude-opus-5":               ("5", "25", "0.5", "6.25", "10"),
-    "claude-opus-5-5":             ("4", "20", "0.2", "5", "8"),
-    "claude-sonnet-5":             ("2", "10", "0.2", "2.5", "4"),
-    "claude-sonnet-5-5":           ("2", "10", "0.1", "2.5", "4"),
-    "claude-haiku-5-5":            ("0.1", "0.5", "0.01", "0.125", "0.2"),
-    "claude-fable-5-1":            ("10", "50", "0.25", "12.5", "20"),
+    "claude-3-haiku-20240307":     ("0.25", "1.25", "0.03", "0.3", None, RETIRED),
+    "claude-3-sonnet-20240229":    ("3", "15", None, None, None, RETIRED),
+    "claude-3-opus-20240229":      ("15", "75", "1.5", "18.75", None, RETIRED),
+    "claude-3-5-haiku-20241022":   ("0.8", "4", "0.08", "1", "1.6", RETIRED),
+    "claude-3-5-sonnet-20241022":  ("3", "15", "0.3", "3.75", "6", RETIRED),
+    "claude-3-7-sonnet-20250219":  ("3", "15", "0.3", "3.75", "6", RETIRED),
+    "claude-sonnet-4-20250514":    ("3", "15", "0.3", "3.75", "6", RETIRED),
+    "claude-opus-4-20250514":      ("15", "75", "1.5", "18.75", "30", RETIRED),
+    "claude-opus-4-1-20250805":    ("15", "75", "1.5", "18.75", "30", RETIRED),
+    "claude-sonnet-4-5":           ("3", "15", "0.3", "3.75", "6", LITELLM),
+    "claude-haiku-4-5":            ("1", "5", "0.1", "1.25", "2", LITELLM),
+    "claude-opus-4-5":             ("5", "25", "0.5", "6.25", "10", LITELLM),
+    "claude-sonnet-4-6":           ("3", "15", "0.3", "3.75", "6", LITELLM),
+    "claude-opus-4-6":             ("5", "25", "0.5", "6.25", "10", LITELLM),
+    "claude-opus-4-7":             ("5", "25", "0.5", "6.25", "10", LITELLM),
+    "claude-opus-4-8":             ("5", "25", "0.5", "6.25", "10", LITELLM),
+    "claude-opus-5":               ("5", "25", "0.5", "6.25", "10", LITELLM),
+    "claude-opus-5-5":             ("4", "20", "0.2", "5", "8", LITELLM),
+    "claude-sonnet-5":             ("2", "10", "0.2", "2.5", "4", LITELLM),
+    "claude-sonnet-5-5":           ("2", "10", "0.1", "2.5", "4", LITELLM),
+    "claude-haiku-5-5":            ("0.1", "0.5", "0.01", "0.125", "0.2", LITELLM),
+    "claude-fable-5-1":            ("10", "50", "0.25", "12.5", "20", LITELLM),
     # gemini
-    "gemini-2.5-pro":              ("1.25", "10", "0.125", None, None),
-    "gemini-2.5-flash":            ("0.3", "2.5", "0.03", None, None),
-    "gemini-2.5-flash-lite":       ("0.1", "0.4", "0.01", None, None),
-    "gemini-3.1-flash-lite":       ("0.25", "1.5", "0.025", None, None),
-    "gemini-3.1-pro-preview":      ("2", "12", "0.2", None, None),
-    "gemini-3.5-flash-lite":       ("0.3", "2.5", "0.03", None, None),
-    "gemini-3.8-flash":            ("0.75", "3.75", "0.075", None, None),
+    "gemini-2.5-pro":              ("1.25", "10", "0.125", None, None, LITELLM),
+    "gemini-2.5-flash":            ("0.3", "2.5", "0.03", None, None, LITELLM),
+    "gemini-2.5-flash-lite":       ("0.1", "0.4", "0.01", None, None, LITELLM),
+    "gemini-3.1-flash-lite":       ("0.25", "1.5", "0.025", None, None, LITELLM),
+    "gemini-3.1-pro-preview":      ("2", "12", "0.2", None, None, LITELLM),
+    "gemini-3.5-flash-lite":       ("0.3", "2.5", "0.03", None, None, LITELLM),
+    "gemini-3.8-flash":            ("0.75", "3.75", "0.075", None, None, LITELLM),
     # mistral
-    "mistral-large-latest":        ("0.5", "1.5", "0.05", None, None),
-    "mistral-medium-latest":       ("1.5", "7.5", "0.15", None, None),
-    "mistral-small-latest":        ("0.15", "0.6", "0.015", None, None),
-    "codestral-latest":            ("0.3", "0.9", "0.03", None, None),
-    "ministral-8b-latest":         ("0.15", "0.15", "0.015", None, None),
-    "mistral-embed":               ("0.1", "0", None, None, None),
+    "mistral-large-latest":        ("0.5", "1.5", "0.05", None, None, LITELLM),
+    "mistral-medium-latest":       ("1.5", "7.5", "0.15", None, None, LITELLM),
+    "mistral-small-latest":        ("0.15", "0.6", "0.015", None, None, LITELLM),
+    "codestral-latest":            ("0.3", "0.9", "0.03", None, None, LITELLM),
+    "ministral-8b-latest":         ("0.15", "0.15", "0.015", None, None, LITELLM),
+    "mistral-embed":               ("0.1", "0", None, None, None, LITELLM),
     # deepseek
-    "deepseek-flash":              ("0.3", "1.2", "0.006", None, None),
-    "deepseek-v4-pro":             ("1.32", "3.96", "0.044", None, None),
-    "deepseek-chat":               ("0.28", "0.42", "0.028", None, None),
-    "deepseek-reasoner":           ("0.28", "0.42", "0.028", None, None),
+    "deepseek-flash":              ("0.3", "1.2", "0.006", None, None, LITELLM),
+    "deepseek-v4-pro":             ("1.32", "3.96", "0.044", None, None, LITELLM),
+    "deepseek-chat":               ("0.28", "0.42", "0.028", None, None, LITELLM),
+    "deepseek-reasoner":           ("0.28", "0.42", "0.028", None, None, LITELLM),
 }
+
+#: Long-context tiers (same sources): model -> (prompt tokens above which the
+#: tier applies, what it charges at its prices, (input, output, cached
+#: input, cache write 5m, cache write 1h)). The prompt is all input: uncached,
+#: cache reads and cache writes. Every provider tier here charges the whole
+#: request ("whole"); "excess" (only the prompt tokens past the threshold)
+#: is for config.yaml.
+BUILTIN_LONG_CONTEXT = {
+    "gpt-5.4":                (272000, "whole", ("5", "22.5", "0.5", None, None)),
+    "gpt-5.5":                (272000, "whole", ("10", "45", "1", None, None)),
+    "gpt-5.5-pro":            (272000, "whole", ("60", "270", None, None, None)),
+    "gpt-5.6":                (272000, "whole", ("8", "30", "0.8", "10", None)),
+    "gpt-6-sol":              (272000, "whole", ("4", "15", "0.4", "5", None)),
+    "gpt-6-luna":             (272000, "whole", ("0.2", "0.75", "0.02", "0.25", None)),
+    "gpt-6-astra":            (272000, "whole", ("20", "75", "2", "25", None)),
+    "gpt-6.1-sol":            (272000, "whole", ("4", "15", "0.2", "5", None)),
+    "gpt-6.1-terra":          (272000, "whole", ("2", "7.5", "0.1", "2.5", None)),
+    "gpt-6.2-sol":            (272000, "whole", ("4", "15", "0.2", "5", None)),
+    "claude-haiku-5-5":       (100000, "whole", ("0.5", "2.5", "0.05", "0.625", "1")),
+    "gemini-2.5-pro":         (200000, "whole", ("2.5", "15", "0.25", None, None)),
+    "gemini-3.1-pro-preview": (200000, "whole", ("4", "18", "0.4", None, None)),
+}
+
+
+def builtin_price_fields(model):
+    """A built-in entry as PRICE_FIELDS and ``long_context``, as config.yaml has them."""
+    fields = dict(zip(PRICE_FIELDS, BUILTIN_PRICES[model]))
+    if model in BUILTIN_LONG_CONTEXT:
+        above_tokens, charge, prices = BUILTIN_LONG_CONTEXT[model]
+        fields["long_context"] = dict(zip(PRICE_FIELDS, prices), above_tokens=above_tokens, charge=charge)
+    return fields
 
 
 @dataclasses.dataclass(frozen=True)
 class Price:
-    """One model's prices in USD per million tokens (Decimal, exact)."""
+    """One model's prices in USD per million tokens (Decimal, exact), and
+    its long-context tier if it has one."""
     input: decimal.Decimal
     output: decimal.Decimal
     cached_input: Optional[decimal.Decimal] = None
     cache_write: Optional[decimal.Decimal] = None
     cache_write_1h: Optional[decimal.Decimal] = None
-    source: str = BUILTIN_PRICES_SOURCE
+    source: str = ""
+    long_context: Optional["LongContextTier"] = None
 
     @classmethod
     def from_fields(cls, fields, source):
-        """Build from a mapping of PRICE_FIELDS names to numbers or None."""
+        """Build from a mapping of PRICE_FIELDS names to numbers or None,
+        and ``long_context`` (LONG_CONTEXT_FIELDS and PRICE_FIELDS) or None."""
         values = {name: None if fields.get(name) is None else decimal.Decimal(str(fields[name]))
                   for name in PRICE_FIELDS}
-        return cls(source=source, **values)
+        tier = fields.get("long_context")
+        if tier is not None:
+            tier = LongContextTier(int(tier["above_tokens"]), tier.get("charge", "whole"),
+                                   cls.from_fields(dict(tier, long_context=None), source))
+        return cls(source=source, long_context=tier, **values)
 
     def as_dict(self):
-        return {name: None if getattr(self, name) is None else float(getattr(self, name))
-                for name in PRICE_FIELDS}
+        prices = {name: None if getattr(self, name) is None else float(getattr(self, name))
+                  for name in PRICE_FIELDS}
+        tier = self.long_context
+        prices["long_context"] = None if tier is None else dict(
+            {name: value for name, value in tier.price.as_dict().items() if name != "long_context"},
+            above_tokens=tier.above_tokens, charge=tier.charge)
+        return prices
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextTier:
+    """Prices for a prompt (all input: uncached, cache reads and writes)
+    longer than ``above_tokens``: ``whole`` charges the whole request at
+    them, ``excess`` only the prompt tokens past the threshold."""
+    above_tokens: int
+    charge: str
+    price: Price
 
 
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -2113,7 +2197,7 @@ class PriceTable:
 
     @classmethod
     def build(cls, config_pricing=None, imported=None):
-        prices = {model: Price.from_fields(dict(zip(PRICE_FIELDS, values)), BUILTIN_PRICES_SOURCE)
+        prices = {model: Price.from_fields(builtin_price_fields(model), values[-1])
                   for model, values in BUILTIN_PRICES.items()}
         for model, (fields, source) in (imported or {}).items():
             prices[model] = Price.from_fields(fields, source)
@@ -2279,19 +2363,56 @@ def anthropic_usage(usage):
 
 
 def cost_nanousd(price, usage):
-    """The cost of ``usage`` at ``price`` in integer nano-dollars.
+    """The cost of ``usage`` at ``price`` in integer nano-dollars (rounded
+    once, half to even).
 
     A missing cache price falls back to the price the tokens would otherwise
     carry: cache reads and writes to input, 1-hour writes to 5-minute writes.
+    A prompt longer than the price's long-context threshold is charged at
+    the tier's prices: all of the request, or (``excess``) the prompt tokens
+    past the threshold, taken in the prompt's order (the cached prefix read,
+    then written, then uncached input).
     """
+    tier = price.long_context
+    if tier is None or usage.request_tokens <= tier.above_tokens:
+        usd_per_mtok_tokens = _usd_per_mtok_tokens(price, usage)
+    elif tier.charge == "whole":
+        usd_per_mtok_tokens = _usd_per_mtok_tokens(tier.price, usage)
+    else:
+        below, above = dataclasses.replace(usage), Usage(output_tokens=0)
+        room = tier.above_tokens
+        for name in ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "input_tokens"):
+            kept = min(getattr(usage, name), room)
+            room -= kept
+            setattr(below, name, kept)
+            setattr(above, name, getattr(usage, name) - kept)
+        usd_per_mtok_tokens = _usd_per_mtok_tokens(price, below) + _usd_per_mtok_tokens(tier.price, above)
+    # USD per million tokens * tokens = micro-dollars; * 1000 = nano-dollars.
+    return int((usd_per_mtok_tokens * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+def _usd_per_mtok_tokens(price, usage):
+    """Tokens times their prices (USD per million tokens), not yet rounded."""
     cached = price.cached_input if price.cached_input is not None else price.input
     write = price.cache_write if price.cache_write is not None else price.input
     write_1h = price.cache_write_1h if price.cache_write_1h is not None else write
-    usd_per_mtok_tokens = (usage.input_tokens * price.input + usage.cache_read_tokens * cached
-                           + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
-                           + usage.output_tokens * price.output)
-    # USD per million tokens * tokens = micro-dollars; * 1000 = nano-dollars.
-    return int((usd_per_mtok_tokens * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+    return (usage.input_tokens * price.input + usage.cache_read_tokens * cached
+            + usage.cache_write_tokens * write + usage.cache_write_1h_tokens * write_1h
+            + usage.output_tokens * price.output)
+
+
+def costliest_input(price):
+    """``price`` with every input token at the costliest input price
+    (uncached, cache read or write) and a long-context tier no cheaper than
+    it: a bound for a prompt not yet split into those kinds."""
+    def dearest(price):
+        return max(value for value in (price.input, price.cached_input, price.cache_write, price.cache_write_1h)
+                   if value is not None)
+    tier = price.long_context
+    if tier is not None:
+        tier = dataclasses.replace(tier, price=Price(max(dearest(tier.price), dearest(price)),
+                                                     max(tier.price.output, price.output)))
+    return Price(dearest(price), price.output, long_context=tier)
 
 
 def price_usage(price, usage):
@@ -3976,18 +4097,22 @@ class Gateway:
     def _worst_case_cost(self, key, route, model, raw, body):
         """For a key with a budget: an upper bound of what this call can cost
         (nano-dollars), reserved before it is forwarded. Input is bounded by
-        the body's size (no token is shorter than a byte), output by the
-        request's own limit or, without one, ``budgets.max_output_tokens``,
-        times the choices asked for (``n``, ``best_of``)."""
+        the body's size (no token is shorter than a byte) at the costliest
+        input price, with the long-context tier that many tokens would reach,
+        output by the request's own limit or, without one,
+        ``budgets.max_output_tokens``, times the choices asked for (``n``,
+        ``best_of``)."""
         if key.max_budget_nanousd is None:
             return None
         if route.usage_parser is None:
             return 0  # nothing billable, but an exhausted budget still stops it
         price = self.prices.lookup(model)
         if price is None:
-            raise PermissionDeniedError("Model %s has no price, and this key has a budget: its spend could not "
-                                        "be bounded (price it under pricing: in config.yaml)" % printable(model)[:100],
-                                        code="model_not_priced")
+            raise PermissionDeniedError(
+                "Model %s has no price, and this key has a budget: its spend could not be bounded. Price it in "
+                "config.yaml: under pricing:, add the line   %s: {input: <USD per 1M input tokens>, output: "
+                "<USD per 1M output tokens>}" % (printable(model)[:256], json.dumps(model[:256])),
+                code="model_not_priced")
         # A count past _MAX_COUNT bounds nothing more; unclamped, a huge one
         # overflowed the float of the refusal's message.
         limit = next((min(body[name], _MAX_COUNT) for name in ("max_tokens", "max_completion_tokens",
@@ -3998,10 +4123,7 @@ class Gateway:
                        and not isinstance(body.get(name), bool) and body[name] > 0] or [1])
         output_tokens = 0 if not route.generates else (
             (limit or self.config.budgets.max_output_tokens) * choices)
-        costliest_input = max(value for value in (price.input, price.cached_input, price.cache_write,
-                                                  price.cache_write_1h) if value is not None)
-        return cost_nanousd(Price(costliest_input, price.output), Usage(input_tokens=len(raw or b""),
-                                                                         output_tokens=output_tokens))
+        return cost_nanousd(costliest_input(price), Usage(input_tokens=len(raw or b""), output_tokens=output_tokens))
 
     def key_info(self, key):
         """What a key may learn about itself: limits, spend, expiry."""

@@ -23,6 +23,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call, free_port,
                       post, reported_tokens, run_cli, wait_until)
@@ -275,6 +276,19 @@ def test_worst_case_covers_every_generated_choice(make_gateway, upstream, path, 
     assert row["reserved_nanousd"] >= worst(raw, completions * 100)
 
 
+@pytest.mark.parametrize("above_tokens, tier_reached", [(-1, True), (0, False)], ids=["reached", "not reached"])
+def test_worst_case_reaches_the_long_context_tier(make_gateway, upstream, above_tokens, tier_reached):
+    """Body bytes bound the prompt: past the tier's threshold, the worst
+    case is at the tier's costliest input price and its output price."""
+    raw = chat_raw("acme-lc", max_tokens=100)
+    tier = {"above_tokens": len(raw) + above_tokens, "input": 5, "output": 7, "cache_write": 9}
+    gateway = make_gateway(pricing={"acme-lc": {"input": 1, "output": 2, "long_context": tier}})
+    _, secret = new_key(gateway, budget_nanousd=10 ** 12)
+    assert send(gateway, raw, secret).status == 200
+    [row] = gateway.rows()
+    assert row["reserved_nanousd"] == (worst(raw, 100, 9, 7) if tier_reached else worst(raw, 100, 1, 2))
+
+
 def budget_burst(targets, gateway, upstream, count=50, admits=10):
     """``count`` concurrent calls spread over ``targets`` with a key whose
     budget admits ``admits`` worst cases (plus half of one)."""
@@ -365,7 +379,13 @@ def test_budgeted_key_refuses_an_unpriced_model(make_gateway, upstream):
     assert reply.status == 403
     error = reply.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("permission_error", "model_not_priced", None)
-    assert "acme-unpriced" in error["message"]
+    # The message names the exact config line to add; filled in, it prices the model.
+    line = '"acme-unpriced": {input: <USD per 1M input tokens>, output: <USD per 1M output tokens>}'
+    assert error["message"] == ("Model acme-unpriced has no price, and this key has a budget: its spend could not "
+                                "be bounded. Price it in config.yaml: under pricing:, add the line   " + line)
+    filled = line.replace("<USD per 1M input tokens>", "1").replace("<USD per 1M output tokens>", "3")
+    priced = llmgw.parse_config(yaml.safe_load("pricing:\n  " + filled))
+    assert llmgw.PriceTable.build(priced.pricing).lookup("acme-unpriced").output == 3
     reply = send(gateway, raw, secret, "/v1/messages", ANTHROPIC_HEADERS)
     assert reply.status == 403
     assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "permission_error"

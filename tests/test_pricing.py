@@ -8,12 +8,13 @@ at cost 0 without failing the call.
 import decimal
 import json
 import math
+import re
 import os
 
 import pytest
 
 import llmgw
-from conftest import ROOT, post
+from conftest import CHAT, MESSAGES, ROOT, body_for, expected_columns, expected_cost, post
 
 D = decimal.Decimal
 PRICES_JSON = os.path.normpath(os.path.join(ROOT, "..", "shared", "prices.json"))
@@ -234,6 +235,18 @@ COST_CASES = [
     ("large counts stay exact", "claude-opus-4-20250514", usage(input=123456789, output=98765432),
      123456789 * 15000 + 98765432 * 75000),
     ("nothing used", "gpt-4o", usage(), 0),
+    # Long-context tiers: the whole request at the tier's prices once the
+    # prompt (uncached + cache reads + cache writes) is past the threshold.
+    ("gpt-6-sol at 272k: standard", "gpt-6-sol", usage(input=272000, output=1000), 272000 * 2000 + 1000 * 10000),
+    ("gpt-6-sol past 272k: all at the tier", "gpt-6-sol", usage(input=272001, output=1000),
+     272001 * 4000 + 1000 * 15000),
+    ("cache reads count toward the threshold", "gpt-6-sol", usage(input=1, read=272000), 4000 + 272000 * 400),
+    ("claude-haiku-5-5 past 100k, 5m and 1h writes apart", "claude-haiku-5-5",
+     usage(input=50000, write=30000, write_1h=20001, output=10), 50000 * 500 + 30000 * 625 + 20001 * 1000 + 10 * 2500),
+    ("gemini-2.5-pro past 200k, cached", "gemini-2.5-pro", usage(input=150000, read=60000, output=100),
+     150000 * 2500 + 60000 * 250 + 100 * 15000),
+    ("gpt-6.2-sol past 272k (OpenAI's model page)", "gpt-6.2-sol", usage(input=300000, read=1000, output=10),
+     300000 * 4000 + 1000 * 200 + 10 * 15000),
 ]
 
 
@@ -256,24 +269,46 @@ def test_cost_nanousd(model, used, expected):
      1000 + 2000),
     ({"input": 1, "output": 2, "cache_write": 4}, usage(write=1, write_1h=1), 4000 + 4000),
     ({"input": 1, "output": 2, "cache_write_1h": 8}, usage(write=1, write_1h=1), 1000 + 8000),
+    # Only the prompt tokens past the threshold at the tier's prices, in the
+    # prompt's order (cache reads, writes, uncached input); output at base.
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "charge": "excess", "input": 3, "output": 4}},
+     usage(input=5, read=8, output=3), (8 + 2) * 1000 + 3 * 3000 + 3 * 2000),
+    ({"input": 1, "output": 2, "cached_input": 0.5,
+      "long_context": {"above_tokens": 10, "charge": "excess", "input": 3, "output": 4, "cached_input": 1.5}},
+     usage(read=15, input=5, output=1), 10 * 500 + 5 * 1500 + 5 * 3000 + 1 * 2000),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "input": 3, "output": 4}},
+     usage(input=10, output=1), 10 * 1000 + 2000),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "input": 3, "output": 4}},
+     usage(input=9, write=1, write_1h=1, output=1), 11 * 3000 + 4000),
 ], ids=["decimal not float", "0.3 exactly", "tiny rounds to zero", "half even up", "half even down",
-        "free cache", "1h falls back to 5m write", "5m falls back to input"])
+        "free cache", "1h falls back to 5m write", "5m falls back to input", "excess in prompt order",
+        "excess cache reads at the tier's cached price", "at the threshold: standard", "whole is the default"])
 def test_cost_of_config_prices(fields, used, expected):
     price = llmgw.PriceTable.build({"m": fields}).lookup("m")
     assert llmgw.cost_nanousd(price, used) == expected
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("gpt-3.5-turbo", ("0.5", "1.5", None, None, None)),
-    ("claude-3-sonnet-20240229", ("3", "15", None, None, None)),
-    ("gpt-4o", ("2.5", "10", "1.25", None, None)),
-    ("claude-3-5-sonnet-20241022", ("3", "15", "0.3", "3.75", "6")),
+@pytest.mark.parametrize("model, expected, source", [
+    ("gpt-3.5-turbo", ("0.5", "1.5", None, None, None), llmgw.LITELLM),
+    ("claude-3-sonnet-20240229", ("3", "15", None, None, None), llmgw.RETIRED),
+    ("gpt-4o", ("2.5", "10", "1.25", None, None), llmgw.LITELLM),
+    ("claude-3-5-sonnet-20241022", ("3", "15", "0.3", "3.75", "6"), llmgw.RETIRED),
+    # Models clients use by default (Codex), missing before 2026-12-03.
+    ("gpt-5-codex", ("1.25", "10", "0.125", None, None), llmgw.LITELLM),
+    ("gpt-5.1-codex", ("1.25", "10", "0.125", None, None), llmgw.LITELLM),
+    ("gpt-6-astra", ("10", "50", "1", "12.5", None), llmgw.LITELLM),
+    ("gpt-6.1-sol", ("2", "10", "0.1", "2.5", None), llmgw.LITELLM),
+    ("gpt-6.1-terra", ("1", "5", "0.05", "1.25", None), llmgw.LITELLM),
+    ("gpt-6.2-sol", ("2", "10", "0.1", "2.5", None), llmgw.OPENAI_MODEL_PAGE),
+    # Claude Code's cost display shows $3/$15; Anthropic's model and pricing
+    # pages say $2/$10 (the announced rise to $3/$15 was called off).
+    ("claude-sonnet-5", ("2", "10", "0.2", "2.5", "4"), llmgw.LITELLM),
 ])
-def test_historical_and_current_list_prices(model, expected):
+def test_historical_and_current_list_prices(model, expected, source):
     price = llmgw.PriceTable.build().lookup(model)
     assert tuple(getattr(price, field) for field in llmgw.PRICE_FIELDS) == tuple(
         None if value is None else D(value) for value in expected)
-    assert price.source == llmgw.BUILTIN_PRICES_SOURCE
+    assert price.source == source
 
 
 def _shared_prices():
@@ -298,16 +333,58 @@ def test_builtin_prices_match_prices_json(model, entry):
         None if value is None else D(str(value)) for value in expected)
 
 
+#: Built-in entries that shared/prices.json (compiled 2026-11-27, read-only
+#: here) does not have, and why: each is a newer published list price.
+NEWER_THAN_PRICES_JSON = {
+    "gpt-5-codex": "Codex's default model; OpenAI's list price as LiteLLM 1.110.2 carries it",
+    "gpt-5.1-codex": "Codex's default model; OpenAI's list price as LiteLLM 1.110.2 carries it",
+    "gpt-6-astra": "OpenAI's list price as LiteLLM 1.110.2 carries it, not yet in prices.json",
+    "gpt-6.1-sol": "published after prices.json (cached input $0.10, half gpt-6-sol's); LiteLLM 1.110.2",
+    "gpt-6.1-terra": "published after prices.json; LiteLLM 1.110.2",
+    "gpt-6.2-sol": "published after LiteLLM 1.110.2 too: OpenAI's model page, read 2026-12-03",
+}
+
+#: Long-context tiers. prices.json's flat fields leave them out (its first
+#: caveat says so); where its notes state one, the built-in tier says the
+#: same (model -> words in the notes). The other built-in tiers are newer
+#: than prices.json: LiteLLM 1.110.2's *_above_272k_tokens prices.
+TIERS_IN_PRICES_JSON_NOTES = {
+    "gpt-5.5": "input>272k tokens billed 10.00 in / 45.00 out / 1.00 cached",
+    "claude-haiku-5-5": "> 100,000 tokens the whole request bills 0.50 in / 2.50 out / 0.625 cw5m / 1.00 cw1h "
+                        "/ 0.05 cache read",
+    "gemini-2.5-pro": "prompts >200k tokens: 2.50 in / 15.00 out / 0.25 cached",
+    "gemini-3.1-pro-preview": "prompts >200k tokens: 4.00 in / 18.00 out",
+}
+
+
 @pytest.mark.skipif(not SHARED_PRICES, reason="../shared/prices.json not found")
-def test_no_builtin_price_outside_prices_json():
-    assert sorted(llmgw.BUILTIN_PRICES) == sorted(model for model, _ in SHARED_PRICES)
+def test_builtin_prices_outside_prices_json_are_the_newer_ones():
+    shared = dict(SHARED_PRICES)
+    assert sorted(set(llmgw.BUILTIN_PRICES) - set(shared)) == sorted(NEWER_THAN_PRICES_JSON)
+    assert set(shared) <= set(llmgw.BUILTIN_PRICES)
+
+
+@pytest.mark.skipif(not SHARED_PRICES, reason="../shared/prices.json not found")
+@pytest.mark.parametrize("model", sorted(llmgw.BUILTIN_LONG_CONTEXT))
+def test_long_context_tiers_agree_with_prices_json_notes(model):
+    shared = dict(SHARED_PRICES)
+    notes = shared.get(model, {}).get("notes", "")
+    if model in TIERS_IN_PRICES_JSON_NOTES:
+        assert TIERS_IN_PRICES_JSON_NOTES[model] in notes
+        above_tokens, charge, prices = llmgw.BUILTIN_LONG_CONTEXT[model]
+        assert charge == "whole" and "%dk" % (above_tokens // 1000) in notes.replace(",000", "k")
+        stated = [D(number) for number in re.findall(r"\d+\.\d+", TIERS_IN_PRICES_JSON_NOTES[model])]
+        assert all(number in {D(price) for price in prices if price is not None} for number in stated)
+    else:
+        assert "272k" not in notes and "TIERED" not in notes  # newer than prices.json
 
 
 def test_builtin_prices_are_well_formed():
     for model, values in llmgw.BUILTIN_PRICES.items():
         assert model == model.lower() == model.strip(), model
-        assert len(values) == len(llmgw.PRICE_FIELDS), model
-        parsed = [None if v is None else D(v) for v in values]
+        assert len(values) == len(llmgw.PRICE_FIELDS) + 1, model
+        assert values[-1] in (llmgw.LITELLM, llmgw.OPENAI_MODEL_PAGE, llmgw.RETIRED), model
+        parsed = [None if v is None else D(v) for v in values[:-1]]
         assert all(v is None or (v.is_finite() and v >= 0) for v in parsed), model
         assert parsed[0] is not None and parsed[1] is not None, model
 
@@ -332,8 +409,8 @@ def test_builtin_prices_are_well_formed():
 def test_lookup_finds(name, model):
     table = llmgw.PriceTable.build()
     assert table.lookup(name) is table.lookup(model) is not None
-    assert table.lookup(name) == llmgw.Price.from_fields(
-        dict(zip(llmgw.PRICE_FIELDS, llmgw.BUILTIN_PRICES[model])), llmgw.BUILTIN_PRICES_SOURCE)
+    assert table.lookup(name) == llmgw.Price.from_fields(llmgw.builtin_price_fields(model),
+                                                         llmgw.BUILTIN_PRICES[model][-1])
 
 
 @pytest.mark.parametrize("name", [
@@ -361,7 +438,7 @@ def test_config_prices_replace_and_add():
     assert tuple(getattr(ft, f) for f in llmgw.PRICE_FIELDS) == (D("0.5"), D("1.5"), D("0.25"), D("0.75"), D(1))
     # Other built-ins are untouched.
     mini = table.lookup("gpt-4o-mini")
-    assert (mini.input, mini.source) == (D("0.15"), llmgw.BUILTIN_PRICES_SOURCE)
+    assert (mini.input, mini.source) == (D("0.15"), llmgw.LITELLM)
     # The built-in table itself is not changed by building another one.
     assert llmgw.PriceTable.build().lookup("gpt-4o").input == D("2.5")
     # Override with cached reads falling back to the overriding input price.
@@ -375,9 +452,9 @@ def test_price_table_items_and_sources():
     sources = {model: price.source for model, price in items.items()}
     assert sources["gpt-4o"] == sources["zz-new"] == "config.yaml"
     assert {source for model, source in sources.items() if model not in ("gpt-4o", "zz-new")} == {
-        llmgw.BUILTIN_PRICES_SOURCE}
+        llmgw.LITELLM, llmgw.OPENAI_MODEL_PAGE, llmgw.RETIRED}
     assert items["zz-new"].as_dict() == {"input": 3.0, "output": 4.0, "cached_input": None, "cache_write": None,
-                                         "cache_write_1h": None}
+                                         "cache_write_1h": None, "long_context": None}
 
 
 # ---- end to end ----------------------------------------------------------------------
@@ -434,3 +511,57 @@ def test_unpriced_model_is_recorded_at_cost_zero(gateway, vkey, upstream):
     totals = gateway.store.usage_stats(group_by="provider")
     assert [(t["provider"], t["requests"], t["unpriced_requests"]) for t in totals] == [("openai", 2, 1)]
     assert math.isclose(totals[0]["estimated_cost"], rows[1]["cost_nanousd"] / 1e9)
+
+
+def test_gateway_charges_long_context_tiers(make_gateway, upstream):
+    """A config tier past every prompt the fake reports (11 tokens or more):
+    whole on chat (cache reads included), excess on Messages (the prompt
+    past the threshold, in order: cache reads, 5m writes, 1h writes, input)."""
+    tier = {"above_tokens": 10, "input": 3, "output": 4, "cached_input": 1.5, "cache_write": 6, "cache_write_1h": 9}
+    gateway = make_gateway(pricing={
+        "acme-whole-cache": {"input": 1, "output": 2, "cached_input": 0.5, "long_context": tier},
+        "acme-excess-cache": {"input": 1, "output": 2, "cached_input": 0.5, "cache_write": 1.25,
+                              "cache_write_1h": 2, "long_context": dict(tier, charge="excess")}})
+    key = gateway.create_key()[1]
+    reply = post(gateway, CHAT, body_for(CHAT, model="acme-whole-cache"), key=key)
+    assert reply.status == 200, reply.body
+    reply = post(gateway, MESSAGES, body_for(MESSAGES, model="acme-excess-cache"), key=key,
+                 headers={"anthropic-version": "2023-06-01"})
+    assert reply.status == 200, reply.body
+    rows = settled(gateway, 2)
+    whole, excess = (expected_columns(report["path"], report["usage"]) for report in upstream.reported)
+    assert whole["cache_read_tokens"] > 0 and whole["request_tokens"] > 10
+    assert rows[0]["cost_nanousd"] == expected_cost(whole, 3, 4, cached=1.5)
+    assert excess["cache_read_tokens"] + excess["cache_write_tokens"] + excess["cache_write_1h_tokens"] > 0
+    room, below, above = 10, {}, {}
+    for column in ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "input_tokens"):
+        below[column] = min(excess[column], room)
+        above[column] = excess[column] - below[column]
+        room -= below[column]
+    usd_per_mtok = (below["cache_read_tokens"] * D("0.5") + below["cache_write_tokens"] * D("1.25")
+                    + below["cache_write_1h_tokens"] * 2 + below["input_tokens"] * 1 + excess["output_tokens"] * 2
+                    + above["cache_read_tokens"] * D("1.5") + above["cache_write_tokens"] * 6
+                    + above["cache_write_1h_tokens"] * 9 + above["input_tokens"] * 3)
+    assert rows[1]["cost_nanousd"] == int((usd_per_mtok * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"input": 1, "output": 2, "long_context": {"input": 3, "output": 4}},
+     "pricing.m.long_context.above_tokens: missing"),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "charge": "part", "input": 3, "output": 4}},
+     "pricing.m.long_context.charge: 'part' is not one of whole, excess"),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 0, "input": 3, "output": 4}},
+     "pricing.m.long_context.above_tokens: expected an integer from 1 to 1000000000000, got 0"),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "input": 3}},
+     "pricing.m.long_context.output: missing"),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 10, "input": -3, "output": 4}},
+     "pricing.m.long_context.input: expected a number from 0 to 1000000, got -3"),
+    ({"input": 1, "output": 2, "long_context": {"above_tokens": 9, "input": 3, "output": 4, "long_context": {}}},
+     "pricing.m.long_context: unknown key 'long_context'"),
+    ({"input": 1, "output": 2, "above_tokens": 9}, "pricing.m: unknown key 'above_tokens'"),
+    ({"input": 1, "output": 2, "long_context": [1]}, "pricing.m.long_context: expected a mapping"),
+])
+def test_bad_long_context_tiers_are_named(entry, message):
+    with pytest.raises(llmgw.ConfigError) as caught:
+        llmgw.parse_config({"pricing": {"m": entry}})
+    assert str(caught.value).startswith(message), str(caught.value)
