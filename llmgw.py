@@ -273,6 +273,12 @@ rate_limits:                       # requests per minute per virtual key, by tie
 
 budgets:
   max_output_tokens: 32768         # worst-case output reserved for a budgeted call without max_tokens
+  admission: strict                # strict: reserve the worst case, refuse a call it does not fit;
+                                   # estimate: reserve body bytes/4 at the input price plus
+                                   # min(max_tokens, typical_output_tokens) at the output price, admit
+                                   # while any budget is left (spend may pass it: README, Budgets)
+  typical_output_tokens: 4096      # estimate: output reserved per call, at most
+  # admission_by_key: {vk_0123456789ab: estimate}   # keys that differ from admission
 
 # alerts:                          # budget threshold alerts, POSTed as JSON
 #   webhook_url: https://hooks.example.com/llmgw   # signed when LLMGW_ALERT_SECRET is set
@@ -316,6 +322,14 @@ class ServerConfig:
 class BudgetsConfig:
     #: Worst-case output for a budgeted call that sets no max_tokens.
     max_output_tokens: int = 32768
+    #: What a budgeted call reserves (BUDGET_ADMISSIONS): ``strict``, its
+    #: worst case, admitted only if that fits; ``estimate``, a typical cost,
+    #: admitted while any budget is left.
+    admission: str = "strict"
+    #: ``estimate``: the output reserved, at most (less if max_tokens is less).
+    typical_output_tokens: int = 4096
+    #: Key id -> admission, for the keys that differ from ``admission``.
+    admission_by_key: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +384,7 @@ PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1
 #: A long-context tier: PRICE_FIELDS and these (``charge`` defaults to whole).
 LONG_CONTEXT_FIELDS = ("above_tokens", "charge")
 LONG_CONTEXT_CHARGES = ("whole", "excess")
+BUDGET_ADMISSIONS = ("strict", "estimate")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 _PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
@@ -426,7 +441,7 @@ def parse_config(document, path=None):
     database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
     if database.synchronous not in ("normal", "full"):
         raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
-    budgets = _parse_dataclass(BudgetsConfig, document.get("budgets"), "budgets")
+    budgets = _parse_budgets(document.get("budgets"))
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
         raise ConfigError("logging.level: %r is not one of %s" % (log.level, ", ".join(_LOG_LEVELS)))
@@ -606,6 +621,21 @@ def _parse_alerts(section):
         if getattr(alerts, name) <= 0:
             raise ConfigError("alerts.%s: must be positive" % name)
     return alerts
+
+
+def _parse_budgets(section):
+    """The budgets section; ``admission_by_key`` maps key ids to an admission."""
+    section = dict(_expect(section, dict, "budgets")) if section is not None else {}
+    by_key = _expect(section.pop("admission_by_key", None) or {}, dict, "budgets.admission_by_key")
+    budgets = _parse_dataclass(BudgetsConfig, section, "budgets")
+    admissions = [("budgets.admission", budgets.admission)]
+    for key_id, admission in by_key.items():
+        check_text(key_id, "budgets.admission_by_key: a key id", max_length=64)
+        admissions.append(("budgets.admission_by_key.%s" % key_id, admission))
+    for where, admission in admissions:
+        if admission not in BUDGET_ADMISSIONS:
+            raise ConfigError("%s: %s is not one of %s" % (where, shown(admission), ", ".join(BUDGET_ADMISSIONS)))
+    return dataclasses.replace(budgets, admission_by_key=dict(by_key))
 
 
 def _parse_rate_limits(section):
@@ -1489,19 +1519,21 @@ class Store:
     # -- usage rows -------------------------------------------------------------
 
     def begin_usage(self, request_id, owner, key_id, provider, endpoint, model, streamed, started_at,
-                    reservation=None):
+                    reservation=None, estimated=False):
         """Write the pending row for an upstream attempt; returns (row id,
         budget period start or None).
 
         With ``reservation`` (nano-dollars, the call's worst-case cost) and a
         budget on the key, the same transaction checks what is left and
         reserves it, so concurrent requests in any number of processes can
-        never spend past the budget. Raises BudgetExceededError.
+        never spend past the budget. An ``estimated`` reservation (budgets
+        admission ``estimate``) is not a bound: it is admitted while any
+        budget is left. Raises BudgetExceededError.
         """
         def begin(conn):
             period_start = None
             if reservation is not None:
-                period_start = _reserve(conn, key_id, reservation, started_at)
+                period_start = _reserve(conn, key_id, reservation, started_at, estimated)
             values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, owner,
                       reservation if period_start is not None else 0, period_start)
             return conn.execute(INSERT_USAGE, values).lastrowid, period_start
@@ -1904,16 +1936,18 @@ def budget_period_bounds(now, period):
     return start.timestamp(), (end.replace(day=1) if period == "monthly" else end).timestamp()
 
 
-def _reserve(conn, key_id, amount, now):
+def _reserve(conn, key_id, amount, now, estimated=False):
     """Reserve ``amount`` against the key's budget inside the caller's
-    transaction; returns the period start, or None for a key without one."""
+    transaction; returns the period start, or None for a key without one.
+    A worst case must fit in what is left; an ``estimated`` amount only
+    needs something left."""
     budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
     if budget is None:
         return None
     start, end = budget_period_bounds(now, period)
     spent, reserved, topup = _period_spend(conn, key_id, start)
     allowance = budget + topup
-    if spent + reserved + amount > allowance or spent + reserved >= allowance:
+    if spent + reserved >= allowance or (not estimated and spent + reserved + amount > allowance):
         when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
         raise BudgetExceededError(
             "Budget exceeded: USD %.6f of USD %.6f %s spent or reserved, this request may cost up to USD %.6f; "
@@ -3709,7 +3743,7 @@ class _Call:
         self.reservation = reservation
         self.row_id, self.period_start = gateway.store.begin_usage(
             self.request_id, gateway.owner, key.id, provider.name, request.path, model, streamed,
-            gateway.clock(), reservation)
+            gateway.clock(), reservation, gateway.budget_admission(key) == "estimate")
         self.settled = False
 
     def settle(self, status, http_status, usage):
@@ -4094,14 +4128,20 @@ class Gateway:
     def requests_per_minute(self, key):
         return key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"])
 
+    def budget_admission(self, key):
+        """How a budgeted call of ``key`` is admitted (BUDGET_ADMISSIONS)."""
+        budgets = self.config.budgets
+        return budgets.admission_by_key.get(key.id, budgets.admission)
+
     def _worst_case_cost(self, key, route, model, raw, body):
-        """For a key with a budget: an upper bound of what this call can cost
-        (nano-dollars), reserved before it is forwarded. Input is bounded by
-        the body's size (no token is shorter than a byte) at the costliest
-        input price, with the long-context tier that many tokens would reach,
-        output by the request's own limit or, without one,
-        ``budgets.max_output_tokens``, times the choices asked for (``n``,
-        ``best_of``)."""
+        """For a key with a budget: what this call reserves (nano-dollars)
+        before it is forwarded. Admission ``strict``: an upper bound, input
+        bounded by the body's size (no token is shorter than a byte) at the
+        costliest input price, output by the request's own limit or, without
+        one, ``budgets.max_output_tokens``. Admission ``estimate``: input at
+        4 bytes a token at the input price, output at most
+        ``budgets.typical_output_tokens``. Both times the choices asked for
+        (``n``, ``best_of``), with the long-context tier the input reaches."""
         if key.max_budget_nanousd is None:
             return None
         if route.usage_parser is None:
@@ -4121,9 +4161,15 @@ class Gateway:
                       and body[name] > 0), None)
         choices = max([min(body[name], _MAX_COUNT) for name in ("n", "best_of") if isinstance(body.get(name), int)
                        and not isinstance(body.get(name), bool) and body[name] > 0] or [1])
-        output_tokens = 0 if not route.generates else (
-            (limit or self.config.budgets.max_output_tokens) * choices)
-        return cost_nanousd(costliest_input(price), Usage(input_tokens=len(raw or b""), output_tokens=output_tokens))
+        budgets = self.config.budgets
+        if self.budget_admission(key) == "estimate":
+            output_limit = min(limit or budgets.typical_output_tokens, budgets.typical_output_tokens)
+            input_tokens = estimate_tokens(len(raw or b""))  # at the input price: no cache kinds yet
+        else:
+            output_limit = limit or budgets.max_output_tokens
+            price, input_tokens = costliest_input(price), len(raw or b"")
+        output_tokens = output_limit * choices if route.generates else 0
+        return cost_nanousd(price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
 
     def key_info(self, key):
         """What a key may learn about itself: limits, spend, expiry."""
@@ -4140,6 +4186,7 @@ class Gateway:
             "budget": None if allowance is None else nanousd_to_usd(allowance),
             "remaining": None if allowance is None else nanousd_to_usd(
                 max(allowance - spend["spent_nanousd"] - spend["reserved_nanousd"], 0)),
+            "budget_admission": self.budget_admission(key),
         })
         return info
 

@@ -855,7 +855,7 @@ def test_key_info_reports_own_limits_and_spend_only(make_gateway, upstream):
                 "models": ["acme-*", "gpt-4o*"], "metadata": {"team": "search"}, "is_active": True,
                 "created_at": record["created_at"], "revoked_at": None, "period_start": llmgw.iso_time(start),
                 "period_end": llmgw.iso_time(end), "spent": usd(cost), "reserved": 0.0, "budget": usd(budget),
-                "remaining": usd(budget - cost)}
+                "remaining": usd(budget - cost), "budget_admission": "strict"}
     assert abs(llmgw.parse_time_bound(record["expires_at"]) - (time.time() + 30 * 86400)) < 5
     for headers in (None, {"x-api-key": secret}):
         reply = key_info(gateway, None if headers else secret, headers=headers)
@@ -1101,3 +1101,106 @@ def test_admin_out_of_range_policy_is_400_and_leaves_keys_listable(make_gateway,
     else:
         assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
         assert listing.json() == {"data": []}
+
+
+# ---- budgets: estimate admission ---------------------------------------------------------
+
+ESTIMATE = {"admission": "estimate", "typical_output_tokens": 30}
+
+
+def estimate(raw, output_tokens, price_in=IN, price_out=OUT):
+    """The documented estimate in nano-USD: body bytes / 4 (rounded up) as
+    input tokens at the input price, the output reserved at the output price."""
+    return (-(-len(raw) // 4) * price_in + output_tokens * price_out) * 1000
+
+
+@pytest.mark.parametrize("fields, output_tokens", [
+    ({"max_tokens": 100}, 30), ({"max_tokens": 20}, 20), ({}, 30), ({"max_tokens": 100, "n": 3}, 90),
+    ({"max_completion_tokens": 10 ** 30}, 30),
+], ids=["typical below max_tokens", "max_tokens below typical", "no max_tokens", "n choices", "huge limit"])
+def test_estimate_reserves_bytes_over_four_and_typical_output(make_gateway, upstream, fields, output_tokens):
+    gateway = make_gateway(pricing=PRICES, budgets=ESTIMATE)
+    key_id, secret = new_key(gateway, budget_nanousd=10 ** 12)
+    raw = json.dumps(dict({"model": "acme-1", "messages": [{"role": "user", "content": "hi" * 50}]},
+                          **fields)).encode()
+    assert send(gateway, raw, secret).status == 200
+    [entry] = upstream.reported
+    [row] = gateway.rows()
+    assert row["reserved_nanousd"] == estimate(raw, output_tokens)
+    assert row["cost_nanousd"] == real_cost(entry)
+    assert spend_rows(gateway.db_path, key_id)[0][1:] == (real_cost(entry), 0, 0)
+
+
+def test_estimate_admits_while_any_budget_is_left_then_stops(make_gateway, upstream):
+    """A budget far below one call's worst case (strict refuses it) and
+    its estimate: estimate admits the call while anything is left; the
+    overshoot is that call's real cost beyond what was left; the next call
+    is refused."""
+    raw = chat_raw(max_tokens=100)
+    budget = estimate(raw, 30) // 2
+    strict = make_gateway(pricing=PRICES)
+    _, strict_secret = new_key(strict, budget_nanousd=budget)
+    assert_budget_refusal(send(strict, raw, strict_secret))
+    gateway = make_gateway(pricing=PRICES, budgets=ESTIMATE, db_name="estimate.db")
+    key_id, secret = new_key(gateway, budget_nanousd=budget)
+    assert key_info(gateway, secret).json()["budget_admission"] == "estimate"
+    assert send(gateway, raw, secret).status == 200
+    [entry] = upstream.reported
+    spent = real_cost(entry)
+    assert spend_rows(gateway.db_path, key_id)[0][1:] == (spent, 0, 0)
+    assert spent > budget  # admitted on what was left: the overshoot is this call's cost beyond it
+    info = key_info(gateway, secret).json()
+    assert (info["spent"], info["remaining"]) == (usd(spent), 0.0)
+    assert_budget_refusal(send(gateway, raw, secret))
+    assert len(upstream.requests) == 1
+
+
+def test_estimate_admits_one_call_of_concurrent_ones_on_a_nearly_spent_budget(make_gateway, upstream):
+    """One nano-dollar left and twenty calls at once: the first reservation
+    (or, once settled, its cost) uses it up, whatever the timing, so the
+    overshoot is one call's real cost."""
+    gateway = make_gateway(pricing=PRICES, budgets=ESTIMATE)
+    key_id, secret = new_key(gateway, budget_nanousd=1)
+    raw = chat_raw("acme-1-slow", max_tokens=100)
+    replies = concurrently(20, lambda i: send(gateway, raw, secret))
+    assert sorted(reply.status for reply in replies) == [200] + [429] * 19
+    for reply in replies:
+        if reply.status != 200:
+            assert_budget_refusal(reply)
+    [entry] = upstream.reported
+    assert spend_rows(gateway.db_path, key_id)[0][1:] == (real_cost(entry), 0, 0)
+
+
+def test_admission_per_key_overrides_the_global_one(make_gateway, upstream):
+    raw = chat_raw(max_tokens=100)
+    budget = estimate(raw, 30) // 2
+    gateway = make_gateway(pricing=PRICES)  # strict
+    strict_id, strict_secret = new_key(gateway, budget_nanousd=budget)
+    estimate_id, estimate_secret = new_key(gateway, budget_nanousd=budget)
+    gateway.stop()
+    gateway = make_gateway(pricing=PRICES, budgets={"admission_by_key": {estimate_id: "estimate"},
+                                                    "typical_output_tokens": 30})
+    assert [key_info(gateway, secret).json()["budget_admission"] for secret in (strict_secret, estimate_secret)] == [
+        "strict", "estimate"]
+    assert_budget_refusal(send(gateway, raw, strict_secret))
+    assert send(gateway, raw, estimate_secret).status == 200
+    [row] = gateway.rows()
+    assert (row["virtual_key_id"], row["reserved_nanousd"]) == (estimate_id, estimate(raw, 30))
+    # Globally estimate, one key strict.
+    gateway.stop()
+    gateway = make_gateway(pricing=PRICES, budgets={"admission": "estimate",
+                                                    "admission_by_key": {strict_id: "strict"}})
+    assert_budget_refusal(send(gateway, raw, strict_secret))
+    assert key_info(gateway, strict_secret).json()["budget_admission"] == "strict"
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ({"admission": "optimistic"}, "budgets.admission: 'optimistic' is not one of strict, estimate"),
+    ({"admission_by_key": {"vk_1": "loose"}}, "budgets.admission_by_key.vk_1: 'loose' is not one of strict, estimate"),
+    ({"admission_by_key": ["vk_1"]}, "budgets.admission_by_key: expected a mapping"),
+    ({"typical_output_tokens": 0}, "budgets.typical_output_tokens: expected an integer from 1"),
+])
+def test_bad_admission_settings_are_named(budgets, message):
+    with pytest.raises(llmgw.ConfigError) as caught:
+        llmgw.parse_config({"budgets": budgets})
+    assert str(caught.value).startswith(message), str(caught.value)
