@@ -7,6 +7,19 @@ Run it from the repository root (standard library only; not collected by pytest)
     python tests/bench.py --quick      # smoke run, about 30 seconds
     python tests/bench.py --duration 10 --loadgen python --requests 50000
     python tests/bench.py --workers 2   # two gateway processes sharing the port (SO_REUSEPORT)
+    python tests/bench.py --streams 1000,10000                  # concurrent 10 s streams
+    python tests/bench.py --streams 10000 --non-streamed        # concurrent calls waiting 10 s
+
+``--streams N[,N...]`` is a capacity run instead of the throughput run: per level, N calls start
+evenly over ``--ramp`` (2) seconds from an asyncio client (``_calls`` mode, one process on the load
+core), each a stream of ``--call-events`` (40) events paced over ``--call-seconds`` (10) by the
+fake upstream (or, with ``--non-streamed``, a completion the upstream answers after that long),
+against the upstream directly, the gateway (default config; ``--gateway-setting threads=4096``
+changes one) and the naive proxy, one after the other. Per target and level it reports calls
+completed and failed (with reasons), first-event p50/p99/max (the whole answer when not streamed),
+whole-call p99, and for the gateway and the naive proxy their peak RSS and threads (sampled
+every 50 ms) and CPU per relayed event (per call when not streamed). Every process gets a
+file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
 
 What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
 
@@ -135,8 +148,9 @@ def parse_response(buf):
 
 # ==== The fake upstream (``_upstream`` mode) ================================================
 
-def upstream_main(events, gap_ms):
-    """Serve the fake OpenAI API on 127.0.0.1 (ephemeral port, printed on stdout)."""
+def upstream_main(events, gap_ms, reply_delay_ms=0.0):
+    """Serve the fake OpenAI API on 127.0.0.1 (ephemeral port, printed on stdout). Streams
+    pace their events ``gap_ms`` apart; non-streamed answers wait ``reply_delay_ms``."""
     import asyncio  # here, so the naive proxy's process does not carry it
     completion = json.dumps({
         "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": MODEL,
@@ -202,6 +216,11 @@ def upstream_main(events, gap_ms):
                     self.stream(bool(usage_re.search(body)), close)
                     if self.busy:
                         break
+                elif reply_delay_ms > 0:
+                    self.busy = True
+                    self.buf = buf
+                    asyncio.get_running_loop().call_later(reply_delay_ms / 1000.0, self.delayed, close)
+                    return
                 else:
                     self.transport.write(reply_close if close else reply)
                 if close:
@@ -209,6 +228,16 @@ def upstream_main(events, gap_ms):
                     buf = b""
                     break
             self.buf = buf
+
+        def delayed(self, close):
+            self.busy = False
+            if self.transport.is_closing():
+                return
+            self.transport.write(reply_close if close else reply)
+            if close:
+                self.transport.close()
+            else:
+                self.process()
 
         def stream(self, with_usage, close):
             tail = ([usage_chunk] if with_usage else []) + [done_chunk]
@@ -221,7 +250,8 @@ def upstream_main(events, gap_ms):
                     write(piece)
                 return
             self.busy = True
-            pieces = [stream_head + stream_chunks[0]] + stream_chunks[1:] + tail
+            pieces = [stream_head + stream_chunks[0]] + stream_chunks[1:]
+            pieces[-1] += b"".join(tail)  # the end rides with the last event
             loop = asyncio.get_running_loop()
 
             def step(index=0):
@@ -281,16 +311,39 @@ def naive_main(upstream_port, db_path):
             local.upstream.request("POST", self.path, body, {"Content-Type": "application/json",
                                                              "Authorization": "Bearer " + PROVIDER_KEY})
             answer = local.upstream.getresponse()
+            if answer.getheader("Content-Type", "").startswith("text/event-stream"):
+                self.relay(answer)
+                return
             data = answer.read()
-            usage = json.loads(data).get("usage", {})
-            with db_lock:
-                db.execute("INSERT INTO usage (at, prompt, completion) VALUES (?, ?, ?)",
-                           (time.time(), usage.get("prompt_tokens"), usage.get("completion_tokens")))
+            self.record(json.loads(data).get("usage", {}))
             self.send_response(answer.status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def relay(self, answer):
+            """A stream, relayed piece by piece as it arrives (chunked), then one row."""
+            self.send_response(answer.status)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            usage = {}
+            while True:
+                data = answer.read1(65536)
+                if not data:
+                    break
+                for line in data.split(b"\n") if b'"usage"' in data else ():
+                    if line.startswith(b"data: {") and b'"usage"' in line:
+                        usage = json.loads(line[6:]).get("usage") or usage
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+            self.record(usage)
+
+        def record(self, usage):
+            with db_lock:
+                db.execute("INSERT INTO usage (at, prompt, completion) VALUES (?, ?, ?)",
+                           (time.time(), usage.get("prompt_tokens"), usage.get("completion_tokens")))
 
         def log_message(self, *args):
             pass
@@ -399,6 +452,95 @@ def loadgen_main(port, connections, duration, request_hex):
                "latencies_us": [int(x * 1e6) for x in latencies]}, sys.stdout)
 
 
+# ==== The concurrent-calls client (``_calls`` mode) ===========================================
+
+def calls_client_main(port, count, ramp, timeout, request_hex):
+    """Open ``count`` connections spread evenly over ``ramp`` seconds, each sending one request
+    and reading its whole answer (asyncio, one process); JSON out: per call, whether it
+    completed, the time to its first SSE event (or to the whole answer when not streamed), to
+    its end, and why it failed."""
+    import asyncio
+    request = bytes.fromhex(request_hex)
+    streamed = b'"stream":true' in request
+    perf = time.perf_counter
+    firsts, totals, failures = [], [], {}
+
+    def fail(reason):
+        failures[reason] = failures.get(reason, 0) + 1
+
+    class Call(asyncio.Protocol):
+        def __init__(self, done):
+            self.done, self.buf, self.first, self.over = done, b"", None, False
+            self.head_end = -1
+
+        def connection_made(self, transport):
+            self.transport = transport
+            self.t0 = perf()
+            transport.write(request)
+            self.timer = asyncio.get_running_loop().call_later(timeout, self.finish, "timeout")
+
+        def data_received(self, data):
+            self.buf += data
+            if self.head_end < 0:
+                self.head_end = self.buf.find(b"\r\n\r\n")
+                if self.head_end < 0:
+                    return
+            if self.first is None and self.buf.find(b"data:", self.head_end) >= 0:
+                self.first = perf() - self.t0
+            if b"transfer-encoding: chunked" in self.buf[:self.head_end].lower() and \
+                    not self.buf.endswith(b"\r\n0\r\n\r\n"):
+                return
+            parsed = parse_response(self.buf)
+            if parsed is not None:
+                self.check(parsed[1], parsed[2])
+
+        def check(self, status, body):
+            if status != 200:
+                self.finish("HTTP %d" % status)
+            elif streamed and not body.rstrip().endswith(b"data: [DONE]"):
+                self.finish("stream without [DONE]")
+            elif not streamed and b'"usage"' not in body:
+                self.finish("answer without usage")
+            else:
+                total = perf() - self.t0
+                firsts.append(self.first if streamed else total)
+                totals.append(total)
+                self.finish(None)
+
+        def finish(self, reason):
+            if self.over:
+                return
+            self.over = True
+            self.timer.cancel()
+            if reason is not None:
+                fail(reason)
+            self.transport.close()
+            self.done.set_result(None)
+
+        def connection_lost(self, exc):
+            self.finish("closed before the end" if self.buf else "closed without an answer")
+
+    async def one(delay):
+        await asyncio.sleep(delay)
+        done = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: Call(done), "127.0.0.1", port)
+        except OSError as exc:
+            fail("connect: %s" % (exc.strerror or type(exc).__name__))
+            return
+        await done
+
+    async def run():
+        await asyncio.gather(*(one(ramp * index / count) for index in range(count)))
+
+    started = perf()
+    asyncio.run(run())
+    firsts.sort()
+    totals.sort()
+    json.dump({"completed": len(totals), "failures": failures, "elapsed": perf() - started,
+               "first_ms": [x * 1000 for x in firsts], "total_ms": [x * 1000 for x in totals]}, sys.stdout)
+
+
 # ==== Process management =====================================================================
 
 class Processes:
@@ -407,10 +549,17 @@ class Processes:
     def __init__(self):
         self.procs = []
 
-    def start(self, args, cpu=None, **kwargs):
+    def start(self, args, cpu=None, nofile=None, **kwargs):
         def preexec():
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})
+            if nofile is not None:  # a higher hard limit needs root; otherwise the soft one rises to it
+                import resource
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (max(nofile, hard), max(nofile, hard)))
+                except (ValueError, OSError):
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         proc = subprocess.Popen(args, start_new_session=True, preexec_fn=preexec, **kwargs)
         self.procs.append(proc)
         return proc
@@ -502,6 +651,55 @@ def cpu_seconds(leader):
         except OSError:
             pass
     return total / CLK_TCK
+
+
+def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None):
+    """The gateway (``python llmgw.py``, or ``cli.py serve --workers N``) with a fresh config and
+    database in ``workdir`` and one virtual key; returns (process, port, key, database path)."""
+    gw_port = free_port()
+    config_path = os.path.join(workdir, "config.yaml")
+    db_path = os.path.join(workdir, "gateway.db")
+    config = {"server": dict(server or {}, host="127.0.0.1", port=gw_port),
+              "providers": {"openai": {"base_url": "http://127.0.0.1:%d" % up_port}},
+              "logging": {"level": "WARNING", "file": os.path.join(workdir, "gateway.log")}}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)  # JSON is YAML
+    os.chmod(config_path, 0o600)
+    env = dict(os.environ, CONFIG_PATH=config_path, DB_PATH=db_path, OPENAI_API_KEY=PROVIDER_KEY)
+    env.pop("LLMGW_ADMIN_TOKEN", None)
+    for command in (["init"], ["keys", "create", "bench", "--rpm", "100000000", "--output", "json"]):
+        created = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py")] + command,
+                                 env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+        if created.returncode != 0:
+            raise RuntimeError("cli.py %s failed: %s%s" % (command[0], created.stdout, created.stderr))
+    vkey = json.loads(created.stdout)["key"]
+    command = ([os.path.join(ROOT, "llmgw.py")] if workers == 1 else
+               [os.path.join(ROOT, "cli.py"), "serve", "--workers", str(workers)])
+    with open(os.path.join(workdir, "gateway.stderr"), "wb") as gw_stderr:
+        gw = procs.start([sys.executable] + command, cpu=cpu, nofile=nofile, env=env, cwd=workdir,
+                         stdout=gw_stderr, stderr=subprocess.STDOUT)
+    wait_for_port(gw_port, gw)
+    return gw, gw_port, vkey, db_path
+
+
+def start_upstream(procs, cpu, events, gap_ms, reply_delay_ms=0.0, nofile=None):
+    """The fake upstream (``_upstream`` mode); returns its port after a sanity request."""
+    up = procs.start([sys.executable, os.path.abspath(__file__), "_upstream", str(events), str(gap_ms),
+                      str(reply_delay_ms)], cpu=cpu, nofile=nofile, stdout=subprocess.PIPE)
+    line = up.stdout.readline()
+    if not line.strip():
+        raise RuntimeError("the fake upstream did not start")
+    return int(line)
+
+
+def start_naive(procs, cpu, up_port, workdir, nofile=None):
+    """The naive reference proxy (``_naive`` mode); returns (process, port)."""
+    naive = procs.start([sys.executable, os.path.abspath(__file__), "_naive", str(up_port),
+                         os.path.join(workdir, "naive.db")], cpu=cpu, nofile=nofile, stdout=subprocess.PIPE)
+    line = naive.stdout.readline()
+    if not line.strip():
+        raise RuntimeError("the naive reference proxy did not start")
+    return naive, int(line)
 
 
 # ==== Load runs =============================================================================
@@ -675,6 +873,127 @@ def fmt_ms(value):
     return "%.3f" % value if value < 10 else "%.1f" % value
 
 
+def process_threads(leader):
+    """Threads of ``leader``'s whole process group."""
+    total = 0
+    for pid in group_pids(leader):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Threads:")), 0)
+        except OSError:
+            pass
+    return total
+
+
+def run_calls(procs, cpu, port, key, body, count, ramp, timeout, server=None):
+    """One level of concurrent calls through the ``_calls`` client, sampling ``server``'s memory
+    and threads every 50 ms; returns the client's counts and percentiles, peak RSS and threads,
+    and the server's CPU seconds during the level."""
+    request = build_request(port, key, body)
+    out_path = os.path.join(tempfile.gettempdir(), "llmgw-calls-%d.json" % os.getpid())
+    peak_rss = peak_threads = 0
+    cpu0 = cpu_seconds(server.pid) if server is not None else 0.0
+    with open(out_path, "wb") as out:
+        client = procs.start([sys.executable, os.path.abspath(__file__), "_calls", str(port), str(count),
+                              str(ramp), str(timeout), request.hex()], cpu=cpu, nofile=count + 1024, stdout=out)
+    deadline = time.monotonic() + ramp + timeout + 60
+    while client.poll() is None:
+        if server is not None:
+            peak_rss = max(peak_rss, rss_kb(server.pid))
+            peak_threads = max(peak_threads, process_threads(server.pid))
+        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            procs.stop(client)
+            raise RuntimeError("the calls client hung")
+    cpu_used = cpu_seconds(server.pid) - cpu0 if server is not None else float("nan")
+    procs.stop(client)
+    with open(out_path, "rb") as f:
+        r = json.loads(f.read() or b"{}")
+    os.unlink(out_path)
+    if "completed" not in r:
+        raise RuntimeError("the calls client failed")
+
+    def pct(values, p):
+        return values[min(len(values) - 1, int(len(values) * p / 100.0))] if values else float("nan")
+    return {"completed": r["completed"], "failed": count - r["completed"], "failures": r["failures"],
+            "first_p50": pct(r["first_ms"], 50), "first_p99": pct(r["first_ms"], 99),
+            "first_max": r["first_ms"][-1] if r["first_ms"] else float("nan"),
+            "total_p99": pct(r["total_ms"], 99), "rss_mb": peak_rss / 1024.0, "threads": peak_threads,
+            "cpu_s": cpu_used}
+
+
+def calls_main(args, levels, gw_cpu, load_cpu, pinning):
+    """``--streams N[,N...]``: concurrent long calls against the upstream directly, the gateway and
+    the naive proxy, level by level, one target at a time."""
+    streamed = not args.non_streamed
+    events = args.call_events
+    gap_ms = args.call_seconds * 1000.0 / events if streamed else 0.0
+    delay_ms = 0.0 if streamed else args.call_seconds * 1000.0
+    body = STREAM_BODY if streamed else CHAT_BODY
+    nofile = 4 * max(levels) + 1024
+    settings = {}
+    for setting in args.gateway_setting:
+        name, _, value = setting.partition("=")
+        settings[name] = int(value) if value.isdigit() else value
+    timeout = args.call_seconds * 6 + 30
+    print("llmgw benchmark: concurrent %s" % ("streams of %d events over %.0f s" % (events, args.call_seconds)
+                                             if streamed else "non-streamed calls answered after %.0f s"
+                                             % args.call_seconds))
+    print("machine:   %s" % machine_info())
+    print("pinning:   %s" % pinning)
+    print("load:      %s (load average before the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
+    print("gateway:   default config%s" % ("".join(", %s=%s" % kv for kv in settings.items())))
+    print("client:    asyncio, one process, calls started evenly over %.1f s, %.0f s timeout" % (args.ramp, timeout))
+    print(flush=True)
+    procs = Processes()
+    workdir = tempfile.mkdtemp(prefix="llmgw-bench-")
+    rows = []
+    try:
+        up_port = start_upstream(procs, load_cpu, events, gap_ms, delay_ms, nofile=nofile)
+        gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers, settings,
+                                                   nofile=nofile)
+        naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir, nofile=nofile)
+        targets = (("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
+                   ("naive", naive_port, "-", naive))
+        for count in levels:
+            for name, port, key, server in targets:
+                if server is not None and server.poll() is not None:
+                    raise RuntimeError("the %s exited with code %s" % (name, server.returncode))
+                r = run_calls(procs, load_cpu, port, key, body, count, args.ramp, timeout, server)
+                r["cpu_us"] = r["cpu_s"] * 1e6 / (r["completed"] * (events if streamed else 1) or 1)
+                rows.append((name, count, r))
+                print("  %-7s %6d calls: %6d completed, %5d failed %s" % (
+                    name, count, r["completed"], r["failed"], r["failures"] or ""), flush=True)
+                time.sleep(2)  # let the closed connections go
+        with sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=10) as conn:
+            by_status = dict(conn.execute("SELECT status, COUNT(*) FROM usage GROUP BY 1").fetchall())
+        print()
+        print("| target | calls | completed | failed | first p50 ms | first p99 ms | first max ms | whole p99 s "
+              "| peak RSS MB | peak threads | CPU/%s µs |" % ("event" if streamed else "call"))
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, count, r in rows:
+            server = name != "direct"
+            print("| %s | %d | %d | %d | %s | %s | %s | %.1f | %s | %s | %s |" % (
+                name, count, r["completed"], r["failed"], fmt_ms(r["first_p50"]), fmt_ms(r["first_p99"]),
+                fmt_ms(r["first_max"]), r["total_p99"] / 1000.0, "%.0f" % r["rss_mb"] if server else "-",
+                r["threads"] if server else "-", "%.0f" % r["cpu_us"] if server else "-"))
+        print()
+        print("Gateway usage rows by status: %s" % by_status)
+        failures = {"%s %d" % (name, count): r["failures"] for name, count, r in rows if r["failures"]}
+        print("Failures: %s" % (failures or "none"))
+        print("load:      %s (load average after the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print("\nbenchmark failed: %s: %s" % (type(exc).__name__, exc), file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0,
@@ -696,6 +1015,17 @@ def main():
     parser.add_argument("--workers", type=int, default=1,
                         help="gateway processes (cli.py serve --workers N); with more than one, the gateway "
                              "may run on every core")
+    parser.add_argument("--streams", metavar="N[,N...]",
+                        help="instead of the runs above: N concurrent calls per level, each lasting "
+                             "--call-seconds at the provider, against the upstream directly, the gateway "
+                             "(default config) and the naive proxy in one run")
+    parser.add_argument("--non-streamed", action="store_true",
+                        help="with --streams: non-streamed calls whose provider answers after --call-seconds")
+    parser.add_argument("--call-seconds", type=float, default=10.0, help="with --streams: length of a call (10)")
+    parser.add_argument("--call-events", type=int, default=40, help="with --streams: events per stream (40)")
+    parser.add_argument("--ramp", type=float, default=2.0, help="with --streams: seconds over which calls start (2)")
+    parser.add_argument("--gateway-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="with --streams: a server setting for the gateway (repeatable), e.g. threads=4096")
     args = parser.parse_args()
     if args.quick:
         args.duration = min(args.duration, 1.0)
@@ -718,6 +1048,8 @@ def main():
     else:
         gw_cpu = load_cpu = None
         pinning = "none (%s)" % ("--no-pin" if args.no_pin else "fewer than 2 CPUs or no sched_setaffinity")
+    if args.streams:
+        return calls_main(args, [int(n) for n in args.streams.split(",")], gw_cpu, load_cpu, pinning)
     kind = args.loadgen
     if kind == "auto":
         kind = "wrk" if shutil.which("wrk") else "python"
@@ -745,12 +1077,7 @@ def main():
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         # -- upstream ------------------------------------------------------------------------
-        up = procs.start([sys.executable, os.path.abspath(__file__), "_upstream", str(args.stream_events),
-                          str(args.stream_gap_ms)], cpu=load_cpu, stdout=subprocess.PIPE)
-        line = up.stdout.readline()
-        if not line.strip():
-            raise RuntimeError("the fake upstream did not start")
-        up_port = int(line)
+        up_port = start_upstream(procs, load_cpu, args.stream_events, args.stream_gap_ms)
         status, body = one_request(up_port, PROVIDER_KEY, CHAT_BODY)
         if status != 200 or json.loads(body)["usage"]["total_tokens"] != 20:
             raise RuntimeError("fake upstream sanity request: HTTP %d %r" % (status, body[:300]))
@@ -758,30 +1085,7 @@ def main():
         loadgen = LoadGen(kind, procs, load_cpu, workdir)
 
         # -- gateway ---------------------------------------------------------------------------
-        gw_port = free_port()
-        config_path = os.path.join(workdir, "config.yaml")
-        db_path = os.path.join(workdir, "gateway.db")
-        config = {"server": {"host": "127.0.0.1", "port": gw_port},
-                  "providers": {"openai": {"base_url": "http://127.0.0.1:%d" % up_port}},
-                  "logging": {"level": "WARNING", "file": os.path.join(workdir, "gateway.log")}}
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)  # JSON is YAML
-        os.chmod(config_path, 0o600)
-        env = dict(os.environ, CONFIG_PATH=config_path, DB_PATH=db_path, OPENAI_API_KEY=PROVIDER_KEY)
-        env.pop("LLMGW_ADMIN_TOKEN", None)
-        for command in (["init"], ["keys", "create", "bench", "--rpm", "100000000", "--output", "json"]):
-            created = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py")] + command,
-                                     env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
-            if created.returncode != 0:
-                raise RuntimeError("cli.py %s failed: %s%s" % (command[0], created.stdout, created.stderr))
-        vkey = json.loads(created.stdout)["key"]
-        gw_stderr = open(os.path.join(workdir, "gateway.stderr"), "wb")
-        command = ([os.path.join(ROOT, "llmgw.py")] if args.workers == 1 else
-                   [os.path.join(ROOT, "cli.py"), "serve", "--workers", str(args.workers)])
-        gw = procs.start([sys.executable] + command, cpu=gw_cpu, env=env, cwd=workdir,
-                         stdout=gw_stderr, stderr=subprocess.STDOUT)
-        wait_for_port(gw_port, gw)
-        time.sleep(0.3)
+        gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers)
         rss_idle = rss_kb(gw.pid)
         gw_sent = 0  # requests sent to the gateway, for the usage-row check
 
@@ -802,12 +1106,7 @@ def main():
         def track_peak():
             peak["rss"] = max(peak["rss"], rss_kb(gw.pid))
         # -- the naive reference proxy, on the gateway's core ------------------------------------
-        naive = procs.start([sys.executable, os.path.abspath(__file__), "_naive", str(up_port),
-                             os.path.join(workdir, "naive.db")], cpu=gw_cpu, stdout=subprocess.PIPE)
-        line = naive.stdout.readline()
-        if not line.strip():
-            raise RuntimeError("the naive reference proxy did not start")
-        naive_port = int(line)
+        naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir)
         time.sleep(0.3)
         naive_rss_idle = rss_kb(naive.pid)
 
@@ -894,7 +1193,6 @@ def main():
             problems.append("the gateway exited with code %s during the run" % gw.returncode)
         gw_cpu_total = cpu_seconds(gw.pid) if gw.poll() is None else float("nan")
         procs.stop(gw)
-        gw_stderr.close()
         with open(os.path.join(workdir, "gateway.stderr"), "rb") as f:
             gw_output = f.read().decode(errors="replace").strip()
         log_path = os.path.join(workdir, "gateway.log")
@@ -993,9 +1291,11 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
-        upstream_main(int(sys.argv[2]), float(sys.argv[3]))
+        upstream_main(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
     elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
         loadgen_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_calls":
+        calls_client_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
     elif len(sys.argv) > 1 and sys.argv[1] == "_naive":
         naive_main(int(sys.argv[2]), sys.argv[3])
     else:
