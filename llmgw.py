@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import errno
 import fnmatch
 import hashlib
 import hmac
@@ -228,7 +229,9 @@ server:
   host: 0.0.0.0
   port: 8000
   # threads: 256                   # threads serving requests; each open stream holds one
-  # max_connections: 1024          # open client connections; beyond: 503 + Retry-After
+  # max_connections: 16384         # open client connections; beyond: 503 + Retry-After
+  # max_in_flight: 10000           # calls at providers at once; beyond: 503 + Retry-After
+  # queue_timeout: 5               # seconds a request may wait for a thread; then 503
   # max_connections_per_address: 256  # open connections from one client address; beyond: 429
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
   # body_buffer_bytes: 268435456   # large bodies being received, in total (one key: a quarter); beyond: 503 / 429
@@ -300,8 +303,10 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     threads: int = 256                  # threads serving requests (streams included)
-    max_connections: int = 1024
+    max_connections: int = 16384
     max_connections_per_address: int = 256   # one client's share of max_connections
+    max_in_flight: int = 10000          # proxied calls between their pending and settled rows
+    queue_timeout: float = 5.0          # a whole request waiting for a worker
     max_body_bytes: int = 10 * 1024 * 1024
     body_buffer_bytes: int = 256 * 1024 * 1024  # large bodies being received at once; one key: a quarter
     max_header_bytes: int = 32 * 1024
@@ -2613,6 +2618,9 @@ class Provider:
                     raise
                 if isinstance(exc, socket.timeout):
                     raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
+                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise ServiceUnavailableError("The gateway has no file descriptor to spare; retry shortly",
+                                                  code="gateway_full", headers=[("retry-after", "1")]) from None
                 if reused and attempt == 1 and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                     continue
                 raise UpstreamError("provider %s is unreachable (%s)" % (self.name, type(exc).__name__),
@@ -3501,6 +3509,10 @@ METRICS = {
     "llmgw_connections_max": ("gauge", "server.max_connections."),
     "llmgw_worker_threads": ("gauge", "Worker threads running (this process)."),
     "llmgw_workers_busy": ("gauge", "Worker threads serving a request (this process)."),
+    "llmgw_calls_in_flight": ("gauge", "Calls between their pending and settled rows (this process)."),
+    "llmgw_capacity_refusals_total": ("counter", "Requests answered 503 because the gateway was full: "
+                                                 "connections, calls in flight, file descriptors or "
+                                                 "queue_timeout (this process)."),
 }
 _LATENCY_METRICS = {"total": "llmgw_request_duration_seconds", "first_byte": "llmgw_upstream_first_byte_seconds",
                     "overhead": "llmgw_gateway_overhead_seconds"}
@@ -3748,9 +3760,10 @@ class _Call:
 
     def settle(self, status, http_status, usage):
         """Price and record the outcome; committed when this returns. Never
-        raises, and the key's request in flight is released whatever
-        happens. A database failure is logged: the client's answer is
-        already paid for, and the pending row marks the attempt."""
+        raises, and the key's request in flight and the gateway's place
+        among calls in flight are released whatever happens. A database
+        failure is logged: the client's answer is already paid for, and the
+        pending row marks the attempt."""
         if self.settled:
             return
         self.settled = True
@@ -3783,6 +3796,7 @@ class _Call:
                          type(exc).__name__)
         finally:
             self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
+            self.gateway.leave_flight()
 
     def estimate(self, usage, text_bytes):
         """Fill what the provider did not report with the documented estimate:
@@ -3831,6 +3845,8 @@ class Gateway:
         #: The HTTP server's gauges (connections, workers); set by the server.
         self.server_gauges = dict
         self._unpriced_models = set()
+        self.in_flight = 0            # calls between their pending and settled rows
+        self.capacity_refusals = 0    # requests answered 503 because the gateway was full
         self.refresh()
         # Liveness is about real time, not the injectable clock of budgets.
         store.register_process(self.owner, time.time())
@@ -4068,6 +4084,8 @@ class Gateway:
                 call.first_byte = time.monotonic()
             except GatewayError as exc:
                 call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
+                if exc.code == "gateway_full":
+                    self.count_refusal()
                 raise
             response = upstream.response
             headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
@@ -4110,9 +4128,12 @@ class Gateway:
         return Admission(self.limits, key.id, request.content_length or 0)
 
     def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
-        """Count the request against the key's rate limits (unless its
-        admission did), then write its pending usage row (reserving the
-        budget); either may refuse it (and is counted in /metrics)."""
+        """Take a place among the calls in flight, count the request against
+        the key's rate limits (unless its admission did), then write its
+        pending usage row (reserving the budget); each may refuse it (a
+        refusal by the key's limits is counted in /metrics). Settling gives
+        both back."""
+        self._enter_flight(request)
         try:
             if request.admission is None or not request.admission.hand_over(key.id):
                 self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
@@ -4121,9 +4142,35 @@ class Gateway:
             except BaseException:
                 self.limits.release(key.id, 0)
                 raise
-        except RateLimitError as exc:
-            self.metrics.refused(key.id, exc.code)
+        except BaseException as exc:
+            self.leave_flight()
+            if isinstance(exc, RateLimitError):
+                self.metrics.refused(key.id, exc.code)
             raise
+
+    def _enter_flight(self, request):
+        """Count a call in flight, or refuse it at once when
+        ``server.max_in_flight`` are: an honest 503, never a queue."""
+        with self._lock:
+            admitted = self.in_flight < self.config.server.max_in_flight
+            if admitted:
+                self.in_flight += 1
+        if admitted:
+            return
+        self.count_refusal()
+        request.log.update(outcome="gateway_full")
+        raise ServiceUnavailableError("The gateway has %d calls in flight, its limit; retry shortly"
+                                      % self.config.server.max_in_flight, code="gateway_full",
+                                      headers=[("retry-after", "1")])
+
+    def leave_flight(self):
+        with self._lock:
+            self.in_flight -= 1
+
+    def count_refusal(self):
+        """A request refused because the gateway is full (also by the server)."""
+        with self._lock:
+            self.capacity_refusals += 1
 
     def requests_per_minute(self, key):
         return key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"])
@@ -4648,7 +4695,8 @@ def head_error(head, limits):
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
     assembled, and the deadline the sweep enforces while it waits."""
-    __slots__ = ("sock", "fd", "address", "buffer", "head", "admission", "deadline", "idle", "armed")
+    __slots__ = ("sock", "fd", "address", "buffer", "head", "admission", "deadline", "idle", "armed",
+                 "queued_since")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
@@ -4659,6 +4707,7 @@ class Connection:
         self.deadline = 0.0
         self.idle = True        # between requests: no byte of the next one yet
         self.armed = False      # waiting for bytes, owned by no worker
+        self.queued_since = 0.0  # when the sweep saw it whole, waiting for a worker
 
     def close(self):
         try:
@@ -4736,19 +4785,29 @@ class ReadinessQueue:
     def take(self, timeout):
         """Wait for a readable connection and own it; None on timeout, or at
         once when stopping."""
+        owned = self._own(self._poll(timeout, 1))
+        return owned[0] if owned else None
+
+    def take_ready(self, most=1024):
+        """Own the connections readable now, without waiting (the sweep's
+        look at requests no worker has taken)."""
+        return self._own(self._poll(0, most))
+
+    def _poll(self, timeout, most):
         if self._epoll is not None:
-            ready = [fd for fd, _ in self._epoll.poll(timeout, 1)]
-        else:
-            ready = [event.ident for event in self._kqueue.control(None, 1, timeout)]
-        if not ready:
-            return None
+            return [fd for fd, _ in self._epoll.poll(timeout, most)]
+        return [event.ident for event in self._kqueue.control(None, most, timeout)]
+
+    def _own(self, ready):
+        owned = []
         with self._lock:
-            connection = self._watched.get(ready[0])
-            # Not armed: the sweep took it (a new connection may reuse its fd), or it is the stop signal.
-            if connection is None or not connection.armed:
-                return None
-            connection.armed = False
-            return connection
+            for fd in ready:
+                connection = self._watched.get(fd)
+                # Not armed: the sweep took it (a new connection may reuse its fd), or it is the stop signal.
+                if connection is not None and connection.armed:
+                    connection.armed = False
+                    owned.append(connection)
+        return owned
 
     def take_expired(self, now):
         """Own the armed connections past their deadline, as ``take`` does."""
@@ -4868,6 +4927,7 @@ class WorkerPool:
     def _receive(self, connection):
         """Read what a readable connection sent, then serve every whole
         request it holds; arm it again for the rest, or close it."""
+        connection.queued_since = 0.0
         try:
             data = connection.sock.recv(65536)
         except (BlockingIOError, InterruptedError):  # woken for a connection that has nothing yet
@@ -5008,15 +5068,15 @@ class WorkerPool:
             self._close(connection)
         return keep_alive
 
-    def _reject(self, connection, error, dialect=OPENAI):
-        """Answer a request that never became one: the answer is small and
-        the socket non-blocking, so a slow or broken client holds nothing."""
+    def _reject(self, connection, error, dialect=OPENAI, outcome="refused"):
+        """Answer a request no worker serves: the answer is small and the
+        socket non-blocking, so a slow or broken client holds nothing."""
         try:
             connection.sock.send(closing_error_response(error, dialect))
             connection.sock.recv(INLINE_BODY_BYTES + 65536)  # unread input would turn the close into a reset
         except OSError:
             pass
-        access_logger.info("- - %d outcome=refused", error.status)
+        access_logger.info("- - %d outcome=%s", error.status, outcome)
         self._close(connection)
 
     def _close(self, connection):
@@ -5025,49 +5085,84 @@ class WorkerPool:
         self.server.release(connection)
 
     def sweep(self):
-        """Close connections past their deadline: quietly when idle between
-        requests, with a 408 when a request did not arrive in time. Run by
-        the accept loop, so it goes on while every worker is busy."""
+        """Run by the accept loop, so it goes on while every worker is busy:
+        close connections past their deadline (quietly when idle between
+        requests, with a 408 when a request did not arrive in time), and
+        while no worker waits, answer requests that waited for one longer
+        than ``queue_timeout`` with 503 + Retry-After."""
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.sweep_interval
-        for connection in self.ready.take_expired(now):
+        taken = self.ready.take_expired(now)
+        if not self._waiting:  # readable connections are waiting for a worker
+            taken += self.ready.take_ready()
+        for connection in taken:
             try:
-                if self._waits_for_a_worker(connection, now):
-                    self._arm(connection)
-                elif connection.idle:
-                    self._close(connection)
-                else:
-                    self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
+                self._judge(connection, now)
             except Exception as exc:  # the accept loop, which runs the sweep, must go on
                 logger.error("unexpected %s in the deadline sweep", type(exc).__name__)
                 logger.debug("traceback", exc_info=True)
                 self._close(connection)
 
-    def _waits_for_a_worker(self, connection, now):
-        """Whether an expired connection holds bytes no worker has read yet
-        (all were busy). A request is judged on what arrived: its clock
-        starts when the sweep first sees its bytes, and one that is whole,
-        or whose body arrives faster than the busy workers read it, waits
-        for its turn however long that takes."""
-        peek = INLINE_BODY_BYTES + 65536
-        try:
-            waiting = connection.sock.recv(peek, socket.MSG_PEEK)
-        except OSError:  # nothing waiting
-            return False
-        if not waiting:
-            return False
-        data = connection.buffer + waiting
-        if connection.idle:
+    def _judge(self, connection, now):
+        """Arm a connection the sweep took again, or answer and close it. A
+        request is judged on what arrived: its clock starts when the sweep
+        first sees its bytes, and one that is whole waits for a worker up to
+        ``queue_timeout``."""
+        waiting = self._unread(connection)
+        if waiting and connection.idle:
             connection.idle = False
-        elif connection.head is None and _HEAD_END.search(data) is None:
-            return False
-        elif (connection.head is not None and len(data) < (connection.head.content_length or 0)
-              and len(waiting) < peek):  # (more than a peek waiting: the client is not the slow one)
-            return False
-        connection.deadline = now + self.limits.header_timeout
-        return True
+            connection.deadline = now + self.limits.header_timeout
+        if waiting and self._whole(connection, waiting):
+            connection.queued_since = connection.queued_since or now
+            if now - connection.queued_since >= self.limits.queue_timeout:
+                self.server.gateway.count_refusal()
+                self._reject(connection, ServiceUnavailableError(
+                    "Every worker stayed busy for %g s; retry shortly" % self.limits.queue_timeout,
+                    code="gateway_full", headers=[("retry-after", "1")]),
+                    self._dialect(connection, waiting), "gateway_full")
+                return
+            connection.deadline = connection.queued_since + self.limits.queue_timeout
+        elif connection.deadline <= now:
+            if connection.idle:
+                self._close(connection)
+            else:
+                self._reject(connection, RequestTimeoutError("The request did not arrive in time"))
+            return
+        self._arm(connection)
+
+    #: How much of a waiting connection's input the sweep looks at.
+    PEEK_BYTES = INLINE_BODY_BYTES + 65536
+
+    def _unread(self, connection):
+        """The bytes the kernel holds for a connection, left there."""
+        try:
+            return connection.sock.recv(self.PEEK_BYTES, socket.MSG_PEEK)
+        except OSError:  # nothing waiting
+            return b""
+
+    def _whole(self, connection, waiting):
+        """Whether buffered and unread bytes make a request a worker would
+        serve, or a body arriving faster than the busy workers read it
+        (more than a peek waiting: the client is not the slow one)."""
+        data = connection.buffer + waiting
+        if connection.head is None:
+            return _HEAD_END.search(data) is not None
+        return len(data) >= (connection.head.content_length or 0) or len(waiting) >= self.PEEK_BYTES
+
+    def _dialect(self, connection, waiting):
+        """The API a waiting request called, for its error's shape."""
+        head = connection.head
+        if head is None:
+            data = connection.buffer + waiting
+            end = _HEAD_END.search(data)
+            try:
+                head = parse_request_head(data[:end.start()], self.limits.max_header_fields)
+            except GatewayError:
+                return OPENAI
+        path = head.target.partition("?")[0]
+        return dialect_for(ROUTES.get(path), Request(head.method, path, head.headers, None, None))
 
     def busy(self):
         with self._lock:
@@ -5084,9 +5179,11 @@ class WorkerPool:
         gets a 503 to retry elsewhere; idle connections are closed. False if
         some request did not finish in time."""
         for connection in self.ready.stop():
-            if self._waits_for_a_worker(connection, time.monotonic()):
+            waiting = self._unread(connection)
+            if waiting and self._whole(connection, waiting):
                 self._reject(connection, ServiceUnavailableError("The gateway is restarting; retry",
-                                                                 headers=[("retry-after", "1")]))
+                                                                 headers=[("retry-after", "1")]),
+                             self._dialect(connection, waiting))
             else:
                 self._close(connection)
         deadline = time.monotonic() + drain_timeout
@@ -5261,14 +5358,15 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     """The listening socket and its accept loop (``serve_forever``), feeding
     the worker pool above.
 
-    Beyond ``server.max_connections`` open connections, a new one gets an
-    immediate 503 with Retry-After; beyond ``max_connections_per_address``
-    from one client address, a 429 with Retry-After, so one client cannot
-    take every place. ``server_close`` drains: in-flight requests and
-    streams may finish within ``server.drain_timeout``.
+    Beyond ``server.max_connections`` open connections, or when the process
+    has no file descriptor left, a new one gets an immediate 503 with
+    Retry-After; beyond ``max_connections_per_address`` from one client
+    address, a 429 with Retry-After, so one client cannot take every place.
+    ``server_close`` drains: in-flight requests and streams may finish
+    within ``server.drain_timeout``.
     """
 
-    request_queue_size = 1024  # the listen backlog; http.server's 5 drops bursts
+    request_queue_size = 4096  # the listen backlog; http.server's 5 drops bursts
 
     def __init__(self, address, gateway, reuse_port=False):
         self.gateway = gateway
@@ -5284,6 +5382,10 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         except BaseException:  # not server_close: there is nothing to drain yet
             self.socket.close()
             raise
+        # Held so that a connection can still be accepted and refused when
+        # every other descriptor is taken (else it would wait in the backlog).
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        self._warned_fds_at = -math.inf
         self.workers = WorkerPool(self, gateway.config.server.threads)
         gateway.server_gauges = self.gauges
 
@@ -5291,6 +5393,35 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         if self._reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._refuse_without_fds()
+            raise
+
+    def _refuse_without_fds(self):
+        """Out of file descriptors: accept one connection on the spare
+        descriptor and refuse it, so clients learn at once, not by timeout."""
+        if time.monotonic() - self._warned_fds_at > 60:
+            self._warned_fds_at = time.monotonic()
+            logger.warning("out of file descriptors: new connections get 503 (raise ulimit -n)")
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+        try:
+            request, _ = self.socket.accept()
+        except OSError:
+            pass
+        else:
+            self._refuse(request, ServiceUnavailableError("The gateway has no file descriptor to spare; retry shortly",
+                                                          code="gateway_full", headers=[("retry-after", "1")]))
+        try:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:  # taken meanwhile: the next refusal tries again
+            pass
 
     def process_request(self, request, client_address):
         try:
@@ -5302,7 +5433,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         with self._open_lock:
             if self._open >= limits.max_connections:
                 refusal = ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
-                                                  headers=[("retry-after", "1")])
+                                                  code="gateway_full", headers=[("retry-after", "1")])
             elif self._open_by_address.get(address, 0) >= limits.max_connections_per_address:
                 refusal = RateLimitError("Too many open connections from your address; close some or retry "
                                          "shortly", code="too_many_connections", headers=[("retry-after", "1")])
@@ -5323,7 +5454,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         threads, busy = self.workers.counts()
         return {"llmgw_connections_open": self._open,
                 "llmgw_connections_max": self.gateway.config.server.max_connections,
-                "llmgw_worker_threads": threads, "llmgw_workers_busy": busy}
+                "llmgw_worker_threads": threads, "llmgw_workers_busy": busy,
+                "llmgw_calls_in_flight": self.gateway.in_flight,
+                "llmgw_capacity_refusals_total": self.gateway.capacity_refusals}
 
     def release(self, connection):
         """Close a connection and free its place (once)."""
@@ -5343,6 +5476,8 @@ class GatewayServer(http.server.ThreadingHTTPServer):
                 del self._open_by_address[address]
 
     def _refuse(self, request, error):
+        if error.status == 503:
+            self.gateway.count_refusal()
         try:
             request.setblocking(False)
             request.send(closing_error_response(error))
@@ -5359,6 +5494,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         """Stop accepting, let in-flight requests finish (bounded), close."""
         self.draining = True
         super().server_close()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         if not self.workers.stop(self.gateway.config.server.drain_timeout):
             logger.warning("%d request(s) still running after the drain timeout; their usage rows "
                            "will be marked interrupted at the next start", self.workers.busy())
@@ -5404,6 +5542,27 @@ def warn_if_exposed(path):
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("%s is readable by other users (mode %o); run: chmod 600 %s",
                        path, stat.S_IMODE(mode), path)
+
+
+def use_file_limit(server_config):
+    """Raise this process's open-file limit to the most it may have: each
+    call in flight holds two descriptors (client and provider), each other
+    connection one. Warns when the limit cannot hold ``max_in_flight``."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return
+    needed = 2 * server_config.max_in_flight + 64
+    if soft < needed:
+        logger.warning("the open-file limit (%d) holds about %d calls in flight, fewer than server.max_in_flight "
+                       "(%d); beyond it, calls get 503 (raise ulimit -n to %d)", soft, (soft - 64) // 2,
+                       server_config.max_in_flight, needed)
 
 
 def serve(config, host=None, port=None, processes=1):
@@ -5482,6 +5641,7 @@ def _serve_process(config, host, port, reuse_port=False):
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD_SIGNALS)
     server = make_server(config, host=host, port=port, reuse_port=reuse_port)
+    use_file_limit(config.server)
     for path in (config.path, server.gateway.store.path):
         if path:
             warn_if_exposed(path)

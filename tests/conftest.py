@@ -632,11 +632,13 @@ class GatewayProcess:
     """One gateway child process in ``cwd`` with ``env`` over os.environ:
     ``python cli.py serve --port N`` (entry "cli") or ``python llmgw.py``
     (entry "llmgw", port from its config). Its output goes to a log file in
-    ``cwd``; ``start()`` returns once it listens."""
+    ``cwd``; ``start()`` returns once it listens. ``preexec_fn`` runs in the
+    child before it starts (to set resource limits)."""
 
-    def __init__(self, cwd, env, port=None, entry="cli", name="gateway"):
+    def __init__(self, cwd, env, port=None, entry="cli", name="gateway", preexec_fn=None):
         self.cwd = cwd
         self.env = env
+        self.preexec_fn = preexec_fn
         self.port = port or free_port()
         self.entry = entry
         self.log_path = str(cwd / ("%s-%d.log" % (name, self.port)))
@@ -657,7 +659,7 @@ class GatewayProcess:
             log.write(b"---- start %d\n" % self.starts)
             log.flush()
             self.process = subprocess.Popen(argv, cwd=str(self.cwd), env=dict(os.environ, **self.env),
-                                            stdout=log, stderr=subprocess.STDOUT)
+                                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec_fn)
         return self
 
     def wait_ready(self, timeout=15.0):

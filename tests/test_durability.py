@@ -16,6 +16,7 @@ the answer arrived in full). ``GatewayProcess`` (one child gateway),
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -681,3 +682,42 @@ def test_unwritable_database_fails_closed_with_503(tmp_path, upstream):
     rows = sqlite3.connect(db_path).execute("SELECT status FROM usage").fetchall()
     assert rows == [("ok",)]
     assert len(upstream.requests) == 1
+
+
+def test_out_of_file_descriptors_new_connections_get_503(tmp_path, upstream):
+    """[capacity] A gateway process whose open-file limit is 64 warns at
+    start that it holds fewer calls than server.max_in_flight. Connections
+    past the limit are each answered 503 + Retry-After (JSON, gateway_full)
+    at once, instead of waiting unanswered in the listen backlog; once they
+    leave, it serves again."""
+    import resource
+    work = Workdir(tmp_path, upstream.url)
+    key = work.create_key()[1]
+    gateway = work.gateway(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))).start()
+    clients = []
+    try:
+        assert "open-file limit (64)" in gateway.log()
+        for _ in range(80):
+            clients.append(socket.create_connection(("127.0.0.1", gateway.port), timeout=5))
+        answered = set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(answered) < 10:
+            readable, _, _ = select.select([c for c in clients if c not in answered], [], [], 0.5)
+            answered.update(readable)
+        assert len(answered) >= 10, "only %d connections were answered" % len(answered)
+        for client in answered:
+            head, _, body = client.recv(65536).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), head
+            assert b"\r\nretry-after: 1\r\n" in head.lower() + b"\r\n", head
+            assert json.loads(body)["error"]["code"] == "gateway_full"
+        for client in clients:
+            client.close()
+        clients = []
+
+        assert wait_until(lambda: send(gateway.port, "/v1/chat/completions", chat_body("fds"), key)["status"] == 200,
+                          timeout=10)
+        assert "out of file descriptors" in gateway.stop()
+    finally:
+        for client in clients:
+            client.close()
+        gateway.cleanup()

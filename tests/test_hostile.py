@@ -737,11 +737,11 @@ def test_a_bursts_threads_retire_after_it(make_gateway, upstream):
     assert_alive(gw, key)
 
 
-def with_the_only_worker_busy(make_gateway, upstream_timeout):
+def with_the_only_worker_busy(make_gateway, upstream_timeout, **settings):
     """(gateway, its server settings, key, client): server.threads 1, the
     worker held by the client's call to a provider that never answers
     (a 504 after ``upstream_timeout``)."""
-    server = dict(SERVER, threads=1, upstream_timeout=upstream_timeout)
+    server = dict(SERVER, threads=1, upstream_timeout=upstream_timeout, **settings)
     gw = make_gateway(server=server, rate_limits=RATE_LIMITS)
     key = gw.create_key()[1]
     assert_alive(gw, key)
@@ -772,8 +772,9 @@ def test_deadlines_hold_while_every_worker_is_busy(make_gateway, upstream):
 
 def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gateway, upstream):
     """[pool] The only worker is busy for longer than the keep-alive and
-    header timeouts together: a whole request that arrived meanwhile is
-    served once the worker is free, never dropped as idle or timed out."""
+    header timeouts together (but not server.queue_timeout, 5 s): a whole
+    request that arrived meanwhile is served once the worker is free, never
+    dropped as idle or timed out."""
     gw, _, key, hanging = with_the_only_worker_busy(make_gateway, upstream_timeout=3)
     waiting = RawClient(gw, timeout=5)
     waiting.send(json_request(CHAT, key, chat_body()))
@@ -782,6 +783,58 @@ def test_a_whole_request_waits_for_a_busy_worker_past_every_deadline(make_gatewa
     assert response is not None and response.status == 200, response
     assert_json_error(hanging.read_response(timeout=5), 504)
     hanging.close()
+    assert_alive(gw, key)
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_a_request_waiting_longer_than_queue_timeout_gets_503(make_gateway, upstream, path):
+    """[capacity] The only worker stays busy past server.queue_timeout: a
+    whole request that waited that long is answered 503 with Retry-After in
+    its API's shape (and counted), without waiting for the worker; the
+    call holding the worker still ends in its 504."""
+    gw, _, key, hanging = with_the_only_worker_busy(make_gateway, upstream_timeout=4, queue_timeout=1)
+    waiting = RawClient(gw, timeout=5)
+    started = time.monotonic()
+    waiting.send(json_request(path, key, body_for(path)))
+    response = waiting.read_response(timeout=5)
+    elapsed = time.monotonic() - started
+    waiting.close()
+    payload = assert_json_error(response, 503, dialect=dialect_of(path), close=True)
+    assert response.header("retry-after") == "1"
+    assert dialect_of(path) == "anthropic" or payload["error"]["code"] == "gateway_full"
+    assert 1.0 <= elapsed < 3.5, "answered after %.2f s (queue_timeout 1 s, worker busy 4 s)" % elapsed
+    assert gw.gateway.capacity_refusals == 1
+    assert_json_error(hanging.read_response(timeout=6), 504)
+    hanging.close()
+    assert_alive(gw, key)
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_calls_beyond_max_in_flight_get_503_at_once(make_gateway, upstream, path):
+    """[capacity] server.max_in_flight 2, both held by calls to a provider
+    that never answers: a third call is refused at once with 503 +
+    Retry-After in its API's shape, counted, and never reaches the provider
+    nor the books; once the two end (504), calls go through again."""
+    gw = make_gateway(server=dict(SERVER, max_in_flight=2, upstream_timeout=3), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    hanging = [RawClient(gw, timeout=6) for _ in range(2)]
+    for client in hanging:
+        client.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
+    wait_until(lambda: gw.gateway.in_flight == 2)
+    sent_upstream = len(upstream.requests)
+    started = time.monotonic()
+    response = post(gw, path, body_for(path), key, timeout=5)
+    assert time.monotonic() - started < 1.5
+    payload = assert_json_error(response, 503, dialect=dialect_of(path))
+    assert response.header("retry-after") == "1"
+    assert dialect_of(path) == "anthropic" or payload["error"]["code"] == "gateway_full"
+    assert gw.gateway.capacity_refusals == 1
+    assert len(upstream.requests) == sent_upstream
+    for client in hanging:
+        assert_json_error(client.read_response(timeout=6), 504)
+        client.close()
+    assert [row["status"] for row in settled_rows(gw, 2)] == ["timeout", "timeout"]
+    assert gw.gateway.in_flight == 0
     assert_alive(gw, key)
 
 

@@ -99,7 +99,9 @@ def test_metrics_parse_and_equal_the_books(scraped):
     assert list(samples(families, "llmgw_budget_limit_usd").values()) == [50.0]
     # Gauges of this process.
     assert list(samples(families, "llmgw_streams_in_flight").values()) == [0]
-    assert list(samples(families, "llmgw_connections_max").values()) == [1024]
+    assert list(samples(families, "llmgw_connections_max").values()) == [llmgw.ServerConfig().max_connections]
+    assert list(samples(families, "llmgw_calls_in_flight").values()) == [0]
+    assert list(samples(families, "llmgw_capacity_refusals").values()) == [0]
     assert list(samples(families, "llmgw_workers_busy").values()) == [1]  # the scrape itself
     assert list(samples(families, "llmgw_worker_threads").values())[0] >= 1
     assert list(samples(families, "llmgw_connections_open").values())[0] >= 1
