@@ -625,16 +625,21 @@ def group_pids(leader):
     return pids or [leader]
 
 
-def rss_kb(leader):
-    """Resident memory of the gateway's whole process group, in KiB."""
+def group_status(leader, field):
+    """A /proc/<pid>/status count summed over ``leader``'s process group."""
     total = 0
     for pid in group_pids(leader):
         try:
             with open("/proc/%d/status" % pid) as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+                total += next((int(line.split()[1]) for line in f if line.startswith(field + ":")), 0)
         except OSError:
             pass
     return total
+
+
+def rss_kb(leader):
+    """Resident memory of the gateway's whole process group, in KiB."""
+    return group_status(leader, "VmRSS")
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -873,18 +878,6 @@ def fmt_ms(value):
     return "%.3f" % value if value < 10 else "%.1f" % value
 
 
-def process_threads(leader):
-    """Threads of ``leader``'s whole process group."""
-    total = 0
-    for pid in group_pids(leader):
-        try:
-            with open("/proc/%d/status" % pid) as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("Threads:")), 0)
-        except OSError:
-            pass
-    return total
-
-
 def run_calls(procs, cpu, port, key, body, count, ramp, timeout, server=None):
     """One level of concurrent calls through the ``_calls`` client, sampling ``server``'s memory
     and threads every 50 ms; returns the client's counts and percentiles, peak RSS and threads,
@@ -900,7 +893,7 @@ def run_calls(procs, cpu, port, key, body, count, ramp, timeout, server=None):
     while client.poll() is None:
         if server is not None:
             peak_rss = max(peak_rss, rss_kb(server.pid))
-            peak_threads = max(peak_threads, process_threads(server.pid))
+            peak_threads = max(peak_threads, group_status(server.pid, "Threads"))
         time.sleep(0.05)
         if time.monotonic() > deadline:
             procs.stop(client)
@@ -922,7 +915,7 @@ def run_calls(procs, cpu, port, key, body, count, ramp, timeout, server=None):
             "cpu_s": cpu_used}
 
 
-def calls_main(args, levels, gw_cpu, load_cpu, pinning):
+def calls_main(args, levels, gw_cpu, load_cpu, pinning, procs, workdir):
     """``--streams N[,N...]``: concurrent long calls against the upstream directly, the gateway and
     the naive proxy, level by level, one target at a time."""
     streamed = not args.non_streamed
@@ -945,53 +938,41 @@ def calls_main(args, levels, gw_cpu, load_cpu, pinning):
     print("gateway:   default config%s" % ("".join(", %s=%s" % kv for kv in settings.items())))
     print("client:    asyncio, one process, calls started evenly over %.1f s, %.0f s timeout" % (args.ramp, timeout))
     print(flush=True)
-    procs = Processes()
-    workdir = tempfile.mkdtemp(prefix="llmgw-bench-")
     rows = []
-    try:
-        up_port = start_upstream(procs, load_cpu, events, gap_ms, delay_ms, nofile=nofile)
-        gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers, settings,
-                                                   nofile=nofile)
-        naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir, nofile=nofile)
-        targets = (("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
-                   ("naive", naive_port, "-", naive))
-        for count in levels:
-            for name, port, key, server in targets:
-                if server is not None and server.poll() is not None:
-                    raise RuntimeError("the %s exited with code %s" % (name, server.returncode))
-                r = run_calls(procs, load_cpu, port, key, body, count, args.ramp, timeout, server)
-                r["cpu_us"] = r["cpu_s"] * 1e6 / (r["completed"] * (events if streamed else 1) or 1)
-                rows.append((name, count, r))
-                print("  %-7s %6d calls: %6d completed, %5d failed %s" % (
-                    name, count, r["completed"], r["failed"], r["failures"] or ""), flush=True)
-                time.sleep(2)  # let the closed connections go
-        with sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=10) as conn:
-            by_status = dict(conn.execute("SELECT status, COUNT(*) FROM usage GROUP BY 1").fetchall())
-        print()
-        print("| target | calls | completed | failed | first p50 ms | first p99 ms | first max ms | whole p99 s "
-              "| peak RSS MB | peak threads | CPU/%s µs |" % ("event" if streamed else "call"))
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, count, r in rows:
-            server = name != "direct"
-            print("| %s | %d | %d | %d | %s | %s | %s | %.1f | %s | %s | %s |" % (
-                name, count, r["completed"], r["failed"], fmt_ms(r["first_p50"]), fmt_ms(r["first_p99"]),
-                fmt_ms(r["first_max"]), r["total_p99"] / 1000.0, "%.0f" % r["rss_mb"] if server else "-",
-                r["threads"] if server else "-", "%.0f" % r["cpu_us"] if server else "-"))
-        print()
-        print("Gateway usage rows by status: %s" % by_status)
-        failures = {"%s %d" % (name, count): r["failures"] for name, count, r in rows if r["failures"]}
-        print("Failures: %s" % (failures or "none"))
-        print("load:      %s (load average after the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping everything", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        print("\nbenchmark failed: %s: %s" % (type(exc).__name__, exc), file=sys.stderr)
-        return 1
-    finally:
-        procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    up_port = start_upstream(procs, load_cpu, events, gap_ms, delay_ms, nofile=nofile)
+    gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers, settings,
+                                               nofile=nofile)
+    naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir, nofile=nofile)
+    targets = (("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
+               ("naive", naive_port, "-", naive))
+    for count in levels:
+        for name, port, key, server in targets:
+            if server is not None and server.poll() is not None:
+                raise RuntimeError("the %s exited with code %s" % (name, server.returncode))
+            r = run_calls(procs, load_cpu, port, key, body, count, args.ramp, timeout, server)
+            r["cpu_us"] = r["cpu_s"] * 1e6 / (r["completed"] * (events if streamed else 1) or 1)
+            rows.append((name, count, r))
+            print("  %-7s %6d calls: %6d completed, %5d failed %s" % (
+                name, count, r["completed"], r["failed"], r["failures"] or ""), flush=True)
+            time.sleep(2)  # let the closed connections go
+    with sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=10) as conn:
+        by_status = dict(conn.execute("SELECT status, COUNT(*) FROM usage GROUP BY 1").fetchall())
+    print()
+    print("| target | calls | completed | failed | first p50 ms | first p99 ms | first max ms | whole p99 s "
+          "| peak RSS MB | peak threads | CPU/%s µs |" % ("event" if streamed else "call"))
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, count, r in rows:
+        server = name != "direct"
+        print("| %s | %d | %d | %d | %s | %s | %s | %.1f | %s | %s | %s |" % (
+            name, count, r["completed"], r["failed"], fmt_ms(r["first_p50"]), fmt_ms(r["first_p99"]),
+            fmt_ms(r["first_max"]), r["total_p99"] / 1000.0, "%.0f" % r["rss_mb"] if server else "-",
+            r["threads"] if server else "-", "%.0f" % r["cpu_us"] if server else "-"))
+    print()
+    print("Gateway usage rows by status: %s" % by_status)
+    failures = {"%s %d" % (name, count): r["failures"] for name, count, r in rows if r["failures"]}
+    print("Failures: %s" % (failures or "none"))
+    print("load:      %s (load average after the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
+    return 0
 
 
 def main():
@@ -1048,24 +1029,22 @@ def main():
     else:
         gw_cpu = load_cpu = None
         pinning = "none (%s)" % ("--no-pin" if args.no_pin else "fewer than 2 CPUs or no sched_setaffinity")
-    if args.streams:
-        return calls_main(args, [int(n) for n in args.streams.split(",")], gw_cpu, load_cpu, pinning)
     kind = args.loadgen
     if kind == "auto":
         kind = "wrk" if shutil.which("wrk") else "python"
     elif kind == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed")
-
-    print("llmgw benchmark")
-    print("machine:   %s" % machine_info())
-    print("pinning:   %s" % pinning)
-    print("load gen:  %s" % ("wrk (%s), 1 thread, Lua script for body and headers" % shutil.which("wrk")
-                             if kind == "wrk" else "built-in Python (selectors, raw keep-alive sockets, 1 process)"))
-    print("upstream:  built-in asyncio fake OpenAI (this file); nginx %s"
-          % ("found but not used: it cannot stream SSE on its own" if shutil.which("nginx") else "not installed"))
-    print("settings:  %.1f s per level, connections %s, %d stream runs of %d events, %d requests for memory"
-          % (args.duration, levels, args.stream_runs, args.stream_events, args.requests))
-    print(flush=True)
+    if not args.streams:
+        print("llmgw benchmark")
+        print("machine:   %s" % machine_info())
+        print("pinning:   %s" % pinning)
+        print("load gen:  %s" % ("wrk (%s), 1 thread, Lua script for body and headers" % shutil.which("wrk")
+                                 if kind == "wrk" else "built-in Python (selectors, raw keep-alive sockets, 1 process)"))
+        print("upstream:  built-in asyncio fake OpenAI (this file); nginx %s"
+              % ("found but not used: it cannot stream SSE on its own" if shutil.which("nginx") else "not installed"))
+        print("settings:  %.1f s per level, connections %s, %d stream runs of %d events, %d requests for memory"
+              % (args.duration, levels, args.stream_runs, args.stream_events, args.requests))
+        print(flush=True)
 
     procs = Processes()
     workdir = tempfile.mkdtemp(prefix="llmgw-bench-")
@@ -1076,6 +1055,9 @@ def main():
         raise KeyboardInterrupt()
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        if args.streams:
+            return calls_main(args, [int(n) for n in args.streams.split(",")], gw_cpu, load_cpu, pinning, procs,
+                              workdir)
         # -- upstream ------------------------------------------------------------------------
         up_port = start_upstream(procs, load_cpu, args.stream_events, args.stream_gap_ms)
         status, body = one_request(up_port, PROVIDER_KEY, CHAT_BODY)
