@@ -17,11 +17,11 @@ Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 2. Config                 -- ``load_config``: config.yaml, validated, frozen.
 3. Storage                -- ``Store``: SQLite schema, keys, usage rows, stats.
 4. Pricing and usage      -- ``Usage``, usage normalisation, ``PriceTable``.
-5. Providers              -- ``Provider``: pooled upstream connections.
+5. Providers              -- ``Provider``: pooled upstream connections, waits as ``ProviderWait``.
 6. Rate limiting          -- ``KeyLimits``: RPM, TPM, requests in flight, per key.
 7. Streams                -- SSE event splitting and per-API stream meters.
 8. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
-9. HTTP connections       -- one-shot readiness queue, worker pool, ``GatewayHandler``.
+9. HTTP connections       -- one-shot readiness queue, worker pool, parked calls, ``Exchange``.
 10. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
 
 Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
@@ -228,7 +228,7 @@ CONFIG_TEMPLATE = """\
 server:
   host: 0.0.0.0
   port: 8000
-  # threads: 256                   # threads serving requests; each open stream holds one
+  # threads: 256                   # threads serving requests; a call waiting for its provider holds none
   # max_connections: 16384         # open client connections; beyond: 503 + Retry-After
   # max_in_flight: 10000           # calls at providers at once; beyond: 503 + Retry-After
   # queue_timeout: 5               # seconds a request may wait for a thread; then 503
@@ -302,7 +302,7 @@ pricing: {}                        # USD per million tokens; overrides built-in 
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
-    threads: int = 256                  # threads serving requests (streams included)
+    threads: int = 256                  # threads serving requests (parked calls hold none)
     max_connections: int = 16384
     max_connections_per_address: int = 256   # one client's share of max_connections
     max_in_flight: int = 10000          # proxied calls between their pending and settled rows
@@ -2489,6 +2489,16 @@ def text_characters(value):
 # pool of keep-alive connections to it: no request pays a TCP or TLS
 # handshake when a connection is idle. Nothing but a configured base URL is
 # ever contacted, and redirects are never followed.
+#
+# A call spends most of its life waiting for its provider: for the answer's
+# first byte, for the next stream event. Those waits are generators: where a
+# read would wait (nothing buffered here, in TLS or in the kernel), the
+# request path yields a ProviderWait and is resumed when the provider's
+# socket is readable or its deadline passes (section 9 parks it on the
+# kernel's readiness queue meanwhile), so a waiting call costs a socket and
+# a little state, not a thread. Once bytes are there, reads are ordinary
+# blocking reads bounded by the socket's timeout: a provider that sends part
+# of a line, chunk or TLS record holds a worker until the rest arrives.
 
 #: Request headers passed to a provider; everything else (credentials,
 #: hop-by-hop headers, cookies, forwarding headers) stays behind.
@@ -2594,8 +2604,10 @@ class Provider:
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
     def send(self, method, path, dialect, api_key, client_headers, body):
-        """Send one request; returns its UpstreamConnection, the response's
-        head read. Raises UpstreamError or UpstreamTimeoutError.
+        """Send one request; a generator that yields ProviderWaits until the
+        answer begins and returns its UpstreamConnection, the response's
+        head read. Raises UpstreamError, UpstreamTimeoutError, or
+        ServiceUnavailableError when no file descriptor is left.
 
         A pooled connection the provider has closed in the meantime fails
         before any response byte; only then is the request sent once more,
@@ -2608,13 +2620,14 @@ class Provider:
             try:
                 conn, reused = self.pool.acquire(fresh=attempt == 2)
                 conn.sock.settimeout(self.pool.read_timeout)
-                conn.sock.sendall(data)
+                conn.send(data)
+                yield from conn.wait(time.monotonic() + self.pool.read_timeout)
                 conn.getresponse(method)
                 return conn
-            except (OSError, http.client.HTTPException, UpstreamError) as exc:  # timeouts and TLS errors too
+            except BaseException as exc:  # timeouts and TLS errors too; the call closed while waiting
                 if conn is not None:
                     conn.close()
-                if isinstance(exc, UpstreamError):
+                if not isinstance(exc, (OSError, http.client.HTTPException)):
                     raise
                 if isinstance(exc, socket.timeout):
                     raise UpstreamTimeoutError("provider %s did not answer in time" % self.name) from None
@@ -2646,24 +2659,127 @@ def upstream_request(method, target, host_field, dialect, api_key, client_header
     return head + body if body is not None else head
 
 
+class ProviderWait:
+    """What a call waits for: its provider's socket to be readable, or
+    ``deadline`` (time.monotonic()) to pass, whichever comes first."""
+    __slots__ = ("sock", "deadline")
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+
 class UpstreamConnection:
-    """A keep-alive connection to a provider and the response being read
-    on it (closed together)."""
-    __slots__ = ("sock", "response")
+    """A keep-alive connection to a provider, the bytes read ahead on it,
+    and the response being read (closed together)."""
+    __slots__ = ("sock", "reader", "response", "_poll")
 
     def __init__(self, sock):
-        self.sock, self.response = sock, None
+        self.sock, self.reader, self.response = sock, ProviderReader(sock), None
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def makefile(self, mode):
+        """The file http.client reads a response from: our reader."""
+        return self.reader
+
+    def send(self, request):
+        """Send a request (its answer not yet begun)."""
+        self.response = None
+        self.sock.sendall(request)
 
     def getresponse(self, method):
         """Read the status line and header fields of the answer."""
-        self.response = UpstreamResponse(self.sock, method=method)
+        self.response = UpstreamResponse(self, method=method)
         self.response.begin()
         return self.response
+
+    def readable(self):
+        """Whether a read would find bytes (or the end, or an error) without
+        waiting: read ahead, decrypted by TLS, or in the kernel, or the
+        response read to its end. The CRLF that ends a chunk does not
+        count: http.client reads it with the next chunk."""
+        response = self.response
+        if response is not None and (response.fp is None or response.length == 0):
+            return True  # read to its end: reads return b"" at once
+        ahead = len(self.reader.buffer)
+        if ahead and response is not None and response.chunked and response.chunk_left == 0:
+            ahead -= 2
+        if ahead > 0 or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            return True
+        return bool(self._poll.poll(0))
+
+    def wait(self, deadline):
+        """Until a read would not wait: yields ProviderWaits meanwhile;
+        raises socket.timeout once ``deadline`` has passed."""
+        while not self.readable():
+            if time.monotonic() >= deadline:
+                raise socket.timeout()
+            yield ProviderWait(self.sock, deadline)
 
     def close(self):
         if self.response is not None:
             self.response.close()
         self.sock.close()
+
+
+class ProviderReader:
+    """The bytes of a provider connection, read for http.client in place of
+    its buffered socket file, so that what is read ahead is in sight (a call
+    must not wait for the socket while its next event sits here)."""
+    __slots__ = ("sock", "buffer")
+
+    def __init__(self, sock):
+        self.sock, self.buffer = sock, bytearray()
+
+    def _fill(self):
+        """One receive into the buffer, waiting up to the socket's timeout;
+        False at the end of the stream."""
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def _take(self, size):
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]  # cheap at the front of a bytearray
+        return data
+
+    def readline(self, limit=-1):
+        searched = 0
+        while True:
+            end = self.buffer.find(b"\n", searched)
+            if end >= 0 and (limit < 0 or end < limit):
+                return self._take(end + 1)
+            if 0 <= limit <= len(self.buffer):
+                return self._take(limit)
+            searched = len(self.buffer)
+            if not self._fill():
+                return self._take(len(self.buffer))
+
+    def read1(self, size=-1):
+        if not self.buffer and size:
+            self._fill()
+        return self._take(len(self.buffer) if size < 0 else size)
+
+    def read(self, size=-1):
+        while (size is None or size < 0 or len(self.buffer) < size) and self._fill():
+            pass
+        return self._take(len(self.buffer) if size is None or size < 0 else size)
+
+    def readinto(self, target):
+        data = self.read(len(target))
+        target[:len(data)] = data
+        return len(data)
+
+    def peek(self, size=0):
+        if not self.buffer:
+            self._fill()
+        return bytes(self.buffer)
+
+    def flush(self):
+        pass  # nothing is written
+
+    def close(self):
+        pass  # the socket closes with its UpstreamConnection
 
 
 #: Bounds on a provider's response head, as http.client sets them, and on
@@ -2916,17 +3032,21 @@ class StreamDeadlineError(UpstreamStreamError):
     """The stream outlived ``server.request_deadline``."""
 
 
-def iter_sse_events(response, deadline):
-    """Yield complete SSE events (bytes, terminator included) as they arrive.
+def iter_sse_events(upstream, deadline, idle_timeout):
+    """Yield complete SSE events (bytes, terminator included) as they
+    arrive, and a ProviderWait whenever the next one has not.
 
     Raises UpstreamStreamError if the stream ends inside an event, an event
-    grows past MAX_EVENT_BYTES, or the request deadline passes; socket and
+    grows past MAX_EVENT_BYTES, or the request deadline passes,
+    socket.timeout after ``idle_timeout`` without a byte; socket and
     protocol errors propagate.
     """
     buffer = b""
+    response = upstream.response
     while True:
         if time.monotonic() > deadline:
             raise StreamDeadlineError()
+        yield from upstream.wait(min(deadline, time.monotonic() + idle_timeout))
         data = response.read1(65536)
         if not data:
             if buffer.strip():
@@ -2945,18 +3065,21 @@ def iter_sse_events(response, deadline):
             raise UpstreamStreamError("oversized event")
 
 
-def read_whole_body(response, sock, deadline, read_timeout):
-    """A non-streamed answer, read by the chunk so that ``deadline`` holds
-    against a provider that drips (``sock`` waits ``read_timeout`` a read
-    until the deadline is nearer). Raises socket.timeout, UpstreamError (too
-    large) or http.client.IncompleteRead."""
+def read_whole_body(upstream, deadline, read_timeout):
+    """A non-streamed answer (a generator yielding ProviderWaits while the
+    provider is silent), read by the chunk so that ``deadline`` holds
+    against a provider that drips: each read waits ``read_timeout`` at most,
+    less when the deadline is nearer. Raises socket.timeout, UpstreamError
+    (too large) or http.client.IncompleteRead."""
     parts, size = [], 0
+    response = upstream.response
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout()
         if remaining < read_timeout:
-            sock.settimeout(remaining)
+            upstream.sock.settimeout(remaining)
+        yield from upstream.wait(time.monotonic() + min(remaining, read_timeout))
         data = response.read1(65536)
         if not data:
             break
@@ -4026,7 +4149,9 @@ class Gateway:
     # -- the request path --------------------------------------------------
 
     def handle(self, request):
-        """Answer one request. Never raises, except ClientDisconnected."""
+        """Answer one request: a generator that yields a ProviderWait
+        whenever the call waits for its provider, and returns the Reply.
+        Never raises, except ClientDisconnected."""
         path = request.path
         if path == "/health":
             return json_reply(200, {"status": "ok", "version": __version__})
@@ -4039,8 +4164,10 @@ class Gateway:
         else:
             route = ROUTES.get(path)
             dialect = dialect_for(route, request)
-            handler = self._proxy
+            handler = None  # the proxy, whose waits are passed on
         try:
+            if handler is None:
+                return (yield from self._proxy(request))
             return handler(request)
         except GatewayError as exc:
             return error_reply(exc, dialect)
@@ -4054,7 +4181,8 @@ class Gateway:
 
     def _proxy(self, request):
         """The request path, step by step; each step raises a GatewayError
-        to refuse. Nothing reaches a provider before the usage row exists."""
+        to refuse. Nothing reaches a provider before the usage row exists.
+        A generator: it yields while the provider is silent (section 5)."""
         route = ROUTES.get(request.path)
         if route is None:
             raise NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
@@ -4079,8 +4207,8 @@ class Gateway:
         try:
             try:
                 call.sent = time.monotonic()
-                upstream = provider.send(request.method, request.path, dialect, api_key, request.headers,
-                                         upstream_body)
+                upstream = yield from provider.send(request.method, request.path, dialect, api_key,
+                                                    request.headers, upstream_body)
                 call.first_byte = time.monotonic()
             except GatewayError as exc:
                 call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
@@ -4096,7 +4224,7 @@ class Gateway:
                 stream = self._relay(call, upstream, route.stream_meter(hide_usage_chunk))
                 return Reply(response.status, headers + [("content-type", content_type),
                                                          ("cache-control", "no-cache")], stream=stream)
-            return self._complete(call, upstream, headers)
+            return (yield from self._complete(call, upstream, headers))
         except BaseException:
             # Whatever went wrong, the row does not stay pending (settling twice is a no-op).
             call.settle("upstream_error", None, Usage())
@@ -4263,8 +4391,8 @@ class Gateway:
         """Read a whole (non-streamed) answer, record it, then reply."""
         provider, response = call.provider, upstream.response
         try:
-            body = read_whole_body(response, upstream.sock, call.started + self.config.server.request_deadline,
-                                   provider.pool.read_timeout)
+            body = yield from read_whole_body(upstream, call.started + self.config.server.request_deadline,
+                                              provider.pool.read_timeout)
         except socket.timeout:
             upstream.close()
             call.settle("timeout", response.status, Usage())
@@ -4310,15 +4438,15 @@ class Gateway:
                      body)
 
     def _relay(self, call, upstream, meter):
-        """Relay a stream event by event. The event that ends it is held
-        back until the usage row is settled, so a client that saw the end of
-        its answer is always on the books."""
+        """Relay a stream event by event (ProviderWaits between them). The
+        event that ends it is held back until the usage row is settled, so a
+        client that saw the end of its answer is always on the books."""
         held = []
         response = upstream.response
         outcome = "client_disconnected"  # if the handler closes this generator
         self.metrics.stream(1)
         try:
-            outcome = yield from self._forward_events(call, response, meter, held)
+            outcome = yield from self._forward_events(call, upstream, meter, held)
         finally:
             self.metrics.stream(-1)
             try:
@@ -4337,11 +4465,16 @@ class Gateway:
                        else "The provider's stream stopped before it was complete")
             yield stream_error_event(call.dialect, call.request.path, message, outcome)
 
-    def _forward_events(self, call, response, meter, held):
-        """Yield the provider's events until the one that ends the stream
-        (kept in ``held``); return how the stream ended."""
+    def _forward_events(self, call, upstream, meter, held):
+        """Yield the provider's events (and its waits) until the one that
+        ends the stream (kept in ``held``); return how the stream ended."""
+        server = self.config.server
         try:
-            for event in iter_sse_events(response, call.started + self.config.server.request_deadline):
+            for event in iter_sse_events(upstream, call.started + server.request_deadline,
+                                         server.stream_idle_timeout):
+                if isinstance(event, ProviderWait):
+                    yield event
+                    continue
                 relay = meter.feed(event)
                 if meter.finished:
                     held.extend((event,) if relay else ())
@@ -4601,7 +4734,7 @@ def printable(text):
 # deadline on a slow client, lenient framing), so connections are served
 # like this:
 #
-# * the accept loop (ThreadingHTTPServer.serve_forever) takes a connection,
+# * the accept loop (GatewayServer.serve_forever) takes a connection,
 #   or answers 503 at once when ``max_connections`` are open, and between
 #   accepts sweeps away connections past their deadlines;
 # * connections between requests, or still sending one, wait in the
@@ -4611,7 +4744,25 @@ def printable(text):
 #   strictly; a request whose head (and small body) has arrived it serves
 #   at once, then arms the connection again. A slow or idle client
 #   therefore costs a socket, never a worker, and a request passes from
-#   kernel to reply on one thread.
+#   kernel to reply on one thread;
+# * a request is served by an Exchange, whose steps are a generator: when
+#   its call waits for the provider (section 5), the steps yield a
+#   ProviderWait and the worker parks the connection: the queue watches
+#   the provider's socket instead, with the wait's deadline, and the worker
+#   moves on. Whichever worker is woken when the provider's bytes arrive
+#   resumes the steps where they stopped; past the deadline, the sweep hands
+#   the connection to a worker, and the steps raise their timeout. So a
+#   call waiting for its provider costs two sockets and its state, not a
+#   thread, and every guarantee of the request path holds unchanged: the
+#   steps are the same code, only run in pieces.
+#
+# Who may touch a Connection: the thread that owns it, and no other. The
+# readiness queue owns an armed (or parked) connection; ``take``,
+# ``take_expired`` and ``take_ready`` hand ownership to one worker or to the
+# sweep, under the queue's lock, which alone changes ``armed`` and the
+# queue's maps. The owner alone reads or writes the socket, ``buffer``,
+# ``head``, ``exchange``, ``idle``, ``deadline`` and ``queued_since``, until
+# it arms, parks or closes the connection, after which it must not touch it.
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ ]+) HTTP/([0-9])\.([0-9])$")
@@ -4694,9 +4845,10 @@ def head_error(head, limits):
 
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
-    assembled, and the deadline the sweep enforces while it waits."""
+    assembled or served, and the deadline the sweep enforces while it
+    waits (for its client's bytes, or, parked, for its provider's)."""
     __slots__ = ("sock", "fd", "address", "buffer", "head", "admission", "deadline", "idle", "armed",
-                 "queued_since")
+                 "queued_since", "exchange", "parked_fd")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
@@ -4708,6 +4860,8 @@ class Connection:
         self.idle = True        # between requests: no byte of the next one yet
         self.armed = False      # waiting for bytes, owned by no worker
         self.queued_since = 0.0  # when the sweep saw it whole, waiting for a worker
+        self.exchange = None    # the Exchange serving its request, while it lasts
+        self.parked_fd = None   # the provider socket watched instead, while parked
 
     def close(self):
         try:
@@ -4721,7 +4875,9 @@ class ReadinessQueue:
     registrations (epoll; kqueue on BSD and macOS): a readable connection
     wakes exactly one waiting worker, and is not watched again until that
     worker arms it anew. So no thread stands between the kernel and the
-    workers, and a request costs one wake-up."""
+    workers, and a request costs one wake-up. A parked connection is
+    watched through its provider's socket; one the sweep found past its
+    deadline is handed to a worker through the same queue."""
 
     def __init__(self):
         if hasattr(select, "epoll"):
@@ -4733,11 +4889,16 @@ class ReadinessQueue:
         else:
             raise ConfigError("serving needs epoll or kqueue (Linux, BSD or macOS)")
         self._lock = threading.Lock()
-        self._watched = {}  # fd -> Connection, armed or being served
+        self._watched = {}  # fd -> Connection: a client's fd, or its provider's while parked
         self.stopped = False
         # A level-triggered wake-up that, once set, releases every waiting worker.
         self._stop_reader, self._stop_writer = socket.socketpair()
         self._control(self._stop_reader.fileno(), oneshot=False, new=True)
+        # Connections handed to the next free worker; a byte in the pair while there are some.
+        self._handed = []
+        self._hand_reader, self._hand_writer = socket.socketpair()
+        self._hand_reader.setblocking(False)
+        self._control(self._hand_reader.fileno(), new=True)
 
     def _control(self, fd, oneshot=True, new=False):
         if self._epoll is not None:
@@ -4746,6 +4907,15 @@ class ReadinessQueue:
         else:
             flags = select.KQ_EV_ADD | (select.KQ_EV_ONESHOT if oneshot else 0)
             self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, flags)], 0)
+
+    def _unwatch(self, fd):
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:  # a fired one-shot event is gone already
+                self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)], 0)
+        except (OSError, ValueError):
+            pass
 
     def add(self, connection):
         """Watch a new connection; False if it cannot be (the caller closes it)."""
@@ -4768,19 +4938,46 @@ class ReadinessQueue:
             connection.armed = True
             return True
 
+    def park(self, connection, wait):
+        """Watch a connection's call through its provider's socket until
+        that is readable or ``wait.deadline`` passes. Also while stopping:
+        the drain lets parked calls finish. False if the kernel refused."""
+        fd = wait.sock.fileno()
+        with self._lock:
+            try:
+                self._control(fd, new=True)
+            except (OSError, ValueError):
+                logger.warning("a provider connection could not be watched; its call is ended")
+                return False
+            self._watched[fd] = connection
+            connection.parked_fd, connection.deadline, connection.armed = fd, wait.deadline, True
+            return True
+
+    def unpark(self, connection):
+        """Stop watching the provider socket of a parked connection its
+        owner took (to resume its call, or to close it)."""
+        fd, connection.parked_fd = connection.parked_fd, None
+        if fd is not None:
+            with self._lock:
+                if self._watched.get(fd) is connection:
+                    del self._watched[fd]
+            self._unwatch(fd)
+
+    def hand_over(self, connection):
+        """Give a connection the sweep owns to the next free worker."""
+        with self._lock:
+            self._handed.append(connection)
+            if len(self._handed) == 1:
+                self._hand_writer.send(b"\0")
+
     def forget(self, connection):
         """Stop watching a connection about to be closed (by its owner, or by
         the sweep, which only takes armed connections)."""
+        self.unpark(connection)
         with self._lock:
             if self._watched.get(connection.fd) is connection:
                 del self._watched[connection.fd]
-        try:
-            if self._epoll is not None:
-                self._epoll.unregister(connection.fd)
-            else:  # a fired one-shot event is gone already
-                self._kqueue.control([select.kevent(connection.fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)], 0)
-        except (OSError, ValueError):
-            pass
+        self._unwatch(connection.fd)
 
     def take(self, timeout):
         """Wait for a readable connection and own it; None on timeout, or at
@@ -4802,6 +4999,13 @@ class ReadinessQueue:
         owned = []
         with self._lock:
             for fd in ready:
+                if fd == self._hand_reader.fileno():
+                    if self._handed:
+                        owned.append(self._handed.pop(0))
+                    if not self._handed:
+                        self._hand_reader.recv(16)
+                    self._control(fd)
+                    continue
                 connection = self._watched.get(fd)
                 # Not armed: the sweep took it (a new connection may reuse its fd), or it is the stop signal.
                 if connection is not None and connection.armed:
@@ -4810,24 +5014,33 @@ class ReadinessQueue:
         return owned
 
     def take_expired(self, now):
-        """Own the armed connections past their deadline, as ``take`` does."""
+        """Own the armed (and parked) connections past their deadline, as
+        ``take`` does."""
         with self._lock:
-            expired = [c for c in self._watched.values() if c.armed and c.deadline <= now]
+            expired = [c for fd, c in self._watched.items()
+                       if c.armed and c.deadline <= now and fd == (c.parked_fd or c.fd)]
             for connection in expired:
                 connection.armed = False
         return expired
 
     def stop(self):
-        """Release every waiting worker; hands over the armed connections."""
+        """Arm nothing more; hands over the armed connections that wait for
+        their clients. Parked ones stay: their calls may finish."""
         with self._lock:
             self.stopped = True
-        expired = self.take_expired(float("inf"))
+            waiting = [c for fd, c in self._watched.items() if c.armed and c.parked_fd is None and fd == c.fd]
+            for connection in waiting:
+                connection.armed = False
+        return waiting
+
+    def release_workers(self):
+        """Wake every waiting worker for good (the drain is over)."""
         self._stop_writer.close()
-        return expired
 
     def close(self):
         (self._epoll or self._kqueue).close()
-        self._stop_reader.close()
+        for sock in (self._stop_reader, self._hand_reader, self._hand_writer):
+            sock.close()
 
 
 class WorkerPool:
@@ -4838,7 +5051,9 @@ class WorkerPool:
     strict parsing). Until the head and a small body are in, the connection
     is armed again and the worker moves on, so a slow or idle client costs
     a socket, never a thread. A whole request is served at once, and the
-    connection armed for the next one.
+    connection armed for the next one; a call that waits for its provider
+    is parked meanwhile, and resumed by whichever worker is free when its
+    provider answers (or its deadline passes).
 
     At most ``size`` threads: one more starts when the last waiting thread
     takes a request to serve. Threads beyond the most that were busy at
@@ -4860,6 +5075,7 @@ class WorkerPool:
         self._threads = 0
         self._waiting = 0   # threads not serving a request
         self._busy = 0
+        self._exchanges = 0       # requests being served, running or parked
         self._peak_busy = 0       # the most busy at once in this window
         self._last_peak = 0       # ... and in the previous one
         self._window_end = 0.0
@@ -4893,11 +5109,14 @@ class WorkerPool:
             self._close(connection)
 
     def _run(self):
-        while not self.ready.stopped:
+        while not (self.ready.stopped and not self._exchanges):
             connection = self.ready.take(1.0)
             if connection is not None:
                 try:
-                    self._receive(connection)
+                    if connection.exchange is not None:
+                        self._resume(connection)
+                    else:
+                        self._receive(connection)
                 except Exception as exc:  # a bug must cost one connection, not the server's capacity
                     logger.error("unexpected %s while serving a connection", type(exc).__name__)
                     logger.debug("traceback", exc_info=True)
@@ -4942,19 +5161,27 @@ class WorkerPool:
             connection.idle = False
             connection.deadline = time.monotonic() + self.limits.header_timeout
         connection.buffer += data
+        self._serve_requests(connection)
+
+    def _serve_requests(self, connection):
+        """Serve the whole requests a connection holds, one after another,
+        then arm it for the next; a request whose call parks takes the
+        connection with it (``_resume`` comes back here)."""
         while self._assemble(connection):
-            if not self._serve(connection):
+            connection.exchange = Exchange(connection, self.server)
+            with self._lock:
+                self._exchanges += 1
+            if not self._advance(connection):
                 return
-            connection.head = None
-            if connection.sock.gettimeout() != 0.0:  # a write had to wait
-                connection.sock.setblocking(False)
-            connection.idle = not connection.buffer
-            if connection.idle:
-                connection.deadline = time.monotonic() + self.limits.keepalive_timeout
-                break
-            connection.deadline = time.monotonic() + self.limits.header_timeout  # pipelined
-        if connection.sock.fileno() >= 0:
+        if connection.sock.fileno() >= 0:  # not refused
             self._arm(connection)
+
+    def _resume(self, connection):
+        """Go on with a parked call: its provider answered, or its deadline
+        passed (the call then meets its timeout)."""
+        self.ready.unpark(connection)
+        if self._advance(connection):
+            self._serve_requests(connection)
 
     def _arm(self, connection):
         if not self.ready.arm(connection):
@@ -5031,7 +5258,7 @@ class WorkerPool:
             self._buffered += admission.body_bytes
             self._buffered_by_key[admission.key_id] = held + admission.body_bytes
 
-    def _release_admission(self, connection):
+    def release_admission(self, connection):
         """Give back what an admitted request held (its call, if one was
         made, took its request in flight over) and its body's room."""
         admission, connection.admission = connection.admission, None
@@ -5044,29 +5271,52 @@ class WorkerPool:
             if held:
                 self._buffered_by_key[admission.key_id] = held
 
-    def _serve(self, connection):
-        """Serve one request; False if the connection was closed after it."""
+    def _advance(self, connection):
+        """Run a connection's exchange until its call parks (False) or the
+        exchange ends: then True if the connection goes on to its next
+        request, False if it was closed."""
         with self._lock:
             self._busy += 1
             self._waiting -= 1
             self._peak_busy = max(self._peak_busy, self._busy)
             if self._waiting == 0 and self._threads < self._size:
                 self._start_thread()  # someone must wait for the other connections
+        exchange = connection.exchange
         try:
-            keep_alive = not GatewayHandler(connection, self.server).close_connection and not self.server.draining
+            wait = exchange.advance()
         except Exception as exc:
             logger.error("unexpected %s while serving a request", type(exc).__name__)
             logger.debug("traceback", exc_info=True)
-            keep_alive = False
+            wait, exchange.close_connection = None, True
         finally:
-            self._release_admission(connection)
             with self._lock:
                 self._busy -= 1
                 self._waiting += 1
                 self._drained.notify_all()
-        if not keep_alive:
+        if wait is not None:
+            if self.ready.park(connection, wait):
+                return False
+            exchange.abandon()
+        connection.exchange = None
+        self.release_admission(connection)
+        self._end_exchange()
+        if exchange.close_connection or self.server.draining:
             self._close(connection)
-        return keep_alive
+            return False
+        connection.head = None
+        if connection.sock.gettimeout() != 0.0:  # a write had to wait
+            connection.sock.setblocking(False)
+        connection.idle = not connection.buffer
+        connection.deadline = time.monotonic() + (self.limits.keepalive_timeout if connection.idle
+                                                  else self.limits.header_timeout)  # pipelined
+        return True
+
+    def _end_exchange(self):
+        with self._lock:
+            self._exchanges -= 1
+            last = self.ready.stopped and not self._exchanges
+        if last:
+            self.ready.release_workers()
 
     def _reject(self, connection, error, dialect=OPENAI, outcome="refused"):
         """Answer a request no worker serves: the answer is small and the
@@ -5080,7 +5330,11 @@ class WorkerPool:
         self._close(connection)
 
     def _close(self, connection):
-        self._release_admission(connection)
+        if connection.exchange is not None:  # a call never to be resumed: its row is settled now
+            exchange, connection.exchange = connection.exchange, None
+            exchange.abandon()
+            self._end_exchange()
+        self.release_admission(connection)
         self.ready.forget(connection)
         self.server.release(connection)
 
@@ -5098,6 +5352,9 @@ class WorkerPool:
         if not self._waiting:  # readable connections are waiting for a worker
             taken += self.ready.take_ready()
         for connection in taken:
+            if connection.exchange is not None:  # a parked call: a worker resumes it
+                self.ready.hand_over(connection)
+                continue
             try:
                 self._judge(connection, now)
             except Exception as exc:  # the accept loop, which runs the sweep, must go on
@@ -5164,9 +5421,10 @@ class WorkerPool:
         path = head.target.partition("?")[0]
         return dialect_for(ROUTES.get(path), Request(head.method, path, head.headers, None, None))
 
-    def busy(self):
+    def in_flight(self):
+        """Requests being served, running or parked."""
         with self._lock:
-            return self._busy
+            return self._exchanges
 
     def counts(self):
         """(threads running, threads serving a request)."""
@@ -5174,10 +5432,11 @@ class WorkerPool:
             return self._threads, self._busy
 
     def stop(self, drain_timeout):
-        """Stop serving: every worker finishes what it holds (bounded by
-        ``drain_timeout``) and leaves. A request still waiting for a worker
-        gets a 503 to retry elsewhere; idle connections are closed. False if
-        some request did not finish in time."""
+        """Stop serving: requests being served, parked ones included, may
+        finish (bounded by ``drain_timeout``, the sweep going on meanwhile),
+        then the workers leave. A request still waiting for a worker gets a
+        503 to retry elsewhere; idle connections are closed. False if some
+        request did not finish in time."""
         for connection in self.ready.stop():
             waiting = self._unread(connection)
             if waiting and self._whole(connection, waiting):
@@ -5186,60 +5445,80 @@ class WorkerPool:
                              self._dialect(connection, waiting))
             else:
                 self._close(connection)
-        deadline = time.monotonic() + drain_timeout
         with self._lock:
-            while self._threads and self._drained.wait(max(deadline - time.monotonic(), 0)):
-                pass
-            drained = not self._threads
+            idle = not self._exchanges
+        if idle:
+            self.ready.release_workers()
+        deadline = time.monotonic() + drain_timeout
+        while True:
+            with self._lock:
+                remaining = deadline - time.monotonic()
+                if not self._threads or remaining <= 0:
+                    drained = not self._threads
+                    break
+                self._drained.wait(min(remaining, self.sweep_interval))
+            self.sweep()
         if drained:
             self.ready.close()
         return drained
 
 
-class GatewayHandler(http.server.BaseHTTPRequestHandler):
-    """Serve one request whose head a worker has parsed: Request in,
-    Reply out. One write per response; chunked streams flushed per event."""
+class Exchange:
+    """One request on a connection and its answer: Request in, Reply out,
+    as steps a worker runs. ``advance`` runs them until the call waits for
+    its provider (it returns that ProviderWait, and the pool parks the
+    connection) or the answer is written (None). One write per response;
+    chunked streams flushed per event."""
 
     def __init__(self, connection, server):
-        self.connection_state = connection
-        super().__init__(connection.sock, connection.address, server)
-
-    def setup(self):
-        self.connection = self.request  # non-blocking until a write or a body read must wait
-        head = self.connection_state.head
+        self.client = connection
+        self.connection = connection.sock  # non-blocking until a write or a body read must wait
+        self.server = server
+        head = connection.head
         # While draining, every answer closes its connection.
-        self.close_connection = not head.keep_alive or self.server.draining
+        self.close_connection = not head.keep_alive or server.draining
         self.request_version = "HTTP/%d.%d" % head.version
         self.command = head.method
+        self._steps = self._run()
 
-    def handle(self):
-        head = self.connection_state.head
+    def advance(self):
+        try:
+            return next(self._steps)
+        except StopIteration:
+            return None
+
+    def abandon(self):
+        """End a call that will not be resumed: its relay settles its row."""
+        self.close_connection = True
+        self._steps.close()
+
+    def _run(self):
+        head = self.client.head
         started = time.monotonic()
         path, _, query = head.target.partition("?")
         send_continue = self._send_continue if head.expects_continue else None
         request = Request(head.method, path, head.headers, head.content_length, self._read_body,
-                          send_continue, query, self.connection_state.admission)
+                          send_continue, query, self.client.admission)
         try:
-            reply = self.server.gateway.handle(request)
+            reply = yield from self.server.gateway.handle(request)
         except ClientDisconnected:
             self.close_connection = True
             return
+        finally:  # the body is in (its call, if any, holds the request in flight): its room is free
+            self.server.workers.release_admission(self.client)
         if not request.body_consumed:
             self.close_connection = True  # unread body bytes would be taken for a request
         try:
-            self._send(reply)
+            yield from self._send(reply)
         except OSError:
             self.close_connection = True
         self._log_access(request, reply, started)
-
-    def finish(self):
-        pass  # the connection outlives the request: the server decides
 
     def _send_continue(self):
         self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self, length):
-        state = self.connection_state
+        state = self.client
         body, state.buffer = state.buffer[:length], state.buffer[length:]
         if len(body) == length:
             return body
@@ -5282,6 +5561,7 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         sock.sendall(data)
 
     def _send(self, reply):
+        """Write ``reply``; a generator that passes on its stream's waits."""
         write = self._write
         if reply.stream is None:
             # One write: headers and body leave in the same segment.
@@ -5295,6 +5575,9 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         stream = reply.stream
         try:
             for event in stream:
+                if isinstance(event, ProviderWait):
+                    yield event
+                    continue
                 data = b"%x\r\n%s\r\n" % (len(event), event) if chunked else event
                 if head:
                     data, head = head + data, b""  # headers ride with the first event
@@ -5356,7 +5639,9 @@ def _reason(status):
 
 class GatewayServer(http.server.ThreadingHTTPServer):
     """The listening socket and its accept loop (``serve_forever``), feeding
-    the worker pool above.
+    the worker pool above: of ThreadingHTTPServer (the product's server) it
+    uses the listening socket and the loop, not its handler class or a
+    thread per request.
 
     Beyond ``server.max_connections`` open connections, or when the process
     has no file descriptor left, a new one gets an immediate 503 with
@@ -5375,7 +5660,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         self._open = 0
         self._open_by_address = {}  # client address -> its open connections
         self._open_lock = threading.Lock()
-        super().__init__(address, GatewayHandler, bind_and_activate=False)
+        super().__init__(address, None, bind_and_activate=False)  # no handler class: the pool serves
         try:
             self.server_bind()
             self.server_activate()
@@ -5499,7 +5784,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
             self._spare_fd = None
         if not self.workers.stop(self.gateway.config.server.drain_timeout):
             logger.warning("%d request(s) still running after the drain timeout; their usage rows "
-                           "will be marked interrupted at the next start", self.workers.busy())
+                           "will be marked interrupted at the next start", self.workers.in_flight())
         self.gateway.close()
 
 

@@ -1,0 +1,280 @@
+"""Capacity: a call waiting for its provider costs a socket, not a thread.
+
+The real gateway with few worker threads (``server.threads`` 2 to 4) takes
+a crowd of concurrent calls to the fake upstream's slow, dripping, hanging
+and vanishing providers: each call is parked on the readiness queue while
+its provider is silent, so every call is served at once and answered as the
+README promises (usage rows, errors, client hang-ups), through a drain and
+a config reload. Scale figures live in ``tests/bench.py --streams``.
+"""
+
+import json
+import re
+import selectors
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import llmgw
+from conftest import (CHAT, MESSAGES, RawClient, base_config, body_for, json_request, post, settled_rows, sse_events,
+                      wait_until)
+
+SERVER = {"keepalive_timeout": 30, "header_timeout": 10, "upstream_timeout": 2, "drain_timeout": 10}
+RATE_LIMITS = {"default": 1000000}
+
+
+def ours(earlier):
+    return sum(1 for t in threading.enumerate() if t.name == "llmgw-worker" and t not in earlier)
+
+
+def whole_answer(data):
+    """(status, body) once ``data`` holds a whole response (Content-Length or
+    chunked), else None."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head, rest = data[:end].decode("latin-1").lower(), data[end + 4:]
+    status = int(head[9:12])
+    if "transfer-encoding: chunked" in head:
+        body = b""
+        while True:
+            size_end = rest.find(b"\r\n")
+            if size_end < 0:
+                return None
+            size = int(rest[:size_end], 16)
+            if len(rest) < size_end + 2 + size + 2:
+                return None
+            if size == 0:
+                return status, body
+            body, rest = body + rest[size_end + 2:size_end + 2 + size], rest[size_end + 4 + size:]
+    length = int(head.split("content-length:")[1].split("\r\n")[0])
+    return (status, rest[:length]) if len(rest) >= length else None
+
+
+def crowd(gateway, requests, timeout=30.0, on_tick=None):
+    """Send every request at once, each on its own connection, and read each
+    whole answer; (status, body) per request, None where none came."""
+    selector = selectors.DefaultSelector()
+    answers, buffers = [None] * len(requests), {}
+    for index, data in enumerate(requests):
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        sock.sendall(data)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, index)
+        buffers[sock] = b""
+    deadline = time.monotonic() + timeout
+    while buffers and time.monotonic() < deadline:
+        for key, _ in selector.select(0.05):
+            sock = key.fileobj
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            buffers[sock] += data
+            answer = whole_answer(buffers[sock])
+            if answer is not None or not data:
+                answers[key.data] = answer
+                selector.unregister(sock)
+                sock.close()
+                del buffers[sock]
+        if on_tick is not None:
+            on_tick()
+    for sock in buffers:
+        sock.close()
+    return answers
+
+
+def stream_ended(body, path=CHAT):
+    events = sse_events(body)
+    return events[-1][1] == "[DONE]" if path == CHAT else events[-1][0] == "message_stop"
+
+
+def test_hundreds_of_calls_wait_for_their_providers_on_four_threads(make_gateway, upstream):
+    """240 concurrent calls on server.threads 4: streams paced 0.2 s an event
+    (OpenAI and Anthropic), answers that take 0.5 s to begin, streams their
+    provider cuts, and providers that never answer (504 after 2 s). More
+    than a hundred are in flight at once on at most 4 worker threads; each
+    gets its own answer, and every one is on the books with its outcome."""
+    earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}
+    gw = make_gateway(server=dict(SERVER, threads=4), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    kinds = ([(CHAT, "gpt-4o-mini-slowstream", True)] * 80 + [(MESSAGES, "claude-slowstream", True)] * 40
+             + [(CHAT, "gpt-4o-mini-slow", False)] * 80 + [(CHAT, "gpt-4o-mini-dropstream", True)] * 20
+             + [(CHAT, "gpt-4o-mini-hang", False)] * 20)
+    requests = [json_request(path, key, body_for(path, model, **({"stream": True} if streamed else {})),
+                             extra=[("anthropic-version", "2023-06-01")] if path == MESSAGES else [])
+                for path, model, streamed in kinds]
+    peak = {"threads": 0, "in_flight": 0}
+
+    def sample():
+        peak["threads"] = max(peak["threads"], ours(earlier))
+        peak["in_flight"] = max(peak["in_flight"], gw.gateway.in_flight)
+    answers = crowd(gw, requests, on_tick=sample)
+    for (path, model, streamed), answer in zip(kinds, answers):
+        assert answer is not None, model
+        status, body = answer
+        if model.endswith("hang"):
+            assert status == 504, (model, answer)
+        else:
+            assert status == 200, (model, answer)
+            if streamed:
+                events = sse_events(body)
+                assert stream_ended(body, path) or model.endswith("dropstream"), (model, events[-3:])
+                assert not model.endswith("dropstream") or "upstream_truncated" in events[-1][1], events[-2:]
+            else:
+                assert json.loads(body)["usage"]["total_tokens"] > 0
+    assert peak["in_flight"] > 100, "only %d calls were in flight at once" % peak["in_flight"]
+    assert 1 <= peak["threads"] <= 4, "worker threads peaked at %d" % peak["threads"]
+    rows = settled_rows(gw, len(kinds), timeout=10)
+    outcomes = {}
+    for row in rows:
+        outcomes[row["status"]] = outcomes.get(row["status"], 0) + 1
+    assert outcomes == {"ok": 200, "upstream_truncated": 20, "timeout": 20}, outcomes
+    assert all(row["usage_source"] == "reported" for row in rows if row["status"] == "ok")
+    assert gw.gateway.in_flight == 0
+
+
+def test_clients_that_leave_parked_streams_stop_their_providers(make_gateway, upstream):
+    """100 dripping streams (an event every 0.3 s, never ending) on two
+    threads; every client reads its first event and leaves. At its next
+    event each call finds its client gone, closes its provider connection
+    and records client_disconnected; nothing stays open or in flight."""
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    clients = [RawClient(gw, timeout=10) for _ in range(100)]
+    for client in clients:
+        client.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-mini-drip", stream=True)))
+    for client in clients:
+        assert client.read_head(timeout=10)[0] == 200
+        assert client.next_chunk(timeout=10)
+    assert gw.gateway.in_flight == 100
+    for client in clients:
+        client.rst()
+    assert wait_until(lambda: upstream.open_connections == 0, timeout=10), upstream.open_connections
+    rows = settled_rows(gw, 100, timeout=10)
+    assert {row["status"] for row in rows} == {"client_disconnected"}
+    assert gw.gateway.in_flight == 0
+    assert post(gw, CHAT, body_for(CHAT), key).status == 200
+
+
+def start_parked_streams(gw, key, count):
+    """``count`` paced streams, in flight (parked) when this returns."""
+    clients = [RawClient(gw, timeout=15) for _ in range(count)]
+    for client in clients:
+        client.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-mini-slowstream", stream=True)))
+    assert wait_until(lambda: gw.gateway.in_flight == count, timeout=10), gw.gateway.in_flight
+    return clients
+
+
+def assert_streams_finish(clients):
+    for client in clients:
+        response = client.read_response(timeout=15)
+        client.close()
+        assert response is not None and response.status == 200 and response.terminated, response
+        assert stream_ended(response.body)
+
+
+def test_a_drain_lets_parked_streams_finish(make_gateway, upstream):
+    """SIGTERM's drain (server_close) while 60 streams are parked on two
+    threads: every stream is relayed to its end, every row settled ok,
+    and the drain returns once they have."""
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    clients = start_parked_streams(gw, key, 60)
+    stopper = threading.Thread(target=gw.stop)
+    stopper.start()
+    assert_streams_finish(clients)
+    stopper.join(15)
+    assert not stopper.is_alive()
+    rows = settled_rows(gw, 60)
+    assert [row["status"] for row in rows] == ["ok"] * 60
+    assert gw.gateway.in_flight == 0
+
+
+def test_a_reload_leaves_parked_streams_running(make_gateway, upstream):
+    """The reload SIGHUP runs, while 60 streams are parked on two threads:
+    it replaces every provider (their settings changed) and closes the
+    retired pools, and every parked stream still ends whole and on the
+    books; calls after it use the new settings."""
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    key = gw.create_key()[1]
+    clients = start_parked_streams(gw, key, 60)
+    before = dict(gw.gateway.providers)
+    document = base_config(upstream.url, server=dict(SERVER, threads=2, upstream_timeout=3), rate_limits=RATE_LIMITS)
+    gw.gateway.reload(llmgw.parse_config(document))
+    assert all(gw.gateway.providers[name] is not provider for name, provider in before.items())
+    assert_streams_finish(clients)
+    rows = settled_rows(gw, 60)
+    assert [row["status"] for row in rows] == ["ok"] * 60
+    assert gw.gateway.config.server.upstream_timeout == 3
+    assert post(gw, CHAT, body_for(CHAT), key).status == 200
+
+
+def tls_stream_provider(tmp_path, events=4, gap=0.2):
+    """(base URL, CA file): a provider on TLS (a certificate for localhost
+    made here) answering every request with a stream of ``events`` chat
+    chunks ``gap`` seconds apart, usage, then [DONE]."""
+    cert, key_file = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", key_file, "-out", cert],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"tls"}}]}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (
+        events, 7 + events)
+
+    def framed(payload):
+        return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+    def serve(conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n")
+            for _ in range(events):
+                time.sleep(gap)
+                conn.sendall(framed(chunk))
+            conn.sendall(framed(usage) + framed(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+                conn = context.wrap_socket(conn, server_side=True)
+            except OSError:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return "https://localhost:%d" % listener.getsockname()[1], cert
+
+
+def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatch):
+    """40 concurrent streams from a provider on TLS (verified against its
+    own CA), an event every 0.2 s, on two threads: each call parks between
+    events (TLS bytes already decrypted count as readable), and every
+    stream arrives whole and metered."""
+    url, ca_file = tls_stream_provider(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS,
+                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
+    key = gw.create_key()[1]
+    requests = [json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)) for _ in range(40)]
+    peak = {"in_flight": 0}
+    answers = crowd(gw, requests, on_tick=lambda: peak.update(in_flight=max(peak["in_flight"], gw.gateway.in_flight)))
+    for answer in answers:
+        assert answer is not None and answer[0] == 200, answer
+        assert stream_ended(answer[1]) and sse_events(answer[1]).count((None, "{\"choices\":[{\"index\":0,\"delta\":"
+                                                                               "{\"content\":\"tls\"}}]}")) == 4
+    assert peak["in_flight"] > 20, peak
+    rows = settled_rows(gw, 40)
+    assert {(row["status"], row["output_tokens"]) for row in rows} == {("ok", 4)}
