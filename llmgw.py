@@ -4765,7 +4765,10 @@ def printable(text):
 # it arms, parks or closes the connection, after which it must not touch it.
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ ]+) HTTP/([0-9])\.([0-9])$")
+_REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ \x00-\x1f\x7f]+) HTTP/([0-9])\.([0-9])$")
+#: A head's line ends: CRLF, or LF alone (RFC 9112 2.2). Any other CR stays in
+#: the line, where the checks refuse it.
+_LINE_END = re.compile(r"\r?\n")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_HEADER_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTENT_LENGTH = re.compile(r"^[0-9]{1,15}$")
@@ -4795,8 +4798,8 @@ def parse_request_head(data, max_fields):
     """Parse a request line and header fields (bytes, without the blank
     line). Strict where leniency would let requests be smuggled: raises
     BadRequestError, LengthRequiredError or HeaderTooLargeError."""
-    lines = data.decode("latin-1").split("\n")
-    match = _REQUEST_LINE.match(lines[0].rstrip("\r"))
+    lines = _LINE_END.split(data.decode("latin-1"))
+    match = _REQUEST_LINE.match(lines[0])
     if match is None:
         raise BadRequestError("Malformed request line")
     method, target, major, minor = match.groups()
@@ -4808,7 +4811,6 @@ def parse_request_head(data, max_fields):
         raise HeaderTooLargeError("More than %d header fields" % max_fields)
     headers = {}
     for line in lines[1:]:
-        line = line.rstrip("\r")
         name, colon, value = line.partition(":")
         if not colon or not _HEADER_NAME.match(name) or _BAD_HEADER_VALUE.search(value):
             raise BadRequestError("Malformed header field")  # obs-fold, "Name :", control bytes
@@ -4836,7 +4838,7 @@ def head_error(head, limits):
     line = head if line_end < 0 else head[:line_end]
     if len(line) > limits.max_request_line_bytes:
         return URITooLongError("The request line is too long")
-    if line_end >= 0 and not _REQUEST_LINE.match(line.rstrip(b"\r").decode("latin-1")):
+    if line_end >= 0 and not _REQUEST_LINE.match(line.removesuffix(b"\r").decode("latin-1")):
         return BadRequestError("Malformed request line")
     if len(head) > limits.max_header_bytes:
         return HeaderTooLargeError("The request head is too large")

@@ -159,6 +159,25 @@ def test_bare_lf_line_endings_are_accepted(gw, key, upstream):
     assert len(settled_rows(gw)) == 1
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /v1/models HTTP/1.1\r\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\r\nAuthorization: Bearer {key}\r\n\r\n",
+    b"GET /v1/models\rX HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n",
+    b"GET /v1/mo\x00dels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n",
+], ids=["cr-before-crlf-in-request-line", "cr-before-crlf-in-header", "cr-in-target", "nul-in-target"])
+def test_a_bare_cr_before_a_line_end_or_in_the_target_is_refused(gw, key, upstream, data):
+    """Only one CR may come before a line's LF: a bare CR anywhere else is
+    refused, as the README says (a reader that ends lines at a bare CR
+    would see "CR CR LF" as an empty line, the end of the head). The
+    request target holds no control character either. (Every trailing
+    CR used to be stripped, and the target took any byte but a space.)"""
+    response, client = exchange(gw, data.replace(b"{key}", key.encode()))
+    client.close()
+    assert_json_error(response, 400, close=True)
+    assert upstream.requests == []
+    assert_alive(gw, key)
+
+
 # ---- 5. a connection flood from one address leaves room for the others -------------
 
 def answer_from(gw, key, source):
