@@ -3409,6 +3409,10 @@ def parse_json_body(request, max_bytes):
     return raw, body
 
 
+#: 0001-01-01T00:00:00Z, the earliest moment ``iso_time`` can show.
+_FIRST_MOMENT = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
 def parse_time_bound(text, end=False, name="time"):
     """``YYYY-MM-DD`` or an ISO 8601 time (UTC unless it says otherwise) as
     epoch seconds. With ``end``, a bare date means the end of that day
@@ -3420,11 +3424,13 @@ def parse_time_bound(text, end=False, name="time"):
             day = datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
             return day.timestamp() + (86400 if end else 0)
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        if moment.timestamp() < _FIRST_MOMENT:  # year 1 east of UTC: no datetime could show it
+            raise ValueError(text)
     except ValueError:
         raise BadRequestError("%s: %s is not a date (YYYY-MM-DD) or ISO 8601 time, years 1 to 9999"
                               % (name, shown(text)), param=name) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
 
 

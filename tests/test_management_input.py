@@ -607,6 +607,24 @@ def test_an_expiry_at_the_end_of_the_calendar_means_never(admin_gateway):
     assert snapshot(admin_gateway.db_path) == before
 
 
+def test_a_moment_before_year_1_utc_is_400(admin_gateway):
+    # Year 1 with an offset east of UTC is before year 1 in UTC: it used to be
+    # written, then the reply and every listing of the keys was a 500
+    # (ValueError: year 0 is out of range, showing it).
+    before = snapshot(admin_gateway.db_path)
+    for expires_at in ("0001-01-01T00:00:00+14:00", "0001-01-01T05:00:00+05:01"):
+        reply = admin(admin_gateway, "POST", "/admin/virtual-keys", {"project_name": "p", "expires_at": expires_at})
+        assert_admin_refusal(reply, "expires_at", expires_at)
+        assert "years 1 to 9999" in reply.json()["error"]["message"]
+    assert snapshot(admin_gateway.db_path) == before
+    assert admin(admin_gateway, "GET", "/admin/virtual-keys").status == 200
+    reply = admin(admin_gateway, "GET", "/admin/logs?since=" + urllib.parse.quote("0001-01-01T00:00:00+14:00"))
+    assert_admin_refusal(reply, "since", "0001-01-01T00:00:00+14:00")
+    reply = admin(admin_gateway, "POST", "/admin/virtual-keys", {"project_name": "p",
+                                                                  "expires_at": "0001-01-01T00:00:00Z"})
+    assert reply.status == 201 and reply.json()["expires_at"] == "0001-01-01T00:00:00Z", reply
+
+
 class Clock:
     def __init__(self, now):
         self.now = now
