@@ -25,6 +25,7 @@
     python cli.py admin-token                   issue a new admin token, retiring the old one
     python cli.py metrics-token                 issue a token that reads /metrics only (for a scraper)
     python cli.py audit [--limit N] [--output json]   administrative actions, newest first
+    python cli.py doctor [--reach]              check config, files, database, clock, keys (and providers)
     python cli.py backup PATH                   a consistent copy of the database (0600), gateways running
     python cli.py restore PATH                  replace the database with a backup (gateways stopped)
 
@@ -391,6 +392,13 @@ def cmd_audit(args):
     return 0
 
 
+def cmd_doctor(args):
+    findings = llmgw.check_installation(llmgw.config_path_from_env(), llmgw.db_path_from_env(), reach=args.reach)
+    _print_table([dict(zip(("level", "topic", "text"), finding)) for finding in findings],
+                 [("level", "RESULT"), ("topic", "CHECK"), ("text", "DETAIL")])
+    return 1 if any(level == "FAIL" for level, _, _ in findings) else 0
+
+
 def cmd_backup(args):
     store = _store()
     store.backup(args.path)
@@ -511,6 +519,10 @@ def build_parser():
     audit.add_argument("--limit", default="100", help="how many entries (default 100)")
     audit.add_argument("--output", choices=("table", "json"), default="table")
     audit.set_defaults(run=cmd_audit)
+    doctor = commands.add_parser("doctor", help="check config, file modes, database, clock and provider keys")
+    doctor.add_argument("--reach", action="store_true",
+                        help="also connect to each configured provider host (no key is sent)")
+    doctor.set_defaults(run=cmd_doctor)
     backup = commands.add_parser("backup", help="copy the database, consistently, while gateways serve")
     backup.add_argument("path", help="the copy to create (must not exist)")
     backup.set_defaults(run=cmd_backup)

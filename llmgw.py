@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import email.utils
 import errno
 import fnmatch
 import hashlib
@@ -5826,15 +5827,135 @@ def configure_logging(log_config):
     logger.propagate = False
 
 
-def warn_if_exposed(path):
-    """Config and database should be private to their owner."""
+def exposed_mode(path):
+    """The permission bits of ``path`` if its group or others may use it, else None."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
+        return None
+    return stat.S_IMODE(mode) if mode & (stat.S_IRWXG | stat.S_IRWXO) else None
+
+
+def warn_if_exposed(path):
+    """Config and database should be private to their owner."""
+    mode = exposed_mode(path)
+    if mode is not None:
+        logger.warning("%s is readable by other users (mode %o); run: chmod 600 %s", path, mode, path)
+
+
+# ---- doctor: an installation's health, for ``cli.py doctor`` --------------
+
+#: ``doctor --reach`` gives each provider host this long to connect and answer.
+REACH_TIMEOUT = 5.0
+#: The clock may differ this much from a provider's or the database's before doctor says so.
+CLOCK_TOLERANCE = 60.0
+
+
+def check_installation(config_path, db_path, environ=os.environ, reach=False, now=None):
+    """Check config, file modes, the database (integrity, schema version),
+    the clock and which providers have keys (never the keys); with
+    ``reach``, connect to each configured provider host, sending no key.
+    Returns findings (level, topic, text), level ok, warn or FAIL."""
+    now = time.time() if now is None else now
+    findings = []
+
+    def note(level, topic, text):
+        findings.append((level, topic, text))
+    try:
+        config = load_config(config_path)
+        note("ok", "config", "%s is valid; providers: %s" % (config_path, ", ".join(config.providers) or "none"))
+    except ConfigError as exc:
+        config = None
+        note("FAIL", "config", exc.message)
+    files = [config_path] + [db_path + suffix for suffix in ("", "-wal", "-shm")]
+    if config is not None and config.logging.file:
+        files.append(config.logging.file)
+    exposed = [(path, exposed_mode(path)) for path in files if exposed_mode(path) is not None]
+    for path, mode in exposed:
+        note("FAIL", "files", "%s has mode %o: others may read it; run: chmod 600 %s" % (path, mode, path))
+    if not exposed:
+        note("ok", "files", "config, database and log files are private to their owner")
+    stored_keys = _check_database(db_path, now, note)
+    if config is None:
+        return findings
+    for name, provider in config.providers.items():
+        try:
+            key, source = resolve_provider_key(provider, stored_keys, environ)
+        except ConfigError as exc:
+            note("FAIL", "keys", exc.message)
+            continue
+        if key:
+            note("ok", "keys", "%s: a key from the %s" % (name, source))
+        else:
+            note("warn", "keys", "%s: no key; calls routed to it are refused" % name)
+    for name, provider in config.providers.items() if reach else ():
+        _check_reach(name, provider, now, note)
+    return findings
+
+
+def _check_database(path, now, note):
+    """Integrity, schema version and the clock against the newest usage
+    row, read-only; returns the stored provider keys."""
+    if not os.path.exists(path):
+        note("FAIL", "database", "%s not found (run: python cli.py init)" % path)
+        return {}
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True)
+        try:
+            integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            newest = conn.execute("SELECT MAX(started_at) FROM usage").fetchone()[0]
+            stored_keys = dict(conn.execute(ALL_PROVIDER_KEYS))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        note("FAIL", "database", "cannot read %s: %s" % (path, exc))
+        return {}
+    note("ok" if integrity == "ok" else "FAIL", "database", "%s: quick_check %s" % (path, integrity))
+    if version == SCHEMA_VERSION:
+        note("ok", "schema", "version %d, current" % version)
+    elif version > SCHEMA_VERSION:
+        note("FAIL", "schema", "version %d is newer than this llmgw's %d: upgrade llmgw or restore a backup"
+             % (version, SCHEMA_VERSION))
+    else:
+        note("warn", "schema", "version %d: the next gateway start migrates it to %d (back up first)"
+             % (version, SCHEMA_VERSION))
+    if newest is not None and newest > now + CLOCK_TOLERANCE:
+        note("FAIL", "clock", "it reads %s, but usage was recorded at %s: the clock went back"
+             % (iso_time(now), iso_time(newest)))
+    else:
+        note("ok", "clock", "%s, after the newest usage row" % iso_time(now))
+    return stored_keys
+
+
+def _check_reach(name, provider, now, note):
+    """One HEAD request to the provider's base URL, without a key, bounded
+    by REACH_TIMEOUT; its Date header checks the clock."""
+    pool = UpstreamPool(provider.base_url, REACH_TIMEOUT, REACH_TIMEOUT, provider.allow_link_local)
+    started = time.monotonic()
+    connection = None
+    try:
+        connection, _ = pool.acquire(fresh=True)
+        connection.sock.settimeout(REACH_TIMEOUT)
+        connection.sock.sendall(("HEAD %s/ HTTP/1.1\r\nHost: %s\r\nUser-Agent: llmgw-doctor/%s\r\n"
+                                 "Connection: close\r\n\r\n" % (pool.base_path, pool.host_field, __version__))
+                                .encode("latin-1"))
+        response = connection.getresponse("HEAD")
+    except (OSError, http.client.HTTPException, GatewayError) as exc:
+        note("FAIL", "reach", "%s: %s:%d unreachable: %s" % (name, pool.host, pool.port,
+                                                            getattr(exc, "message", None) or exc))
         return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning("%s is readable by other users (mode %o); run: chmod 600 %s",
-                       path, stat.S_IMODE(mode), path)
+    finally:
+        if connection is not None:
+            connection.close()
+    note("ok", "reach", "%s: %s:%d answered HTTP %d in %d ms" % (
+        name, pool.host, pool.port, response.status, (time.monotonic() - started) * 1000))
+    try:
+        skew = now - email.utils.parsedate_to_datetime(response.getheader("date")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return
+    if abs(skew) > CLOCK_TOLERANCE:
+        note("FAIL", "clock", "%d s %s %s's clock" % (abs(skew), "ahead of" if skew > 0 else "behind", name))
 
 
 def use_file_limit(server_config):

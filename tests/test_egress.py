@@ -45,7 +45,7 @@ def test_cli_commands_open_no_connection(tmp_path, upstream):
                 ["cli.py", "config", "list-keys"], ["cli.py", "keys", "create", "P", "--output", "json"],
                 ["cli.py", "keys", "list"], ["cli.py", "stats"], ["cli.py", "stats", "--reprice"],
                 ["cli.py", "prices", "import", str(pack)], ["cli.py", "prices", "list"],
-                ["cli.py", "backup", str(tmp_path / "backup.db")], ["cli.py", "restore", str(tmp_path / "backup.db")]]
+                ["cli.py", "doctor"], ["cli.py", "backup", str(tmp_path / "backup.db")], ["cli.py", "restore", str(tmp_path / "backup.db")]]
     key_id = None
     for command in commands:
         result = subprocess.run(guarded(log, *command), env=env, cwd=str(tmp_path),

@@ -5,17 +5,20 @@ Backups are taken by ``python cli.py backup`` as a child process while the
 real gateway serves a steady load; the copies are read back with sqlite3.
 """
 
+import email.utils
 import json
 import os
+import socket
 import shutil
 import sqlite3
 import stat
 import sys
 import threading
+import time
 
 import pytest
 
-from conftest import CHAT, body_for, paths_env, post, run_cli, settled_rows, wait_until
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, CHAT, body_for, paths_env, post, run_cli, settled_rows, wait_until
 
 import llmgw
 
@@ -132,6 +135,126 @@ def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_
     assert query(tmp_path / "gateway.db", "PRAGMA quick_check") == [("ok",)]
     result = cli_main("restore", tmp_path / "missing.db")
     assert result.returncode == 1 and "not found" in result.stderr
+
+
+# ---- doctor ---------------------------------------------------------------------------
+
+def doctor_install(tmp_path, upstream_url):
+    """config.yaml with both providers at ``upstream_url`` and a database
+    holding an OpenAI key (the canary); no Anthropic key anywhere."""
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"providers": {"openai": {"base_url": upstream_url},
+                                                "anthropic": {"base_url": upstream_url}}}))
+    config.chmod(0o600)
+    store = llmgw.Store(str(tmp_path / "gateway.db"))
+    store.set_provider_key("openai", OPENAI_KEY)
+    store.close()
+
+
+def findings(result):
+    """(result, check, detail) rows of doctor's table."""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["RESULT", "CHECK", "DETAIL"], result.stdout
+    return [tuple(line.split(None, 2)) for line in lines[1:]]
+
+
+def test_doctor_reports_a_healthy_installation_and_reaches_providers_without_a_key(tmp_path, upstream):
+    doctor_install(tmp_path, upstream.url)
+    result = cli_run(tmp_path, "doctor", "--reach")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = findings(result)
+    assert {level for level, _, _ in rows} == {"ok", "warn"}, rows
+    assert ("ok", "schema", "version %d, current" % llmgw.SCHEMA_VERSION) in rows
+    assert ("ok", "keys", "openai: a key from the database") in rows
+    assert ("warn", "keys", "anthropic: no key; calls routed to it are refused") in rows
+    assert [check for level, check, _ in rows if level == "ok"].count("reach") == 2
+    assert upstream.connections_opened == 2
+    assert OPENAI_KEY not in result.stdout + result.stderr
+    assert OPENAI_KEY[-4:] not in result.stdout  # not even masked
+
+
+def test_doctor_reach_sends_no_key_and_checks_the_clock_against_the_providers(tmp_path):
+    """A provider whose Date header is an hour behind; every byte doctor sent is kept."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def answer():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                received.append(data)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nDate: %s\r\nContent-Length: 0\r\n\r\n"
+                             % email.utils.formatdate(time.time() - 3600, usegmt=True).encode())
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    doctor_install(tmp_path, "http://127.0.0.1:%d/api" % listener.getsockname()[1])
+    result = cli_run(tmp_path, "doctor", "--reach", env={"ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+    thread.join(10)
+    listener.close()
+    assert result.returncode == 1
+    rows = findings(result)
+    assert [check for level, check, _ in rows if level == "ok"].count("reach") == 2, rows
+    skews = [detail.split(" s ahead of ") for level, check, detail in rows if level == "FAIL" and check == "clock"]
+    assert sorted(provider for _, provider in skews) == ["anthropic's clock", "openai's clock"], rows
+    assert all(3595 <= int(seconds) <= 3615 for seconds, _ in skews), rows
+    assert len(received) == 2
+    for request in received:
+        assert request.startswith(b"HEAD /api/ HTTP/1.1\r\n"), request
+        assert OPENAI_KEY.encode() not in request and ANTHROPIC_KEY.encode() not in request
+        assert b"authorization" not in request.lower() and b"x-api-key" not in request.lower()
+
+
+def newer_schema(tmp_path):
+    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
+    conn.execute("PRAGMA user_version = %d" % (llmgw.SCHEMA_VERSION + 1))
+    conn.close()
+
+
+def usage_from_the_future(tmp_path):
+    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
+    with conn:
+        conn.execute("INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, streamed, status, started_at)"
+                     " VALUES ('r1', 'vk_x', 'openai', '/v1/chat/completions', 0, 'ok', ?)", (time.time() + 3600,))
+    conn.close()
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("damage, check, words", [
+    (lambda tmp_path: (tmp_path / "config.yaml").chmod(0o644), "files", "config.yaml has mode 644"),
+    (lambda tmp_path: (tmp_path / "gateway.db").chmod(0o640), "files", "gateway.db has mode 640"),
+    (lambda tmp_path: (tmp_path / "config.yaml").write_text("providers: [unclosed"), "config", "not valid YAML"),
+    (lambda tmp_path: (tmp_path / "gateway.db").unlink(), "database", "not found"),
+    (lambda tmp_path: (tmp_path / "gateway.db").write_bytes(b"x" * 4096), "database", "cannot read"),
+    (newer_schema, "schema", "newer than this llmgw"),
+    (usage_from_the_future, "clock", "the clock went back"),
+], ids=["config-mode", "database-mode", "config-yaml", "no-database", "not-a-database", "newer-schema",
+        "clock-back"])
+def test_doctor_fails_on_each_problem(tmp_path, upstream, damage, check, words):
+    doctor_install(tmp_path, upstream.url)
+    damage(tmp_path)
+    result = cli_run(tmp_path, "doctor")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [detail for level, name, detail in findings(result) if level == "FAIL" and name == check
+            and words in detail], result.stdout
+    assert upstream.requests == []  # without --reach, no connection
+
+
+def test_doctor_reach_is_bounded_and_names_an_unreachable_provider(tmp_path, upstream):
+    doctor_install(tmp_path, "http://127.0.0.1:%d" % closed_port())
+    started = time.monotonic()
+    result = cli_run(tmp_path, "doctor", "--reach")
+    assert time.monotonic() - started < 2 * llmgw.REACH_TIMEOUT + 5
+    assert result.returncode == 1
+    failed = [detail for level, check, detail in findings(result) if level == "FAIL"]
+    assert len(failed) == 2 and all("unreachable" in detail for detail in failed), result.stdout
 
 
 # ---- schema migrations from every earlier version -------------------------------------
