@@ -8,18 +8,28 @@ real gateway serves a steady load; the copies are read back with sqlite3.
 import email.utils
 import json
 import os
-import socket
+import re
+import signal
 import shutil
+import socket
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, CHAT, body_for, paths_env, post, run_cli, settled_rows, wait_until
+try:
+    import tomllib
+except ImportError:  # Python before 3.11
+    tomllib = None
 
+from conftest import (ANTHROPIC_KEY, CHAT, OPENAI_KEY, ROOT, body_for, call, paths_env, post, run_cli, settled_rows,
+                      wait_until)
+
+import cli
 import llmgw
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -321,3 +331,36 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     with pytest.raises(llmgw.StorageError, match="newer llmgw"):
         llmgw.Store(path)
     assert query(path, "PRAGMA user_version") == [(llmgw.SCHEMA_VERSION + 1,)]
+
+
+# ---- packaging ------------------------------------------------------------------------
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+def test_pyproject_installs_the_two_files_as_they_are_with_both_commands():
+    """The build itself (a wheel installed in a fresh venv) is checked by
+    hand, it needs PyPI: see the README's Operations section."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert project["tool"]["setuptools"]["py-modules"] == ["llmgw", "cli"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "llmgw.__version__"}
+    assert project["project"]["scripts"] == {"llmgw": "llmgw:main", "llmgw-cli": "cli:main"}
+    assert callable(llmgw.main) and callable(cli.main)
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+        assert project["project"]["dependencies"] == [line.strip() for line in f if line.strip()]
+
+
+def test_python_dash_m_llmgw_serves(tmp_path, upstream):
+    (tmp_path / "config.yaml").write_text(json.dumps({
+        "server": {"host": "127.0.0.1", "port": 0}, "providers": {"openai": {"base_url": upstream.url}}}))
+    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    log = tmp_path / "serve.log"
+    with open(str(log), "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "llmgw"], cwd=str(tmp_path), stdout=out,
+                                   stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert wait_until(lambda: "listening on" in log.read_text(), timeout=15), log.read_text()
+        port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
+        assert call("http://127.0.0.1:%d" % port, "GET", "/health").json()["version"] == llmgw.__version__
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.read_text()
