@@ -2925,6 +2925,7 @@ class KeyLimits:
         self._others = {}     # key id -> [(window, requests, tokens, previous requests, previous tokens,
                               #             in flight)] of the other processes
         self._lock = threading.Lock()
+        self.syncs = 0  # finished syncs: one begun after a publication has read it
 
     def acquire(self, key_id, rpm, tpm, max_parallel):
         """Count one request in flight, or raise RateLimitError."""
@@ -3006,6 +3007,7 @@ class KeyLimits:
             others.setdefault(key_id, []).append(counts + (in_flight if now - updated < self.heartbeat else 0,))
         with self._lock:
             self._others = others
+            self.syncs += 1
 
 
 # ==== 7. Streams ============================================================

@@ -147,15 +147,24 @@ def key_info(gateway, secret, **kwargs):
     return call(gateway, "GET", "/v1/key/info", key=secret, **kwargs)
 
 
-def wait_published(db_path, key_id, field, value):
+def wait_synced(*gateways):
+    """Until each gateway finished a sync begun after this call: it read
+    whatever the others had published by then."""
+    for gateway in gateways:
+        limits = gateway.gateway.limits
+        done = limits.syncs + 2  # the one under way may have read before the publication
+        assert wait_until(lambda: limits.syncs >= done, timeout=10), "no sync"
+
+
+def wait_published(db_path, key_id, field, value, reader):
     """Wait until some gateway published ``field`` >= value for the key in
     key_activity (this minute's count plus the previous one's, as a minute
-    may turn between the call and the publication), then one more sync
-    interval so every other gateway read it."""
+    may turn between the call and the publication), then until ``reader``
+    read it."""
     assert wait_until(lambda: any(row[0] >= value for row in query(
         db_path, "SELECT {0} + previous_{0} FROM key_activity WHERE key_id = ?".format(field), (key_id,)))), \
         "never published"
-    time.sleep(llmgw.KeyLimits.sync_interval + 0.1)
+    wait_synced(reader)
 
 
 def assert_budget_refusal(reply, dialect="openai", resets=None):
@@ -446,16 +455,19 @@ def test_reservation_of_a_killed_process_is_settled_at_the_next_start(make_gatew
 # ---- RPM, TPM, parallel --------------------------------------------------------
 
 def test_rpm_is_shared_by_two_gateways_on_one_database(make_gateway, upstream):
-    first, second = make_gateway(), make_gateway()
+    # Both gateways' clocks stand in the middle of a minute: one turning
+    # mid-test moved the counts to previous_requests (seen failing).
+    clock = FakeClock(time.time() // 60 * 60 + 30)
+    first, second = make_gateway(clock=clock), make_gateway(clock=clock)
     key_id, secret = new_key(first, rpm=10)
     raw = chat_raw("gpt-4o-mini")
     assert [send(first, raw, secret).status for _ in range(5)] == [200] * 5
-    wait_published(first.db_path, key_id, "requests", 5)
+    wait_published(first.db_path, key_id, "requests", 5, second)
     assert [send(second, raw, secret).status for _ in range(5)] == [200] * 5
     assert_rate_refusal(send(second, raw, secret), "requests", 10)  # second knows all ten
     assert wait_until(lambda: sorted(row[0] for row in query(
         first.db_path, "SELECT requests FROM key_activity WHERE key_id = ?", (key_id,))) == [5, 5])
-    time.sleep(llmgw.KeyLimits.sync_interval + 0.1)
+    wait_synced(first)
     assert_rate_refusal(send(first, raw, secret), "requests", 10)  # first learnt of second's
     assert len(upstream.requests) == 10
 
@@ -476,11 +488,12 @@ def test_tpm_counts_reported_tokens(make_gateway, upstream, stream):
 
 
 def test_tpm_is_shared_by_two_gateways(make_gateway, upstream):
-    first, second = make_gateway(), make_gateway()
+    clock = FakeClock(time.time() // 60 * 60 + 30)  # no minute turns mid-test
+    first, second = make_gateway(clock=clock), make_gateway(clock=clock)
     key_id, secret = new_key(first, tpm=10)
     raw = chat_raw("gpt-4o-mini")
     assert send(first, raw, secret).status == 200
-    wait_published(first.db_path, key_id, "tokens", sum(reported_tokens(upstream.reported[0])))
+    wait_published(first.db_path, key_id, "tokens", sum(reported_tokens(upstream.reported[0])), second)
     assert_rate_refusal(send(second, raw, secret), "tokens", 10)
     assert len(upstream.requests) == 1
 
