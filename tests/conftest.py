@@ -13,6 +13,7 @@ gateway child processes; shared scenarios.
 
 import decimal
 import http.client
+import itertools
 import json
 import os
 import re
@@ -628,20 +629,28 @@ def cli_main(tmp_path, capsys, monkeypatch):
     return run
 
 
+#: The gateway's start-up log line, which names the port it bound.
+LISTENING = re.compile(r"listening on http://\S+:(\d+) \(")
+_LOG_NUMBERS = itertools.count(1)
+
+
 class GatewayProcess:
     """One gateway child process in ``cwd`` with ``env`` over os.environ:
     ``python cli.py serve --port N`` (entry "cli") or ``python llmgw.py``
     (entry "llmgw", port from its config). Its output goes to a log file in
-    ``cwd``; ``start()`` returns once it listens. ``preexec_fn`` runs in the
-    child before it starts (to set resource limits)."""
+    ``cwd``; ``start()`` returns once it listens. Without ``port`` it binds
+    port 0 (the "llmgw" entry's config says 0) and ``port`` is read back
+    from its log (INFO level) at each start: no free port to race for.
+    ``preexec_fn`` runs in the child before it starts (to set resource limits)."""
 
     def __init__(self, cwd, env, port=None, entry="cli", name="gateway", preexec_fn=None):
         self.cwd = cwd
         self.env = env
         self.preexec_fn = preexec_fn
-        self.port = port or free_port()
+        self.fixed_port = port
+        self.port = port
         self.entry = entry
-        self.log_path = str(cwd / ("%s-%d.log" % (name, self.port)))
+        self.log_path = str(cwd / ("%s-%d.log" % (name, next(_LOG_NUMBERS))))
         self.process = None
         self.starts = 0
 
@@ -651,7 +660,7 @@ class GatewayProcess:
 
     def spawn(self):
         if self.entry == "cli":
-            argv = [sys.executable, CLI_PY, "serve", "--port", str(self.port)]
+            argv = [sys.executable, CLI_PY, "serve", "--port", str(self.fixed_port or 0)]
         else:
             argv = [sys.executable, LLMGW_PY]
         self.starts += 1
@@ -667,8 +676,15 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError("gateway exited with %s: %s" % (self.process.returncode, self.log()))
-            if wait_for_port(self.port, timeout=0.2):
+            if self.fixed_port is not None:
+                if wait_for_port(self.port, timeout=0.2):
+                    return self
+                continue
+            bound = LISTENING.findall(self.log().rpartition("---- start %d\n" % self.starts)[2])
+            if bound:
+                self.port = int(bound[0])
                 return self
+            time.sleep(0.02)
         raise AssertionError("gateway did not listen within %.0f s: %s" % (timeout, self.log()))
 
     def start(self):

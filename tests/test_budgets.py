@@ -25,7 +25,7 @@ import time
 import pytest
 import yaml
 
-from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call, free_port,
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call,
                       post, reported_tokens, run_cli, wait_until)
 
 import llmgw
@@ -340,14 +340,13 @@ def test_budget_holds_across_two_gateways_on_one_database(make_gateway, upstream
 def start_child_gateway(tmp_path, upstream, **sections):
     """``python llmgw.py`` on the test's database and a config.yaml of its own
     (the provider keys are in it; clean_environment keeps the shell's out)."""
-    port = free_port()
     document = base_config(upstream.url, **sections)
-    document["server"] = dict(document["server"], port=port)
-    document["logging"] = {"level": "WARNING"}
+    document["server"] = dict(document["server"], port=0)
+    document["logging"] = {"level": "INFO"}  # the start-up line names the port
     config = tmp_path / "child-config.yaml"
     config.write_text(json.dumps(document))
     env = {"CONFIG_PATH": str(config), "DB_PATH": str(tmp_path / "gateway.db")}
-    return GatewayProcess(tmp_path, env, port, entry="llmgw", name="child").start()
+    return GatewayProcess(tmp_path, env, entry="llmgw", name="child").start()
 
 
 def test_budget_holds_across_two_gateway_processes(make_gateway, upstream, tmp_path):

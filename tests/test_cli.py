@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import (ROOT, GatewayProcess, call, free_port, paths_env, post, reported_tokens, run_cli,
+from conftest import (ROOT, GatewayProcess, call, paths_env, post, reported_tokens, run_cli,
                       two_projects_usage)
 
 import cli
@@ -177,9 +177,9 @@ def test_readme_sequence(tmp_path, upstream):
 
 
 def test_llmgw_py_serves(tmp_path, upstream):
-    port = free_port()
-    write_config(tmp_path / "config.yaml", upstream.url, server={"host": "127.0.0.1", "port": port})
-    server = GatewayProcess(tmp_path, paths_env(tmp_path), port, entry="llmgw", name="llmgw").start()
+    write_config(tmp_path / "config.yaml", upstream.url, server={"host": "127.0.0.1", "port": 0})
+    server = GatewayProcess(tmp_path, paths_env(tmp_path), entry="llmgw", name="llmgw").start()
+    port = server.port
     try:
         health = call("http://127.0.0.1:%d" % port, "GET", "/health")
         assert (health.status, health.json()) == (200, {"status": "ok", "version": llmgw.__version__})

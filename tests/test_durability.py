@@ -402,7 +402,9 @@ def test_sigterm_as_soon_as_the_port_opens_still_stops_cleanly(tmp_path, upstrea
     process undrained (exit -15; seen in test_kill9_under_load's restart)."""
     work = Workdir(tmp_path, upstream.url)
     for attempt in range(5):
-        gateway = work.gateway(name="early-%d" % attempt)
+        # A port known before it opens (so not read from the log, which
+        # comes after the handlers): the test must connect the moment it opens.
+        gateway = work.gateway(name="early-%d" % attempt, port=free_port())
         processes.append(gateway)
         gateway.spawn()
 
@@ -472,14 +474,13 @@ def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processe
 # ---- SIGHUP reload ------------------------------------------------------------------
 
 def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_path, upstream, processes):
-    port = free_port()
     pricing = {"reload-model": {"input": 1, "output": 2}}
-    work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": port, "drain_timeout": 2},
+    work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                    pricing=pricing)
     _, key = work.create_key()
-    gateway = work.gateway(port=port, entry="llmgw")
+    gateway = work.gateway(entry="llmgw")
     processes.append(gateway)
-    gateway.start()
+    port = gateway.start().port
 
     def cost(row, price_in, price_out):
         return row["request_tokens"] * price_in * 1000 + row["response_tokens"] * price_out * 1000
@@ -493,7 +494,7 @@ def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_pat
             assert upstream.requests[0]["headers"]["authorization"] == "Bearer " + OPENAI_KEY
 
             new_key = "sk-RELOADED-0123456789abcdef"
-            document = work.write_config(upstream.url, server={"host": "127.0.0.1", "port": port, "drain_timeout": 2},
+            document = work.write_config(upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                                          pricing={"reload-model": {"input": 3, "output": 5}},
                                          rate_limits=NO_RATE_LIMIT)
             document["providers"]["openai"] = {"base_url": second.url, "api_key": new_key}
