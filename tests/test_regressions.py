@@ -46,11 +46,13 @@ class ScriptedUpstream:
     body)`` runs for every request (its body already read) and writes raw
     bytes to ``handler.wfile``. ``idle_timeout`` closes a keep-alive
     connection that stays idle that long, as providers and their load
-    balancers do. ``requests`` records (client address, body) pairs."""
+    balancers do. ``requests`` records (client address, body) pairs;
+    ``closed`` counts the connections it has closed."""
 
     def __init__(self, script, idle_timeout=None):
         upstream = self
         self.requests = []
+        self.closed = 0
         self._lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,8 +68,15 @@ class ScriptedUpstream:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def shutdown_request(self, request):
+                super().shutdown_request(request)
+                with upstream._lock:
+                    upstream.closed += 1
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.handle_error = lambda request, address: None  # the gateway may hang up on us
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -304,7 +313,7 @@ def test_b5_connections_closed_by_the_provider_while_idle_are_not_reused(scripte
     assert results == [200, 200, 200]
     assert len({address for address, _ in upstream.requests}) == 3, "warm-up did not use three connections"
 
-    time.sleep(1.0)  # the provider closes every idle connection after 0.3 s
+    assert wait_until(lambda: upstream.closed == 3, timeout=5)  # idle for 0.3 s, each was closed
     response = answer(gateway, CHAT, body_for(CHAT), key)
     assert response.status == 200, response
     assert len(upstream.requests) == 4
