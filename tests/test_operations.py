@@ -337,8 +337,8 @@ def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
 
 @pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
 def test_pyproject_installs_the_two_files_as_they_are_with_both_commands():
-    """The build itself (a wheel installed in a fresh venv) is checked by
-    hand, it needs PyPI: see the README's Operations section."""
+    """The build itself (a wheel installed in a fresh venv) needs PyPI: it
+    is a command in the README's Development section."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)
     assert project["tool"]["setuptools"]["py-modules"] == ["llmgw", "cli"]
