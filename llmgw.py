@@ -5872,7 +5872,7 @@ def check_installation(config_path, db_path, environ=os.environ, reach=False, no
     files = [config_path] + [db_path + suffix for suffix in ("", "-wal", "-shm")]
     if config is not None and config.logging.file:
         files.append(config.logging.file)
-    exposed = [(path, exposed_mode(path)) for path in files if exposed_mode(path) is not None]
+    exposed = [(path, mode) for path, mode in ((path, exposed_mode(path)) for path in files) if mode is not None]
     for path, mode in exposed:
         note("FAIL", "files", "%s has mode %o: others may read it; run: chmod 600 %s" % (path, mode, path))
     if not exposed:
