@@ -12,8 +12,11 @@
       policy flags: --tier T --rpm N --tpm N --max-parallel N --budget USD
                     --budget-period daily|weekly|monthly|never --expires-in 30d | --expires-at ISO
                     --models "gpt-4o*,claude-*" --label team=search (repeatable); "none" clears
-    python cli.py config set-key PROVIDER KEY   store a provider key in the database (KEY - : from stdin)
+    python cli.py config set-key PROVIDER KEY [--name NAME]
+                                                store a provider key in the database (KEY - : from stdin);
+                                                with --name, one more key: a deployment of its own
     python cli.py config list-keys              each provider's key, masked, and its source
+    python cli.py deployments [--output json]   every provider key, masked, and its cooldown
     python cli.py stats [--by key|project|model|provider|day] [--since D] [--until D]
                         [--project NAME] [--output table|json|csv]
                         [--reprice [--apply]]
@@ -221,10 +224,13 @@ def cmd_config_set_key(args):
                                 % (args.provider, ", ".join(config.providers) or "none"))
     key = sys.stdin.readline().strip() if args.key == "-" else args.key
     llmgw.check_provider_key(args.provider, key)
-    _store().set_provider_key(args.provider, key)
-    print("Stored the %s key in the database (%s); running gateways use it within a second."
-          % (args.provider, llmgw.mask_secret(key)))
-    if provider.api_key is not None:
+    name = None if args.name in (None, llmgw.DEFAULT_DEPLOYMENT) else args.name
+    if name is not None and not llmgw.DEPLOYMENT_NAME.match(name):
+        raise llmgw.ConfigError("%r is not a deployment name (letters, digits, . _ -)" % name)
+    _store().set_provider_key(args.provider, key, name=name)
+    print("Stored the %s key%s in the database (%s); running gateways use it within a second."
+          % (args.provider, "" if name is None else " " + name, llmgw.mask_secret(key)))
+    if provider.api_key is not None and name is None:
         print("Note: config.yaml sets providers.%s.api_key, which takes precedence." % args.provider)
     return 0
 
@@ -242,6 +248,16 @@ def cmd_config_list_keys(args):
                      "source": source or "-", "base_url": provider.base_url})
     _print_table(rows, [("provider", "PROVIDER"), ("key", "KEY"), ("source", "SOURCE"),
                         ("base_url", "BASE URL")])
+    return 0
+
+
+def cmd_deployments(args):
+    rows = llmgw.list_deployments(llmgw.load_config(), _store())
+    if args.output == "json":
+        _print_json(rows)
+        return 0
+    _print_table(rows, [("deployment", "DEPLOYMENT"), ("key", "KEY"), ("source", "SOURCE"), ("state", "STATE"),
+                        ("cooldown_seconds", "COOLDOWN (S)"), ("failures", "FAILURES"), ("reason", "REASON")])
     return 0
 
 
@@ -478,9 +494,14 @@ def build_parser():
     set_key.add_argument("provider")
     set_key.add_argument("key", help="the key, or - to read it from standard input (keeps it out of ps "
                                      "and shell history)")
+    set_key.add_argument("--name", help="store one more key for the provider under this name (a deployment)")
     set_key.set_defaults(run=cmd_config_set_key)
     config.add_parser("list-keys", help="show provider keys, masked, with their source").set_defaults(
         run=cmd_config_list_keys)
+
+    deployments = commands.add_parser("deployments", help="provider keys (deployments), masked, and cooldowns")
+    deployments.add_argument("--output", choices=("table", "json"), default="table")
+    deployments.set_defaults(run=cmd_deployments)
 
     stats = commands.add_parser("stats", help="usage and cost per virtual key")
     stats.add_argument("--by", default="key", help="key (default), project, model, provider, day or label:NAME")

@@ -19,15 +19,17 @@ Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 4. Pricing and usage      -- ``Usage``, usage normalisation, ``PriceTable``.
 5. Providers              -- ``Provider``: pooled upstream connections, waits as ``ProviderWait``.
 6. Rate limiting          -- ``KeyLimits``: RPM, TPM, requests in flight, per key.
-7. Streams                -- SSE event splitting and per-API stream meters.
-8. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
-9. HTTP connections       -- one-shot readiness queue, worker pool, parked calls, ``Exchange``.
-10. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
+7. Routing                -- ``Router``: deployments (provider keys), plans, cooldowns.
+8. Streams                -- per-API stream meters and error events.
+9. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
+10. HTTP connections      -- one-shot readiness queue, worker pool, parked calls, ``Exchange``.
+11. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
 
 Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
 """
 
+import collections
 import csv
 import dataclasses
 import datetime
@@ -46,6 +48,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import select
@@ -90,6 +93,23 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 OPENAI = "openai"          # an API dialect: request, error and stream shapes
 ANTHROPIC = "anthropic"
+
+#: How an upstream attempt ended: a usage row's ``status``.
+OUTCOME_PENDING = "pending"
+OUTCOME_OK = "ok"
+OUTCOME_UPSTREAM_ERROR = "upstream_error"          # the provider refused, failed or answered garbage
+OUTCOME_TIMEOUT = "timeout"
+OUTCOME_TRUNCATED = "upstream_truncated"           # a stream cut after the client saw output
+OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"
+OUTCOME_INTERRUPTED = "interrupted"                # left pending by a process that died
+
+#: Why an attempt was made: a usage row's ``attempt_kind``.
+ATTEMPT_FIRST = "first"
+ATTEMPT_RETRY = "retry"          # the same deployment again
+ATTEMPT_FALLBACK = "fallback"    # another deployment or model
+
+#: The deployment (provider key) a provider's single key is known by.
+DEFAULT_DEPLOYMENT = "default"
 
 
 class GatewayError(Exception):
@@ -165,6 +185,11 @@ class HeaderTooLargeError(GatewayError):
 
 class UpstreamError(GatewayError):
     status, code = 502, "upstream_error"
+
+
+class UpstreamCutError(UpstreamError):
+    """The provider's stream broke: cut mid-event, cut short or oversized."""
+    code = "upstream_truncated"
 
 
 class ServiceUnavailableError(GatewayError):
@@ -253,6 +278,8 @@ providers:
   openai:
     base_url: https://api.openai.com
     # api_key: ${MY_OPENAI_KEY}    # optional; a literal or ${ENV_VAR}
+    # api_keys: [${OPENAI_KEY_B}, {name: team-c, key: ${OPENAI_KEY_C}}]
+                                   # more keys, each a deployment with its own cooldown
   anthropic:
     base_url: https://api.anthropic.com
     # models: ["claude-*"]         # also send OpenAI-format calls for these models
@@ -296,6 +323,22 @@ pricing: {}                        # USD per million tokens; overrides built-in 
 #    long_context: {above_tokens: 200000, charge: whole, input: 6, output: 22.5}
 #  my-local-model: {input: 0, output: 0}
 #  default: {input: 10, output: 30}   # any model without a price of its own
+
+models: {}                         # aliases: a client names the alias, the gateway picks a target
+#  fast: [openai/gpt-4o-mini, anthropic/claude-haiku-4-5]
+#  smart: [{target: anthropic/claude-opus-4-5, weight: 3}, {target: openai/gpt-5}]
+
+# routing:                         # retries and fallbacks before the client sees any output
+#   retries: 1                     # more attempts on the same deployment after a retry_on failure
+#   retry_on: [connect, timeout, 429, 500, 502, 503, 504, 529]
+#   fallback_on: [401, 403]        # move to the next deployment at once (the key is cooled down)
+#   backoff_initial: 0.5           # seconds before the first retry; doubles, with jitter
+#   backoff_max: 10                # longest wait; a longer Retry-After moves on instead
+#   deadline: 60                   # seconds after which no new attempt starts
+#   cooldown: 5                    # seconds a failing deployment is skipped; doubles on repeats
+#   cooldown_max: 300
+#   affinity: key                  # key: virtual key + session; session: only with a session; none
+#   affinity_ttl: 3600
 """
 
 
@@ -368,6 +411,33 @@ class ProviderConfig:
     api_key: Optional[str] = None
     models: Tuple[str, ...] = ()
     allow_link_local: bool = False      # 169.254.0.0/16, fe80::/10, cloud metadata
+    api_keys: Tuple[Tuple[str, str], ...] = ()  # (deployment name, ${ENV} reference)
+
+
+#: What may make the gateway try an attempt again: a provider's HTTP status,
+#: or a connection that failed (``connect``) or went quiet (``timeout``).
+RETRY_TRIGGER_WORDS = ("connect", "timeout")
+AFFINITY_MODES = ("key", "session", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    retries: int = 1                    # more attempts on the same deployment
+    retry_on: Tuple[object, ...] = ("connect", "timeout", 429, 500, 502, 503, 504, 529)
+    fallback_on: Tuple[object, ...] = (401, 403)
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+    deadline: float = 60.0              # no attempt starts later than this after the request came
+    cooldown: float = 5.0
+    cooldown_max: float = 300.0
+    affinity: str = "key"
+    affinity_ttl: float = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasTarget:
+    model: str                          # provider/model, or a model name routed as any other
+    weight: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,11 +451,16 @@ class Config:
         default_factory=lambda: {"default": 100, "premium": 1000})
     pricing: Dict[str, dict] = dataclasses.field(default_factory=dict)
     alerts: AlertsConfig = AlertsConfig()
+    routing: RoutingConfig = RoutingConfig()
+    models: Dict[str, Tuple[AliasTarget, ...]] = dataclasses.field(default_factory=dict)
     path: Optional[str] = None
 
 
-_SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts")
-_PROVIDER_KEYS = ("base_url", "api_key", "format", "models", "allow_link_local")
+_SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts", "routing",
+             "models")
+_PROVIDER_KEYS = ("base_url", "api_key", "api_keys", "format", "models", "allow_link_local")
+#: A deployment's (provider key's) name: shown in usage rows, headers and the CLI.
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 #: A long-context tier: PRICE_FIELDS and these (``charge`` defaults to whole).
 LONG_CONTEXT_FIELDS = ("above_tokens", "charge")
@@ -404,7 +479,7 @@ MAX_PRICE_USD_PER_MTOK = 10 ** 6
 _SETTING_RANGES = {int: (1, 2 ** 31 - 1), float: (0.001, 10 ** 6)}
 #: Settings with a range of their own; a retention past 100 years would
 #: reach before year 1.
-_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600)}
+_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600), "routing.retries": (0, 10)}
 
 
 def config_path_from_env(environ=os.environ):
@@ -455,8 +530,10 @@ def parse_config(document, path=None):
     rate_limits = _parse_rate_limits(document.get("rate_limits"))
     alerts = _parse_alerts(document.get("alerts"))
     pricing = _parse_pricing(document.get("pricing"), "pricing")
+    routing = _parse_routing(document.get("routing"))
+    models = _parse_aliases(document.get("models"), providers)
     return Config(server=server, providers=providers, database=database, budgets=budgets, logging=log, alerts=alerts,
-                  rate_limits=rate_limits, pricing=pricing, path=path)
+                  rate_limits=rate_limits, pricing=pricing, routing=routing, models=models, path=path)
 
 
 def shown(value, limit=60):
@@ -570,8 +647,89 @@ def _parse_providers(section):
         if not allow_link_local and is_link_local(host):
             raise ConfigError("%s.base_url: %s is a link-local or cloud-metadata address; set "
                               "allow_link_local: true if that is really the provider" % (where, host))
-        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local)
+        api_keys = _parse_api_keys(entry.get("api_keys"), where + ".api_keys")
+        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local, api_keys)
     return providers
+
+
+def _parse_api_keys(section, where):
+    """More keys for one provider, each a deployment: ``${ENV}`` references
+    (named after the variable) or ``{name: NAME, key: ${ENV}}``. Literal
+    keys are refused here: config.yaml is tracked in git."""
+    keys = []
+    for index, entry in enumerate(_expect(section or [], list, where)):
+        item = "%s[%d]" % (where, index)
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"name", "key"}
+            if unknown:
+                raise ConfigError("%s: unknown key %r (known: name, key)" % (item, sorted(unknown)[0]))
+            name = _expect(entry.get("name"), str, item + ".name")
+            reference = entry.get("key")
+        else:
+            name, reference = None, entry
+        if not isinstance(reference, str) or not _ENV_REFERENCE.match(reference):
+            raise ConfigError("%s: expected a ${ENV_VAR} reference (keys stay out of config.yaml)" % item)
+        name = name or _ENV_REFERENCE.match(reference).group(1).lower()
+        if not DEPLOYMENT_NAME.match(name) or name == DEFAULT_DEPLOYMENT or name in dict(keys):
+            raise ConfigError("%s: %r is not a new deployment name (letters, digits, . _ -; not %r)"
+                              % (item, name, DEFAULT_DEPLOYMENT))
+        keys.append((name, reference))
+    return tuple(keys)
+
+
+def _parse_routing(section):
+    if section is None:
+        return RoutingConfig()
+    _expect(section, dict, "routing")
+    triggers = {name: _parse_triggers(section[name], "routing." + name)
+                for name in ("retry_on", "fallback_on") if name in section}
+    plain = {name: value for name, value in section.items() if name not in triggers}
+    routing = dataclasses.replace(_parse_dataclass(RoutingConfig, plain, "routing"), **triggers)
+    if routing.affinity not in AFFINITY_MODES:
+        raise ConfigError("routing.affinity: %r is not one of %s" % (routing.affinity, ", ".join(AFFINITY_MODES)))
+    return routing
+
+
+def _parse_triggers(value, where):
+    triggers = []
+    for item in _expect(value, list, where):
+        if item in RETRY_TRIGGER_WORDS or (isinstance(item, int) and not isinstance(item, bool)
+                                           and 400 <= item <= 599):
+            triggers.append(item)
+        else:
+            raise ConfigError("%s: %r is not an HTTP status 400-599, connect or timeout" % (where, item))
+    return tuple(triggers)
+
+
+def _parse_aliases(section, providers):
+    """``models:``: alias -> targets, each ``provider/model`` (or a model
+    name routed as any other) with an optional weight."""
+    aliases = {}
+    for alias, targets in _expect({} if section is None else section, dict, "models").items():
+        where = "models.%s" % alias
+        if not isinstance(alias, str) or not alias or "/" in alias:
+            raise ConfigError("models: %r is not an alias name (no /)" % (alias,))
+        entries = []
+        for index, target in enumerate(_expect(targets, list, where)):
+            item = "%s[%d]" % (where, index)
+            weight = 1
+            if isinstance(target, dict):
+                unknown = set(target) - {"target", "weight"}
+                if unknown:
+                    raise ConfigError("%s: unknown key %r (known: target, weight)" % (item, sorted(unknown)[0]))
+                weight = _expect(target.get("weight", 1), int, item + ".weight")
+                target = target.get("target")
+            model = _expect(target, str, item + ".target")
+            prefix = model.split("/", 1)[0] if "/" in model else None
+            if prefix is not None and prefix not in providers:
+                raise ConfigError("%s: %r names no configured provider" % (item, model))
+            if model in section or not 1 <= weight <= 1000:
+                raise ConfigError("%s: a target is a model (not an alias) with a weight from 1 to 1000" % item)
+            entries.append(AliasTarget(model, weight))
+        if not entries:
+            raise ConfigError("%s: an alias needs at least one target" % where)
+        aliases[alias] = tuple(entries)
+    return aliases
 
 
 _METADATA_ADDRESSES = frozenset((ipaddress.ip_address("fd00:ec2::254"),))
@@ -716,6 +874,31 @@ def resolve_provider_key(provider, stored_keys, environ=os.environ):
     return None, None
 
 
+def resolve_deployment_keys(provider, stored_keys, named_keys, environ=os.environ):
+    """Every key of ``provider``, each a deployment: (name, key, source)
+    triples, its default key (``resolve_provider_key``) first, then the
+    config's ``api_keys`` whose variables are set, then keys stored with
+    ``config set-key --name`` (``named_keys``: (provider, name, key)
+    rows). Also returns the ConfigErrors of unusable keys, which are left out."""
+    keys, problems = [], []
+    try:
+        key, source = resolve_provider_key(provider, stored_keys, environ)
+        if key:
+            keys.append((DEFAULT_DEPLOYMENT, key, source))
+    except ConfigError as exc:
+        problems.append(exc)
+    candidates = [(name, environ.get(_ENV_REFERENCE.match(reference).group(1)), "config")
+                  for name, reference in provider.api_keys]
+    candidates += [(name, key, "database") for owner, name, key in named_keys if owner == provider.name]
+    for name, key, source in candidates:
+        if key and name not in [known[0] for known in keys]:
+            try:
+                keys.append((name, check_provider_key("%s/%s" % (provider.name, name), key), source))
+            except ConfigError as exc:
+                problems.append(exc)
+    return keys, problems
+
+
 def mask_secret(secret):
     """``sk-...cdef``: enough to recognise a key, not to use it."""
     if not secret:
@@ -787,6 +970,20 @@ CREATE TABLE IF NOT EXISTS provider_keys (
     api_key       TEXT NOT NULL,
     updated_at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deployment_keys (
+    provider      TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    api_key       TEXT NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (provider, name)
+);
+CREATE TABLE IF NOT EXISTS deployment_cooldowns (
+    deployment    TEXT PRIMARY KEY,
+    until         REAL NOT NULL,
+    failures      INTEGER NOT NULL,
+    reason        TEXT NOT NULL,
+    updated_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     name          TEXT PRIMARY KEY,
     value         TEXT NOT NULL
@@ -837,7 +1034,11 @@ CREATE TABLE IF NOT EXISTS usage (
     reserved_nanousd      INTEGER NOT NULL DEFAULT 0,
     budget_period_start   REAL,
     first_byte_ms         REAL,
-    overhead_ms           REAL
+    overhead_ms           REAL,
+    logical_request_id    TEXT,
+    attempt               INTEGER NOT NULL DEFAULT 1,
+    attempt_kind          TEXT NOT NULL DEFAULT 'first',
+    deployment            TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
@@ -855,6 +1056,7 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     UNIQUE (key_id, period_start, threshold)
 );
 CREATE INDEX IF NOT EXISTS budget_alerts_due ON budget_alerts (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS usage_by_logical_request ON usage (logical_request_id);
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
@@ -912,6 +1114,15 @@ UPSERT_PROVIDER_KEY = """INSERT INTO provider_keys (provider, api_key, updated_a
                          ON CONFLICT (provider) DO UPDATE SET api_key = excluded.api_key,
                                                               updated_at = excluded.updated_at"""
 ALL_PROVIDER_KEYS = "SELECT provider, api_key FROM provider_keys"
+UPSERT_DEPLOYMENT_KEY = """INSERT INTO deployment_keys (provider, name, api_key, updated_at) VALUES (?, ?, ?, ?)
+                           ON CONFLICT (provider, name) DO UPDATE SET api_key = excluded.api_key,
+                                                                      updated_at = excluded.updated_at"""
+ALL_DEPLOYMENT_KEYS = "SELECT provider, name, api_key FROM deployment_keys ORDER BY provider, name"
+GET_COOLDOWN = "SELECT failures, updated_at FROM deployment_cooldowns WHERE deployment = ?"
+PUT_COOLDOWN = """INSERT OR REPLACE INTO deployment_cooldowns (deployment, until, failures, reason, updated_at)
+                  VALUES (?, ?, ?, ?, ?)"""
+CLEAR_COOLDOWN = "DELETE FROM deployment_cooldowns WHERE deployment = ?"
+ALL_COOLDOWNS = "SELECT deployment, until, failures, reason FROM deployment_cooldowns"
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
 RECENT_AUDIT = "SELECT at, actor, action, target, detail FROM audit_log ORDER BY id DESC LIMIT ?"
 GET_SETTING = "SELECT value FROM settings WHERE name = ?"
@@ -920,8 +1131,9 @@ PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
 BUMP_GENERATION = """INSERT INTO settings (name, value) VALUES ('generation', '1')
                      ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"""
 INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
-                                     status, started_at, owner, reserved_nanousd, budget_period_start)
-                  VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)"""
+                                     status, started_at, owner, reserved_nanousd, budget_period_start,
+                                     logical_request_id, attempt, attempt_kind, deployment)
+                  VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)"""
 USAGE_RESULT_COLUMNS = (
     "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
@@ -965,7 +1177,10 @@ INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cos
 
 #: What a rollup sums: (column, expression over one usage row).
 ROLLUP_MEASURES = (
-    ("requests", "1"),
+    ("requests", "attempt = 1"),           # what clients asked for
+    ("attempts", "1"),                     # upstream calls, retries and fallbacks included
+    ("retries", "attempt_kind = 'retry'"),
+    ("fallbacks", "attempt_kind = 'fallback'"),
     ("errors", "status NOT IN ('ok', 'pending')"),
     ("request_tokens", "request_tokens"),
     ("response_tokens", "response_tokens"),
@@ -981,7 +1196,11 @@ ROLLUP_MEASURES = (
     ("latency_us", "CAST(ROUND(COALESCE(latency_ms, 0) * 1000) AS INTEGER)"),
 )
 _MEASURE_NAMES = ", ".join(m for m, _ in ROLLUP_MEASURES)
-_MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL,\n" % m for m, _ in ROLLUP_MEASURES)
+#: Measures added to rollup tables that already held rows: ALTER TABLE
+#: needs their default, so the tables made whole declare it too.
+_ADDED_MEASURES = ("attempts", "retries", "fallbacks")
+_MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL%s,\n" % (m, " DEFAULT 0" if m in _ADDED_MEASURES else "")
+                           for m, _ in ROLLUP_MEASURES)
 #: Rollups by time, coarsest first: (table, time column, seconds per unit).
 #: Days start at midnight UTC, as budget periods do.
 ROLLUP_LEVELS = (("usage_days", "day", 86400), ("usage_hours", "hour", 3600))
@@ -1035,6 +1254,22 @@ STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM u
 STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
 STATS_FROM_TOTALS = "SELECT virtual_key_id, NULLIF(model, ''), provider, NULL, %s FROM usage_totals" % _MEASURE_NAMES
 
+#: A usage row's routing columns (schema 5): the attempt it records.
+ATTEMPT_COLUMNS = (
+    "ALTER TABLE usage ADD COLUMN logical_request_id TEXT",
+    "ALTER TABLE usage ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE usage ADD COLUMN attempt_kind TEXT NOT NULL DEFAULT 'first'",
+    "ALTER TABLE usage ADD COLUMN deployment TEXT",
+)
+
+
+def attempt_counts(table):
+    """Schema 5's step for a rollup table: the attempt counts, and every
+    request before routing counted as its one attempt."""
+    return tuple("ALTER TABLE %s ADD COLUMN %s INTEGER NOT NULL DEFAULT 0" % (table, m) for m in _ADDED_MEASURES) + (
+        "UPDATE %s SET attempts = requests WHERE attempts = 0" % table,)  # 0 only where just added
+
+
 #: Forward-only schema changes, by ``PRAGMA user_version``: MIGRATIONS[n - 2]
 #: takes a database from version n - 1 to n. A database opened at an older
 #: version gets SCHEMA's missing tables (created whole), then each later
@@ -1065,10 +1300,15 @@ MIGRATIONS = (
      "ALTER TABLE usage ADD COLUMN overhead_ms REAL"),
     # 3: rollups by day and by hour (no longer per status: errors are a
     # measure) and all-time totals, from the rows; schema 2's usage_hourly
-    # goes (it lived an hour on main: no database of it was pruned).
-    ("DROP TABLE IF EXISTS usage_hourly",) + ROLL_UP_ALL,
+    # goes (it lived an hour on main: no database of it was pruned). Today's
+    # roll-up reads the attempt columns: every old row is its request's one
+    # attempt.
+    ("DROP TABLE IF EXISTS usage_hourly",) + ATTEMPT_COLUMNS + ROLL_UP_ALL,
     # 4: the budget alerts' outbox (a new table).
     (),
+    # 5: routing. Usage rows record their attempt; rollups count attempts,
+    # retries and fallbacks (before it, every row was one request).
+    ATTEMPT_COLUMNS + tuple(statement for table, _ in _ROLLUP_TABLES for statement in attempt_counts(table)),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1081,7 +1321,8 @@ STATS_GROUPS = {
     "provider": (("provider",), ("u.provider",)),
     "day": (("day",), ("date(u.day * 86400, 'unixepoch')",)),
 }
-STATS_TOTAL_FIELDS = ("requests", "errors", "request_tokens", "response_tokens", "cache_read_tokens",
+STATS_TOTAL_FIELDS = ("requests", "attempts", "retries", "fallbacks", "errors", "request_tokens", "response_tokens",
+                      "cache_read_tokens",
                       "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "unpriced_requests",
                       "estimated_usage_requests", "estimated_usage_cost_nanousd")
 
@@ -1090,7 +1331,8 @@ LOG_COLUMNS = ("id", "request_id", "started_at", "virtual_key_id", "project_name
                "provider", "model", "streamed", "status", "http_status", "usage_source", "request_tokens",
                "response_tokens", "input_tokens", "cache_read_tokens", "cache_write_tokens",
                "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_nanousd", "priced",
-               "latency_ms", "first_byte_ms", "overhead_ms")
+               "latency_ms", "first_byte_ms", "overhead_ms", "logical_request_id", "attempt", "attempt_kind",
+               "deployment")
 LOG_PAGE = "SELECT %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id" % ", ".join(
     ("k." if name in ("project_name", "metadata") else "u.") + name for name in LOG_COLUMNS)
 #: How the log may be filtered: name -> condition on one value.
@@ -1360,7 +1602,16 @@ class Store:
         return key
 
     def provider_keys(self):
+        """Each provider's key set with ``config set-key`` (no --name)."""
         return dict(self._read(ALL_PROVIDER_KEYS))
+
+    def deployment_keys(self):
+        """Named keys set with ``config set-key --name``: [(provider, name, key)]."""
+        return self._read(ALL_DEPLOYMENT_KEYS)
+
+    def cooldowns(self):
+        """Deployments some process saw failing: [(deployment, until, failures, reason)]."""
+        return self._read(ALL_COOLDOWNS)
 
     def get_setting(self, name):
         rows = self._read(GET_SETTING, (name,))
@@ -1482,12 +1733,32 @@ class Store:
             return True
         return self._write(revoke, changes_state=True)
 
-    def set_provider_key(self, provider, api_key, actor="cli"):
+    def set_provider_key(self, provider, api_key, actor="cli", name=None):
+        """Store a provider's key, or with ``name`` one more key (deployment)."""
         def upsert(conn):
-            conn.execute(UPSERT_PROVIDER_KEY, (provider, api_key, time.time()))
+            if name is None:
+                conn.execute(UPSERT_PROVIDER_KEY, (provider, api_key, time.time()))
+            else:
+                conn.execute(UPSERT_DEPLOYMENT_KEY, (provider, name, api_key, time.time()))
             conn.execute(BUMP_GENERATION)
-            _audit(conn, actor, "provider_key_set", provider)
+            _audit(conn, actor, "provider_key_set", provider if name is None else "%s/%s" % (provider, name))
         self._write(upsert, changes_state=True)
+
+    def cool_down(self, deployment, now, base, maximum, at_least, reason):
+        """Mark a deployment failing for every process: skipped for ``base``
+        seconds doubled per failure since its last success, or ``at_least``
+        (a Retry-After) if longer, never beyond ``maximum``. Returns (until,
+        failures)."""
+        def cool(conn):
+            row = conn.execute(GET_COOLDOWN, (deployment,)).fetchone()
+            failures = row[0] + 1 if row is not None and now - row[1] < maximum else 1
+            until = now + min(max(base * 2 ** min(failures - 1, 20), at_least), maximum)
+            conn.execute(PUT_COOLDOWN, (deployment, until, failures, reason, now))
+            return until, failures
+        return self._write(cool)
+
+    def clear_cooldown(self, deployment):
+        self._write(lambda conn: conn.execute(CLEAR_COOLDOWN, (deployment,)))
 
     def set_setting(self, name, value, actor="cli"):
         def put(conn):
@@ -1525,7 +1796,8 @@ class Store:
     # -- usage rows -------------------------------------------------------------
 
     def begin_usage(self, request_id, owner, key_id, provider, endpoint, model, streamed, started_at,
-                    reservation=None, estimated=False):
+                    reservation=None, estimated=False, logical_request_id=None, attempt=1,
+                    attempt_kind=ATTEMPT_FIRST, deployment=None):
         """Write the pending row for an upstream attempt; returns (row id,
         budget period start or None).
 
@@ -1541,7 +1813,8 @@ class Store:
             if reservation is not None:
                 period_start = _reserve(conn, key_id, reservation, started_at, estimated)
             values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, owner,
-                      reservation if period_start is not None else 0, period_start)
+                      reservation if period_start is not None else 0, period_start,
+                      logical_request_id or request_id, attempt, attempt_kind, deployment)
             return conn.execute(INSERT_USAGE, values).lastrowid, period_start
         return self._write(begin)
 
@@ -2504,6 +2777,10 @@ def text_characters(value):
 #: Request headers passed to a provider; everything else (credentials,
 #: hop-by-hop headers, cookies, forwarding headers) stays behind.
 FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "anthropic-beta", "openai-beta")
+#: The blank line that ends an SSE event, in any of the three line endings.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
 #: Response headers passed back to the client.
 FORWARDED_RESPONSE_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms",
                               "openai-processing-ms")
@@ -2513,8 +2790,9 @@ FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 class UpstreamPool:
     """A bounded LIFO pool of keep-alive connections to one base URL."""
 
-    def __init__(self, base_url, connect_timeout, read_timeout, allow_link_local=False, max_idle=32):
+    def __init__(self, base_url, connect_timeout, read_timeout, allow_link_local=False, max_idle=32, name="?"):
         parts = urllib.parse.urlsplit(base_url)
+        self.name = name
         self.allow_link_local = allow_link_local
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -2542,7 +2820,7 @@ class UpstreamPool:
                 if now - released_at < self.max_idle_seconds:
                     return conn, True
                 conn.close()
-        return UpstreamConnection(self._connect()), False
+        return UpstreamConnection(self._connect(), self.name), False
 
     def _connect(self):
         """A TCP (and verified TLS) socket to the first reachable address of
@@ -2594,7 +2872,7 @@ class Provider:
         self.models = config.models
         self.config = config
         self.pool = UpstreamPool(config.base_url, server_config.upstream_connect_timeout,
-                                 server_config.upstream_timeout, config.allow_link_local)
+                                 server_config.upstream_timeout, config.allow_link_local, name=config.name)
 
     def serves(self, dialect):
         """Anthropic-format providers serve both dialects (Anthropic has an
@@ -2605,9 +2883,11 @@ class Provider:
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
     def send(self, method, path, dialect, api_key, client_headers, body):
-        """Send one request; a generator that yields ProviderWaits until the
-        answer begins and returns its UpstreamConnection, the response's
-        head read. Raises UpstreamError, UpstreamTimeoutError, or
+        """Send one request and read the response's head: a generator that
+        yields ProviderWaits until the answer begins and returns its
+        UpstreamConnection. Raises UpstreamTimeoutError (no answer in time),
+        UpstreamError ``upstream_unavailable`` (no connection, or it broke)
+        or ``upstream_bad_response`` (a head the gateway refuses), or
         ServiceUnavailableError when no file descriptor is left.
 
         A pooled connection the provider has closed in the meantime fails
@@ -2616,10 +2896,10 @@ class Provider:
         """
         data = upstream_request(method, self.pool.base_path + path, self.pool.host_field, dialect, api_key,
                                 client_headers, body if method != "GET" else None)
-        for attempt in (1, 2):
+        for fresh in (False, True):
             conn, reused = None, False
             try:
-                conn, reused = self.pool.acquire(fresh=attempt == 2)
+                conn, reused = self.pool.acquire(fresh)
                 conn.sock.settimeout(self.pool.read_timeout)
                 conn.send(data)
                 yield from conn.wait(time.monotonic() + self.pool.read_timeout)
@@ -2635,10 +2915,13 @@ class Provider:
                 if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise ServiceUnavailableError("The gateway has no file descriptor to spare; retry shortly",
                                                   code="gateway_full", headers=[("retry-after", "1")]) from None
-                if reused and attempt == 1 and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                if reused and not fresh and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                     continue
-                raise UpstreamError("provider %s is unreachable (%s)" % (self.name, type(exc).__name__),
-                                    code="upstream_unavailable") from None
+                if isinstance(exc, OSError):  # RemoteDisconnected too: closed without an answer
+                    raise UpstreamError("provider %s is unreachable (%s)" % (self.name, type(exc).__name__),
+                                        code="upstream_unavailable") from None
+                raise UpstreamError("provider %s sent a malformed answer (%s)" % (self.name, type(exc).__name__),
+                                    code="upstream_bad_response") from None
 
 
 def upstream_request(method, target, host_field, dialect, api_key, client_headers, body):
@@ -2671,11 +2954,20 @@ class ProviderWait:
 
 class UpstreamConnection:
     """A keep-alive connection to a provider, the bytes read ahead on it,
-    and the response being read (closed together)."""
-    __slots__ = ("sock", "reader", "response", "_poll")
+    and the response being read (closed together).
 
-    def __init__(self, sock):
+    Reading the body is where a call waits on the provider, so it happens
+    in one method (``read_chunk``, under ``read_body`` and ``events``),
+    which yields ProviderWaits while nothing is readable, and where a
+    transport failure becomes the gateway's own UpstreamTimeoutError or
+    UpstreamCutError: nothing above this section catches socket or
+    http.client exceptions.
+    """
+    __slots__ = ("sock", "reader", "response", "_poll", "provider_name")
+
+    def __init__(self, sock, provider_name="?"):
         self.sock, self.reader, self.response = sock, ProviderReader(sock), None
+        self.provider_name = provider_name
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
 
@@ -2716,6 +3008,84 @@ class UpstreamConnection:
             if time.monotonic() >= deadline:
                 raise socket.timeout()
             yield ProviderWait(self.sock, deadline)
+
+    def read_chunk(self, deadline):
+        """The next bytes of the body (b"" at its end), yielding
+        ProviderWaits until a read would not wait or ``deadline`` passes."""
+        try:
+            yield from self.wait(deadline)
+            return self.response.read1(65536)
+        except socket.timeout:
+            raise UpstreamTimeoutError("Provider %s stopped answering" % self.provider_name) from None
+        except (OSError, http.client.HTTPException):
+            raise UpstreamCutError("Provider %s broke off its answer" % self.provider_name) from None
+
+    def read_body(self, deadline, read_timeout):
+        """A non-streamed answer (a generator yielding ProviderWaits while
+        the provider is silent), read by the chunk so that ``deadline``
+        holds against a provider that drips: each read waits
+        ``read_timeout`` at most, less when the deadline is nearer."""
+        parts, size = [], 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeoutError("Provider %s stopped answering" % self.provider_name)
+            if remaining < read_timeout:
+                self.sock.settimeout(remaining)
+            data = yield from self.read_chunk(time.monotonic() + min(remaining, read_timeout))
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+            if size > MAX_UPSTREAM_BODY_BYTES:
+                raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
+        if self.response.length:  # closed before its Content-Length (read1 does not raise)
+            raise UpstreamCutError("Provider %s broke off its answer" % self.provider_name)
+        return b"".join(parts) + self.response.read()  # b"", and marks the response done
+
+    def events(self, deadline, idle_timeout):
+        """Yield complete SSE events (bytes, terminator included) as they
+        arrive, and a ProviderWait whenever the next one has not. Raises
+        UpstreamCutError if the stream ends inside an event or an event
+        grows past MAX_EVENT_BYTES, UpstreamTimeoutError if it is quiet for
+        ``idle_timeout`` or outlives ``deadline``."""
+        buffer = b""
+        while True:
+            if time.monotonic() > deadline:
+                raise UpstreamTimeoutError("The provider's stream outlived the request deadline")
+            data = yield from self.read_chunk(min(deadline, time.monotonic() + idle_timeout))
+            if not data:
+                if buffer.strip():
+                    raise UpstreamCutError("The provider's stream was cut mid-event")
+                return
+            buffer += data
+            start = 0
+            while True:
+                end = _EVENT_END.search(buffer, start)
+                if end is None:
+                    break
+                yield buffer[start:end.end()]
+                start = end.end()
+            buffer = buffer[start:]
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise UpstreamCutError("The provider sent an oversized stream event")
+    def reusable_after_stream(self):
+        """Finish reading a response after its final event, so its
+        connection can serve another request. The provider ends the body
+        right after that event; one that lingers is not waited for."""
+        response = self.response
+        if response.isclosed():
+            return not response.will_close
+        try:
+            self.sock.settimeout(0.05)
+            for _ in range(16):
+                if not response.read1(65536):
+                    break
+        except (OSError, http.client.HTTPException):
+            return False
+        if response.length == 0:
+            response.close()  # a Content-Length body read to its end, which read1 leaves open
+        return response.isclosed() and not response.will_close
 
     def close(self):
         if self.response is not None:
@@ -2868,6 +3238,19 @@ class UpstreamResponse(http.client.HTTPResponse):
         return self.field_map.get(name.lower(), default)
 
 
+def retry_after(fields):
+    """Seconds a provider asked the client to wait (``retry-after-ms``, or
+    ``retry-after`` in seconds), or None."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            seconds = float(fields.get(name, "")) * scale
+        except ValueError:
+            continue  # absent, or an HTTP date: not worth parsing for a backoff
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return None
+
+
 def response_headers(upstream_response):
     """The provider's response headers a client may see."""
     kept = []
@@ -3010,107 +3393,210 @@ class KeyLimits:
             self.syncs += 1
 
 
-# ==== 7. Streams ============================================================
+# ==== 7. Routing ============================================================
+#
+# Each key of a provider is a *deployment*. A request names a model or an
+# alias (``models:`` in config.yaml); the Router turns its targets into an
+# ordered plan of deployments to try: targets in weighted random order, within
+# a provider the deployments with fewest calls in flight and most rate-limit
+# headroom first, the one this session used last (affinity) before all, and
+# deployments cooling down after a failure last. Cooldowns are written to
+# the database when an attempt fails and read back by every process's
+# background thread four times a second, so a failing key is skipped by all
+# of them within a second.
+
+#: Rate-limit headroom a provider reports: OpenAI's names, then Anthropic's.
+_HEADROOM_FIELDS = (("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"),
+                    ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining"))
+MAX_AFFINITY_ENTRIES = 100000
+
+
+class Deployment:
+    """One key of one provider, and how it is doing in this process."""
+    __slots__ = ("provider", "name", "api_key", "source", "id", "in_flight", "cooldown_until", "failures",
+                 "reason", "headroom")
+
+    def __init__(self, provider, name, api_key, source):
+        self.provider, self.name, self.api_key, self.source = provider, name, api_key, source
+        self.id = "%s/%s" % (provider.name, name)
+        self.in_flight = self.failures = 0
+        self.cooldown_until = 0.0
+        self.reason = None
+        self.headroom = (math.inf, math.inf)  # remaining requests, tokens; unknown is plenty
+
+    def rank(self):
+        return (self.in_flight, -self.headroom[0], -self.headroom[1])
+
+
+def _remaining(fields, name):
+    value = fields.get(name, "")
+    return int(value) if value.isdigit() and len(value) < 16 else None
+
+
+class Router:
+    """Plans which deployments a request tries, in order, and keeps their
+    health: calls in flight, reported headroom, shared cooldowns, affinity."""
+
+    def __init__(self, store, routing, clock=time.time):
+        self._store, self.routing, self._clock = store, routing, clock
+        self._deployments = {}      # provider name -> [Deployment]
+        self._problems = {}         # provider name -> ConfigError of an unusable key
+        self._affinity = collections.OrderedDict()  # affinity key -> (deployment id, model, expires)
+        self._lock = threading.Lock()
+        self._random = random.Random()
+
+    def set_keys(self, keys):
+        """Install each provider's deployments: ``keys`` maps a Provider to
+        ((name, key, source) triples, problems). A deployment that stays
+        keeps its health and calls in flight."""
+        current = {deployment.id: deployment for group in self._deployments.values() for deployment in group}
+        deployments, problems = {}, {}
+        for provider, (triples, errors) in keys.items():
+            group = []
+            for name, key, source in triples:
+                deployment = current.get("%s/%s" % (provider.name, name))
+                if deployment is None or deployment.provider is not provider:
+                    deployment = Deployment(provider, name, key, source)
+                deployment.api_key, deployment.source = key, source
+                group.append(deployment)
+            deployments[provider.name] = group
+            if errors:
+                problems[provider.name] = errors[0]
+        with self._lock:
+            self._deployments, self._problems = deployments, problems
+
+    def deployments(self, provider=None):
+        if provider is not None:
+            return list(self._deployments.get(provider.name, ()))
+        return [deployment for group in self._deployments.values() for deployment in group]
+
+    def problem(self, provider):
+        """The ConfigError of the provider's unusable key, if one is."""
+        return self._problems.get(provider.name)
+
+    def plan(self, targets, affinity_key=None):
+        """The (deployment, upstream model, recorded model) triples to try,
+        in order, for ``targets``: (provider, upstream model, weight,
+        recorded model). Deployments cooling down come last, soonest first."""
+        now = self._clock()
+        ready, cooling = [], []
+        for provider, model, _, recorded in self._weighted_order(targets):
+            group = self._deployments.get(provider.name, ())
+            if len(group) > 1:
+                group = sorted(self._random.sample(group, len(group)), key=Deployment.rank)
+            for deployment in group:
+                (ready if deployment.cooldown_until <= now else cooling).append((deployment, model, recorded))
+        cooling.sort(key=lambda entry: entry[0].cooldown_until)
+        sticky = self._affinity.get(affinity_key) if affinity_key is not None else None
+        if sticky is not None and sticky[2] > now:
+            for index, (deployment, model, _) in enumerate(ready):
+                if (deployment.id, model) == sticky[:2]:
+                    ready.insert(0, ready.pop(index))
+                    break
+        return ready + cooling
+
+    def _weighted_order(self, targets):
+        if len(targets) < 2:
+            return targets
+        remaining, order = list(targets), []
+        while remaining:
+            pick = self._random.uniform(0, sum(target[2] for target in remaining))
+            for index, target in enumerate(remaining):
+                pick -= target[2]
+                if pick <= 0 or index == len(remaining) - 1:
+                    order.append(remaining.pop(index))
+                    break
+        return order
+
+    def started(self, deployment):
+        with self._lock:
+            deployment.in_flight += 1
+
+    def finished(self, deployment):
+        with self._lock:
+            deployment.in_flight -= 1
+
+    def succeeded(self, deployment, model, fields, affinity_key=None):
+        """An attempt reached the client: note the headroom the provider
+        reported, end the deployment's cooldown, remember the affinity."""
+        for requests_field, tokens_field in _HEADROOM_FIELDS:
+            requests = _remaining(fields, requests_field)
+            tokens = _remaining(fields, tokens_field)
+            if requests is not None or tokens is not None:
+                deployment.headroom = (math.inf if requests is None else requests,
+                                       math.inf if tokens is None else tokens)
+                break
+        if deployment.failures:
+            deployment.failures, deployment.cooldown_until, deployment.reason = 0, 0.0, None
+            try:
+                self._store.clear_cooldown(deployment.id)
+            except GatewayError as exc:
+                logger.warning("could not clear the cooldown of %s: %s", deployment.id, exc.message)
+        if affinity_key is not None:
+            with self._lock:
+                self._affinity[affinity_key] = (deployment.id, model, self._clock() + self.routing.affinity_ttl)
+                self._affinity.move_to_end(affinity_key)
+                if len(self._affinity) > MAX_AFFINITY_ENTRIES:
+                    self._affinity.popitem(last=False)
+
+    def failed(self, deployment, trigger, retry_after=None):
+        """Cool a failing deployment down for every process. An overload
+        (529) is API-wide, so no key is to blame; a refused key (401, 403)
+        is set aside for the longest cooldown."""
+        if trigger == 529:
+            return
+        routing = self.routing
+        refused = trigger in (401, 403)
+        at_least = routing.cooldown_max if refused else (retry_after or 0.0)
+        reason = "HTTP %d" % trigger if isinstance(trigger, int) else trigger
+        if refused:
+            logger.warning("provider %s refused key %s with HTTP %d; it is set aside for %d s (check the key)",
+                           deployment.provider.name, deployment.name, trigger, routing.cooldown_max)
+        try:
+            until, failures = self._store.cool_down(deployment.id, self._clock(), routing.cooldown,
+                                                    routing.cooldown_max, at_least, reason)
+        except GatewayError as exc:
+            logger.warning("could not share the cooldown of %s: %s", deployment.id, exc.message)
+            until, failures = self._clock() + min(max(routing.cooldown, at_least), routing.cooldown_max), 1
+        deployment.cooldown_until, deployment.failures, deployment.reason = until, failures, reason
+
+    def sync(self):
+        """Take the cooldowns every process wrote (this one's included)."""
+        shared = {row[0]: row[1:] for row in self._store.cooldowns()}
+        for deployment in self.deployments():
+            until, failures, reason = shared.get(deployment.id, (0.0, 0, None))
+            deployment.cooldown_until, deployment.failures, deployment.reason = until, failures, reason
+
+    def describe(self):
+        """Every deployment, JSON-ready, never its key."""
+        now = self._clock()
+        return [describe_deployment(deployment.provider.name, deployment.name, deployment.api_key,
+                                    deployment.source, deployment.cooldown_until, deployment.failures,
+                                    deployment.reason, now, in_flight=deployment.in_flight)
+                for deployment in self.deployments()]
+
+
+def describe_deployment(provider, name, api_key, source, until, failures, reason, now, **extra):
+    """One deployment as ``cli.py deployments`` and ``GET /admin/deployments`` show it."""
+    cooling = until > now
+    return dict({"deployment": "%s/%s" % (provider, name), "provider": provider, "name": name,
+                 "key": mask_secret(api_key), "source": source, "state": "cooling" if cooling else "ok",
+                 "cooldown_until": iso_time(until) if cooling else None,
+                 "cooldown_seconds": round(until - now, 1) if cooling else 0,
+                 "failures": failures if cooling else 0, "reason": reason if cooling else None}, **extra)
+
+
+# ==== 8. Streams ============================================================
 #
 # Server-sent events are relayed as the provider's own bytes, event by event.
 # A meter reads a copy of each event only as far as usage needs: most events
 # are matched with a regular expression and never JSON-parsed.
 
-#: The blank line that ends an SSE event, in any of the three line endings.
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-MAX_EVENT_BYTES = 1024 * 1024
-MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
 _USAGE_OBJECT = re.compile(rb'"(?:usage|x_groq)"\s*:\s*\{')
 _ERROR_OBJECT = re.compile(rb'"error"\s*:\s*\{')
 #: Generated text in any API's stream events, counted for estimates.
 _TEXT_FIELD = re.compile(
     rb'"(?:content|text|delta|partial_json|thinking|arguments|refusal)"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-class UpstreamStreamError(Exception):
-    """The provider's stream broke: cut mid-event or oversized."""
-
-
-class StreamDeadlineError(UpstreamStreamError):
-    """The stream outlived ``server.request_deadline``."""
-
-
-def iter_sse_events(upstream, deadline, idle_timeout):
-    """Yield complete SSE events (bytes, terminator included) as they
-    arrive, and a ProviderWait whenever the next one has not.
-
-    Raises UpstreamStreamError if the stream ends inside an event, an event
-    grows past MAX_EVENT_BYTES, or the request deadline passes,
-    socket.timeout after ``idle_timeout`` without a byte; socket and
-    protocol errors propagate.
-    """
-    buffer = b""
-    response = upstream.response
-    while True:
-        if time.monotonic() > deadline:
-            raise StreamDeadlineError()
-        yield from upstream.wait(min(deadline, time.monotonic() + idle_timeout))
-        data = response.read1(65536)
-        if not data:
-            if buffer.strip():
-                raise UpstreamStreamError("cut mid-event")
-            return
-        buffer += data
-        start = 0
-        while True:
-            end = _EVENT_END.search(buffer, start)
-            if end is None:
-                break
-            yield buffer[start:end.end()]
-            start = end.end()
-        buffer = buffer[start:]
-        if len(buffer) > MAX_EVENT_BYTES:
-            raise UpstreamStreamError("oversized event")
-
-
-def read_whole_body(upstream, deadline, read_timeout):
-    """A non-streamed answer (a generator yielding ProviderWaits while the
-    provider is silent), read by the chunk so that ``deadline`` holds
-    against a provider that drips: each read waits ``read_timeout`` at most,
-    less when the deadline is nearer. Raises socket.timeout, UpstreamError
-    (too large) or http.client.IncompleteRead."""
-    parts, size = [], 0
-    response = upstream.response
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout()
-        if remaining < read_timeout:
-            upstream.sock.settimeout(remaining)
-        yield from upstream.wait(time.monotonic() + min(remaining, read_timeout))
-        data = response.read1(65536)
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-        if size > MAX_UPSTREAM_BODY_BYTES:
-            raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
-    if response.length:  # closed before its Content-Length (read1 does not raise)
-        raise http.client.IncompleteRead(b"".join(parts), response.length)
-    return b"".join(parts) + response.read()  # b"", and marks the response done
-
-
-def _read_to_end(response, sock):
-    """Finish reading a response after its final event, so its connection
-    can serve another request. The provider ends the body right after that
-    event; one that lingers is not waited for (the connection is closed)."""
-    if response.isclosed():
-        return not response.will_close
-    try:
-        sock.settimeout(0.05)
-        for _ in range(16):
-            if not response.read1(65536):
-                break
-    except (OSError, http.client.HTTPException):
-        return False
-    if response.length == 0:
-        response.close()  # a Content-Length body read to its end, which read1 leaves open
-    return response.isclosed() and not response.will_close
 
 
 def sse_fields(event):
@@ -3138,6 +3624,17 @@ def _error_message(error, default="The provider reported an error"):
     return default
 
 
+#: The HTTP status a provider's error type stands for: an error event
+#: before any output is retried as that status would be.
+ERROR_TYPE_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "rate_limit_exceeded": 429,
+                     "server_error": 500, "api_error": 500, "timeout_error": 504}
+
+
+def _error_status(error):
+    kind = error.get("type") or error.get("code") if isinstance(error, dict) else None
+    return ERROR_TYPE_STATUS.get(kind, 500) if isinstance(kind, str) else 500
+
+
 class StreamMeter:
     """Follows one stream: usage, whether it finished, errors, text relayed.
 
@@ -3153,7 +3650,13 @@ class StreamMeter:
         self.usage_final = False
         self.finished = False
         self.error = None
+        self.error_status = None     # the HTTP status the error stands for
         self.text_bytes = 0
+        self.response_id = None      # Responses: the id its error event must repeat
+
+    def _set_error(self, error, default="The provider reported an error"):
+        self.error = _error_message(error, default)
+        self.error_status = _error_status(error)
 
     def _count_text(self, data):
         for match in _TEXT_FIELD.finditer(data):
@@ -3174,7 +3677,7 @@ class ChatStreamMeter(StreamMeter):
             chunk = _json_object(data)
             if chunk is not None:
                 if chunk.get("error"):
-                    self.error = _error_message(chunk["error"])
+                    self._set_error(chunk["error"])
                 usage = chunk.get("usage")
                 if not isinstance(usage, dict):  # Groq's older streams
                     usage = _details(_details(chunk, "x_groq"), "usage") or None
@@ -3201,9 +3704,12 @@ class ResponsesStreamMeter(StreamMeter):
                 if isinstance(response.get("usage"), dict):
                     self.usage, self.usage_final = responses_usage(response["usage"]), True
                 if kind == "response.failed":
-                    self.error = _error_message(response.get("error"), "The response failed")
+                    self._set_error(response.get("error"), "The response failed")
             elif kind == "error":
-                self.error = _error_message(payload)
+                self._set_error(payload)
+        elif name == b"response.created":
+            response_id = _details(_json_object(data) or {}, "response").get("id")
+            self.response_id = response_id if isinstance(response_id, str) else None
         elif name is None or name.endswith(b".delta"):  # *.done events repeat the text
             self._count_text(data)
         return True
@@ -3232,7 +3738,7 @@ class MessagesStreamMeter(StreamMeter):
         elif name == b"message_stop":
             self.finished = True
         elif name == b"error":
-            self.error = _error_message(_details(_json_object(data) or {}, "error"))
+            self._set_error(_details(_json_object(data) or {}, "error"))
         else:
             self._count_text(data)
         return True
@@ -3242,19 +3748,23 @@ class MessagesStreamMeter(StreamMeter):
         self.usage = anthropic_usage(self._counts)
 
 
-def stream_error_event(dialect, endpoint, message, code):
-    """An error event in the stream format of the API called."""
+def stream_error_event(dialect, endpoint, message, code, response_id=None):
+    """The event that ends a stream the provider broke off, in the format
+    of the API called: Anthropic's ``error`` event, a failed Responses
+    response, an OpenAI error chunk (and no ``[DONE]``)."""
     if dialect == ANTHROPIC:
         payload = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     if endpoint == "/v1/responses":
-        payload = {"type": "error", "code": code, "message": message, "param": None}
-        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+        payload = {"type": "response.failed", "response": {
+            "id": response_id, "object": "response", "status": "failed", "output": [], "usage": None,
+            "error": {"code": code, "message": message}}}
+        return b"event: response.failed\ndata: " + json.dumps(payload).encode() + b"\n\n"
     payload = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-# ==== 8. Gateway ============================================================
+# ==== 9. Gateway ============================================================
 #
 # The product as plain Python: ``Gateway.handle(request) -> Reply``. The HTTP
 # handler below turns bytes into a Request and a Reply back into bytes; every
@@ -3283,6 +3793,8 @@ ROUTES = {
 }
 #: A key asks about itself; answered by the gateway, never forwarded.
 KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
+#: The provider's model list, with the configured aliases added.
+MODELS_ROUTE = ROUTES["/v1/models"]
 #: Admin API bodies are small JSON objects.
 ADMIN_BODY_BYTES = 64 * 1024
 #: Model names are short (fine-tuned ids run to about 70 characters); a
@@ -3586,6 +4098,22 @@ def csv_text(rows):
             cells.append("" if value is None else value)
         writer.writerow(cells)
     return out.getvalue()
+def list_deployments(config, store, environ=os.environ, now=None):
+    """Every deployment (provider key) and its shared cooldown, as
+    ``cli.py deployments`` shows them; keys masked."""
+    now = time.time() if now is None else now
+    stored, named = store.provider_keys(), store.deployment_keys()
+    cooldowns = {row[0]: row[1:] for row in store.cooldowns()}
+    rows = []
+    for provider in config.providers.values():
+        keys, problems = resolve_deployment_keys(provider, stored, named, environ)
+        for name, key, source in keys:
+            until, failures, reason = cooldowns.get("%s/%s" % (provider.name, name), (0.0, 0, None))
+            rows.append(describe_deployment(provider.name, name, key, source, until, failures, reason, now))
+        for problem in problems:
+            rows.append({"deployment": provider.name, "provider": provider.name, "name": None, "key": None,
+                         "source": None, "state": "invalid: %s" % problem.message})
+    return rows
 
 
 def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
@@ -3625,7 +4153,8 @@ LATENCY_BUCKETS = {
 }
 #: The metrics served: name -> (type, help).
 METRICS = {
-    "llmgw_requests_total": ("counter", "Requests forwarded to a provider and settled, by outcome (status)."),
+    "llmgw_requests_total": ("counter", "Requests forwarded to a provider (each attempt) and settled, by outcome "
+                                        "(status)."),
     "llmgw_request_errors_total": ("counter", "Forwarded requests that ended non-2xx or broke off."),
     "llmgw_tokens_total": ("counter", "Tokens by kind: input (uncached), cache_read, cache_write, output, "
                                       "reasoning (part of output)."),
@@ -3714,6 +4243,7 @@ def metrics_text(store, prices, process, gauges, now):
     known_models = {model for model, _ in prices.items()}
     samples = {name: [] for name in METRICS}
     totals = {}
+    columns = {name: index for index, (name, _) in enumerate(ROLLUP_MEASURES, 1)}
     for key_id, project, model, provider, status, *measures in store.usage_totals():
         labels = (key_id, project or "", provider, model if model in known_models else "other")
         entry = totals.get(labels)
@@ -3721,8 +4251,7 @@ def metrics_text(store, prices, process, gauges, now):
             entry = totals[labels] = [{}] + [0] * len(measures)
         for index, value in enumerate(measures, 1):
             entry[index] += value
-        entry[0][status] = entry[0].get(status, 0) + measures[0]
-    columns = {name: index for index, (name, _) in enumerate(ROLLUP_MEASURES, 1)}
+        entry[0][status] = entry[0].get(status, 0) + measures[columns["attempts"] - 1]  # each call's outcome
     for labels, entry in sorted(totals.items()):
         text = _labels(zip(("key_id", "project", "provider", "model"), labels))
         samples["llmgw_requests_total"].extend('llmgw_requests_total{%s,status="%s"} %d' % (
@@ -3875,60 +4404,135 @@ class Admission:
             self._limits.release(self.key_id, 0)
 
 
-class _Call:
-    """One upstream attempt and its usage row, from pending to settled."""
+class LogicalRequest:
+    """What one client asked for, across the attempts made for it: one id
+    (``x-llmgw-request-id``, every attempt's ``logical_request_id``), one
+    place among the gateway's calls in flight and one slot of the key's
+    rate limits, one deadline."""
 
-    def __init__(self, gateway, request, key, provider, route, dialect, model, body, streamed, reservation):
-        self.gateway, self.request, self.key, self.provider = gateway, request, key, provider
-        self.route, self.dialect, self.model, self.body = route, dialect, model, body
-        self.request_id = gateway.next_request_id()
+    def __init__(self, gateway, request, key, route, dialect, raw, body, streamed):
+        self.gateway, self.request, self.key = gateway, request, key
+        self.route, self.dialect, self.raw, self.body, self.streamed = route, dialect, raw, body, streamed
+        self.id = gateway.next_request_id()
+        self.started = time.monotonic()
+        self.deadline = self.started + gateway.config.server.request_deadline
+        self.last_attempt_at = min(self.started + gateway.config.routing.deadline, self.deadline)
+        self.affinity_key = None
+        self.attempts = 0
+        self.tokens = 0
+        self._slot_held = False
+
+    def hold_slot(self):
+        """Take a place among the gateway's calls in flight, then count the
+        request against the key's rate limits unless its admission did;
+        either may refuse it (a refusal by the key's limits is counted in
+        /metrics). ``release`` gives both back."""
+        key, admission, gateway = self.key, self.request.admission, self.gateway
+        gateway.enter_flight(self.request)
+        try:
+            if admission is None or not admission.hand_over(key.id):
+                gateway.limits.acquire(key.id, gateway.requests_per_minute(key), key.tpm, key.max_parallel)
+        except BaseException as exc:
+            gateway.leave_flight()
+            if isinstance(exc, RateLimitError):
+                gateway.metrics.refused(key.id, exc.code)
+            raise
+        self._slot_held = True
+
+    def release(self):
+        """Give back the place and the slot, with the tokens every attempt used; once."""
+        if self._slot_held:
+            self._slot_held = False
+            try:
+                self.gateway.limits.release(self.key.id, self.tokens)
+            finally:
+                self.gateway.leave_flight()
+
+
+class Attempt:
+    """One upstream attempt of a logical request and its usage row.
+
+    ``begin`` writes the pending row (reserving its worst-case cost against
+    the key's budget); ``settle`` records what the provider reported, and
+    ``fail`` an attempt that produced nothing the client saw. Settling
+    twice is a no-op, so every path may settle on its way out.
+    """
+
+    def __init__(self, logical, deployment, upstream_model, model, kind):
+        self.logical, self.gateway = logical, logical.gateway
+        self.deployment, self.provider = deployment, deployment.provider
+        self.upstream_model, self.model, self.kind = upstream_model, model, kind
+        self.number = logical.attempts + 1
+        self.request_id = logical.id if self.number == 1 else "%s.%d" % (logical.id, self.number)
+        self.reservation = self.row_id = self.period_start = None
         self.started = time.monotonic()
         self.sent = self.first_byte = None  # monotonic times: request forwarded, answer's head read
+        self.settled = True  # until begun
+
+    def begin(self, reservation):
+        """Write the pending row; raises BudgetExceededError (then the
+        attempt never happened) or StorageError."""
+        logical, gateway = self.logical, self.gateway
         self.reservation = reservation
         self.row_id, self.period_start = gateway.store.begin_usage(
-            self.request_id, gateway.owner, key.id, provider.name, request.path, model, streamed,
-            gateway.clock(), reservation, gateway.budget_admission(key) == "estimate")
+            self.request_id, gateway.owner, logical.key.id, self.provider.name, logical.request.path, self.model,
+            logical.streamed, gateway.clock(), reservation, gateway.budget_admission(logical.key) == "estimate",
+            logical.id, self.number, self.kind, self.deployment.name)
+        logical.attempts = self.number
         self.settled = False
+        gateway.router.started(self.deployment)
 
-    def settle(self, status, http_status, usage):
+    def headers(self):
+        """What the reply says about routing: request id, attempts, who served."""
+        return [("x-llmgw-request-id", self.logical.id), ("x-llmgw-attempts", str(self.number)),
+                ("x-llmgw-served-by", "%s/%s" % (self.provider.name, self.upstream_model))]
+
+    def settle(self, outcome, http_status, usage):
         """Price and record the outcome; committed when this returns. Never
-        raises, and the key's request in flight and the gateway's place
-        among calls in flight are released whatever happens. A database
+        raises, and the deployment's call in flight ends whatever happens
+        (the key's rate-limit slot and the gateway's place among calls in
+        flight are the logical request's). A database
         failure is logged: the client's answer is already paid for, and the
         pending row marks the attempt."""
         if self.settled:
             return
         self.settled = True
+        gateway, logical = self.gateway, self.logical
         try:
             counted = usage.request_tokens or usage.response_tokens
-            cost, priced = price_usage(self.gateway.price_for(self.model) if counted else None, usage)
+            cost, priced = price_usage(gateway.price_for(self.model) if counted else None, usage)
             result = {
-                "status": status, "http_status": http_status, "usage_source": usage.source,
+                "status": outcome, "http_status": http_status, "usage_source": usage.source,
                 "request_tokens": usage.request_tokens, "response_tokens": usage.response_tokens,
                 "input_tokens": usage.input_tokens, "cache_read_tokens": usage.cache_read_tokens,
                 "cache_write_tokens": usage.cache_write_tokens,
                 "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
-                "cost_nanousd": cost, "priced": priced, "finished_at": self.gateway.clock(),
+                "cost_nanousd": cost, "priced": priced, "finished_at": gateway.clock(),
                 "latency_ms": _milliseconds(self.started, time.monotonic()),
                 "first_byte_ms": _milliseconds(self.sent, self.first_byte),
-                "overhead_ms": _milliseconds(self.request.received, self.sent),
+                "overhead_ms": _milliseconds(logical.request.received, self.sent),
             }
-            self.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
-                                    outcome=status)
-            self.gateway.metrics.observe(self.provider.name, {
+            logical.tokens += usage.request_tokens + usage.response_tokens
+            logical.request.log.update(tokens="%d/%d" % (usage.request_tokens, usage.response_tokens),
+                                       outcome=outcome, attempts=self.number)
+            gateway.metrics.observe(self.provider.name, {
                 "total": result["latency_ms"], "first_byte": result["first_byte_ms"],
                 "overhead": result["overhead_ms"]})
-            alerts = self.gateway.alerts
-            if self.gateway.store.finish_usage(self.row_id, result, self.key.id, self.reservation, self.period_start,
-                                               alerts.config.thresholds if alerts is not None else ()):
+            alerts = gateway.alerts
+            if gateway.store.finish_usage(self.row_id, result, logical.key.id, self.reservation, self.period_start,
+                                          alerts.config.thresholds if alerts is not None else ()):
                 alerts.wake()
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
                          type(exc).__name__)
         finally:
-            self.gateway.limits.release(self.key.id, usage.request_tokens + usage.response_tokens)
-            self.gateway.leave_flight()
+            gateway.router.finished(self.deployment)
+
+    def fail(self, outcome, http_status=None, reported=None):
+        """Settle an attempt the client saw nothing of: it costs what the
+        provider reported using (``reported``), never an estimate."""
+        self.settle(outcome, http_status, reported or Usage())
 
     def estimate(self, usage, text_bytes):
         """Fill what the provider did not report with the documented estimate:
@@ -3936,9 +4540,42 @@ class _Call:
         estimated = dataclasses.replace(usage) if usage is not None else Usage()
         estimated.source = "estimated"
         if usage is None:
-            estimated.input_tokens = estimate_tokens(text_characters(self.body))
+            estimated.input_tokens = estimate_tokens(text_characters(self.logical.body))
         estimated.output_tokens = max(estimated.output_tokens, estimate_tokens(text_bytes))
         return estimated
+
+
+class Failure:
+    """An attempt that failed before the client saw anything: what may
+    make it worth another (``trigger``: a status, ``connect``, ``timeout``
+    or None for never), how long the provider asked to wait, and what the
+    client gets if no other attempt answers (a Reply, or an error)."""
+    __slots__ = ("trigger", "retry_after", "reply", "error")
+
+    def __init__(self, trigger, retry_after=None, reply=None, error=None):
+        self.trigger, self.retry_after, self.reply, self.error = trigger, retry_after, reply, error
+
+    def answer(self, attempt):
+        if self.reply is not None:
+            return self.reply
+        self.error.headers = list(self.error.headers) + attempt.headers()[:2]
+        raise self.error
+
+
+def transport_trigger(exc):
+    """The retry trigger of an upstream error: a connection that failed or
+    broke (``connect``), one that went quiet (``timeout``), or None for an
+    answer that another attempt would not change."""
+    if isinstance(exc, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(exc, UpstreamCutError) or exc.code == "upstream_unavailable":
+        return "connect"
+    return None
+
+
+#: Stream events held back before the commit point: a preamble longer
+#: than this is committed to (relayed) even without model output.
+MAX_PREAMBLE_BYTES = 64 * 1024
 
 
 class Gateway:
@@ -3963,13 +4600,13 @@ class Gateway:
         #: This process, in usage rows, rate-limit counters and the process registry.
         self.owner = "%s-%d-%s" % (socket.gethostname(), os.getpid(), self._request_prefix)
         self.limits = KeyLimits(store, self.owner, clock)
+        self.router = Router(store, config.routing, clock)
         self.prices = None            # PriceTable, rebuilt when prices are imported
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._data_version = None
         self._generation = None
         self._keys = {}               # secret hash -> key record, for active keys
-        self._provider_keys = {}      # provider name -> (key, source) or a ConfigError
         self._admin_token_hash = None
         self._metrics_token_hash = None
         self._secrets = []
@@ -4015,6 +4652,7 @@ class Gateway:
         while not self._stopped.wait(KeyLimits.sync_interval):
             try:
                 self.limits.sync()
+                self.router.sync()
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self.heartbeat_interval
                     self.store.heartbeat(self.owner, time.time())
@@ -4047,6 +4685,7 @@ class Gateway:
             alerts, retired_alerts = self._alert_sender(config), self.alerts
         with self._lock:
             self.config, self.providers, self.alerts = config, providers, alerts
+            self.router.routing = config.routing
             self._data_version = self._generation = None  # re-read keys and prices
         self.refresh()
         if retired_alerts is not None:
@@ -4082,28 +4721,24 @@ class Gateway:
         generation = self.store.generation()
         if generation == self._generation:
             return
-        stored = self.store.provider_keys()
-        provider_keys = {}
-        for name, provider in self.providers.items():
-            try:
-                provider_keys[name] = resolve_provider_key(provider.config, stored, self._environ)
-            except ConfigError as exc:
-                provider_keys[name] = exc
+        stored, named = self.store.provider_keys(), self.store.deployment_keys()
+        keys = {provider: resolve_deployment_keys(provider.config, stored, named, self._environ)
+                for provider in self.providers.values()}
         env_token = self._environ.get(ADMIN_TOKEN_ENV)
         admin_hash = hash_secret(env_token) if env_token else self.store.get_setting(ADMIN_TOKEN_SETTING)
         env_metrics_token = self._environ.get(METRICS_TOKEN_ENV)
         metrics_hash = (hash_secret(env_metrics_token) if env_metrics_token
                         else self.store.get_setting(METRICS_TOKEN_SETTING))
         prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
-        known = [entry[0] for entry in provider_keys.values() if isinstance(entry, tuple) and entry[0]]
+        known = [key for triples, _ in keys.values() for _, key, _ in triples]
         with self._lock:
             self._generation = generation
             self._keys = {}
-            self._provider_keys = provider_keys
             self._admin_token_hash = admin_hash
             self._metrics_token_hash = metrics_hash
             self._secrets = known + [token for token in (env_token, env_metrics_token) if token]
             self.prices = prices
+        self.router.set_keys(keys)
 
     def authenticate(self, headers):
         """The VirtualKey for the request's credential, if active and not
@@ -4128,18 +4763,6 @@ class Gateway:
         admin token from the environment), for redacting log lines; virtual
         keys and issued admin tokens are caught by their shape (``redact``)."""
         return self._secrets
-
-    def provider_key(self, provider):
-        entry = self._provider_keys.get(provider.name)
-        if isinstance(entry, ConfigError):
-            logger.error("%s", entry.message)
-            raise ServiceUnavailableError("The gateway's key for provider %s is unusable" % provider.name,
-                                          code="provider_key_invalid")
-        if entry is None or entry[0] is None:
-            raise ServiceUnavailableError(
-                "No API key is configured for provider %s (python cli.py config set-key %s KEY)"
-                % (provider.name, provider.name), code="provider_key_missing")
-        return entry[0]
 
     def price_for(self, model):
         """The price of ``model``; the first UNPRICED_MODELS_LOGGED models
@@ -4190,7 +4813,7 @@ class Gateway:
 
     def _proxy(self, request):
         """The request path, step by step; each step raises a GatewayError
-        to refuse. Nothing reaches a provider before the usage row exists.
+        to refuse. Nothing reaches a provider before its usage row exists.
         A generator: it yields while the provider is silent (section 5)."""
         route = ROUTES.get(request.path)
         if route is None:
@@ -4204,39 +4827,162 @@ class Gateway:
         if route is KEY_INFO_ROUTE:
             return json_reply(200, self.key_info(key))
         raw, body, model = read_request_body(route, request, self.config.server.max_body_bytes)
-        provider, upstream_model = self._route(dialect, model)
-        request.log.update(provider=provider.name, model=model)
-        check_model_allowed(key, model, "%s/%s" % (provider.name, upstream_model))
+        targets = self._targets(dialect, model)
+        request.log.update(provider=targets[0][0].name, model=model)
+        check_model_allowed(key, model, model if model in self.config.models
+                            else "%s/%s" % (targets[0][0].name, targets[0][1]))
         check_passthrough_headers(request.headers)
-        api_key = self.provider_key(provider)
-        reservation = self._worst_case_cost(key, route, model, raw, body)
-        streamed = body.get("stream") is True
-        upstream_body, hide_usage_chunk = _upstream_body(route, raw, body, upstream_model, streamed)
-        call = self._begin_call(request, key, provider, route, dialect, model, body, streamed, reservation)
+        logical = LogicalRequest(self, request, key, route, dialect, raw, body, body.get("stream") is True)
+        plan = self._plan(logical, targets)
+        first_reservation = self._worst_case_cost(key, route, plan[0][2], raw, body)
+        logical.hold_slot()
+        try:
+            reply = yield from self._forward(logical, plan, first_reservation)
+        except BaseException:
+            logical.release()
+            raise
+        if reply.stream is None:
+            logical.release()  # a stream gives its slot back when it ends
+        if route is MODELS_ROUTE and reply.status == 200 and self.config.models:
+            reply.body = with_aliases(reply.body, dialect, self.config.models)
+        return reply
+
+    def _targets(self, dialect, model):
+        """(provider, upstream model, weight, recorded model) for each
+        target of an alias, or the one a model name routes to. An alias's
+        usage rows record the model that served."""
+        aliases = self.config.models.get(model)
+        if aliases is None:
+            provider, upstream_model = self._route(dialect, model)
+            return [(provider, upstream_model, 1, model)]
+        targets = []
+        for target in aliases:
+            try:
+                provider, upstream_model = self._route(dialect, target.model)
+            except GatewayError:
+                continue  # a target of another API (an OpenAI model on /v1/messages)
+            targets.append((provider, upstream_model, target.weight, upstream_model))
+        if not targets:
+            raise NotFoundError("No target of model %s serves this API" % printable(model)[:100],
+                                code="model_not_found")
+        return targets
+
+    def _plan(self, logical, targets):
+        """The (deployment, upstream model, recorded model) triples to try.
+        Refuses a request no deployment can serve (no usable key)."""
+        request, routing = logical.request, self.config.routing
+        if routing.affinity != "none" and (len(targets) > 1 or len(self.router.deployments(targets[0][0])) > 1):
+            session = request.headers.get("x-llmgw-session")
+            metadata = logical.body.get("metadata")
+            if session is None and logical.dialect == ANTHROPIC and isinstance(metadata, dict):
+                session = metadata.get("user_id") if isinstance(metadata.get("user_id"), str) else None
+            if session is not None or routing.affinity == "key":
+                logical.affinity_key = (logical.key.id, logical.body.get("model"), session)
+        plan = self.router.plan(targets, logical.affinity_key)
+        if plan:
+            return plan
+        provider = targets[0][0]
+        problem = self.router.problem(provider)
+        if problem is not None:
+            logger.error("%s", problem.message)
+            raise ServiceUnavailableError("The gateway's key for provider %s is unusable" % provider.name,
+                                          code="provider_key_invalid")
+        raise ServiceUnavailableError(
+            "No API key is configured for provider %s (python cli.py config set-key %s KEY)"
+            % (provider.name, provider.name), code="provider_key_missing")
+
+    def _forward(self, logical, plan, first_reservation):
+        """Try the plan until an attempt answers the client: a failure on
+        the ``retry_on`` list is tried again on the same deployment (up to
+        ``routing.retries`` times, after a backoff), then on the next one;
+        one on ``fallback_on`` moves on at once; any other failure is the
+        answer. No attempt starts after ``routing.deadline``, and none
+        starts once the client has seen output (see ``_open_stream``)."""
+        routing = self.config.routing
+        failure = attempt = None
+        for index, (deployment, upstream_model, model) in enumerate(plan):
+            for retry in range(routing.retries + 1):
+                if attempt is not None and time.monotonic() > logical.last_attempt_at:
+                    return failure.answer(attempt)
+                kind = ATTEMPT_FIRST if attempt is None else ATTEMPT_RETRY if retry else ATTEMPT_FALLBACK
+                previous, attempt = attempt, Attempt(logical, deployment, upstream_model, model, kind)
+                try:
+                    reservation = first_reservation if previous is None else self._worst_case_cost(
+                        logical.key, logical.route, model, logical.raw, logical.body)
+                    attempt.begin(reservation)
+                except (BudgetExceededError, PermissionDeniedError) as exc:
+                    if previous is None:
+                        if isinstance(exc, BudgetExceededError):
+                            self.metrics.refused(logical.key.id, exc.code)
+                        raise
+                    attempt = previous  # a fallback the budget cannot cover (or bound) is skipped
+                    break
+                result = yield from self._attempt(attempt)
+                if isinstance(result, Reply):
+                    return result
+                failure = result
+                if failure.trigger in routing.retry_on or failure.trigger in routing.fallback_on:
+                    self.router.failed(deployment, failure.trigger, failure.retry_after)
+                if failure.trigger not in routing.retry_on:
+                    break
+                if failure.trigger == 429 and index < len(plan) - 1:
+                    break  # a rate-limited key: the next deployment is not limited, so no wait
+                wait = self._backoff(retry, failure.retry_after)
+                if retry == routing.retries or wait is None or time.monotonic() + wait > logical.last_attempt_at:
+                    break
+                self.wait_before_retry(wait)
+            if failure.trigger not in routing.retry_on + routing.fallback_on:
+                break
+        return failure.answer(attempt)
+
+    def _backoff(self, retry, retry_after):
+        """Seconds to wait before retry ``retry`` (from 0) on the same
+        deployment: the provider's Retry-After, or exponential with jitter;
+        None when that is longer than ``routing.backoff_max``."""
+        routing = self.config.routing
+        if retry_after is not None:
+            return retry_after if retry_after <= routing.backoff_max else None
+        return min(routing.backoff_initial * 2 ** retry, routing.backoff_max) * random.uniform(0.75, 1.0)
+
+    def wait_before_retry(self, seconds):
+        """The one place a request waits between attempts: no lock held, no
+        write pending; cut short when the gateway stops. (It holds its
+        worker meanwhile, at most ``routing.backoff_max``: a ProviderWait
+        watches a socket, and there is none to watch.)"""
+        self._stopped.wait(seconds)
+
+    def _attempt(self, attempt):
+        """Send one attempt and read its answer up to the commit point.
+        Returns the Reply to send, or a Failure. The attempt is settled on
+        every way out."""
+        logical = attempt.logical
+        request, route = logical.request, logical.route
+        upstream_body, hide_usage_chunk = _upstream_body(route, logical.raw, logical.body, attempt.upstream_model,
+                                                         logical.streamed)
         try:
             try:
-                call.sent = time.monotonic()
-                upstream = yield from provider.send(request.method, request.path, dialect, api_key,
-                                                    request.headers, upstream_body)
-                call.first_byte = time.monotonic()
+                attempt.sent = time.monotonic()
+                upstream = yield from attempt.provider.send(request.method, request.path, logical.dialect,
+                                                            attempt.deployment.api_key, request.headers,
+                                                            upstream_body)
+                attempt.first_byte = time.monotonic()
             except GatewayError as exc:
-                call.settle("timeout" if exc.status == 504 else "upstream_error", None, Usage())
+                attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR)
                 if exc.code == "gateway_full":
                     self.count_refusal()
-                raise
+                return Failure(transport_trigger(exc), error=exc)
             response = upstream.response
-            headers = response_headers(response) + [("x-llmgw-request-id", call.request_id)]
+            headers = response_headers(response) + attempt.headers()
             content_type = response.getheader("content-type", "")
             if (route.stream_meter is not None and 200 <= response.status < 300
                     and content_type.startswith("text/event-stream")):
                 upstream.sock.settimeout(self.config.server.stream_idle_timeout)
-                stream = self._relay(call, upstream, route.stream_meter(hide_usage_chunk))
-                return Reply(response.status, headers + [("content-type", content_type),
-                                                         ("cache-control", "no-cache")], stream=stream)
-            return (yield from self._complete(call, upstream, headers))
+                return (yield from self._open_stream(attempt, upstream, route.stream_meter(hide_usage_chunk),
+                                                     headers + [("content-type", content_type),
+                                                                ("cache-control", "no-cache")]))
+            return (yield from self._complete(attempt, upstream, headers))
         except BaseException:
-            # Whatever went wrong, the row does not stay pending (settling twice is a no-op).
-            call.settle("upstream_error", None, Usage())
+            attempt.fail(OUTCOME_UPSTREAM_ERROR)  # whatever went wrong, the row does not stay pending
             raise
 
     def admit(self, request):
@@ -4264,28 +5010,7 @@ class Gateway:
             raise
         return Admission(self.limits, key.id, request.content_length or 0)
 
-    def _begin_call(self, request, key, provider, route, dialect, model, body, streamed, reservation):
-        """Take a place among the calls in flight, count the request against
-        the key's rate limits (unless its admission did), then write its
-        pending usage row (reserving the budget); each may refuse it (a
-        refusal by the key's limits is counted in /metrics). Settling gives
-        both back."""
-        self._enter_flight(request)
-        try:
-            if request.admission is None or not request.admission.hand_over(key.id):
-                self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
-            try:
-                return _Call(self, request, key, provider, route, dialect, model, body, streamed, reservation)
-            except BaseException:
-                self.limits.release(key.id, 0)
-                raise
-        except BaseException as exc:
-            self.leave_flight()
-            if isinstance(exc, RateLimitError):
-                self.metrics.refused(key.id, exc.code)
-            raise
-
-    def _enter_flight(self, request):
+    def enter_flight(self, request):
         """Count a call in flight, or refuse it at once when
         ``server.max_in_flight`` are: an honest 503, never a queue."""
         with self._lock:
@@ -4396,107 +5121,157 @@ class Gateway:
                                 code="model_not_found")
         return default, model
 
-    def _complete(self, call, upstream, headers):
-        """Read a whole (non-streamed) answer, record it, then reply."""
-        provider, response = call.provider, upstream.response
+    def _complete(self, attempt, upstream, headers):
+        """Read a whole (non-streamed) answer and record it. Returns the
+        Reply, or a Failure for an answer another attempt might better."""
+        provider, response = attempt.provider, upstream.response
+        status = response.status
         try:
-            body = yield from read_whole_body(upstream, call.started + self.config.server.request_deadline,
-                                              provider.pool.read_timeout)
-        except socket.timeout:
+            body = yield from upstream.read_body(attempt.logical.deadline, provider.pool.read_timeout)
+        except GatewayError as exc:
             upstream.close()
-            call.settle("timeout", response.status, Usage())
-            raise UpstreamTimeoutError("Provider %s stopped answering" % provider.name) from None
-        except (OSError, http.client.HTTPException, UpstreamError) as exc:
-            upstream.close()
-            call.settle("upstream_error", response.status, Usage())
-            if isinstance(exc, UpstreamError):
-                raise
-            raise UpstreamError("Provider %s broke off its answer" % provider.name) from None
+            attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR, status)
+            return Failure(transport_trigger(exc), error=exc)
         if response.will_close:
             upstream.close()
         else:
             provider.pool.release(upstream)
-        status = response.status
         if status in (401, 403):
-            call.settle("upstream_error", status, Usage())
-            logger.warning("provider %s rejected the gateway's credentials with HTTP %d; check its API key",
-                           provider.name, status)
-            raise UpstreamError("The provider rejected the gateway's credentials; the operator has been told",
-                                code="upstream_auth_error")
+            attempt.fail(OUTCOME_UPSTREAM_ERROR, status)
+            logger.warning("provider %s rejected the gateway's credentials (key %s) with HTTP %d; check its API key",
+                           provider.name, attempt.deployment.name, status)
+            return Failure(status, error=UpstreamError(
+                "The provider rejected the gateway's credentials; the operator has been told",
+                code="upstream_auth_error"))
         if 300 <= status < 400:
-            call.settle("upstream_error", status, Usage())
-            raise UpstreamError("The provider answered with a redirect, which the gateway does not follow")
+            attempt.fail(OUTCOME_UPSTREAM_ERROR, status)
+            return Failure(None, error=UpstreamError(
+                "The provider answered with a redirect, which the gateway does not follow"))
         payload = _json_object(body)
         if payload is None:
-            call.settle("upstream_error", status, Usage())
-            raise UpstreamError("The provider answered HTTP %d with a body that is not JSON" % status,
-                                code="upstream_bad_response")
+            attempt.fail(OUTCOME_UPSTREAM_ERROR, status)
+            return Failure(status if status >= 400 else None, error=UpstreamError(
+                "The provider answered HTTP %d with a body that is not JSON" % status, code="upstream_bad_response"))
         ok = 200 <= status < 300
         if not ok:  # an error body may quote what the provider received
             for secret in self.known_secrets():
                 body = body.replace(secret.encode(), b"[redacted]")
         usage = Usage()
-        if call.route.usage_parser is not None:
+        if attempt.logical.route.usage_parser is not None:
             if isinstance(payload.get("usage"), dict):
-                usage = call.route.usage_parser(payload["usage"])
+                usage = attempt.logical.route.usage_parser(payload["usage"])
             elif ok:
                 generated = {k: payload.get(k) for k in ("choices", "content", "output")}
-                usage = call.estimate(None, text_characters(generated))
-        call.settle("ok" if ok else "upstream_error", status, usage)
-        return Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
-                     body)
+                usage = attempt.estimate(None, text_characters(generated))
+        attempt.settle(OUTCOME_OK if ok else OUTCOME_UPSTREAM_ERROR, status, usage)
+        reply = Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
+                      body)
+        if ok:
+            self.router.succeeded(attempt.deployment, attempt.upstream_model, response.field_map,
+                                  attempt.logical.affinity_key)
+            return reply
+        should_retry = response.getheader("x-should-retry", "").lower()
+        trigger = status if should_retry != "false" else None
+        if should_retry == "true" and trigger not in self.config.routing.retry_on:
+            trigger = "connect"  # the provider says a retry will do: treated like a dropped connection
+        return Failure(trigger, retry_after(response.field_map), reply=reply)
 
-    def _relay(self, call, upstream, meter):
-        """Relay a stream event by event (ProviderWaits between them). The
-        event that ends it is held back until the usage row is settled, so a
-        client that saw the end of its answer is always on the books."""
-        held = []
-        response = upstream.response
-        outcome = "client_disconnected"  # if the handler closes this generator
-        self.metrics.stream(1)
+    def _open_stream(self, attempt, upstream, meter, headers):
+        """Read a stream up to its commit point, the first event carrying
+        model output (or its end): the preamble before it (OpenAI's role
+        chunk, Responses' created/in_progress, Anthropic's message_start
+        and pings) is held back, so a stream that fails before any output
+        is a Failure the client never sees. Returns the Reply relaying the
+        stream, or a Failure."""
+        events = upstream.events(attempt.logical.deadline, self.config.server.stream_idle_timeout)
+        preamble, size, first = [], 0, None
         try:
-            outcome = yield from self._forward_events(call, upstream, meter, held)
-        finally:
-            self.metrics.stream(-1)
-            try:
-                if outcome == "ok" and _read_to_end(response, upstream.sock):
-                    call.provider.pool.release(upstream)
-                else:
-                    upstream.close()  # also stops a provider still generating for a client that left
-            finally:
-                usage = meter.usage if meter.usage_final else call.estimate(meter.usage, meter.text_bytes)
-                call.settle(outcome, response.status, usage)
-        if outcome == "client_disconnected":
-            return
-        yield from held
-        if outcome in ("upstream_truncated", "timeout"):
-            message = ("The provider's stream timed out" if outcome == "timeout"
-                       else "The provider's stream stopped before it was complete")
-            yield stream_error_event(call.dialect, call.request.path, message, outcome)
-
-    def _forward_events(self, call, upstream, meter, held):
-        """Yield the provider's events (and its waits) until the one that
-        ends the stream (kept in ``held``); return how the stream ended."""
-        server = self.config.server
-        try:
-            for event in iter_sse_events(upstream, call.started + server.request_deadline,
-                                         server.stream_idle_timeout):
+            for event in events:
                 if isinstance(event, ProviderWait):
                     yield event
                     continue
                 relay = meter.feed(event)
+                if meter.error is not None and not meter.text_bytes:
+                    raise UpstreamError("The provider's stream failed before any output: %s" % meter.error)
+                if meter.text_bytes or meter.finished or size > MAX_PREAMBLE_BYTES:
+                    first = (event, relay)
+                    break
+                if relay:
+                    preamble.append(event)
+                    size += len(event)
+            else:
+                raise UpstreamCutError("The provider's stream ended before any output")
+        except GatewayError as exc:
+            upstream.close()
+            status = upstream.response.status
+            attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR, status, meter.usage)
+            trigger = meter.error_status if meter.error is not None else transport_trigger(exc)
+            return Failure(trigger, error=exc)
+        self.router.succeeded(attempt.deployment, attempt.upstream_model, upstream.response.field_map,
+                              attempt.logical.affinity_key)
+        return Reply(upstream.response.status, headers, stream=self._relay(attempt, upstream, meter, preamble, first,
+                                                                             events))
+
+    def _relay(self, attempt, upstream, meter, preamble, first, events):
+        """Relay a committed stream event by event; never replayed. The
+        event that ends it is held back until the usage row is settled, so
+        a client that saw the end of its answer is always on the books. A
+        stream the provider breaks off ends with the API's error event."""
+        held = []
+        outcome = OUTCOME_CLIENT_DISCONNECTED  # if the handler closes this generator
+        self.metrics.stream(1)
+        try:
+            outcome = yield from self._forward_events(meter, preamble, first, events, held)
+        finally:
+            self.metrics.stream(-1)
+            try:
+                if outcome == OUTCOME_OK and upstream.reusable_after_stream():
+                    attempt.provider.pool.release(upstream)
+                else:
+                    upstream.close()  # also stops a provider still generating for a client that left
+            finally:
+                try:
+                    usage = meter.usage if meter.usage_final else attempt.estimate(meter.usage, meter.text_bytes)
+                    attempt.settle(outcome, upstream.response.status, usage)
+                finally:
+                    attempt.logical.release()
+        if outcome == OUTCOME_CLIENT_DISCONNECTED:
+            return
+        yield from held
+        if outcome in (OUTCOME_TRUNCATED, OUTCOME_TIMEOUT):
+            message = ("The provider's stream timed out" if outcome == OUTCOME_TIMEOUT
+                       else "The provider's stream stopped before it was complete")
+            yield stream_error_event(attempt.logical.dialect, attempt.logical.request.path, message, outcome,
+                                     meter.response_id)
+
+    @staticmethod
+    def _forward_events(meter, preamble, first, events, held):
+        """Yield the preamble, the first output event and the provider's
+        events after it, until the one that ends the stream (kept in
+        ``held``); return how the stream ended."""
+        try:
+            yield from preamble
+            event, relay = first
+            while True:
                 if meter.finished:
                     held.extend((event,) if relay else ())
-                    return "upstream_error" if meter.error is not None else "ok"
+                    return OUTCOME_UPSTREAM_ERROR if meter.error is not None else OUTCOME_OK
                 if relay:
                     yield event
+                event = next(events, None)
+                while isinstance(event, ProviderWait):
+                    yield event
+                    event = next(events, None)
+                if event is None:
+                    break
+                relay = meter.feed(event)
         except ClientDisconnected:
-            return "client_disconnected"
-        except (socket.timeout, StreamDeadlineError):
-            return "timeout"
-        except (OSError, http.client.HTTPException, UpstreamStreamError):
-            return "upstream_truncated"
-        return "upstream_error" if meter.error is not None else "upstream_truncated"
+            return OUTCOME_CLIENT_DISCONNECTED
+        except UpstreamTimeoutError:
+            return OUTCOME_TIMEOUT
+        except UpstreamError:
+            return OUTCOME_TRUNCATED
+        return OUTCOME_UPSTREAM_ERROR if meter.error is not None else OUTCOME_TRUNCATED
 
     # -- admin API -----------------------------------------------------------
 
@@ -4521,6 +5296,7 @@ class Gateway:
             ("GET", "usage-stats"): lambda: self._admin_usage_stats(request),
             ("GET", "logs"): lambda: self._admin_logs(request),
             ("GET", "audit"): lambda: json_reply(200, {"data": self.store.audit_log(1000)}),
+            ("GET", "deployments"): lambda: json_reply(200, {"data": self.router.describe()}),
         }
         shape = tuple("*" if index == 1 else part for index, part in enumerate(parts))
         route = routes.get((request.method,) + shape)
@@ -4697,6 +5473,28 @@ def client_credential(headers):
     return secret
 
 
+def with_aliases(body, dialect, aliases):
+    """A provider's model list (JSON bytes) with the aliases appended, in
+    the list's own shape: OpenAI's, or Anthropic's (``has_more``, first
+    and last ids), so SDKs and Claude Code's model discovery see them.
+    A list that is not the last page, or not a list, is left alone."""
+    listing = _json_object(body)
+    if listing is None or not isinstance(listing.get("data"), list) or listing.get("has_more"):
+        return body
+    known = {entry.get("id") for entry in listing["data"] if isinstance(entry, dict)}
+    for alias in aliases:
+        if alias in known:
+            continue
+        if dialect == ANTHROPIC:
+            listing["data"].append({"type": "model", "id": alias, "display_name": alias,
+                                    "created_at": "1970-01-01T00:00:00Z"})
+            listing["last_id"] = alias
+            listing["first_id"] = listing.get("first_id") or alias
+        else:
+            listing["data"].append({"id": alias, "object": "model", "created": 0, "owned_by": "llmgw"})
+    return json.dumps(listing).encode()
+
+
 def _upstream_body(route, raw, body, upstream_model, streamed):
     """The bytes to forward, and whether the client must not see the usage
     chunk the gateway asked for. The client's bytes go unchanged unless the
@@ -4736,7 +5534,7 @@ def printable(text):
     return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
 
 
-# ==== 9. HTTP connections ===================================================
+# ==== 10. HTTP connections ==================================================
 #
 # The only code that touches client sockets. http.server's defaults do not
 # survive the edge of a network (a thread per connection without limit, no
@@ -5646,7 +6444,7 @@ def _reason(status):
         return "Status %d" % status
 
 
-# ==== 10. Server lifecycle ==================================================
+# ==== 11. Server lifecycle ==================================================
 
 class GatewayServer(http.server.ThreadingHTTPServer):
     """The listening socket and its accept loop (``serve_forever``), feeding

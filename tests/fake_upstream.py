@@ -44,8 +44,12 @@ tokens are separate), ``output_tokens = completion``.
 Behaviour tokens
 ----------------
 Tokens come from the request's ``model`` (and from the model id in
-``GET /v1/models/<id>``) and from an ``x-fake-fault`` request header, which
-works on any route. Both are split on every non-alphanumeric character and
+``GET /v1/models/<id>``), from an ``x-fake-fault`` request header, which
+works on any route, and from the fake itself: ``FakeUpstream(faults=...)``
+(or the ``faults`` attribute) applies to every request, and each entry of
+the ``script`` list to one request, in order (``up.script = ["fail500",
+""]`` fails once, then answers). So several fakes make a harness of
+providers that misbehave each in its own way. Both are split on every non-alphanumeric character and
 matched as whole, case-insensitive segments: ``gpt-4o-cache-slow`` holds
 ``cache`` and ``slow``; ``x-fake-fault: fail500`` or ``gzip, crlf`` also work.
 (Whole segments, so ``slowstream`` does not also trigger ``slow``.)
@@ -79,7 +83,9 @@ Status faults (checked in this order; the body is shaped for the route)
   ``fail400``     400 invalid_request_error
   ``fail429``     429 + ``retry-after: 7``
   ``fail500``     500 server_error / api_error
+  ``fail503``     503 server_error / api_error
   ``fail529``     529 overloaded_error
+  ``reset``       read the request, then TCP RST without a reply
   ``html502``     502 ``text/html`` page
   ``badjson``     200 ``text/html`` non-JSON body
   ==============  ============================================================
@@ -91,14 +97,17 @@ Timing
   ``slow``        sleep 0.5 s before the status line
   ``slowstream``  0.2 s between stream events
   ``drip``        stream: send the events before the first content delta,
-                  then one valid event every 0.3 s (OpenAI/Responses: a content
-                  delta; Anthropic: a ``ping``), never finishing; after 60 s or
+                  then one content delta every 0.3 s (so the stream has
+                  begun: the gateway holds back what comes before the first
+                  content), never finishing; after 60 s or
                   ``stop()`` close without a terminator. Non-stream: headers
                   with Content-Length, then one body byte every 0.3 s.
   ==============  ============================================================
 
 Broken streams (the cut is made right after the Nth content delta)
   ===============  ===========================================================
+  ``droppreamble`` send the events before the first content delta, then
+                   close the connection with no chunked terminator
   ``dropstream``   after the 2nd content delta close the connection with no
                    chunked terminator (so no usage chunk, no message_delta)
   ``cutmidevent``  as dropstream, plus the first half of the next event's bytes
@@ -211,6 +220,8 @@ _STATUS_FAULTS = {
     "fail500": (500, "api_error", "server_error", None,
                 "The server had an error while processing your request "
                 "(fake upstream fail500)."),
+    "fail503": (503, "api_error", "server_error", None,
+                "Service unavailable (fake upstream fail503)."),
     "fail529": (529, "overloaded_error", "server_error", "overloaded",
                 "Overloaded"),
 }
@@ -360,7 +371,7 @@ class _Usage:
 class _Call:
     """Everything the handler derived from one request."""
 
-    def __init__(self, method, raw_path, header_list, body):
+    def __init__(self, method, raw_path, header_list, body, faults=""):
         self.method = method
         self.raw_path = raw_path
         self.path = urlsplit(raw_path).path
@@ -382,7 +393,7 @@ class _Call:
             self.model_id = self.path[len("/v1/models/"):]
         self.model = str(data.get("model") or self.model_id or "")
         self.tokens = parse_tokens(self.model,
-                                   self.headers.get("x-fake-fault"))
+                                   self.headers.get("x-fake-fault"), faults)
 
         if self.route in _ANTHROPIC_ROUTES:
             self.anthropic = True
@@ -761,7 +772,9 @@ def _anthropic_stream_plan(call):
     error = _Event(frame({"type": "error",
                           "error": {"type": "overloaded_error",
                                     "message": "Overloaded"}}))
-    return _Plan(events, lambda i: frame({"type": "ping"}), error)
+    return _Plan(events, lambda i: frame({
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": " drip"}}), error)
 
 
 _STREAM_PLANS = {
@@ -868,7 +881,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             call = _Call(self.command, self.path, list(self.headers.items()),
-                         body)
+                         body, self.fake._next_faults())
             self.fake._record(call, self.connection_id)
             self._serve(call)
         except _Aborted:
@@ -914,6 +927,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- dispatch --------------------------------------------------------
 
     def _serve(self, call):
+        if call.has("reset"):
+            self._abort(rst=True)
         if call.has("hang"):
             self._hang()
             raise _Aborted
@@ -1052,6 +1067,8 @@ class _Handler(BaseHTTPRequestHandler):
         partial = b""
         if call.has("drip"):
             events, ending = events[:plan.before_content()], "drip"
+        elif call.has("droppreamble"):
+            events, ending = events[:plan.before_content()], "abort"
         elif call.has("dropstream") or call.has("cutmidevent"):
             cut = plan.after_content(2)
             if call.has("cutmidevent") and cut < len(events):
@@ -1184,8 +1201,12 @@ class FakeUpstream:
     ``with FakeUpstream().start() as up: ...``.
     """
 
-    def __init__(self, host="127.0.0.1"):
+    def __init__(self, host="127.0.0.1", faults=""):
         self.host = host
+        #: behaviour tokens applied to every request
+        self.faults = faults
+        #: behaviour tokens for the next requests, one entry each, consumed
+        self.script = []
         self.port = 0
         self.url = ""
         #: one dict per request received, appended before the reply
@@ -1261,6 +1282,11 @@ class FakeUpstream:
                                        timeout)
 
     # ---- called from handler threads -------------------------------------
+
+    def _next_faults(self):
+        with self._cond:
+            scripted = self.script.pop(0) if self.script else ""
+        return "%s %s" % (self.faults, scripted)
 
     def _connection_opened(self, sock):
         with self._cond:

@@ -23,6 +23,8 @@ from conftest import (CHAT, MESSAGES, RawClient, base_config, body_for, json_req
 
 SERVER = {"keepalive_timeout": 30, "header_timeout": 10, "upstream_timeout": 2, "drain_timeout": 10}
 RATE_LIMITS = {"default": 1000000}
+#: One attempt per call: these tests count parked calls and their rows (retries: test_routing.py).
+ONE_ATTEMPT = {"retries": 0}
 
 
 def ours(earlier):
@@ -98,7 +100,7 @@ def test_hundreds_of_calls_wait_for_their_providers_on_four_threads(make_gateway
     than a hundred are in flight at once on at most 4 worker threads; each
     gets its own answer, and every one is on the books with its outcome."""
     earlier = {t for t in threading.enumerate() if t.name == "llmgw-worker"}
-    gw = make_gateway(server=dict(SERVER, threads=4), rate_limits=RATE_LIMITS)
+    gw = make_gateway(server=dict(SERVER, threads=4), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
     key = gw.create_key()[1]
     kinds = ([(CHAT, "gpt-4o-mini-slowstream", True)] * 80 + [(MESSAGES, "claude-slowstream", True)] * 40
              + [(CHAT, "gpt-4o-mini-slow", False)] * 80 + [(CHAT, "gpt-4o-mini-dropstream", True)] * 20
@@ -141,7 +143,7 @@ def test_clients_that_leave_parked_streams_stop_their_providers(make_gateway, up
     threads; every client reads its first event and leaves. At its next
     event each call finds its client gone, closes its provider connection
     and records client_disconnected; nothing stays open or in flight."""
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
     key = gw.create_key()[1]
     clients = [RawClient(gw, timeout=10) for _ in range(100)]
     for client in clients:
@@ -180,7 +182,7 @@ def test_a_drain_lets_parked_streams_finish(make_gateway, upstream):
     """SIGTERM's drain (server_close) while 60 streams are parked on two
     threads: every stream is relayed to its end, every row settled ok,
     and the drain returns once they have."""
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
     key = gw.create_key()[1]
     clients = start_parked_streams(gw, key, 60)
     stopper = threading.Thread(target=gw.stop)
@@ -198,11 +200,12 @@ def test_a_reload_leaves_parked_streams_running(make_gateway, upstream):
     it replaces every provider (their settings changed) and closes the
     retired pools, and every parked stream still ends whole and on the
     books; calls after it use the new settings."""
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS)
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
     key = gw.create_key()[1]
     clients = start_parked_streams(gw, key, 60)
     before = dict(gw.gateway.providers)
-    document = base_config(upstream.url, server=dict(SERVER, threads=2, upstream_timeout=3), rate_limits=RATE_LIMITS)
+    document = base_config(upstream.url, server=dict(SERVER, threads=2, upstream_timeout=3), rate_limits=RATE_LIMITS,
+                           routing=ONE_ATTEMPT)
     gw.gateway.reload(llmgw.parse_config(document))
     assert all(gw.gateway.providers[name] is not provider for name, provider in before.items())
     assert_streams_finish(clients)
@@ -265,7 +268,7 @@ def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatc
     stream arrives whole and metered."""
     url, ca_file = tls_stream_provider(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", ca_file)
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS,
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
                       providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
     key = gw.create_key()[1]
     requests = [json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)) for _ in range(40)]

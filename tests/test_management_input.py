@@ -439,11 +439,17 @@ def config_rules():
                                                     and all(isinstance(glob, str) for glob in v)),
         ("providers", "openai", "allow_link_local"): lambda v: isinstance(v, bool),
         ("rate_limits", "default"): integer_in(1, 10 ** 12),
+        ("routing", "retries"): integer_in(0, 10),
+        ("routing", "affinity"): one_of("key", "session", "none"),
+        ("routing", "retry_on"): lambda v: isinstance(v, list) and all(
+            item in ("connect", "timeout") or (type(item) is int and 400 <= item <= 599) for item in v),
         ("pricing", "m", "input"): number_in(0, 10 ** 6),
         ("pricing", "m", "output"): number_in(0, 10 ** 6),
     })
     for field in ("cached_input", "cache_write", "cache_write_1h"):
         rules[("pricing", "m", field)] = optional(number_in(0, 10 ** 6))
+    for field in ("backoff_initial", "backoff_max", "deadline", "cooldown", "cooldown_max", "affinity_ttl"):
+        rules[("routing", field)] = number_in(0.001, 10 ** 6)
     return rules
 
 

@@ -81,16 +81,16 @@ def test_metrics_parse_and_equal_the_books(scraped):
     assert {labels: value for labels, value in tokens.items() if ("kind", "output") in labels} == expected_output
     assert {dict(labels)["kind"] for labels in tokens} == {"input", "cache_read", "cache_write", "output",
                                                           "reasoning"}
-    assert sum(samples(families, "llmgw_request_errors").values()) == 1
+    assert sum(samples(families, "llmgw_request_errors").values()) == 2  # the fail500 call and its retry
     # The project name with a quote and a backslash survived the label escaping.
     assert any(dict(labels)["project"] == 'al"pha\\' for labels in expected_requests)
-    # Histograms: one observation per settled call, cumulative buckets.
+    # Histograms: one observation per settled call (the fail500 call's retry too), cumulative buckets.
     counts = samples(families, "llmgw_request_duration_seconds", "llmgw_request_duration_seconds_count")
-    assert counts == {frozenset({("provider", "openai")}): 4, frozenset({("provider", "anthropic")}): 1}
+    assert counts == {frozenset({("provider", "openai")}): 5, frozenset({("provider", "anthropic")}): 1}
     buckets = [s for s in families["llmgw_upstream_first_byte_seconds"].samples
                if s.name.endswith("_bucket") and s.labels["provider"] == "openai"]
     assert [s.value for s in buckets] == sorted(s.value for s in buckets) and buckets[-1].labels["le"] == "+Inf"
-    assert buckets[-1].value == 4
+    assert buckets[-1].value == 5
     # Budget gauges equal the key's spend.
     spend = gateway.store.key_spend(gateway.store.find_key_by_id(scraped["alpha"]["id"]), gateway.gateway.clock())
     assert samples(families, "llmgw_budget_spent_usd") == {
@@ -188,5 +188,8 @@ def test_version_2_database_gains_totals_equal_to_its_rows(scraped):
         rows = store.usage_totals()
     finally:
         store.close()
-    assert sum(row[5] for row in rows) == sum(samples(before, "llmgw_requests").values())
-    assert sum(row[5 + 9] for row in rows) == round(sum(samples(before, "llmgw_cost_usd").values()) * 1e9)
+    names = [name for name, _ in llmgw.ROLLUP_MEASURES]
+    totals = [dict(zip(names, row[5:])) for row in rows]
+    assert sum(total["attempts"] for total in totals) == sum(samples(before, "llmgw_requests").values())
+    assert sum(total["cost_nanousd"] for total in totals) == round(sum(samples(before, "llmgw_cost_usd").values())
+                                                                   * 1e9)

@@ -539,11 +539,14 @@ def test_unreachable_upstream_is_502_and_recorded(make_gateway, upstream):
     key = gw.create_key()[1]
     response = post(gw, CHAT, body_for(CHAT, "dead-model"), key)
     assert_json_error(response, 502, "openai", error_type="api_error")
-    row, = gw.rows()
-    assert (row["status"], row["provider"], row["model"]) == ("upstream_error", "dead", "dead-model")
-    assert row["http_status"] is None
-    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
-    assert row["cost_nanousd"] == 0
+    assert response.header("x-llmgw-attempts") == "2"  # a refused connection is tried once more
+    rows = gw.rows()
+    assert [(row["status"], row["provider"], row["model"], row["attempt"]) for row in rows] == [
+        ("upstream_error", "dead", "dead-model", 1), ("upstream_error", "dead", "dead-model", 2)]
+    for row in rows:
+        assert row["http_status"] is None
+        assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+        assert row["cost_nanousd"] == 0
     assert upstream.requests == []
     assert_still_serving(gw, key, upstream)
 
@@ -554,13 +557,18 @@ def test_unreachable_anthropic_upstream_is_502_anthropic_shape(make_gateway, ups
     key = gw.create_key()[1]
     response = post(gw, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key)
     assert_json_error(response, 502, "anthropic", error_type="api_error")
-    row, = gw.rows()
-    assert (row["status"], row["provider"]) == ("upstream_error", "anthropic")
-    assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
+    for row in gw.rows():
+        assert (row["status"], row["provider"]) == ("upstream_error", "anthropic")
+        assert tokens_of(row) == dict.fromkeys(TOKEN_COLUMNS, 0)
     assert_still_serving(gw, key, upstream)
 
 
-def test_upstream_errors_are_passed_through(gateway, vkey, upstream):
+def test_upstream_errors_are_passed_through(make_gateway, upstream):
+    """The provider's error, as it sent it, after the bounded retry (a 500
+    or 529 is tried twice; a 400 once; a 429 whose Retry-After is longer
+    than routing.backoff_max once)."""
+    gateway = make_gateway(routing={"backoff_initial": 0.05, "backoff_max": 5})
+    vkey = gateway.create_key()[1]
     for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
         for fault, status in (("fail400", 400), ("fail429", 429), ("fail500", 500), ("fail529", 529)):
             upstream.reset()
@@ -574,7 +582,9 @@ def check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, st
     response = post(gateway, path, None, vkey, raw_body=raw)
     assert response.status == status == direct.status
     assert response.header("content-type") == "application/json"
-    forwarded = upstream.requests[1]
+    attempts = 2 if status in (500, 529) else 1
+    assert len(upstream.requests) == 1 + attempts == 1 + int(response.header("x-llmgw-attempts"))
+    forwarded = upstream.requests[-1]
     assert forwarded["body"] == raw
     payload = response.json()
     expected = direct.json()
@@ -731,9 +741,9 @@ def test_upstream_connection_is_reused(gateway, vkey, upstream):
     stream = dict(body_for(CHAT, "gpt-4o-mini"), stream=True)
     assert post(gateway, CHAT, stream, vkey).status == 200
     assert call(gateway, "GET", MODELS, key=vkey).status == 200
-    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-fail500"), vkey).status == 500
+    assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-fail500"), vkey).status == 500  # two attempts
     assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), vkey).status == 200
-    assert len(upstream.requests) == 9
+    assert len(upstream.requests) == 10
     assert upstream.connections_opened == 1
     assert {r["connection_id"] for r in upstream.requests} == {1}
 

@@ -26,7 +26,8 @@ DAY = 86400
 #: 2026-11-02T00:00:00Z, a Monday: the first request lands 10 minutes after.
 T0 = 1793577600
 
-ORACLE_TOTALS = """COUNT(*), SUM(u.status NOT IN ('ok', 'pending')), SUM(u.request_tokens), SUM(u.response_tokens),
+ORACLE_TOTALS = """SUM(u.attempt = 1), COUNT(*), SUM(u.attempt_kind = 'retry'), SUM(u.attempt_kind = 'fallback'),
+    SUM(u.status NOT IN ('ok', 'pending')), SUM(u.request_tokens), SUM(u.response_tokens),
     SUM(u.cache_read_tokens), SUM(u.cache_write_tokens + u.cache_write_1h_tokens), SUM(u.reasoning_tokens),
     SUM(u.cost_nanousd), SUM(u.priced = 0 AND u.request_tokens + u.response_tokens > 0),
     SUM(u.usage_source = 'estimated'), SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)"""
@@ -164,14 +165,14 @@ def test_rollups_are_written_when_rows_settle(logged):
     """Rollups exist for the settled rows only (stats did not just read rows)."""
     conn = sqlite3.connect(logged["gateway"].db_path)
     try:
-        rolled = [conn.execute("SELECT SUM(requests), SUM(cost_nanousd), SUM(output_tokens) FROM %s" % table).fetchone()
-                  for table in ("usage_hours", "usage_days", "usage_totals")]
-        settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens) FROM usage "
+        rolled = [conn.execute("SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests) FROM %s"
+                               % table).fetchone() for table in ("usage_hours", "usage_days", "usage_totals")]
+        settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens), SUM(attempt = 1) FROM usage "
                                "WHERE status != 'pending'").fetchone()
     finally:
         conn.close()
     assert rolled == [settled] * 3
-    assert settled[0] == logged["count"] - 1 and settled[1] > 0
+    assert settled[3] == logged["count"] - 1 and settled[1] > 0  # the fail500 calls were tried twice
 
 
 def test_repricing_moves_the_rollups_with_the_rows(logged):
@@ -188,22 +189,55 @@ def test_repricing_moves_the_rollups_with_the_rows(logged):
 
 def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
     """A database from before rollups (schema 1) is migrated forward:
-    new columns added, every settled row rolled up (tests/test_operations.py
-    migrates a database of each earlier schema made by its own code)."""
+    new columns added, every settled row rolled up as its request's one
+    attempt (tests/test_operations.py migrates a database of each earlier
+    schema made by its own code)."""
     gateway = logged["gateway"]
-    expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
     conn = sqlite3.connect(gateway.db_path)
     conn.executescript("DROP TABLE usage_hours; DROP TABLE usage_days; DROP TABLE usage_totals;"
                        "ALTER TABLE usage DROP COLUMN first_byte_ms; ALTER TABLE usage DROP COLUMN overhead_ms;"
-                       "PRAGMA user_version = 1;")
+                       + DROP_ATTEMPT_COLUMNS + "PRAGMA user_version = 1;")
     conn.close()
     store = llmgw.Store(gateway.db_path)
     try:
+        expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
         for group in ("key", "day"):
             assert rollup_stats(store, group) == expected[group]
         totals = store.usage_totals()
         assert sum(row[5] for row in totals) == sum(row[1]["requests"] for row in expected["key"]) - 1  # pending
         assert "first_byte_ms" in store.usage_log({})[0][0]
+    finally:
+        store.close()
+
+
+#: What a usage table looked like before routing (schema 4 and older).
+DROP_ATTEMPT_COLUMNS = ("DROP INDEX usage_by_logical_request; ALTER TABLE usage DROP COLUMN logical_request_id;"
+                        "ALTER TABLE usage DROP COLUMN attempt; ALTER TABLE usage DROP COLUMN attempt_kind;"
+                        "ALTER TABLE usage DROP COLUMN deployment;")
+
+
+def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
+    """A database from before routing (schema 4): its rows become first
+    attempts, and its rollups and totals count each as one attempt."""
+    gateway = logged["gateway"]
+    conn = sqlite3.connect(gateway.db_path)
+    script = "".join("UPDATE %s SET requests = attempts; ALTER TABLE %s DROP COLUMN attempts; ALTER TABLE %s DROP "
+                     "COLUMN retries; ALTER TABLE %s DROP COLUMN fallbacks;" % ((table,) * 4)
+                     for table in ("usage_hours", "usage_days", "usage_totals"))  # schema 4: a row was a request
+    conn.executescript(script + DROP_ATTEMPT_COLUMNS + "PRAGMA user_version = 4;")
+    conn.close()
+    store = llmgw.Store(gateway.db_path)
+    try:
+        for group in ("key", "day"):
+            assert rollup_stats(store, group) == oracle_stats(gateway.db_path, group)
+        for row in store.usage_stats("key"):
+            assert (row["attempts"], row["retries"], row["fallbacks"]) == (row["requests"], 0, 0)
+        names = [name for name, _ in llmgw.ROLLUP_MEASURES]
+        for row in store.usage_totals():
+            counted = dict(zip(names, row[5:]))
+            assert counted["attempts"] == counted["requests"]
+        entry = store.usage_log({})[0][0]
+        assert (entry["attempt"], entry["attempt_kind"], entry["logical_request_id"]) == (1, "first", None)
     finally:
         store.close()
 
@@ -285,7 +319,7 @@ def test_log_pages_by_cursor_newest_first(logged):
     rows = gateway.rows()
     assert [entry["id"] for entry in seen] == [row["id"] for row in
                                                 sorted(rows, key=lambda r: (r["started_at"], r["id"]), reverse=True)]
-    assert len(seen) == logged["count"]
+    assert len(seen) == len(rows) == logged["count"] + sum(row["attempt"] > 1 for row in rows)
 
 
 def test_log_entries_carry_what_a_log_needs(logged):
