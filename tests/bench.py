@@ -20,6 +20,7 @@ completed and failed (with reasons), first-event p50/p99/max (the whole answer w
 whole-call p99, and for the gateway and the naive proxy their peak RSS and threads (sampled
 every 50 ms) and CPU per relayed event (per call when not streamed). Every process gets a
 file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
+    python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
 
 What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
 
@@ -658,9 +659,10 @@ def cpu_seconds(leader):
     return total / CLK_TCK
 
 
-def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None):
-    """The gateway (``python llmgw.py``, or ``cli.py serve --workers N``) with a fresh config and
-    database in ``workdir`` and one virtual key; returns (process, port, key, database path)."""
+def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None, root=ROOT):
+    """The gateway of tree ``root`` (``python llmgw.py``, or ``cli.py serve --workers N``) with a
+    fresh config and database in ``workdir`` and one virtual key; returns (process, port, key,
+    database path)."""
     gw_port = free_port()
     config_path = os.path.join(workdir, "config.yaml")
     db_path = os.path.join(workdir, "gateway.db")
@@ -673,13 +675,13 @@ def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=Non
     env = dict(os.environ, CONFIG_PATH=config_path, DB_PATH=db_path, OPENAI_API_KEY=PROVIDER_KEY)
     env.pop("LLMGW_ADMIN_TOKEN", None)
     for command in (["init"], ["keys", "create", "bench", "--rpm", "100000000", "--output", "json"]):
-        created = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py")] + command,
+        created = subprocess.run([sys.executable, os.path.join(root, "cli.py")] + command,
                                  env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
         if created.returncode != 0:
             raise RuntimeError("cli.py %s failed: %s%s" % (command[0], created.stdout, created.stderr))
     vkey = json.loads(created.stdout)["key"]
-    command = ([os.path.join(ROOT, "llmgw.py")] if workers == 1 else
-               [os.path.join(ROOT, "cli.py"), "serve", "--workers", str(workers)])
+    command = ([os.path.join(root, "llmgw.py")] if workers == 1 else
+               [os.path.join(root, "cli.py"), "serve", "--workers", str(workers)])
     with open(os.path.join(workdir, "gateway.stderr"), "wb") as gw_stderr:
         gw = procs.start([sys.executable] + command, cpu=cpu, nofile=nofile, env=env, cwd=workdir,
                          stdout=gw_stderr, stderr=subprocess.STDOUT)
@@ -994,6 +996,9 @@ def main():
                              "asyncio timers round up to about 1 ms)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the gateway of another tree (its llmgw.py and cli.py, e.g. a "
+                             "checkout of main), on the same core in the same run: before vs after")
     parser.add_argument("--workers", type=int, default=1,
                         help="gateway processes (cli.py serve --workers N); with more than one, the gateway "
                              "may run on every core")
@@ -1069,6 +1074,11 @@ def main():
 
         # -- gateway ---------------------------------------------------------------------------
         gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers)
+        if args.baseline:  # the same gateway from another tree (e.g. main before a change), same core
+            baseline_dir = os.path.join(workdir, "baseline")
+            os.mkdir(baseline_dir)
+            base, base_port, base_vkey, _ = start_gateway(procs, baseline_dir, up_port, gw_cpu, args.workers,
+                                                          root=os.path.abspath(args.baseline))
         rss_idle = rss_kb(gw.pid)
         gw_sent = 0  # requests sent to the gateway, for the usage-row check
 
@@ -1083,7 +1093,7 @@ def main():
 
         # -- non-streamed levels ---------------------------------------------------------------
         warm = 1.0
-        results = {"direct": {}, "gateway": {}, "naive": {}}
+        results = {"direct": {}, "gateway": {}, "naive": {}, "baseline": {}}
         peak = {"rss": 0}
 
         def track_peak():
@@ -1094,8 +1104,11 @@ def main():
         naive_rss_idle = rss_kb(naive.pid)
 
         servers = {"gateway": gw, "naive": naive}
-        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey),
-                                  ("naive", naive_port, "-")):
+        targets = [("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey), ("naive", naive_port, "-")]
+        if args.baseline:
+            servers["baseline"] = base
+            targets.insert(1, ("baseline", base_port, base_vkey))
+        for target, port, key in targets:
             r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
             if target == "gateway":
                 gw_sent += r["requests"]
@@ -1124,7 +1137,7 @@ def main():
 
         # -- streams ---------------------------------------------------------------------------
         streams = {}
-        for target, port, key in (("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey)):
+        for target, port, key in [t for t in targets if t[0] != "naive"]:
             stream_runs(port, key, 3)  # warm-up
             streams[target] = stream_runs(port, key, args.stream_runs)
             if target == "gateway":
@@ -1132,6 +1145,8 @@ def main():
             for p in streams[target]["problems"]:
                 problems.append("%s %s" % (target, p))
         print("  streams measured", flush=True)
+        if args.baseline:
+            procs.stop(base)
 
         # -- memory growth ---------------------------------------------------------------------
         time.sleep(0.5)
@@ -1193,7 +1208,8 @@ def main():
             "target", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors")
         print(header)
         print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-        for target in ("gateway", "naive", "direct"):
+        shown = ("gateway", "baseline", "naive", "direct") if args.baseline else ("gateway", "naive", "direct")
+        for target in shown:
             for conns in levels:
                 r = results[target][conns]
                 cpu = "%.3f" % r["cpu_ms_per_req"] if "cpu_ms_per_req" in r else "-"
@@ -1205,7 +1221,7 @@ def main():
         print("Overhead p50 at %d connection(s): %.3f ms (gateway %.3f - direct %.3f); naive proxy %.3f ms"
               % (levels[0], g1["p50_ms"] - d1["p50_ms"], g1["p50_ms"], d1["p50_ms"], n1["p50_ms"] - d1["p50_ms"]))
         top = max(levels)
-        for other in ("direct", "naive"):
+        for other in ("direct", "naive") + (("baseline",) if args.baseline else ()):
             print("Throughput ratio gateway/%s: %s" % (other, ", ".join(
                 "%d conns %.1f%%" % (c, 100.0 * results["gateway"][c]["rps"] / results[other][c]["rps"])
                 for c in levels if results[other][c]["rps"])))
@@ -1214,7 +1230,7 @@ def main():
               % (args.stream_events, args.stream_runs))
         print("| %-8s | %14s | %10s |" % ("target", "first event ms", "total ms"))
         print("|----------|----------------|------------|")
-        for target in ("gateway", "direct"):
+        for target in [t[0] for t in targets if t[0] != "naive"]:
             s = streams[target]
             print("| %-8s | %14s | %10s |" % (target, fmt_ms(s["first_ms"]), fmt_ms(s["total_ms"])))
         print("Stream overhead: first event %+.3f ms, total %+.3f ms"
