@@ -129,17 +129,22 @@ def test_lone_surrogate_in_an_admin_project_name_is_400(make_gateway, upstream):
 
 # ---- 4. every secret the process knows is redacted --------------------------------
 
-def test_admin_token_from_the_environment_is_redacted_from_the_log(make_gateway, upstream, gwlog, capfd):
-    """An admin token set with LLMGW_ADMIN_TOKEN (no ``llmgw-`` prefix to
-    spot it by) pasted into a path or a model name never reaches a log line."""
-    gw = make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+@pytest.mark.parametrize("variable,token", [("LLMGW_ADMIN_TOKEN", ADMIN_TOKEN),
+                                            ("LLMGW_METRICS_TOKEN", "mtr-CANARY-metrics-token-0123456789")])
+def test_tokens_from_the_environment_are_redacted_from_the_log(make_gateway, upstream, gwlog, capfd, variable,
+                                                               token):
+    """An admin or metrics token set in the environment (no ``llmgw-``
+    prefix to spot it by) pasted into a path or a model name never reaches
+    a log line."""
+    gw = make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS, environ={variable: token})
     key = gw.create_key()[1]
-    assert post(gw, "/v1/" + ADMIN_TOKEN, chat_body(), key).status == 404
-    assert post(gw, CHAT, chat_body(ADMIN_TOKEN), key).status == 200  # unpriced: the warning quotes the model
-    assert admin(gw, "GET", "/admin/" + ADMIN_TOKEN).status == 404
+    assert post(gw, "/v1/" + token, chat_body(), key).status == 404
+    assert post(gw, CHAT, chat_body(token), key).status == 200  # unpriced: the warning quotes the model
+    admin_on = variable == "LLMGW_ADMIN_TOKEN"
+    assert admin(gw, "GET", "/admin/" + token).status == (404 if admin_on else 403)
     out, err = capfd.readouterr()
     for name, text in (("log", gwlog.text()), ("stdout", out), ("stderr", err)):
-        assert ADMIN_TOKEN not in text, "the admin token is in the %s" % name
+        assert token not in text, "the token is in the %s" % name
     assert "[redacted]" in gwlog.text()
     assert_alive(gw, key)
 
