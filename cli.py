@@ -169,30 +169,19 @@ def cmd_keys_create(args):
 
 
 def cmd_keys_update(args):
-    config = llmgw.load_config()
-    policy = llmgw.parse_key_policy(_policy_fields(args), config, time.time())
-    store = _store()
-    if not store.update_key(args.id, policy, time.time()):
-        raise llmgw.ConfigError("no virtual key with id %s (see: python cli.py keys list)" % args.id)
-    _print_json(store.get_key(args.id))
+    _print_json(llmgw.update_key(_store(), llmgw.load_config(), args.id, _policy_fields(args)))
     return 0
 
 
 def cmd_keys_rotate(args):
-    grace = llmgw.parse_duration(args.grace, "--grace")
-    secret = _store().rotate_key(args.id, grace, time.time())
-    if secret is None:
-        raise llmgw.ConfigError("no active virtual key with id %s" % args.id)
-    print("New key for %s (shown once, store it now): %s" % (args.id, secret))
-    print("The previous key works until %s." % llmgw.iso_time(time.time() + grace))
+    record = llmgw.rotate_key(_store(), args.id, args.grace)
+    print("New key for %s (shown once, store it now): %s" % (args.id, record["key"]))
+    print("The previous key works until %s." % record["previous_key_valid_until"])
     return 0
 
 
 def cmd_keys_topup(args):
-    amount = llmgw.parse_usd(llmgw.number_in_text(args.amount))
-    store = _store()
-    if not amount or not store.topup(args.id, amount, time.time()):
-        raise llmgw.ConfigError("the amount must be positive, and key %s must exist and have a budget" % args.id)
+    llmgw.topup_key(_store(), args.id, llmgw.number_in_text(args.amount))
     print("Added USD %s to %s's current budget period." % (args.amount, args.id))
     return 0
 
@@ -209,9 +198,7 @@ def cmd_keys_list(args):
 
 
 def cmd_keys_revoke(args):
-    store = _store()
-    if not store.revoke_key(args.id):
-        raise llmgw.ConfigError("no virtual key with id %s (see: python cli.py keys list)" % args.id)
+    llmgw.revoke_key(_store(), args.id)
     print("Revoked %s; running gateways refuse it from their next request." % args.id)
     return 0
 

@@ -21,9 +21,10 @@ Sections, each calling only the ones above it (``grep -n '^# ====' llmgw.py``):
 6. Rate limiting          -- ``KeyLimits``: RPM, TPM, requests in flight, per key.
 7. Routing                -- ``Router``: deployments (provider keys), plans, cooldowns.
 8. Streams                -- per-API stream meters and error events.
-9. Gateway                -- ``Gateway.handle(request) -> Reply``: the product.
-10. HTTP connections      -- one-shot readiness queue, worker pool, parked calls, ``Exchange``.
-11. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
+9. Administration         -- one function per action, for the CLI and the admin API.
+10. Gateway               -- ``Gateway.handle(request) -> Reply``: the product.
+11. HTTP connections      -- one-shot readiness queue, worker pool, parked calls, ``Exchange``.
+12. Server lifecycle      -- ``GatewayServer``, ``make_server``, ``serve``.
 
 Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
@@ -69,9 +70,22 @@ except ImportError:  # pragma: no cover - only a vendored copy without PyYAML
     yaml = None
 
 __version__ = "0.1.0"
+#: The library's names: serving, and everything cli.py uses (tests check
+#: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
     "PriceTable", "Store", "Usage", "load_config", "make_server", "serve",
+    # files, settings, secrets
+    "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
+    "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
+    "issue_metrics_token", "mask_secret", "resolve_provider_key", "write_private_file",
+    # deployments (several keys per provider)
+    "DEFAULT_DEPLOYMENT", "DEPLOYMENT_NAME", "list_deployments",
+    # administration (section 8)
+    "create_virtual_key", "get_key", "update_key", "revoke_key", "rotate_key", "topup_key", "usage_stats",
+    "request_log", "reprice_usage", "csv_text", "LOG_FILTERS", "LOG_PAGE_LIMIT",
+    # input and output
+    "iso_time", "number_in_text", "parse_duration", "parse_price_pack", "parse_time_bound",
 ]
 
 # ==== 1. Constants and errors ===============================================
@@ -3764,7 +3778,274 @@ def stream_error_event(dialect, endpoint, message, code, response_id=None):
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-# ==== 9. Gateway ============================================================
+# ==== 9. Administration =====================================================
+#
+# One function per administrative action, for the CLI (cli.py), the admin API
+# (Gateway._admin) and a dashboard alike: each validates its input, acts
+# through the Store (which audits it as ``actor``) and refuses with one
+# GatewayError per failure (BadRequestError naming the field, NotFoundError),
+# which the CLI prints as one line and the API answers as JSON.
+
+#: 0001-01-01T00:00:00Z, the earliest moment ``iso_time`` can show.
+_FIRST_MOMENT = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def parse_time_bound(text, end=False, name="time"):
+    """``YYYY-MM-DD`` or an ISO 8601 time (UTC unless it says otherwise) as
+    epoch seconds. With ``end``, a bare date means the end of that day
+    (counted in seconds: the end of 9999-12-31 has no datetime)."""
+    try:
+        if not isinstance(text, str):
+            raise ValueError(text)
+        if len(text) == 10:
+            day = datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
+            return day.timestamp() + (86400 if end else 0)
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        if moment.timestamp() < _FIRST_MOMENT:  # year 1 east of UTC: no datetime could show it
+            raise ValueError(text)
+    except ValueError:
+        raise BadRequestError("%s: %s is not a date (YYYY-MM-DD) or ISO 8601 time, years 1 to 9999"
+                              % (name, shown(text)), param=name) from None
+    return moment.timestamp()
+
+
+_DURATION = re.compile(r"^([0-9]{1,12})([smhdw])$")
+_MAX_DURATION = 100 * 366 * 86400
+_MAX_BUDGET_USD = 10 ** 9
+#: An expiry from this moment on (UTC) is stored as none: calendar sums
+#: beyond it leave year 9999, the last that datetime knows.
+_NEVER_EXPIRES_FROM = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: The fields a key's policy is set with, from the CLI or the admin API.
+POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
+                 "models", "metadata")
+
+
+def parse_duration(text, name="duration"):
+    """``30d``, ``24h``, ``15m``, ``90s`` or ``2w`` as seconds."""
+    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise BadRequestError("%s: %s is not a duration like 30d, 24h, 15m or 90s" % (name, shown(text)),
+                              param=name)
+    seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+    if seconds > _MAX_DURATION:
+        raise BadRequestError("%s: %s is longer than 100 years" % (name, shown(text)), param=name)
+    return seconds
+
+
+def parse_usd(amount, name="amount"):
+    """A non-negative amount of USD (a JSON number) as integer nano-dollars."""
+    check_number(amount, name, 0, _MAX_BUDGET_USD, error=BadRequestError)
+    return int((decimal.Decimal(str(amount)) * 1000000000).to_integral_value())
+
+
+def parse_key_policy(fields, config, now):
+    """Validate policy fields (POLICY_FIELDS, user-facing units) into the
+    stored POLICY_COLUMNS. Only the fields given are returned; None clears."""
+    unknown = set(fields) - set(POLICY_FIELDS)
+    if unknown:
+        raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
+    policy = {}
+    for name, choices in (("tier", tuple(config.rate_limits)), ("budget_period", BUDGET_PERIODS)):
+        if name in fields:
+            if not isinstance(fields[name], str) or fields[name] not in choices:
+                raise BadRequestError("%s: %s is not one of %s" % (name, shown(fields[name]), ", ".join(choices)),
+                                      param=name)
+            policy[name] = fields[name]
+    for name in ("rpm", "tpm", "max_parallel"):
+        if name in fields:
+            policy[name] = None if fields[name] is None else check_number(
+                fields[name], name, 1, MAX_RATE, integer=True, error=BadRequestError)
+    if "max_budget" in fields:
+        budget = fields["max_budget"]
+        policy["max_budget_nanousd"] = None if budget is None else parse_usd(budget, "max_budget")
+    if fields.get("expires_at") is not None and fields.get("expires_in") is not None:
+        raise BadRequestError("give expires_at or expires_in, not both", param="expires_at")
+    if fields.get("expires_in") is not None:
+        policy["expires_at"] = now + parse_duration(fields["expires_in"], "expires_in")
+    elif fields.get("expires_at") is not None:
+        policy["expires_at"] = parse_time_bound(fields["expires_at"], name="expires_at")
+    elif "expires_at" in fields or "expires_in" in fields:
+        policy["expires_at"] = None
+    if policy.get("expires_at") is not None and policy["expires_at"] >= _NEVER_EXPIRES_FROM:
+        policy["expires_at"] = None  # so far out it means never
+    if "models" in fields:
+        models = fields["models"]
+        if isinstance(models, str):
+            models = [glob.strip() for glob in models.split(",") if glob.strip()]
+        if models is not None and (not isinstance(models, list) or not models):
+            raise BadRequestError("models: expected a non-empty list of model names or globs, got %s"
+                                  % shown(fields["models"]), param="models")
+        policy["models"] = models and [check_text(glob, "models[]", error=BadRequestError) for glob in models]
+    if "metadata" in fields:
+        metadata = {} if fields["metadata"] is None else fields["metadata"]
+        if not isinstance(metadata, dict) or not all(isinstance(name, str) and LABEL_NAME.match(name)
+                                                     for name in metadata):
+            raise BadRequestError("metadata: expected a mapping of label names (letters, digits, _ . -) to text, "
+                                  "got %s" % shown(fields["metadata"]), param="metadata")
+        for name, value in metadata.items():
+            check_text(value, "metadata.%s" % name, blank_ok=True, error=BadRequestError)
+        policy["metadata"] = metadata or None
+    return policy
+
+
+def create_virtual_key(store, config, project_name, fields=None, actor="cli", now=None):
+    """Validate and create a virtual key (CLI and admin API alike).
+    Returns (record, secret)."""
+    check_text(project_name, "project_name", error=BadRequestError)
+    policy = parse_key_policy(fields or {}, config, time.time() if now is None else now)
+    return store.create_key(project_name.strip(), policy, actor)
+
+
+def get_key(store, key_id):
+    """One key's public fields; NotFoundError for an unknown id."""
+    record = store.get_key(key_id)
+    if record is None:
+        raise NotFoundError("No virtual key %s" % shown(key_id))
+    return record
+
+
+def update_key(store, config, key_id, fields, actor="cli", now=None):
+    """Change some of a key's policy (POLICY_FIELDS); returns the key."""
+    now = time.time() if now is None else now
+    if not store.update_key(key_id, parse_key_policy(fields, config, now), now, actor):
+        raise NotFoundError("No virtual key %s" % shown(key_id))
+    return get_key(store, key_id)
+
+
+def revoke_key(store, key_id, actor="cli"):
+    """Revoke a key (again is fine); returns it, ``revoked`` true."""
+    if not store.revoke_key(key_id, actor):
+        raise NotFoundError("No virtual key %s" % shown(key_id))
+    return dict(get_key(store, key_id), revoked=True)
+
+
+def rotate_key(store, key_id, grace="0s", actor="cli", now=None):
+    """Give an active key a new secret, the old one working for ``grace``
+    (a duration such as 24h). Returns the key with its new secret (shown
+    once) and until when the previous one works."""
+    now = time.time() if now is None else now
+    seconds = parse_duration(grace, "grace")
+    secret = store.rotate_key(key_id, seconds, now, actor)
+    if secret is None:
+        raise NotFoundError("No active virtual key %s" % shown(key_id))
+    return dict(get_key(store, key_id), key=secret, previous_key_valid_until=iso_time(now + seconds))
+
+
+def topup_key(store, key_id, amount, actor="cli", now=None):
+    """Add ``amount`` USD to a key's current budget period (for a ``never``
+    budget: to its balance); returns the key."""
+    nanos = parse_usd(amount)
+    if not nanos:
+        raise BadRequestError("amount: must be more than 0", param="amount")
+    get_key(store, key_id)
+    if not store.topup(key_id, nanos, time.time() if now is None else now, actor):
+        raise BadRequestError("key %s has no budget to top up (set one with max_budget)" % shown(key_id))
+    return get_key(store, key_id)
+
+
+def usage_stats(store, group_by="key", since=None, until=None, project=None, now=None):
+    """Store.usage_stats, plus each key's budget use in its current period
+    (max_budget, budget_spent, budget_used_pct) when grouped by key."""
+    rows = store.usage_stats(group_by, since, until, project)
+    if group_by == "key":
+        now = time.time() if now is None else now
+        for row in rows:
+            row.update(max_budget=None, budget_spent=None, budget_used_pct=None)
+            key = store.find_key_by_id(row["virtual_key_id"])
+            if key is not None and key.max_budget_nanousd is not None:
+                spend = store.key_spend(key, now)
+                allowance = spend["allowance_nanousd"]
+                row.update(max_budget=nanousd_to_usd(allowance), budget_spent=nanousd_to_usd(spend["spent_nanousd"]),
+                           budget_used_pct=round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None)
+    return rows
+
+
+LOG_PAGE_LIMIT = 1000
+
+
+def request_log(store, options):
+    """A page of the request log for the CLI and the admin API: ``options``
+    are strings (LOG_FILTERS names, ``limit`` and ``cursor``), as typed.
+    Returns {"data": [entries], "next_cursor": ...}."""
+    unknown = set(options) - set(LOG_FILTERS) - {"limit", "cursor"}
+    if unknown:
+        raise BadRequestError("unknown log filter(s): %s (known: %s, limit, cursor)"
+                              % (", ".join(sorted(unknown)), ", ".join(LOG_FILTERS)))
+    filters = {name: options.get(name) for name in LOG_FILTERS}
+    for name, end in (("since", False), ("until", True)):
+        if filters[name] is not None:
+            filters[name] = parse_time_bound(filters[name], end, name)
+    limit = check_number(number_in_text(options.get("limit") or "50"), "limit", 1, LOG_PAGE_LIMIT, integer=True,
+                         error=BadRequestError)
+    cursor = options.get("cursor")
+    entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), limit)
+    return {"data": entries, "next_cursor": next_cursor}
+
+
+#: A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(rows):
+    """Rows of dicts (all with the same keys) as CSV with a header line.
+    Mappings are written as JSON; text a spreadsheet would take for a
+    formula (a model name is the client's to choose) is quoted with '."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if rows:
+        writer.writerow(list(rows[0]))
+    for row in rows:
+        cells = []
+        for value in row.values():
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, sort_keys=True)
+            if isinstance(value, str) and value.startswith(_FORMULA_START):
+                value = "'" + value
+            cells.append("" if value is None else value)
+        writer.writerow(cells)
+    return out.getvalue()
+def list_deployments(config, store, environ=os.environ, now=None):
+    """Every deployment (provider key) and its shared cooldown, as
+    ``cli.py deployments`` shows them; keys masked."""
+    now = time.time() if now is None else now
+    stored, named = store.provider_keys(), store.deployment_keys()
+    cooldowns = {row[0]: row[1:] for row in store.cooldowns()}
+    rows = []
+    for provider in config.providers.values():
+        keys, problems = resolve_deployment_keys(provider, stored, named, environ)
+        for name, key, source in keys:
+            until, failures, reason = cooldowns.get("%s/%s" % (provider.name, name), (0.0, 0, None))
+            rows.append(describe_deployment(provider.name, name, key, source, until, failures, reason, now))
+        for problem in problems:
+            rows.append({"deployment": provider.name, "provider": provider.name, "name": None, "key": None,
+                         "source": None, "state": "invalid: %s" % problem.message})
+    return rows
+
+
+def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
+    """Recompute stored costs from the raw counts with today's ``prices``.
+    Returns old and new totals; ``apply`` writes the new costs."""
+    totals = {"rows": 0, "changed_rows": 0, "old_cost": 0, "new_cost": 0}
+    updates = []
+    for row_id, model, counts, old_cost in store.usage_costs(since, until, project):
+        new_cost, priced = price_usage(prices.lookup(model), Usage(*counts))
+        totals["rows"] += 1
+        totals["old_cost"] += old_cost
+        totals["new_cost"] += new_cost
+        if new_cost != old_cost:
+            updates.append((new_cost, priced, row_id))
+    totals["changed_rows"] = len(updates)
+    if apply and updates:
+        store.set_costs(updates)
+    totals["old_cost"], totals["new_cost"] = nanousd_to_usd(totals["old_cost"]), nanousd_to_usd(totals["new_cost"])
+    totals["applied"] = bool(apply)
+    return totals
+
+
+# ==== 10. Gateway ===========================================================
 #
 # The product as plain Python: ``Gateway.handle(request) -> Reply``. The HTTP
 # handler below turns bytes into a Request and a Reply back into bytes; every
@@ -3922,218 +4203,6 @@ def parse_json_body(request, max_bytes):
         raise BadRequestError("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
                               "which is not text")
     return raw, body
-
-
-#: 0001-01-01T00:00:00Z, the earliest moment ``iso_time`` can show.
-_FIRST_MOMENT = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
-
-
-def parse_time_bound(text, end=False, name="time"):
-    """``YYYY-MM-DD`` or an ISO 8601 time (UTC unless it says otherwise) as
-    epoch seconds. With ``end``, a bare date means the end of that day
-    (counted in seconds: the end of 9999-12-31 has no datetime)."""
-    try:
-        if not isinstance(text, str):
-            raise ValueError(text)
-        if len(text) == 10:
-            day = datetime.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
-            return day.timestamp() + (86400 if end else 0)
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
-        if moment.timestamp() < _FIRST_MOMENT:  # year 1 east of UTC: no datetime could show it
-            raise ValueError(text)
-    except ValueError:
-        raise BadRequestError("%s: %s is not a date (YYYY-MM-DD) or ISO 8601 time, years 1 to 9999"
-                              % (name, shown(text)), param=name) from None
-    return moment.timestamp()
-
-
-_DURATION = re.compile(r"^([0-9]{1,12})([smhdw])$")
-_MAX_DURATION = 100 * 366 * 86400
-_MAX_BUDGET_USD = 10 ** 9
-#: An expiry from this moment on (UTC) is stored as none: calendar sums
-#: beyond it leave year 9999, the last that datetime knows.
-_NEVER_EXPIRES_FROM = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
-_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-#: The fields a key's policy is set with, from the CLI or the admin API.
-POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
-                 "models", "metadata")
-
-
-def parse_duration(text, name="duration"):
-    """``30d``, ``24h``, ``15m``, ``90s`` or ``2w`` as seconds."""
-    match = _DURATION.match(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise BadRequestError("%s: %s is not a duration like 30d, 24h, 15m or 90s" % (name, shown(text)),
-                              param=name)
-    seconds = int(match.group(1)) * _DURATION_SECONDS[match.group(2)]
-    if seconds > _MAX_DURATION:
-        raise BadRequestError("%s: %s is longer than 100 years" % (name, shown(text)), param=name)
-    return seconds
-
-
-def parse_usd(amount, name="amount"):
-    """A non-negative amount of USD (a JSON number) as integer nano-dollars."""
-    check_number(amount, name, 0, _MAX_BUDGET_USD, error=BadRequestError)
-    return int((decimal.Decimal(str(amount)) * 1000000000).to_integral_value())
-
-
-def parse_key_policy(fields, config, now):
-    """Validate policy fields (POLICY_FIELDS, user-facing units) into the
-    stored POLICY_COLUMNS. Only the fields given are returned; None clears."""
-    unknown = set(fields) - set(POLICY_FIELDS)
-    if unknown:
-        raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
-    policy = {}
-    for name, choices in (("tier", tuple(config.rate_limits)), ("budget_period", BUDGET_PERIODS)):
-        if name in fields:
-            if not isinstance(fields[name], str) or fields[name] not in choices:
-                raise BadRequestError("%s: %s is not one of %s" % (name, shown(fields[name]), ", ".join(choices)),
-                                      param=name)
-            policy[name] = fields[name]
-    for name in ("rpm", "tpm", "max_parallel"):
-        if name in fields:
-            policy[name] = None if fields[name] is None else check_number(
-                fields[name], name, 1, MAX_RATE, integer=True, error=BadRequestError)
-    if "max_budget" in fields:
-        budget = fields["max_budget"]
-        policy["max_budget_nanousd"] = None if budget is None else parse_usd(budget, "max_budget")
-    if fields.get("expires_at") is not None and fields.get("expires_in") is not None:
-        raise BadRequestError("give expires_at or expires_in, not both", param="expires_at")
-    if fields.get("expires_in") is not None:
-        policy["expires_at"] = now + parse_duration(fields["expires_in"], "expires_in")
-    elif fields.get("expires_at") is not None:
-        policy["expires_at"] = parse_time_bound(fields["expires_at"], name="expires_at")
-    elif "expires_at" in fields or "expires_in" in fields:
-        policy["expires_at"] = None
-    if policy.get("expires_at") is not None and policy["expires_at"] >= _NEVER_EXPIRES_FROM:
-        policy["expires_at"] = None  # so far out it means never
-    if "models" in fields:
-        models = fields["models"]
-        if isinstance(models, str):
-            models = [glob.strip() for glob in models.split(",") if glob.strip()]
-        if models is not None and (not isinstance(models, list) or not models):
-            raise BadRequestError("models: expected a non-empty list of model names or globs, got %s"
-                                  % shown(fields["models"]), param="models")
-        policy["models"] = models and [check_text(glob, "models[]", error=BadRequestError) for glob in models]
-    if "metadata" in fields:
-        metadata = {} if fields["metadata"] is None else fields["metadata"]
-        if not isinstance(metadata, dict) or not all(isinstance(name, str) and LABEL_NAME.match(name)
-                                                     for name in metadata):
-            raise BadRequestError("metadata: expected a mapping of label names (letters, digits, _ . -) to text, "
-                                  "got %s" % shown(fields["metadata"]), param="metadata")
-        for name, value in metadata.items():
-            check_text(value, "metadata.%s" % name, blank_ok=True, error=BadRequestError)
-        policy["metadata"] = metadata or None
-    return policy
-
-
-def create_virtual_key(store, config, project_name, fields=None, actor="cli", now=None):
-    """Validate and create a virtual key (CLI and admin API alike).
-    Returns (record, secret)."""
-    check_text(project_name, "project_name", error=BadRequestError)
-    policy = parse_key_policy(fields or {}, config, time.time() if now is None else now)
-    return store.create_key(project_name.strip(), policy, actor)
-
-
-def usage_stats(store, group_by="key", since=None, until=None, project=None, now=None):
-    """Store.usage_stats, plus each key's budget use in its current period
-    (max_budget, budget_spent, budget_used_pct) when grouped by key."""
-    rows = store.usage_stats(group_by, since, until, project)
-    if group_by == "key":
-        now = time.time() if now is None else now
-        for row in rows:
-            row.update(max_budget=None, budget_spent=None, budget_used_pct=None)
-            key = store.find_key_by_id(row["virtual_key_id"])
-            if key is not None and key.max_budget_nanousd is not None:
-                spend = store.key_spend(key, now)
-                allowance = spend["allowance_nanousd"]
-                row.update(max_budget=nanousd_to_usd(allowance), budget_spent=nanousd_to_usd(spend["spent_nanousd"]),
-                           budget_used_pct=round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None)
-    return rows
-
-
-LOG_PAGE_LIMIT = 1000
-
-
-def request_log(store, options):
-    """A page of the request log for the CLI and the admin API: ``options``
-    are strings (LOG_FILTERS names, ``limit`` and ``cursor``), as typed.
-    Returns {"data": [entries], "next_cursor": ...}."""
-    unknown = set(options) - set(LOG_FILTERS) - {"limit", "cursor"}
-    if unknown:
-        raise BadRequestError("unknown log filter(s): %s (known: %s, limit, cursor)"
-                              % (", ".join(sorted(unknown)), ", ".join(LOG_FILTERS)))
-    filters = {name: options.get(name) for name in LOG_FILTERS}
-    for name, end in (("since", False), ("until", True)):
-        if filters[name] is not None:
-            filters[name] = parse_time_bound(filters[name], end, name)
-    limit = check_number(number_in_text(options.get("limit") or "50"), "limit", 1, LOG_PAGE_LIMIT, integer=True,
-                         error=BadRequestError)
-    cursor = options.get("cursor")
-    entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), limit)
-    return {"data": entries, "next_cursor": next_cursor}
-
-
-#: A spreadsheet runs a cell that starts with one of these as a formula.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_text(rows):
-    """Rows of dicts (all with the same keys) as CSV with a header line.
-    Mappings are written as JSON; text a spreadsheet would take for a
-    formula (a model name is the client's to choose) is quoted with '."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    if rows:
-        writer.writerow(list(rows[0]))
-    for row in rows:
-        cells = []
-        for value in row.values():
-            if isinstance(value, (dict, list)):
-                value = json.dumps(value, sort_keys=True)
-            if isinstance(value, str) and value.startswith(_FORMULA_START):
-                value = "'" + value
-            cells.append("" if value is None else value)
-        writer.writerow(cells)
-    return out.getvalue()
-def list_deployments(config, store, environ=os.environ, now=None):
-    """Every deployment (provider key) and its shared cooldown, as
-    ``cli.py deployments`` shows them; keys masked."""
-    now = time.time() if now is None else now
-    stored, named = store.provider_keys(), store.deployment_keys()
-    cooldowns = {row[0]: row[1:] for row in store.cooldowns()}
-    rows = []
-    for provider in config.providers.values():
-        keys, problems = resolve_deployment_keys(provider, stored, named, environ)
-        for name, key, source in keys:
-            until, failures, reason = cooldowns.get("%s/%s" % (provider.name, name), (0.0, 0, None))
-            rows.append(describe_deployment(provider.name, name, key, source, until, failures, reason, now))
-        for problem in problems:
-            rows.append({"deployment": provider.name, "provider": provider.name, "name": None, "key": None,
-                         "source": None, "state": "invalid: %s" % problem.message})
-    return rows
-
-
-def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
-    """Recompute stored costs from the raw counts with today's ``prices``.
-    Returns old and new totals; ``apply`` writes the new costs."""
-    totals = {"rows": 0, "changed_rows": 0, "old_cost": 0, "new_cost": 0}
-    updates = []
-    for row_id, model, counts, old_cost in store.usage_costs(since, until, project):
-        new_cost, priced = price_usage(prices.lookup(model), Usage(*counts))
-        totals["rows"] += 1
-        totals["old_cost"] += old_cost
-        totals["new_cost"] += new_cost
-        if new_cost != old_cost:
-            updates.append((new_cost, priced, row_id))
-    totals["changed_rows"] = len(updates)
-    if apply and updates:
-        store.set_costs(updates)
-    totals["old_cost"], totals["new_cost"] = nanousd_to_usd(totals["old_cost"]), nanousd_to_usd(totals["new_cost"])
-    totals["applied"] = bool(apply)
-    return totals
 
 
 # -- metrics ------------------------------------------------------------------
@@ -5288,7 +5357,7 @@ class Gateway:
         routes = {
             ("GET", "virtual-keys"): lambda: json_reply(200, {"data": self.store.list_keys()}),
             ("POST", "virtual-keys"): lambda: self._admin_create_key(request),
-            ("GET", "virtual-keys", "*"): lambda: json_reply(200, self._admin_key(parts[1])),
+            ("GET", "virtual-keys", "*"): lambda: json_reply(200, get_key(self.store, parts[1])),
             ("PATCH", "virtual-keys", "*"): lambda: self._admin_update_key(request, parts[1]),
             ("DELETE", "virtual-keys", "*"): lambda: self._admin_revoke_key(parts[1]),
             ("POST", "virtual-keys", "*", "rotate"): lambda: self._admin_rotate_key(request, parts[1]),
@@ -5323,12 +5392,6 @@ class Gateway:
         text = metrics_text(self.store, self.prices, self.metrics, self.server_gauges(), self.clock())
         return Reply(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text.encode("utf-8"))
 
-    def _admin_key(self, key_id):
-        record = self.store.get_key(key_id)
-        if record is None:
-            raise NotFoundError("No virtual key with that id")
-        return record
-
     def _admin_create_key(self, request):
         _, body = parse_json_body(request, ADMIN_BODY_BYTES)
         fields = {name: value for name, value in body.items() if name != "project_name"}
@@ -5339,32 +5402,20 @@ class Gateway:
 
     def _admin_update_key(self, request, key_id):
         _, body = parse_json_body(request, ADMIN_BODY_BYTES)
-        policy = parse_key_policy(body, self.config, self.clock())
-        if not self.store.update_key(key_id, policy, self.clock(), "admin-api"):
-            raise NotFoundError("No virtual key with that id")
-        return json_reply(200, self._admin_key(key_id))
+        return json_reply(200, update_key(self.store, self.config, key_id, body, "admin-api", self.clock()))
 
     def _admin_revoke_key(self, key_id):
-        if not self.store.revoke_key(key_id, "admin-api"):
-            raise NotFoundError("No virtual key with that id")
-        logger.info("admin API revoked virtual key %s", redact(key_id, self.known_secrets()))
-        return json_reply(200, dict(self._admin_key(key_id), revoked=True))
+        record = revoke_key(self.store, key_id, "admin-api")
+        logger.info("admin API revoked virtual key %s", record["id"])
+        return json_reply(200, record)
 
     def _admin_rotate_key(self, request, key_id):
         _, body = parse_json_body(request, ADMIN_BODY_BYTES)
-        grace = parse_duration(body.get("grace", "0s"), "grace")
-        secret = self.store.rotate_key(key_id, grace, self.clock(), "admin-api")
-        if secret is None:
-            raise NotFoundError("No active virtual key with that id")
-        return json_reply(200, dict(self._admin_key(key_id), key=secret,
-                                    previous_key_valid_until=iso_time(self.clock() + grace)))
+        return json_reply(200, rotate_key(self.store, key_id, body.get("grace", "0s"), "admin-api", self.clock()))
 
     def _admin_topup(self, request, key_id):
         _, body = parse_json_body(request, ADMIN_BODY_BYTES)
-        amount = parse_usd(body.get("amount"))
-        if not amount or not self.store.topup(key_id, amount, self.clock(), "admin-api"):
-            raise BadRequestError("amount must be positive, and the key must exist and have a budget")
-        return json_reply(200, self._admin_key(key_id))
+        return json_reply(200, topup_key(self.store, key_id, body.get("amount"), "admin-api", self.clock()))
 
     def _admin_usage_stats(self, request):
         options, output = _query_options(request)
@@ -5534,7 +5585,7 @@ def printable(text):
     return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
 
 
-# ==== 10. HTTP connections ==================================================
+# ==== 11. HTTP connections ==================================================
 #
 # The only code that touches client sockets. http.server's defaults do not
 # survive the edge of a network (a thread per connection without limit, no
@@ -6444,7 +6495,7 @@ def _reason(status):
         return "Status %d" % status
 
 
-# ==== 11. Server lifecycle ==================================================
+# ==== 12. Server lifecycle ==================================================
 
 class GatewayServer(http.server.ThreadingHTTPServer):
     """The listening socket and its accept loop (``serve_forever``), feeding

@@ -793,11 +793,14 @@ def test_admin_topup_refuses_bad_amounts(make_gateway, body):
 
 
 def test_admin_topup_needs_a_budgeted_key(make_gateway):
+    """A key without a budget: 400 saying so; an unknown key: 404, as for
+    every other action on a key (one error per failure)."""
     gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     key_id, _ = new_key(gateway)
-    for target in (key_id, "vk_000000000000"):
+    for target, status, words in ((key_id, 400, "no budget"), ("vk_000000000000", 404, "No virtual key")):
         reply = admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % target, {"amount": 5})
-        assert reply.status == 400, reply.body
+        assert reply.status == status, reply.body
+        assert words in reply.json()["error"]["message"]
 
 
 def test_cli_topup(make_gateway, upstream, cli_main):

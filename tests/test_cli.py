@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import (ROOT, GatewayProcess, call, paths_env, post, reported_tokens, run_cli,
+from conftest import (ADMIN_TOKEN, ROOT, GatewayProcess, admin, call, paths_env, post, reported_tokens, run_cli,
                       two_projects_usage)
 
 import cli
@@ -678,3 +678,38 @@ def test_set_key_reads_the_key_from_stdin(tmp_path, database):
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout
     assert llmgw.Store(str(tmp_path / "gateway.db")).provider_keys() == {"openai": secret}
+
+
+def test_cli_uses_only_the_names_llmgw_exports():
+    """cli.py reaches into llmgw only through ``__all__`` (and __version__),
+    and every exported name exists."""
+    with open(cli.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "llmgw"}
+    assert used - {"__version__"} <= set(llmgw.__all__), sorted(used - set(llmgw.__all__))
+    assert all(hasattr(llmgw, name) for name in llmgw.__all__)
+
+
+def test_cli_and_admin_api_refuse_alike(make_gateway, monkeypatch, capsys):
+    """One administration function per action: the same failure is the
+    same message from the CLI (one line, exit 1) and the admin API."""
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    plain = gateway.create_key("plain")[0]["id"]
+    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    monkeypatch.setenv("CONFIG_PATH", gateway.db_path + ".yaml")
+    with open(gateway.db_path + ".yaml", "w") as f:
+        f.write("logging: {level: INFO}\n")
+    cases = [(["keys", "revoke", "vk_000000000000"], "DELETE", "/admin/virtual-keys/vk_000000000000", None),
+             (["keys", "rotate", "vk_000000000000"], "POST", "/admin/virtual-keys/vk_000000000000/rotate", {}),
+             (["keys", "topup", plain, "5"], "POST", "/admin/virtual-keys/%s/topup" % plain, {"amount": 5}),
+             (["keys", "update", "vk_000000000000", "--rpm", "5"], "PATCH", "/admin/virtual-keys/vk_000000000000",
+              {"rpm": 5}),
+             (["keys", "rotate", plain, "--grace", "soon"], "POST", "/admin/virtual-keys/%s/rotate" % plain,
+              {"grace": "soon"})]
+    for argv, method, path, body in cases:
+        assert cli.main(argv) == 1
+        line = capsys.readouterr().err.strip()
+        reply = admin(gateway, method, path, body)
+        assert reply.status in (400, 404), (argv, reply)
+        assert line == "error: " + reply.json()["error"]["message"], argv
