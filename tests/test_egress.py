@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from conftest import ROOT, free_port, post, run_cli, wait_for_port
+from conftest import LISTENING, ROOT, post, run_cli, wait_until
 
 GUARD = os.path.join(ROOT, "tests", "egress_guard.py")
 
@@ -60,9 +60,8 @@ def test_cli_commands_open_no_connection(tmp_path, upstream):
 
 
 def test_gateway_contacts_only_its_provider(tmp_path, upstream):
-    port = free_port()
     config = yaml.safe_load(open(os.path.join(ROOT, "config.yaml")))
-    config["server"] = {"host": "127.0.0.1", "port": port}
+    config["server"] = {"host": "127.0.0.1", "port": 0}
     for provider in config["providers"].values():
         provider["base_url"] = upstream.url
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -72,17 +71,20 @@ def test_gateway_contacts_only_its_provider(tmp_path, upstream):
     created = run_cli(["keys", "create", "P", "--output", "json"], tmp_path, env, check=True)
     key = json.loads(created.stdout)["key"]
     log = tmp_path / "egress.log"
-    server = subprocess.Popen(guarded(log, "llmgw.py"), env=env, cwd=str(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output = tmp_path / "gateway.log"
+    with open(str(output), "wb") as sink:
+        server = subprocess.Popen(guarded(log, "llmgw.py"), env=env, cwd=str(tmp_path), stdout=sink,
+                                  stderr=subprocess.STDOUT)
     try:
-        assert wait_for_port(port)
-        url = "http://127.0.0.1:%d" % port
+        bound = wait_until(lambda: LISTENING.findall(output.read_text()), timeout=15)
+        assert bound, output.read_text()
+        url = "http://127.0.0.1:%s" % bound[0]
         assert post(url, "/v1/chat/completions", {"model": "gpt-4o", "messages": []}, key).status == 200
         assert post(url, "/v1/messages", {"model": "claude-3-sonnet-20240229", "max_tokens": 5, "stream": True,
                                           "messages": []}, key).status == 200
     finally:
         server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=10)
+        server.wait(10)
     events = egress(log)
     assert any(e["event"] == "socket.connect" for e in events), "the guard saw the provider calls"
     assert only_upstream(events, upstream.port) == []
