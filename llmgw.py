@@ -2782,7 +2782,7 @@ def text_characters(value):
 # first byte, for the next stream event. Those waits are generators: where a
 # read would wait (nothing buffered here, in TLS or in the kernel), the
 # request path yields a ProviderWait and is resumed when the provider's
-# socket is readable or its deadline passes (section 9 parks it on the
+# socket is readable or its deadline passes (section 11 parks it on the
 # kernel's readiness queue meanwhile), so a waiting call costs a socket and
 # a little state, not a thread. Once bytes are there, reads are ordinary
 # blocking reads bounded by the socket's timeout: a provider that sends part
@@ -2959,7 +2959,8 @@ def upstream_request(method, target, host_field, dialect, api_key, client_header
 
 class ProviderWait:
     """What a call waits for: its provider's socket to be readable, or
-    ``deadline`` (time.monotonic()) to pass, whichever comes first."""
+    ``deadline`` (time.monotonic()) to pass, whichever comes first. Without
+    a socket it is a timer (a backoff between attempts)."""
     __slots__ = ("sock", "deadline")
 
     def __init__(self, sock, deadline):
@@ -4047,9 +4048,10 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
 
 # ==== 10. Gateway ===========================================================
 #
-# The product as plain Python: ``Gateway.handle(request) -> Reply``. The HTTP
-# handler below turns bytes into a Request and a Reply back into bytes; every
-# decision is made here.
+# The product as plain Python: ``Gateway.handle(request) -> Reply``, as a
+# generator that yields a ProviderWait wherever the call waits for its
+# provider (section 11 parks it there). The Exchange below turns bytes into
+# a Request and a Reply back into bytes; every decision is made here.
 
 @dataclasses.dataclass(frozen=True)
 class Route:
@@ -4999,7 +5001,7 @@ class Gateway:
                 wait = self._backoff(retry, failure.retry_after)
                 if retry == routing.retries or wait is None or time.monotonic() + wait > logical.last_attempt_at:
                     break
-                self.wait_before_retry(wait)
+                yield from self.wait_before_retry(wait)
             if failure.trigger not in routing.retry_on + routing.fallback_on:
                 break
         return failure.answer(attempt)
@@ -5015,10 +5017,9 @@ class Gateway:
 
     def wait_before_retry(self, seconds):
         """The one place a request waits between attempts: no lock held, no
-        write pending; cut short when the gateway stops. (It holds its
-        worker meanwhile, at most ``routing.backoff_max``: a ProviderWait
-        watches a socket, and there is none to watch.)"""
-        self._stopped.wait(seconds)
+        write pending; a timer (a ProviderWait without a socket), so the
+        call is parked meanwhile and holds no worker."""
+        yield ProviderWait(None, time.monotonic() + seconds)
 
     def _attempt(self, attempt):
         """Send one attempt and read its answer up to the commit point.
@@ -5800,17 +5801,21 @@ class ReadinessQueue:
 
     def park(self, connection, wait):
         """Watch a connection's call through its provider's socket until
-        that is readable or ``wait.deadline`` passes. Also while stopping:
-        the drain lets parked calls finish. False if the kernel refused."""
-        fd = wait.sock.fileno()
+        that is readable or ``wait.deadline`` passes; a wait without a
+        socket is a timer, which the sweep fires (to a quarter second).
+        Also while stopping: the drain lets parked calls finish. False if
+        the kernel refused."""
         with self._lock:
-            try:
-                self._control(fd, new=True)
-            except (OSError, ValueError):
-                logger.warning("a provider connection could not be watched; its call is ended")
-                return False
-            self._watched[fd] = connection
-            connection.parked_fd, connection.deadline, connection.armed = fd, wait.deadline, True
+            if wait.sock is not None:
+                fd = wait.sock.fileno()
+                try:
+                    self._control(fd, new=True)
+                except (OSError, ValueError):
+                    logger.warning("a provider connection could not be watched; its call is ended")
+                    return False
+                self._watched[fd] = connection
+                connection.parked_fd = fd
+            connection.deadline, connection.armed = wait.deadline, True
             return True
 
     def unpark(self, connection):
@@ -5888,7 +5893,7 @@ class ReadinessQueue:
         their clients. Parked ones stay: their calls may finish."""
         with self._lock:
             self.stopped = True
-            waiting = [c for fd, c in self._watched.items() if c.armed and c.parked_fd is None and fd == c.fd]
+            waiting = [c for c in self._watched.values() if c.armed and c.exchange is None]
             for connection in waiting:
                 connection.armed = False
         return waiting

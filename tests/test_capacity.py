@@ -281,3 +281,23 @@ def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatc
     assert peak["in_flight"] > 20, peak
     rows = settled_rows(gw, 40)
     assert {(row["status"], row["output_tokens"]) for row in rows} == {("ok", 4)}
+
+
+def test_a_retry_backoff_holds_no_worker(make_gateway, upstream):
+    """server.threads 1: a call whose provider answers 500 waits its
+    backoff (about 1.5 s) before the retry as a timer, parked, so the only
+    worker serves another call meanwhile; the first still gets its retry
+    and the provider's 500."""
+    gw = make_gateway(server=dict(SERVER, threads=1), rate_limits=RATE_LIMITS,
+                      routing={"backoff_initial": 2, "backoff_max": 2})
+    key = gw.create_key()[1]
+    failing = RawClient(gw, timeout=10)
+    failing.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-fail500")))
+    assert wait_until(lambda: len(upstream.requests) == 1)
+    started = time.monotonic()
+    assert post(gw, CHAT, body_for(CHAT), key, timeout=5).status == 200
+    assert time.monotonic() - started < 1.0, "the other call waited for the backoff"
+    response = failing.read_response(timeout=10)
+    failing.close()
+    assert response.status == 500 and response.header("x-llmgw-attempts") == "2", response
+    assert len(upstream.requests) == 3
