@@ -984,10 +984,13 @@ def test_connection_cap_answers_503_then_recovers(make_gateway, upstream):
                       rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
     key = gw.create_key()[1]
     assert_alive(gw, key)
-    time.sleep(0.2)
+
+    def open_connections():
+        return gw.server.gauges()["llmgw_connections_open"]
+    assert wait_until(lambda: open_connections() == 0)  # the probe's connection was released
     baseline = threading.active_count()
     holders = [RawClient(gw) for _ in range(20)]
-    time.sleep(0.15)  # (the probe's connection was released: the cap counts only the holders)
+    assert wait_until(lambda: open_connections() == 20)  # the cap counts only the holders
     holders[0].send(b"GET /v1/models HTTP/1.1\r\n")  # one of them mid-head
     time.sleep(0.1)
     for _ in range(5):
