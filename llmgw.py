@@ -5704,6 +5704,15 @@ def head_error(head, limits):
     return None
 
 
+def head_dialect(head):
+    """The API a refused request head called, judged by its target alone
+    (Anthropic on /v1/messages*, as ``dialect_for`` judges an unknown
+    route), so a head refused before or while it is parsed is still
+    answered in the shape its client reads."""
+    words = head.split(b"\n", 1)[0].split(b" ")
+    return ANTHROPIC if len(words) > 1 and words[1].startswith(b"/v1/messages") else OPENAI
+
+
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
     assembled or served, and the deadline the sweep enforces while it
@@ -6061,7 +6070,7 @@ class WorkerPool:
             head_bytes = connection.buffer if end is None else connection.buffer[:end.start()]
             error = head_error(head_bytes, limits)
             if error is not None:
-                self._reject(connection, error)
+                self._reject(connection, error, head_dialect(head_bytes))
                 return False
             if end is None:
                 return False  # refused as soon as it is wrong, served once it is whole
@@ -6069,7 +6078,7 @@ class WorkerPool:
             try:
                 connection.head = parse_request_head(head_bytes, limits.max_header_fields)
             except GatewayError as exc:
-                self._reject(connection, exc)
+                self._reject(connection, exc, head_dialect(head_bytes))
                 return False
             connection.deadline = time.monotonic() + limits.body_timeout
         head = connection.head
@@ -6282,7 +6291,7 @@ class WorkerPool:
             try:
                 head = parse_request_head(data[:end.start()], self.limits.max_header_fields)
             except GatewayError:
-                return OPENAI
+                return head_dialect(data)
         path = head.target.partition("?")[0]
         return dialect_for(ROUTES.get(path), Request(head.method, path, head.headers, None, None))
 

@@ -404,3 +404,26 @@ def test_unpriced_model_names_are_remembered_only_up_to_a_bound(gw, key, upstrea
     assert len(warnings) == llmgw.UNPRICED_MODELS_LOGGED
     assert "further unpriced models are not logged" in warnings[-1]
     assert "made-up-0 " in warnings[0]
+
+
+# ---- refused heads answer in the shape of the API called -------------------------
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+@pytest.mark.parametrize("case,status", [("chunked", 411), ("folded", 400), ("huge-head", 431)])
+def test_a_refused_request_head_answers_in_the_shape_of_its_path(gw, key, upstream, path, case, status):
+    """Regression (found in review): a head refused before or while it was
+    parsed was answered in OpenAI's shape even on /v1/messages, whose SDK
+    reads Anthropic's. The target names the API, so the refusal uses it."""
+    headers = [("Authorization", "Bearer " + key), ("Content-Type", "application/json")]
+    if case == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+    elif case == "folded":
+        headers.append(("X-Folded", "a\r\n b"))
+    else:
+        headers += [("X-Pad-%d" % n, "p" * 1000) for n in range(80)]
+    data = request_bytes("POST", path, headers, b"2\r\n{}\r\n0\r\n\r\n" if case == "chunked" else b"")
+    response, client = exchange(gw, data)
+    client.close()
+    assert_json_error(response, status, dialect_of(path), close=True)
+    assert upstream.requests == [] and gw.rows() == []
+    assert_alive(gw, key)
