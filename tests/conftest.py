@@ -15,8 +15,10 @@ import decimal
 import http.client
 import itertools
 import json
+import logging
 import os
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cli  # noqa: E402
 import llmgw  # noqa: E402
-from fake_upstream import FakeUpstream  # noqa: E402
+from fake_upstream import CONNECTION_THREAD_NAME, FakeUpstream, ScriptedUpstream  # noqa: E402
 
 
 # ---- secrets, routes, files ----------------------------------------------------------
@@ -741,3 +743,232 @@ def two_projects_usage(gateway):
     body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "three"}]}
     assert post(gateway, MESSAGES, body, key=beta_key).status == 200
     return alpha, beta
+
+
+# ---- hostile clients and providers: timeouts, live checks, sinkhole, scripted answers -------
+
+#: The small timeouts and limits of the brief; the tests measure against them.
+SERVER = {"header_timeout": 1, "body_timeout": 1, "keepalive_timeout": 1, "upstream_timeout": 2,
+          "stream_idle_timeout": 1, "request_deadline": 5, "max_body_bytes": 65536}
+#: Rate limits out of the way: several tests send hundreds of requests per key.
+RATE_LIMITS = {"default": 1000000}
+#: One attempt per request, as RELIABILITY.md measures them: the retries and
+#: fallbacks of routing (on by default) are tested in test_routing.py and in
+#: the tests that use RETRYING (test_provider_faults.py).
+ONE_ATTEMPT = {"retries": 0}
+ALIVE_TEXT = "Hello from the fake upstream."
+
+
+@pytest.fixture
+def gw(make_gateway):
+    return make_gateway(server=dict(SERVER), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
+
+
+@pytest.fixture
+def key(gw):
+    return gw.create_key()[1]
+
+
+class Shared:
+    """One gateway and fake for the table-driven tests whose requests never
+    change state that matters to the next one. ``upstream.requests`` is
+    cleared per test; ``new_rows()`` are the usage rows since it started."""
+
+    def __init__(self, gw, key, upstream):
+        self.gw, self.key, self.upstream = gw, key, upstream
+        self.rows_before = len(gw.rows())
+
+    def new_rows(self):
+        return self.gw.rows()[self.rows_before:]
+
+
+@pytest.fixture(scope="module")
+def shared_env(tmp_path_factory):
+    fake = FakeUpstream().start()
+    gw = RunningGateway(base_config(fake.url, server=dict(SERVER), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT),
+                        tmp_path_factory.mktemp("shared") / "gateway.db")
+    try:
+        yield gw, gw.create_key("shared project")[1], fake
+    finally:
+        gw.stop()
+        fake.stop()
+    gw.assert_books_balanced()
+
+
+@pytest.fixture
+def shared(shared_env):
+    gw, key, fake = shared_env
+    fake.reset()
+    return Shared(gw, key, fake)
+
+
+class LogCapture(logging.Handler):
+    """Every record of the ``llmgw`` loggers (access log included), at DEBUG,
+    whatever propagation or levels other tests left behind."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def lines(self):
+        return [self.format(record) for record in self.records]
+
+    def text(self):
+        return "\n".join(self.lines())
+
+
+@pytest.fixture
+def gwlog():
+    logger = logging.getLogger("llmgw")
+    capture = LogCapture()
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(capture)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(old_level)
+
+
+def chat_body(model="gpt-4o-mini", text="hi there", **extra):
+    return dict({"model": model, "messages": [{"role": "user", "content": text}]}, **extra)
+
+
+def exchange(gateway, data, timeout=5.0):
+    """Send ``data`` on a fresh connection; return (first response, client)."""
+    client = RawClient(gateway, timeout)
+    client.send(data)
+    return client.read_response(timeout), client
+
+
+def assert_alive(gateway, key):
+    """A normal request right now: answered correctly within 1 s, and on
+    the books with the provider's tokens."""
+    started = time.monotonic()
+    response = post(gateway, CHAT, chat_body(text="are you still there?"), key, timeout=5)
+    elapsed = time.monotonic() - started
+    assert response.status == 200, response.body
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == "gpt-4o-mini", body
+    assert body["choices"][0]["message"]["content"] == ALIVE_TEXT, body
+    request_id = response.header("x-llmgw-request-id")
+    rows = [row for row in gateway.rows() if row["request_id"] == request_id]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["status"], row["http_status"], row["usage_source"]) == ("ok", 200, "reported"), row
+    assert (row["request_tokens"], row["response_tokens"]) == (
+        body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]), row
+    assert elapsed < 1.0, "the normal request took %.2f s" % elapsed
+
+
+def worker_threads():
+    return sum(1 for t in threading.enumerate() if t.name == "llmgw-worker")
+
+
+def other_threads():
+    """Threads that are neither gateway workers nor the fake upstream's
+    per-connection handlers (which live as long as a pooled connection)."""
+    return sorted(t.name for t in threading.enumerate()
+                  if t.name not in ("llmgw-worker", CONNECTION_THREAD_NAME))
+
+
+class Sinkhole:
+    """A listening socket an SSRF would connect to; counts connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def connections(self, wait=0.05):
+        count = 0
+        while select.select([self.sock], [], [], wait)[0]:
+            connection, _ = self.sock.accept()
+            connection.close()
+            count += 1
+            wait = 0
+        return count
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def sinkhole():
+    hole = Sinkhole()
+    yield hole
+    hole.close()
+
+
+def scripted_reply(status_line, headers, body, close=False):
+    lines = [status_line] + ["%s: %s" % header for header in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body, close
+
+
+SCRIPTED_KEY = "sk-CANARY-SCRIPTED-0123456789abcdef"
+
+
+@pytest.fixture
+def scripted_gateway(tmp_path):
+    """``start(script, idle_timeout=None, **sections)`` -> (ScriptedUpstream,
+    RunningGateway pointed at it); both stopped at the end."""
+    started = []
+
+    def start(script, idle_timeout=None, **sections):
+        upstream = ScriptedUpstream(script, idle_timeout)
+        gateway = RunningGateway(base_config(upstream.url, **sections),
+                                 tmp_path / ("scripted%d.db" % len(started)), {})
+        started.append((upstream, gateway))
+        return upstream, gateway
+    yield start
+    for upstream, gateway in started:
+        gateway.stop()
+        upstream.close()
+
+
+def answer(target, path, body, key, timeout=2.0, **kwargs):
+    """A whole response, or a test failure naming the request that got none."""
+    try:
+        return post(target, path, body, key=key, timeout=timeout, **kwargs)
+    except OSError as exc:
+        pytest.fail("no complete answer to %s %r within %.1f s: %s: %s"
+                    % (path, body.get("model"), timeout, type(exc).__name__, exc))
+
+
+def ledger(gateway, key_id):
+    """(spent, reserved) nano-dollars of the key's budget period rows, summed."""
+    conn = sqlite3.connect(gateway.db_path, timeout=10)
+    try:
+        return conn.execute("SELECT COALESCE(SUM(spent_nanousd), 0), COALESCE(SUM(reserved_nanousd), 0) "
+                            "FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
+    finally:
+        conn.close()
+
+
+def health_recovers(gateway, timeout=2.0):
+    """/health answers 200 within ``timeout`` (a closed client connection
+    may take the gateway a moment to notice); returns the last status."""
+    def probe():
+        try:
+            return call(gateway, "GET", "/health", timeout=1).status == 200
+        except OSError:
+            return False
+    return wait_until(probe, timeout)
+
+
+def execute_sql(db_path, *statements):
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()

@@ -1325,3 +1325,79 @@ class FakeUpstream:
                 "request_index": call.request_index,
                 "request_id": call.request_id, "complete": complete})
             self._cond.notify_all()
+
+
+
+# ==== Scripted upstream =====================================================
+
+class ScriptedUpstream:
+    """A provider whose answers the test writes byte for byte.
+
+    ``script`` is either a callable, ``script(handler, body)``, run for
+    every request (its body already read) to write raw bytes to
+    ``handler.wfile``; or a list of ``(response, close)`` pairs answered in
+    turn, ``response`` being bytes or a list of byte parts sent as separate
+    segments, and ``close`` closing the connection after it (as does the
+    last answer of the list). ``idle_timeout`` closes a keep-alive
+    connection that stays idle that long, as providers and their load
+    balancers do. ``requests`` records (client address, request head and
+    body bytes) pairs; ``closed`` counts the connections it has closed."""
+
+    def __init__(self, script, idle_timeout=None):
+        upstream = self
+        self.requests = []
+        self.closed = 0
+        self._lock = threading.Lock()
+        if not callable(script):
+            script = self._answer_in_turn(list(script))
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = idle_timeout
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                head = "".join("%s: %s\r\n" % header for header in self.headers.items())
+                head = ("%s\r\n%s\r\n" % (self.requestline, head)).encode("latin-1")
+                with upstream._lock:
+                    upstream.requests.append((self.client_address, head + body))
+                script(self, body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def shutdown_request(self, request):
+                super().shutdown_request(request)
+                with upstream._lock:
+                    upstream.closed += 1
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda request, address: None  # the gateway may hang up on us
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _answer_in_turn(responses):
+        lock = threading.Lock()
+
+        def script(handler, body):
+            with lock:
+                if not responses:
+                    handler.close_connection = True
+                    return
+                response, close = responses.pop(0)
+                last = not responses
+            for index, part in enumerate(response if isinstance(response, list) else [response]):
+                if index:
+                    time.sleep(0.1)  # a separate segment, after the client read the first
+                handler.wfile.write(part)
+            handler.close_connection = close or last
+        return script
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

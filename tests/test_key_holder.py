@@ -15,10 +15,10 @@ import time
 import pytest
 
 import llmgw
-from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RESPONSES, RawClient, admin, assert_json_error,
-                      body_for, dialect_of, json_request, post, request_bytes, settled_rows, wait_until)
-from test_hostile import (RATE_LIMITS, SERVER, ScriptedUpstream, assert_alive, chat_body, exchange,  # noqa: F401
-                          gw, gwlog, key, scripted_reply, worker_threads)
+from conftest import (ADMIN_TOKEN, CHAT, COMPLETIONS, MESSAGES, RATE_LIMITS, RESPONSES, SERVER, RawClient, admin,
+                      assert_alive, assert_json_error, body_for, chat_body, dialect_of, exchange, json_request, post,
+                      request_bytes, scripted_reply, settled_rows, wait_until, worker_threads)
+from fake_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.usefixtures("balanced_books")
 
@@ -154,7 +154,7 @@ def test_tokens_from_the_environment_are_redacted_from_the_log(make_gateway, ups
 def test_bare_lf_line_endings_are_accepted(gw, key, upstream):
     """A request whose head ends its lines with LF alone is served like one
     with CRLF (RFC 9112 2.2 lets a recipient accept it); a bare CR is still
-    refused (tests/test_hostile.py X02)."""
+    refused (tests/test_framing.py X02)."""
     data = request_bytes("POST", CHAT, [("Authorization", "Bearer " + key), ("Content-Type", "application/json"),
                                         ("Content-Length", str(len(json.dumps(chat_body()))))],
                          json.dumps(chat_body())).replace(b"\r\n", b"\n")
