@@ -91,14 +91,14 @@ UNKNOWN_PATHS = [
 ]
 
 
-def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream):
-    for method, path in UNKNOWN_PATHS:
-        body = body_for(CHAT, "gpt-4o-mini") if method == "POST" else None
-        response = call(gateway, method, path, body, key=vkey)
-        error = assert_json_error(response, 404, dialect_of(path), error_type="not_found_error")["error"]
-        assert vkey not in response.body.decode()
-        if dialect_of(path) == "openai":
-            assert error["code"] == "not_found", path
+@pytest.mark.parametrize("method,path", UNKNOWN_PATHS)
+def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream, method, path):
+    body = body_for(CHAT, "gpt-4o-mini") if method == "POST" else None
+    response = call(gateway, method, path, body, key=vkey)
+    error = assert_json_error(response, 404, dialect_of(path), error_type="not_found_error")["error"]
+    assert vkey not in response.body.decode()
+    if dialect_of(path) == "openai":
+        assert error["code"] == "not_found", path
     assert upstream.requests == []
     assert gateway.rows() == []
     assert_still_serving(gateway, vkey, upstream)
@@ -125,19 +125,14 @@ USAGE_CASES = [
 ]
 
 
-def test_nonstreamed_usage_rows_equal_reported(gateway, vkey, upstream):
-    for index, (path, model) in enumerate(USAGE_CASES):
-        check_usage_row(gateway, vkey, upstream, path, model, index)
-    assert len(gateway.rows()) == len(USAGE_CASES)
-
-
-def check_usage_row(gateway, vkey, upstream, path, model, index):
+@pytest.mark.parametrize("path,model", USAGE_CASES)
+def test_nonstreamed_usage_rows_equal_reported(gateway, vkey, upstream, path, model):
     response = post(gateway, path, body_for(path, model), vkey)
     assert response.status == 200, response.body
-    assert len(upstream.reported) == index + 1
-    reported = upstream.reported[index]
+    assert len(upstream.reported) == 1
+    reported = upstream.reported[0]
     assert response.json()["usage"] == reported["usage"]
-    row = gateway.rows()[index]
+    row = gateway.rows()[0]
     assert tokens_of(row) == expected_columns(path, reported["usage"])
     assert row["request_tokens"] > 0
     assert (row["status"], row["http_status"], row["usage_source"], row["streamed"]) == ("ok", 200, "reported", 0)
@@ -150,6 +145,7 @@ def check_usage_row(gateway, vkey, upstream, path, model, index):
             assert row["cache_write_tokens"] > 0 and row["cache_write_1h_tokens"] > 0
     if "reasoning" in model:
         assert row["reasoning_tokens"] > 0
+    assert len(gateway.rows()) == 1
 
 
 def test_builtin_price_gpt_4o(gateway, vkey, upstream):
@@ -343,24 +339,24 @@ def credential_headers(kind, vkey):
     return {kind: vkey} if kind in ("x-api-key", "api-key") else {"Authorization": "Bearer " + vkey}
 
 
-def test_openai_paths_get_the_real_key(gateway, vkey, upstream):
-    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
-        for kind in ("authorization", "x-api-key", "api-key"):
-            response = post(gateway, path, body_for(path, "gpt-4o-mini"), headers=credential_headers(kind, vkey))
-            assert response.status == 200, response.body
-            assert_one_credential(upstream, "authorization", "Bearer " + OPENAI_KEY, vkey)
-            assert "anthropic-version" not in upstream.requests[-1]["headers"]
-    assert len(upstream.requests) == 12
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES])
+@pytest.mark.parametrize("kind", ["authorization", "x-api-key", "api-key"])
+def test_openai_paths_get_the_real_key(gateway, vkey, upstream, path, kind):
+    response = post(gateway, path, body_for(path, "gpt-4o-mini"), headers=credential_headers(kind, vkey))
+    assert response.status == 200, response.body
+    assert_one_credential(upstream, "authorization", "Bearer " + OPENAI_KEY, vkey)
+    assert "anthropic-version" not in upstream.requests[-1]["headers"]
+    assert len(upstream.requests) == 1
 
 
-def test_anthropic_paths_get_the_real_key(gateway, vkey, upstream):
-    for path in (MESSAGES, COUNT_TOKENS):
-        for kind in ("authorization", "x-api-key"):
-            response = post(gateway, path, body_for(path, "claude-haiku-4-5"), headers=credential_headers(kind, vkey))
-            assert response.status == 200, response.body
-            assert_one_credential(upstream, "x-api-key", ANTHROPIC_KEY, vkey)
-            assert sent_headers(upstream)["anthropic-version"] == "2023-06-01"
-    assert len(upstream.requests) == 4
+@pytest.mark.parametrize("path", ANTHROPIC_PATHS)
+@pytest.mark.parametrize("kind", ["authorization", "x-api-key"])
+def test_anthropic_paths_get_the_real_key(gateway, vkey, upstream, path, kind):
+    response = post(gateway, path, body_for(path, "claude-haiku-4-5"), headers=credential_headers(kind, vkey))
+    assert response.status == 200, response.body
+    assert_one_credential(upstream, "x-api-key", ANTHROPIC_KEY, vkey)
+    assert sent_headers(upstream)["anthropic-version"] == "2023-06-01"
+    assert len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize("name", ["x-api-key", "Authorization"])
@@ -440,35 +436,35 @@ def _send(gw, path, method, key=None, headers=None, query=""):
     return call(gw, method, path + query, body, key=key, headers=headers)
 
 
-def test_missing_key_is_401(gateway, vkey, upstream):
-    for path, method in ALL_PATHS:
-        response = _send(gateway, path, method)
+@pytest.mark.parametrize("path,method", ALL_PATHS)
+def test_missing_key_is_401(gateway, vkey, upstream, path, method):
+    response = _send(gateway, path, method)
+    assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
+    for headers in ({"Authorization": "Bearer "}, {"x-api-key": ""}):
+        response = _send(gateway, path, method, headers=headers)
         assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
-        for headers in ({"Authorization": "Bearer "}, {"x-api-key": ""}):
-            response = _send(gateway, path, method, headers=headers)
-            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
     assert upstream.requests == []
     assert gateway.rows() == []
 
 
-def test_key_in_query_string_is_not_accepted(gateway, vkey, upstream):
-    for path, method in ALL_PATHS:
-        for query in ("?api_key=" + vkey, "?key=" + vkey, "?x-api-key=" + vkey):
-            response = _send(gateway, path, method, query=query)
-            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
-            assert vkey not in response.body.decode()
+@pytest.mark.parametrize("path,method", ALL_PATHS)
+def test_key_in_query_string_is_not_accepted(gateway, vkey, upstream, path, method):
+    for query in ("?api_key=" + vkey, "?key=" + vkey, "?x-api-key=" + vkey):
+        response = _send(gateway, path, method, query=query)
+        assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
+        assert vkey not in response.body.decode()
     assert upstream.requests == []
 
 
-def test_unknown_key_is_401_and_not_echoed(gateway, vkey, upstream):
+@pytest.mark.parametrize("path,method", ALL_PATHS)
+def test_unknown_key_is_401_and_not_echoed(gateway, vkey, upstream, path, method):
     bogus = "llmgw-NOT-A-REAL-KEY-zyxwvutsrq9876543210"
-    for path, method in ALL_PATHS:
-        for headers in ({"Authorization": "Bearer " + bogus}, {"x-api-key": bogus},
-                        {"x-api-key": "llmgw-" + "A" * 600}):
-            response = _send(gateway, path, method, headers=headers)
-            assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
-            assert bogus not in response.body.decode()
-            assert "zyxwvutsrq" not in response.body.decode() and "AAAAAAAA" not in response.body.decode()
+    for headers in ({"Authorization": "Bearer " + bogus}, {"x-api-key": bogus},
+                    {"x-api-key": "llmgw-" + "A" * 600}):
+        response = _send(gateway, path, method, headers=headers)
+        assert_json_error(response, 401, dialect_of(path), error_type="authentication_error")
+        assert bogus not in response.body.decode()
+        assert "zyxwvutsrq" not in response.body.decode() and "AAAAAAAA" not in response.body.decode()
     assert upstream.requests == []
 
 
@@ -511,12 +507,12 @@ BAD_BODIES = [b"not json", b"{\"model\": ", b"[1, 2]", b"\"gpt-4o\"", b"null", b
               b"{\"model\": 5}", b"{\"model\": \"\"}", b"{\"model\": null}", b"{\"messages\": []}", b""]
 
 
-def test_bad_bodies_are_400(gateway, vkey, upstream):
-    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
-        for raw in BAD_BODIES:
-            response = post(gateway, path, None, vkey, raw_body=raw)
-            assert_json_error(response, 400, dialect_of(path), error_type="invalid_request_error")
-            assert vkey not in response.body.decode()
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS])
+@pytest.mark.parametrize("raw", BAD_BODIES)
+def test_bad_bodies_are_400(gateway, vkey, upstream, path, raw):
+    response = post(gateway, path, None, vkey, raw_body=raw)
+    assert_json_error(response, 400, dialect_of(path), error_type="invalid_request_error")
+    assert vkey not in response.body.decode()
     assert upstream.requests == []
     assert gateway.rows() == []
     assert_still_serving(gateway, vkey, upstream)
@@ -563,19 +559,14 @@ def test_unreachable_anthropic_upstream_is_502_anthropic_shape(make_gateway, ups
     assert_still_serving(gw, key, upstream)
 
 
-def test_upstream_errors_are_passed_through(make_gateway, upstream):
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS])
+@pytest.mark.parametrize("fault,status", [("fail400", 400), ("fail429", 429), ("fail500", 500), ("fail529", 529)])
+def test_upstream_errors_are_passed_through(make_gateway, upstream, path, fault, status):
     """The provider's error, as it sent it, after the bounded retry (a 500
     or 529 is tried twice; a 400 once; a 429 whose Retry-After is longer
     than routing.backoff_max once)."""
     gateway = make_gateway(routing={"backoff_initial": 0.05, "backoff_max": 5})
     vkey = gateway.create_key()[1]
-    for path in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
-        for fault, status in (("fail400", 400), ("fail429", 429), ("fail500", 500), ("fail529", 529)):
-            upstream.reset()
-            check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, status)
-
-
-def check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, status):
     model = "gpt-4o-" + fault
     raw = json.dumps(body_for(path, model)).encode()
     direct = post(upstream.url, path, None, raw_body=raw)
@@ -605,13 +596,8 @@ def check_upstream_error_passed_through(gateway, vkey, upstream, path, fault, st
     assert_still_serving(gateway, vkey, upstream)
 
 
-def test_upstream_401_is_withheld(gateway, vkey, upstream):
-    for path in (CHAT, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS):
-        upstream.reset()
-        check_upstream_401(gateway, vkey, upstream, path)
-
-
-def check_upstream_401(gateway, vkey, upstream, path):
+@pytest.mark.parametrize("path", [CHAT, EMBEDDINGS, RESPONSES, MESSAGES, COUNT_TOKENS])
+def test_upstream_401_is_withheld(gateway, vkey, upstream, path):
     response = post(gateway, path, body_for(path, "gpt-4o-leak401"), vkey)
     assert_json_error(response, 502, dialect_of(path), error_type="api_error")
     if dialect_of(path) == "openai":
@@ -633,13 +619,9 @@ def test_upstream_401_code_on_anthropic_path_is_not_leaked(gateway, vkey, upstre
     assert "CANARY" not in response.body.decode()
 
 
-def test_upstream_non_json_is_502(gateway, vkey, upstream):
-    for path in (CHAT, MESSAGES):
-        for fault, upstream_status in (("badjson", 200), ("html502", 502)):
-            check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_status)
-
-
-def check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_status):
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+@pytest.mark.parametrize("fault,upstream_status", [("badjson", 200), ("html502", 502)])
+def test_upstream_non_json_is_502(gateway, vkey, upstream, path, fault, upstream_status):
     response = post(gateway, path, body_for(path, "gpt-4o-" + fault), vkey)
     error = assert_json_error(response, 502, dialect_of(path), error_type="api_error")["error"]
     if dialect_of(path) == "openai":
@@ -651,13 +633,8 @@ def check_upstream_non_json(gateway, vkey, upstream, path, fault, upstream_statu
     assert_still_serving(gateway, vkey, upstream)
 
 
-def test_upstream_redirect_is_502_and_not_followed(gateway, vkey, upstream):
-    for path in (CHAT, MESSAGES):
-        upstream.reset()
-        check_redirect(gateway, vkey, upstream, path)
-
-
-def check_redirect(gateway, vkey, upstream, path):
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_upstream_redirect_is_502_and_not_followed(gateway, vkey, upstream, path):
     response = post(gateway, path, body_for(path, "gpt-4o-redirect"), vkey)
     assert_json_error(response, 502, dialect_of(path), error_type="api_error")
     assert response.header("location") is None
