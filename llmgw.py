@@ -2092,9 +2092,9 @@ def _stats_sources(since, until, by_time):
                      level[1], _MEASURE_NAMES, level[0]), [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
                  for level, lo, hi in _cover(since, until, ROLLUP_LEVELS)]
     sources, params = [], []
-    for select, conditions in parts + [pending]:
+    for query, conditions in parts + [pending]:
         clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]
-        sources.append(select + (" WHERE " + " AND ".join(clauses) if clauses else ""))
+        sources.append(query + (" WHERE " + " AND ".join(clauses) if clauses else ""))
         params.extend(value for clause, value in conditions if value is not None)
     return sources, params
 

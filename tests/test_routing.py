@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import (ADMIN_TOKEN, CHAT, MESSAGES, MODELS, RESPONSES, OPENAI_KEY, admin, body_for, call,
-                      cli_main, post, settled_rows, sse_events, wait_until)
+from conftest import (ADMIN_TOKEN, CHAT, MESSAGES, MODELS, RESPONSES, OPENAI_KEY, admin, body_for, call, post,
+                      settled_rows, sse_events, wait_until)
 from fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
