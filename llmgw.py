@@ -4502,11 +4502,9 @@ class LogicalRequest:
         gateway.enter_flight(self.request)
         try:
             if admission is None or not admission.hand_over(key.id):
-                gateway.limits.acquire(key.id, gateway.requests_per_minute(key), key.tpm, key.max_parallel)
-        except BaseException as exc:
+                gateway.take_rate_slot(key)
+        except BaseException:
             gateway.leave_flight()
-            if isinstance(exc, RateLimitError):
-                gateway.metrics.refused(key.id, exc.code)
             raise
         self._slot_held = True
 
@@ -5067,18 +5065,24 @@ class Gateway:
             return None
         self.refresh()
         key = self.authenticate(request.headers)
+        if key.max_budget_nanousd is not None:
+            spend = self.store.key_spend(key, self.clock())
+            if spend["spent_nanousd"] + spend["reserved_nanousd"] >= spend["allowance_nanousd"]:
+                self.metrics.refused(key.id, BudgetExceededError.code)
+                raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
+                    nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
+                    nanousd_to_usd(spend["allowance_nanousd"])))
+        self.take_rate_slot(key)
+        return Admission(self.limits, key.id, request.content_length or 0)
+
+    def take_rate_slot(self, key):
+        """Count a call against the key's requests, tokens and parallel
+        calls; a refusal is counted in /metrics."""
         try:
-            if key.max_budget_nanousd is not None:
-                spend = self.store.key_spend(key, self.clock())
-                if spend["spent_nanousd"] + spend["reserved_nanousd"] >= spend["allowance_nanousd"]:
-                    raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
-                        nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
-                        nanousd_to_usd(spend["allowance_nanousd"])))
             self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
-        except RateLimitError as exc:  # requests, tokens or parallel calls per key, or the budget
+        except RateLimitError as exc:
             self.metrics.refused(key.id, exc.code)
             raise
-        return Admission(self.limits, key.id, request.content_length or 0)
 
     def enter_flight(self, request):
         """Count a call in flight, or refuse it at once when
