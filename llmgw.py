@@ -5727,7 +5727,7 @@ class Connection:
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
         self.fd = sock.fileno()  # kept: a closed socket forgets it
-        self.buffer = b""
+        self.buffer = bytearray()  # grown in place: a body of many receives is not copied each time
         self.head = None        # RequestHead once the head is complete
         self.admission = None   # Admission of a request checked before its body arrived
         self.deadline = 0.0
@@ -6078,7 +6078,7 @@ class WorkerPool:
                 return False
             if end is None:
                 return False  # refused as soon as it is wrong, served once it is whole
-            connection.buffer = connection.buffer[end.end():]
+            del connection.buffer[:end.end()]
             try:
                 connection.head = parse_request_head(head_bytes, limits.max_header_fields)
             except GatewayError as exc:
@@ -6397,7 +6397,8 @@ class Exchange:
 
     def _read_body(self, length):
         state = self.client
-        body, state.buffer = state.buffer[:length], state.buffer[length:]
+        body = bytes(state.buffer[:length])
+        del state.buffer[:length]
         if len(body) == length:
             return body
         parts = [body]
