@@ -39,6 +39,7 @@ import email.utils
 import errno
 import fnmatch
 import hashlib
+import heapq
 import hmac
 import http.client
 import http.server
@@ -5599,7 +5600,10 @@ def printable(text):
 #
 # * the accept loop (GatewayServer.serve_forever) takes a connection,
 #   or answers 503 at once when ``max_connections`` are open, and between
-#   accepts sweeps away connections past their deadlines;
+#   accepts answers 503 to requests no worker took within ``queue_timeout``;
+# * every armed or parked connection's deadline sits in a timer heap, and
+#   one timekeeper thread acts on each as it passes (closes an idle
+#   connection, answers 408, or resumes a parked call to meet its timeout);
 # * connections between requests, or still sending one, wait in the
 #   kernel's readiness queue (epoll or kqueue), each armed for one wake-up;
 # * a bounded pool of worker threads waits on that queue. The worker woken
@@ -5613,17 +5617,18 @@ def printable(text):
 #   ProviderWait and the worker parks the connection: the queue watches
 #   the provider's socket instead, with the wait's deadline, and the worker
 #   moves on. Whichever worker is woken when the provider's bytes arrive
-#   resumes the steps where they stopped; past the deadline, the sweep hands
-#   the connection to a worker, and the steps raise their timeout. So a
+#   resumes the steps where they stopped; at the deadline, the timekeeper
+#   hands the connection to a worker, and the steps raise their timeout (or
+#   end their backoff: a wait without a socket is a timer alone). So a
 #   call waiting for its provider costs two sockets and its state, not a
 #   thread, and every guarantee of the request path holds unchanged: the
 #   steps are the same code, only run in pieces.
 #
 # Who may touch a Connection: the thread that owns it, and no other. The
 # readiness queue owns an armed (or parked) connection; ``take``,
-# ``take_expired`` and ``take_ready`` hand ownership to one worker or to the
-# sweep, under the queue's lock, which alone changes ``armed`` and the
-# queue's maps. The owner alone reads or writes the socket, ``buffer``,
+# ``take_due`` and ``take_ready`` hand ownership to one worker, to the
+# timekeeper or to the sweep, under the queue's lock, which alone changes
+# ``armed``, ``timer``, the heap and the queue's maps. The owner alone reads or writes the socket, ``buffer``,
 # ``head``, ``exchange``, ``idle``, ``deadline`` and ``queued_since``, until
 # it arms, parks or closes the connection, after which it must not touch it.
 
@@ -5719,10 +5724,10 @@ def head_dialect(head):
 
 class Connection:
     """A client connection: its socket, bytes read ahead, the request being
-    assembled or served, and the deadline the sweep enforces while it
+    assembled or served, and the deadline the timekeeper enforces while it
     waits (for its client's bytes, or, parked, for its provider's)."""
     __slots__ = ("sock", "fd", "address", "buffer", "head", "admission", "deadline", "idle", "armed",
-                 "queued_since", "exchange", "parked_fd")
+                 "queued_since", "exchange", "parked_fd", "timer")
 
     def __init__(self, sock, address):
         self.sock, self.address = sock, address
@@ -5733,9 +5738,10 @@ class Connection:
         self.deadline = 0.0
         self.idle = True        # between requests: no byte of the next one yet
         self.armed = False      # waiting for bytes, owned by no worker
-        self.queued_since = 0.0  # when the sweep saw it whole, waiting for a worker
+        self.queued_since = 0.0  # when first seen whole, waiting for a worker
         self.exchange = None    # the Exchange serving its request, while it lasts
         self.parked_fd = None   # the provider socket watched instead, while parked
+        self.timer = None       # its deadline's entry in the queue's timer heap, while armed
 
     def close(self):
         try:
@@ -5750,8 +5756,8 @@ class ReadinessQueue:
     wakes exactly one waiting worker, and is not watched again until that
     worker arms it anew. So no thread stands between the kernel and the
     workers, and a request costs one wake-up. A parked connection is
-    watched through its provider's socket; one the sweep found past its
-    deadline is handed to a worker through the same queue."""
+    watched through its provider's socket; one past its deadline is
+    handed to a worker through the same queue."""
 
     def __init__(self):
         if hasattr(select, "epoll"):
@@ -5765,6 +5771,15 @@ class ReadinessQueue:
         self._lock = threading.Lock()
         self._watched = {}  # fd -> Connection: a client's fd, or its provider's while parked
         self.stopped = False
+        # The deadlines of armed and parked connections: (deadline, sequence,
+        # connection) in a heap, the earliest first. An entry is live while it
+        # is its connection's ``timer`` and the connection armed; taken or
+        # armed anew, its old entry is left behind and dropped when it comes
+        # up (or when stale entries outnumber the live ones).
+        self._timers = []
+        self._timer_numbers = itertools.count()
+        self._timer_changed = threading.Condition(self._lock)
+        self._closed = False
         # A level-triggered wake-up that, once set, releases every waiting worker.
         self._stop_reader, self._stop_writer = socket.socketpair()
         self._control(self._stop_reader.fileno(), oneshot=False, new=True)
@@ -5801,7 +5816,7 @@ class ReadinessQueue:
         """Watch a connection again, after its owner read or answered it
         (its deadline set). False if it cannot be, because the gateway is
         stopping or the kernel refused: its owner closes it then."""
-        with self._lock:  # so the sweep never sees it armed but unwatched
+        with self._lock:  # so no one sees it armed but unwatched
             if self.stopped:
                 return False
             try:
@@ -5810,14 +5825,26 @@ class ReadinessQueue:
                 logger.warning("a connection could not be watched; it is closed")
                 return False
             connection.armed = True
+            self._set_timer(connection)
             return True
+
+    def _set_timer(self, connection):
+        """Put an armed connection's deadline in the heap (the lock held),
+        waking the timekeeper when it is the new earliest."""
+        entry = (connection.deadline, next(self._timer_numbers), connection)
+        connection.timer = entry
+        heapq.heappush(self._timers, entry)
+        if self._timers[0] is entry:
+            self._timer_changed.notify()
+        if len(self._timers) > 2 * len(self._watched) + 64:
+            self._timers = [e for e in self._timers if e[2].timer is e and e[2].armed]
+            heapq.heapify(self._timers)
 
     def park(self, connection, wait):
         """Watch a connection's call through its provider's socket until
         that is readable or ``wait.deadline`` passes; a wait without a
-        socket is a timer, which the sweep fires (to a quarter second).
-        Also while stopping: the drain lets parked calls finish. False if
-        the kernel refused."""
+        socket is a timer alone. Also while stopping: the drain lets parked
+        calls finish. False if the kernel refused."""
         with self._lock:
             if wait.sock is not None:
                 fd = wait.sock.fileno()
@@ -5829,6 +5856,7 @@ class ReadinessQueue:
                 self._watched[fd] = connection
                 connection.parked_fd = fd
             connection.deadline, connection.armed = wait.deadline, True
+            self._set_timer(connection)
             return True
 
     def unpark(self, connection):
@@ -5842,15 +5870,15 @@ class ReadinessQueue:
             self._unwatch(fd)
 
     def hand_over(self, connection):
-        """Give a connection the sweep owns to the next free worker."""
+        """Give a connection the timekeeper or the sweep owns to the next
+        free worker."""
         with self._lock:
             self._handed.append(connection)
             if len(self._handed) == 1:
                 self._hand_writer.send(b"\0")
 
     def forget(self, connection):
-        """Stop watching a connection about to be closed (by its owner, or by
-        the sweep, which only takes armed connections)."""
+        """Stop watching a connection about to be closed by its owner."""
         self.unpark(connection)
         with self._lock:
             if self._watched.get(connection.fd) is connection:
@@ -5885,21 +5913,32 @@ class ReadinessQueue:
                     self._control(fd)
                     continue
                 connection = self._watched.get(fd)
-                # Not armed: the sweep took it (a new connection may reuse its fd), or it is the stop signal.
+                # Not armed: the timekeeper or the sweep took it (a new connection may reuse its fd),
+                # or it is the stop signal.
                 if connection is not None and connection.armed:
                     connection.armed = False
                     owned.append(connection)
         return owned
 
-    def take_expired(self, now):
-        """Own the armed (and parked) connections past their deadline, as
-        ``take`` does."""
+    def take_due(self):
+        """Wait until an armed (or parked) connection's deadline passes and
+        own those past theirs, as ``take`` does; [] once closed. Run by the
+        timekeeper alone, so a deadline (a stream's idle timeout, a retry's
+        backoff) fires when it is due."""
         with self._lock:
-            expired = [c for fd, c in self._watched.items()
-                       if c.armed and c.deadline <= now and fd == (c.parked_fd or c.fd)]
-            for connection in expired:
-                connection.armed = False
-        return expired
+            while not self._closed:
+                now = time.monotonic()
+                due = []
+                while self._timers and self._timers[0][0] <= now:
+                    entry = heapq.heappop(self._timers)
+                    connection = entry[2]
+                    if connection.timer is entry and connection.armed:
+                        connection.armed, connection.timer = False, None
+                        due.append(connection)
+                if due:
+                    return due
+                self._timer_changed.wait(self._timers[0][0] - now if self._timers else None)
+            return []
 
     def stop(self):
         """Arm nothing more; hands over the armed connections that wait for
@@ -5916,6 +5955,9 @@ class ReadinessQueue:
         self._stop_writer.close()
 
     def close(self):
+        with self._lock:
+            self._closed = True
+            self._timer_changed.notify()
         (self._epoll or self._kqueue).close()
         for sock in (self._stop_reader, self._hand_reader, self._hand_writer):
             sock.close()
@@ -5962,6 +6004,8 @@ class WorkerPool:
         self._buffered_by_key = {}    # ... per key id
         with self._lock:
             self._start_thread()
+        self._timekeeper = threading.Thread(target=self._keep_time, name="llmgw-timers", daemon=True)
+        self._timekeeper.start()
 
     @property
     def limits(self):
@@ -6216,35 +6260,49 @@ class WorkerPool:
         self.ready.forget(connection)
         self.server.release(connection)
 
+    def _keep_time(self):
+        """The timekeeper thread: each connection whose deadline passes, as
+        it passes, is closed (quietly when idle between requests, with a
+        408 when a request did not arrive in time) or, parked, handed to a
+        worker, whose call then meets its timeout or ends its backoff."""
+        while True:
+            due = self.ready.take_due()
+            if not due:
+                return
+            now = time.monotonic()
+            for connection in due:
+                self._judge_taken(connection, now)
+
     def sweep(self):
         """Run by the accept loop, so it goes on while every worker is busy:
-        close connections past their deadline (quietly when idle between
-        requests, with a 408 when a request did not arrive in time), and
         while no worker waits, answer requests that waited for one longer
         than ``queue_timeout`` with 503 + Retry-After."""
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.sweep_interval
-        taken = self.ready.take_expired(now)
         if not self._waiting:  # readable connections are waiting for a worker
-            taken += self.ready.take_ready()
-        for connection in taken:
-            if connection.exchange is not None:  # a parked call: a worker resumes it
-                self.ready.hand_over(connection)
-                continue
-            try:
-                self._judge(connection, now)
-            except Exception as exc:  # the accept loop, which runs the sweep, must go on
-                logger.error("unexpected %s in the deadline sweep", type(exc).__name__)
-                logger.debug("traceback", exc_info=True)
-                self._close(connection)
+            for connection in self.ready.take_ready():
+                self._judge_taken(connection, now)
+
+    def _judge_taken(self, connection, now):
+        """Deal with a connection the timekeeper or the sweep took: a parked
+        call goes to a worker, which resumes it; others are judged."""
+        if connection.exchange is not None:
+            self.ready.hand_over(connection)
+            return
+        try:
+            self._judge(connection, now)
+        except Exception as exc:  # the thread that judges must go on
+            logger.error("unexpected %s judging a waiting connection", type(exc).__name__)
+            logger.debug("traceback", exc_info=True)
+            self._close(connection)
 
     def _judge(self, connection, now):
-        """Arm a connection the sweep took again, or answer and close it. A
-        request is judged on what arrived: its clock starts when the sweep
-        first sees its bytes, and one that is whole waits for a worker up to
-        ``queue_timeout``."""
+        """Arm a connection the timekeeper or the sweep took again, or
+        answer and close it. A request is judged on what arrived: its clock
+        starts when it is first seen waiting, and one that is whole waits
+        for a worker up to ``queue_timeout``."""
         waiting = self._unread(connection)
         if waiting and connection.idle:
             connection.idle = False
@@ -6311,7 +6369,7 @@ class WorkerPool:
 
     def stop(self, drain_timeout):
         """Stop serving: requests being served, parked ones included, may
-        finish (bounded by ``drain_timeout``, the sweep going on meanwhile),
+        finish (bounded by ``drain_timeout``, their deadlines kept meanwhile),
         then the workers leave. A request still waiting for a worker gets a
         503 to retry elsewhere; idle connections are closed. False if some
         request did not finish in time."""
@@ -6334,8 +6392,7 @@ class WorkerPool:
                 if not self._threads or remaining <= 0:
                     drained = not self._threads
                     break
-                self._drained.wait(min(remaining, self.sweep_interval))
-            self.sweep()
+                self._drained.wait(remaining)
         if drained:
             self.ready.close()
         return drained

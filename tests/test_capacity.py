@@ -301,3 +301,33 @@ def test_a_retry_backoff_holds_no_worker(make_gateway, upstream):
     failing.close()
     assert response.status == 500 and response.header("x-llmgw-attempts") == "2", response
     assert len(upstream.requests) == 3
+
+
+def test_deadlines_fire_when_due_not_at_a_sweep(make_gateway, upstream, monkeypatch):
+    """Every deadline sits in the timer heap and fires as it passes: with the
+    accept loop's sweep held back to once a minute, a retry's 0.3 s backoff
+    ends, a silent provider's call gets its 504 at upstream_timeout (1 s),
+    an idle keep-alive connection is closed at keepalive_timeout (0.5 s)
+    and a half-sent head gets its 408 at header_timeout (0.5 s), each long
+    before any sweep."""
+    monkeypatch.setattr(llmgw.WorkerPool, "sweep_interval", 60.0)
+    gw = make_gateway(server=dict(SERVER, threads=2, upstream_timeout=1, keepalive_timeout=0.5, header_timeout=0.5),
+                      rate_limits=RATE_LIMITS, routing={"retries": 1, "backoff_initial": 0.3, "backoff_max": 0.3})
+    key = gw.create_key()[1]
+    assert post(gw, CHAT, body_for(CHAT), key).status == 200  # the first sweep is behind us
+    retried = RawClient(gw, timeout=10)
+    retried.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-fail500")))
+    silent = RawClient(gw, timeout=10)
+    silent.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-mini-hang")))
+    idle = RawClient(gw, timeout=10)
+    half = RawClient(gw, timeout=10)
+    half.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    response = retried.read_response(timeout=10)
+    assert response.status == 500 and response.header("x-llmgw-attempts") == "2", response
+    assert silent.read_response(timeout=10).status == 504
+    assert idle.wait_eof(timeout=10)
+    assert half.read_response(timeout=10).status == 408
+    for client in (retried, silent, idle, half):
+        client.close()
+    assert sorted(row["status"] for row in settled_rows(gw, 5)) == ["ok", "timeout", "timeout", "upstream_error",
+                                                                    "upstream_error"]  # both calls retried once
