@@ -165,6 +165,10 @@ class RequestTimeoutError(GatewayError):
     status, code = 408, "request_timeout"
 
 
+class UpgradeRequiredError(GatewayError):
+    status, code = 426, "websocket_not_supported"
+
+
 class LengthRequiredError(GatewayError):
     status, code = 411, "length_required"
 
@@ -234,7 +238,8 @@ ERROR_TYPES = {
     403: "permission_error", 404: "not_found_error",
     405: "invalid_request_error", 408: "timeout_error",
     411: "invalid_request_error", 413: "request_too_large", 414: "invalid_request_error",
-    415: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+    415: "invalid_request_error", 426: "invalid_request_error", 429: "rate_limit_error",
+    431: "invalid_request_error",
     502: "api_error", 503: "overloaded_error", 504: "timeout_error",
 }
 
@@ -4888,6 +4893,7 @@ class Gateway:
         route = ROUTES.get(request.path)
         if route is None:
             raise NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
+        refuse_websocket(request)
         if request.method != route.method:
             raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
         dialect = dialect_for(route, request)
@@ -5491,6 +5497,23 @@ def check_passthrough_headers(headers):
     for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
         if name in headers and not _HEADER_VALUE.match(headers[name]):
             raise BadRequestError("Malformed %s header" % name)
+
+
+def _tokens(headers, name):
+    return {token.strip().lower() for token in headers.get(name, "").split(",")}
+
+
+def refuse_websocket(request):
+    """The gateway speaks HTTP only. Codex opens the Responses API as a
+    WebSocket first (``GET /v1/responses``, ``Upgrade: websocket``,
+    ``Connection: Upgrade``: RFC 6455's handshake): a 426 makes it use HTTP
+    at once, where a 404 or 405 made it try seven times over 6.5 seconds
+    (measured with Codex CLI 0.171; README, Codex). An Upgrade on any other
+    request is ignored, as HTTP allows."""
+    if (request.method == "GET" and "websocket" in _tokens(request.headers, "upgrade")
+            and "upgrade" in _tokens(request.headers, "connection")):
+        raise UpgradeRequiredError("The gateway does not serve WebSocket; call %s over HTTP" % request.path,
+                                   headers=[("upgrade", "HTTP/1.1")])
 
 
 def dialect_for(route, request):
