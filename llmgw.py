@@ -304,11 +304,12 @@ providers:
     base_url: https://api.anthropic.com
     # models: ["claude-*"]         # also send OpenAI-format calls for these models
                                    # to Anthropic's OpenAI-compatible endpoint
-  # An OpenAI-compatible provider needs only config:
-  # mistral:
-  #   base_url: https://api.mistral.ai
-  #   format: openai
-  #   models: ["mistral-*", "codestral-*"]   # key: MISTRAL_API_KEY or set-key
+  # An OpenAI-compatible provider needs only config (README: Provider recipes
+  # for Gemini, OpenRouter, Groq, Together, DeepSeek, Mistral, Ollama, vLLM).
+  # base_url is the one its docs give the OpenAI SDK, version path included:
+  # gemini:
+  #   base_url: https://generativelanguage.googleapis.com/v1beta/openai
+  #   models: ["gemini-*"]                    # key: GEMINI_API_KEY or set-key
 
 database:                          # the file itself: DB_PATH (default gateway.db)
   synchronous: normal              # normal: commits survive a crash; full: also power loss
@@ -2542,11 +2543,14 @@ class PriceTable:
         return sorted(self._prices.items())
 
     def lookup(self, model):
-        """The price of ``model``, trying it bare of a provider prefix and of a
-        date suffix (``gpt-4o-2024-08-06`` costs what ``gpt-4o`` costs)."""
+        """The price of ``model``, trying it bare of a provider prefix (the
+        first segment: OpenRouter's and Together's names have a vendor's
+        too, ``openrouter/anthropic/claude-sonnet-4.5``; then of every
+        prefix) and of a date suffix (``gpt-4o-2024-08-06`` costs what
+        ``gpt-4o`` costs)."""
         if not model:
             return None
-        for candidate in (model, model.rsplit("/", 1)[-1]):
+        for candidate in (model, model.split("/", 1)[-1], model.rsplit("/", 1)[-1]):
             for name in (candidate, candidate.lower(), _DATE_SUFFIX.sub("", candidate.lower())):
                 price = self._prices.get(name)
                 if price is not None:
@@ -2902,6 +2906,19 @@ class Provider:
     def matches(self, model):
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
+    def target(self, path):
+        """The provider's request target for one of the gateway's ``/v1/...``
+        paths. A base URL is the one the provider's own docs give its SDK:
+        an OpenAI-format one carries the API's version (Gemini's
+        ``/v1beta/openai``, Groq's ``/openai/v1``, Ollama's ``/v1``) and takes
+        the place of ``/v1``; Anthropic's SDK adds ``/v1`` itself, so an
+        Anthropic-format base is followed by the whole path. A host alone
+        means ``/v1``, for either."""
+        base = self.pool.base_path
+        if base and self.format == OPENAI:
+            return base + path[len("/v1"):]
+        return base + path
+
     def send(self, method, path, dialect, api_key, client_headers, body):
         """Send one request and read the response's head: a generator that
         yields ProviderWaits until the answer begins and returns its
@@ -2914,7 +2931,7 @@ class Provider:
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        data = upstream_request(method, self.pool.base_path + path, self.pool.host_field, dialect, api_key,
+        data = upstream_request(method, self.target(path), self.pool.host_field, dialect, api_key,
                                 client_headers, body if method != "GET" else None)
         for fresh in (False, True):
             conn, reused = None, False

@@ -26,6 +26,15 @@ Routes
 anything else                             404, OpenAI-shaped JSON error
 ========================================  =====================================
 
+``FakeUpstream(root=...)`` serves the same routes under another root in
+place of ``/v1``, as OpenAI-compatible providers do (``root="/v1beta/openai"``
+answers ``POST /v1beta/openai/chat/completions``; ``/v1/...`` is then 404).
+``FakeUpstream(root="/openai", azure=True)`` is Azure OpenAI's classic API:
+chat, completions and embeddings only under
+``/openai/deployments/<deployment>/...``, every route only with an
+``api-version`` query parameter (else 404, as Azure answers); each recorded
+request has ``deployment`` (None elsewhere).
+
 Every response carries ``x-request-id: req_<n>`` (OpenAI) or
 ``request-id: req_<n>`` (Anthropic, and ``/v1/models`` with
 ``anthropic-version``); ``n`` counts requests since ``start()`` and is never
@@ -74,6 +83,27 @@ Usage shape
   ``events<N>``   N content deltas instead of the default 5 (``events50``)
   ``unicode``     non-ASCII text ("héllo wörld ✓ ..."); implied by bytewise
   ==============  ============================================================
+
+Provider quirks (OpenAI chat and completions; PROTOCOLS.md section 4)
+  =================  =========================================================
+  ``everychunk``     Gemini (and vLLM's ``continuous_usage_stats``): when
+                     usage is asked for, every chunk carries it, cumulative
+                     (completion so far), the final counts on the
+                     ``finish_reason`` chunk; no ``choices: []`` chunk
+  ``usagelast``      Mistral: usage on the ``finish_reason`` chunk, asked for
+                     or not; no ``choices: []`` chunk
+  ``xgroq``          Groq's older streams: usage only in ``x_groq.usage`` of
+                     the ``finish_reason`` chunk, asked for or not
+  ``deepseekcache``  DeepSeek: usage has ``prompt_cache_hit_tokens`` (in
+                     [1, prompt-1]) and ``prompt_cache_miss_tokens`` (the
+                     rest), no ``prompt_tokens_details``
+  ``orcost``         OpenRouter: usage adds ``cost``, ``is_byok`` and
+                     ``cost_details``; a stream starts with the comment
+                     ``: OPENROUTER PROCESSING``
+  ``azurefilter``    Azure: ``prompt_filter_results`` in the body and, in a
+                     stream, a first chunk with ``choices: []`` and no usage;
+                     ``content_filter_results`` on each choice
+  =================  =========================================================
 
 Status faults (checked in this order; the body is shaped for the route)
   ==============  ============================================================
@@ -137,7 +167,7 @@ Recording
 ``requests`` gets one dict per request *before* the reply is sent: ``method``,
 ``path`` (as sent, query included), ``headers`` (lower-cased names, last wins),
 ``header_list`` (as received), ``body`` (bytes), ``json`` (or None),
-``connection_id``, plus ``request_id`` and ``gzipped``.
+``connection_id``, plus ``request_id``, ``gzipped`` and ``deployment``.
 
 ``reported`` gets one dict per response that delivers usage, also appended
 before the reply is written (the fake knows in advance what it will send, so
@@ -207,6 +237,9 @@ _ROUTES = {
     ("GET", "/v1/models"): "models",
 }
 _ANTHROPIC_ROUTES = {"messages", "count_tokens"}
+#: Azure's classic API serves these under /deployments/<deployment>/ only.
+_DEPLOYMENT_ROUTES = {"chat", "completions", "embeddings"}
+_DEPLOYMENT_PATH = re.compile(r"^/deployments/([^/]+)(/.+)$")
 _STREAM_ROUTES = {"chat", "completions", "responses", "messages"}
 
 #: token -> (status, anthropic error type, openai error type, openai code,
@@ -312,7 +345,7 @@ class _Usage:
         self.tokens = tokens
         self.prompt = 11 + h % 89
         self.completion = 5 + (h // 89) % 37
-        cache = "cache" in tokens
+        cache = "cache" in tokens or "deepseekcache" in tokens
         self.cached = 1 + (h >> 16) % (self.prompt - 1) if cache else 0
         self.reasoning = (1 + (h >> 24) % self.completion
                           if "reasoning" in tokens else 0)
@@ -328,13 +361,30 @@ class _Usage:
 
     def openai_completion(self):
         """CompletionUsage (chat + legacy completions), PROTOCOLS 1.2."""
+        return self.openai_completion_so_far(self.completion)
+
+    def openai_completion_so_far(self, completion):
+        """CompletionUsage with ``completion`` output tokens (a cumulative
+        count on an ``everychunk`` stream), in the provider's quirks."""
         usage = {"prompt_tokens": self.prompt,
-                 "completion_tokens": self.completion,
-                 "total_tokens": self.prompt + self.completion}
-        if self._details:
+                 "completion_tokens": completion,
+                 "total_tokens": self.prompt + completion}
+        if "deepseekcache" in self.tokens:
+            usage["prompt_cache_hit_tokens"] = self.cached
+            usage["prompt_cache_miss_tokens"] = self.prompt - self.cached
+        elif self._details:
             usage["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        if self._details:
             usage["completion_tokens_details"] = {
-                "reasoning_tokens": self.reasoning}
+                "reasoning_tokens": min(self.reasoning, completion)}
+        if "orcost" in self.tokens:
+            usage["cost"] = round((self.prompt + 4 * completion) * 1e-6, 9)
+            usage["is_byok"] = False
+            usage["cost_details"] = {
+                "upstream_inference_cost": None,
+                "upstream_inference_prompt_cost": round(self.prompt * 1e-6, 9),
+                "upstream_inference_completions_cost":
+                    round(4 * completion * 1e-6, 9)}
         return usage
 
     def openai_embeddings(self):
@@ -371,10 +421,15 @@ class _Usage:
 class _Call:
     """Everything the handler derived from one request."""
 
-    def __init__(self, method, raw_path, header_list, body, faults=""):
+    def __init__(self, method, raw_path, header_list, body, faults="",
+                 root="/v1", azure=False):
         self.method = method
         self.raw_path = raw_path
-        self.path = urlsplit(raw_path).path
+        parts = urlsplit(raw_path)
+        self.path = parts.path
+        self.deployment = None
+        api_path = self._api_path(root, azure and "api-version=" in
+                                  "&" + parts.query, azure)
         self.header_list = header_list
         self.headers = {name.lower(): value for name, value in header_list}
         self.body = body
@@ -384,13 +439,16 @@ class _Call:
             self.json = None
         data = self.json if isinstance(self.json, dict) else {}
 
-        self.route = _ROUTES.get((method, self.path))
+        self.route = _ROUTES.get((method, api_path))
         self.model_id = None
         if self.route is None and method == "GET" and \
-                self.path.startswith("/v1/models/") and \
-                len(self.path) > len("/v1/models/"):
+                api_path.startswith("/v1/models/") and \
+                len(api_path) > len("/v1/models/"):
             self.route = "model"
-            self.model_id = self.path[len("/v1/models/"):]
+            self.model_id = api_path[len("/v1/models/"):]
+        if azure and (self.deployment is None) == \
+                (self.route in _DEPLOYMENT_ROUTES):
+            self.route = None       # Azure: deployment routes and no others
         self.model = str(data.get("model") or self.model_id or "")
         self.tokens = parse_tokens(self.model,
                                    self.headers.get("x-fake-fault"), faults)
@@ -414,6 +472,18 @@ class _Call:
         self.seq = 0                # set by FakeUpstream._record
         self.request_id = ""
         self.request_index = -1
+
+    def _api_path(self, root, versioned, azure):
+        """The ``/v1/...`` path this request's path stands for under
+        ``root`` (None outside it, or on Azure without ``api-version``);
+        an Azure deployment path also sets ``deployment``."""
+        if not self.path.startswith(root + "/") or (azure and not versioned):
+            return None
+        rest = self.path[len(root):]
+        match = _DEPLOYMENT_PATH.match(rest) if azure else None
+        if match:
+            self.deployment, rest = match.group(1), match.group(2)
+        return "/v1" + rest
 
     def has(self, token):
         """True if the behaviour token was given."""
@@ -459,6 +529,13 @@ def _error_body(call, anthropic_type, openai_type, openai_code, message):
     return _openai_error(message, openai_type, openai_code)
 
 
+_AZURE_FILTER_RESULTS = {
+    name: {"filtered": False, "severity": "safe"}
+    for name in ("hate", "self_harm", "sexual", "violence")}
+_AZURE_PROMPT_FILTER = [{"prompt_index": 0,
+                         "content_filter_results": _AZURE_FILTER_RESULTS}]
+
+
 def _chat_body(call, usage):
     body = {"id": f"chatcmpl-fake{call.seq}", "object": "chat.completion",
             "created": CREATED_AT, "model": call.model,
@@ -466,6 +543,9 @@ def _chat_body(call, usage):
                          "message": {"role": "assistant",
                                      "content": call.text, "refusal": None},
                          "logprobs": None, "finish_reason": "stop"}]}
+    if call.has("azurefilter"):
+        body["prompt_filter_results"] = _AZURE_PROMPT_FILTER
+        body["choices"][0]["content_filter_results"] = _AZURE_FILTER_RESULTS
     if usage is not None:
         body["usage"] = usage
     return body
@@ -627,16 +707,32 @@ def _openai_stream_plan(call):
     """Chat or legacy completions: data-only frames, PROTOCOLS 1.4."""
     crlf = call.has("crlf")
     chat = call.route == "chat"
-    with_usage = call.include_usage and not call.has("nousage")
+    every_chunk = call.has("everychunk")
+    on_last = call.has("usagelast") or call.has("xgroq")
+    with_usage = (call.include_usage or on_last) and not call.has("nousage")
+    # Where usage rides: its own choices: [] chunk, or the finish chunk.
+    usage_chunk = with_usage and not (every_chunk or on_last)
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-fake{call.seq}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": CREATED_AT, "model": call.model}
 
     def chunk(choice, usage=None, final=False):
         obj = dict(base, choices=[] if final else [choice])
-        if with_usage:
+        if call.has("xgroq"):
+            if usage is not None:
+                obj["x_groq"] = {"id": f"req_fake{call.seq}", "usage": usage}
+        elif with_usage and (usage_chunk or usage is not None):
             obj["usage"] = usage
         return sse_frame(obj, crlf=crlf)
+
+    def carried(produced, last=False):
+        """The usage a chunk carries after ``produced`` content chunks."""
+        if not with_usage or not (every_chunk or (on_last and last)):
+            return None
+        count = call.usage.completion
+        if not last:
+            count = count * produced // (len(call.pieces) + 1)
+        return call.usage.openai_completion_so_far(count)
 
     def choice(text=None, role=False, finish=None):
         if chat:
@@ -645,18 +741,32 @@ def _openai_stream_plan(call):
                 delta = {"role": "assistant", "content": ""}
             elif text is not None:
                 delta = {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None,
-                    "finish_reason": finish}
-        return {"text": text or "", "index": 0, "logprobs": None,
-                "finish_reason": finish}
+            picked = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            picked = {"text": text or "", "index": 0, "logprobs": None,
+                      "finish_reason": finish}
+        if call.has("azurefilter"):
+            picked["content_filter_results"] = _AZURE_FILTER_RESULTS
+        return picked
+
+    def event(choice_, produced, content=False, last=False):
+        usage = carried(produced, last)
+        return _Event(chunk(choice_, usage), content=content, usage=usage)
 
     events = []
+    if call.has("orcost"):
+        events.append(_Event(b": OPENROUTER PROCESSING\n\n"))
+    if call.has("azurefilter"):
+        events.append(_Event(sse_frame(dict(
+            base, id="", model="", object="", created=0, choices=[],
+            prompt_filter_results=_AZURE_PROMPT_FILTER), crlf=crlf)))
     if chat:
-        events.append(_Event(chunk(choice(role=True))))
-    events += [_Event(chunk(choice(piece)), content=True)
-               for piece in call.pieces]
-    events.append(_Event(chunk(choice(finish="stop"))))
-    if with_usage:
+        events.append(event(choice(role=True), 0))
+    events += [event(choice(piece), n + 1, content=True)
+               for n, piece in enumerate(call.pieces)]
+    events.append(event(choice(finish="stop"), len(call.pieces), last=True))
+    if usage_chunk:
         usage = call.usage.openai_completion()
         events.append(_Event(chunk(None, usage, final=True), usage=usage))
     events.append(_Event(sse_frame("[DONE]", crlf=crlf)))
@@ -881,7 +991,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             call = _Call(self.command, self.path, list(self.headers.items()),
-                         body, self.fake._next_faults())
+                         body, self.fake._next_faults(), self.fake.root,
+                         self.fake.azure)
             self.fake._record(call, self.connection_id)
             self._serve(call)
         except _Aborted:
@@ -1201,10 +1312,12 @@ class FakeUpstream:
     ``with FakeUpstream().start() as up: ...``.
     """
 
-    def __init__(self, host="127.0.0.1", faults=""):
+    def __init__(self, host="127.0.0.1", faults="", root="/v1", azure=False):
         self.host = host
         #: behaviour tokens applied to every request
         self.faults = faults
+        #: where the API's routes live, in place of /v1; Azure's classic paths
+        self.root, self.azure = root, azure
         #: behaviour tokens for the next requests, one entry each, consumed
         self.script = []
         self.port = 0
@@ -1314,7 +1427,8 @@ class FakeUpstream:
                 "header_list": list(call.header_list),
                 "body": call.body, "json": call.json,
                 "connection_id": connection_id,
-                "request_id": call.request_id, "gzipped": call.gzipped})
+                "request_id": call.request_id, "gzipped": call.gzipped,
+                "deployment": call.deployment})
             self._cond.notify_all()
 
     def _report(self, call, usage, complete):
