@@ -108,6 +108,7 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 OPENAI = "openai"          # an API dialect: request, error and stream shapes
 ANTHROPIC = "anthropic"
+AZURE = "azure"            # a provider format: OpenAI's API at Azure OpenAI's URLs, keyed by api-key
 
 #: How an upstream attempt ended: a usage row's ``status``.
 OUTCOME_PENDING = "pending"
@@ -433,6 +434,8 @@ class ProviderConfig:
     models: Tuple[str, ...] = ()
     allow_link_local: bool = False      # 169.254.0.0/16, fe80::/10, cloud metadata
     api_keys: Tuple[Tuple[str, str], ...] = ()  # (deployment name, ${ENV} reference)
+    api_version: Optional[str] = None   # Azure: the classic API's api-version; None: the v1 API
+    azure_deployments: Dict[str, str] = dataclasses.field(default_factory=dict)  # Azure: model -> its deployment
 
 
 #: What may make the gateway try an attempt again: a provider's HTTP status,
@@ -479,7 +482,12 @@ class Config:
 
 _SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts", "routing",
              "models")
-_PROVIDER_KEYS = ("base_url", "api_key", "api_keys", "format", "models", "allow_link_local")
+_PROVIDER_KEYS = ("base_url", "api_key", "api_keys", "format", "models", "allow_link_local", "api_version",
+                  "deployments")
+#: Azure OpenAI's keys: its classic API's version, and its deployments' names.
+_AZURE_KEYS = ("api_version", "deployments")
+_AZURE_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?\Z")
+_AZURE_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 #: A deployment's (provider key's) name: shown in usage rows, headers and the CLI.
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
@@ -652,8 +660,8 @@ def _parse_providers(section):
         api_format = entry.get("format")
         if api_format is None:
             api_format = ANTHROPIC if name == "anthropic" else OPENAI
-        if api_format not in (OPENAI, ANTHROPIC):
-            raise ConfigError("%s.format: %s is not openai or anthropic" % (where, shown(api_format)))
+        if api_format not in (OPENAI, ANTHROPIC, AZURE):
+            raise ConfigError("%s.format: %s is not openai, anthropic or azure" % (where, shown(api_format)))
         api_key = entry.get("api_key")
         if api_key is not None:
             if not isinstance(api_key, str):  # never echo a key, even a mistyped one
@@ -669,8 +677,34 @@ def _parse_providers(section):
             raise ConfigError("%s.base_url: %s is a link-local or cloud-metadata address; set "
                               "allow_link_local: true if that is really the provider" % (where, host))
         api_keys = _parse_api_keys(entry.get("api_keys"), where + ".api_keys")
-        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local, api_keys)
+        providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local, api_keys,
+                                         *_parse_azure(entry, api_format, base_url, where))
     return providers
+
+
+def _parse_azure(entry, api_format, base_url, where):
+    """(api_version, deployments) of an Azure OpenAI provider: both go into
+    its URLs, so both are checked to the letter; its base URL has Azure's
+    path (a host alone would mean /v1, which Azure does not serve)."""
+    if api_format != AZURE:
+        for key in _AZURE_KEYS:
+            if key in entry:
+                raise ConfigError("%s.%s: only for format: azure" % (where, key))
+        return None, {}
+    if not urllib.parse.urlsplit(base_url).path:
+        raise ConfigError("%s.base_url: give Azure's path too: https://RESOURCE.openai.azure.com/openai "
+                          "(with api_version), or .../openai/v1 (the v1 API)" % where)
+    api_version = entry.get("api_version")
+    if api_version is not None and not (isinstance(api_version, str) and _AZURE_API_VERSION.match(api_version)):
+        raise ConfigError("%s.api_version: %s is not an Azure API version such as \"2024-10-21\" (quote it)"
+                          % (where, shown(api_version)))
+    deployments = _expect({} if entry.get("deployments") is None else entry["deployments"], dict,
+                          where + ".deployments")
+    for model, deployment in deployments.items():
+        if not isinstance(model, str) or not isinstance(deployment, str) or not _AZURE_DEPLOYMENT.match(deployment):
+            raise ConfigError("%s.deployments: %s: %s is not a model name and a deployment name (letters, digits, "
+                              ". _ -)" % (where, shown(model), shown(deployment)))
+    return api_version, dict(deployments)
 
 
 def _parse_api_keys(section, where):
@@ -2798,6 +2832,8 @@ def text_characters(value):
 # blocking reads bounded by the socket's timeout: a provider that sends part
 # of a line, chunk or TLS record holds a worker until the rest arrives.
 
+#: Azure OpenAI's classic API serves these under the model's deployment.
+AZURE_DEPLOYMENT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: Request headers passed to a provider; everything else (credentials,
 #: hop-by-hop headers, cookies, forwarding headers) stays behind.
 FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "anthropic-beta", "openai-beta")
@@ -2893,6 +2929,8 @@ class Provider:
     def __init__(self, config, server_config):
         self.name = config.name
         self.format = config.format
+        #: The API it speaks natively (Azure's is OpenAI's).
+        self.dialect = ANTHROPIC if config.format == ANTHROPIC else OPENAI
         self.models = config.models
         self.config = config
         self.pool = UpstreamPool(config.base_url, server_config.upstream_connect_timeout,
@@ -2906,21 +2944,38 @@ class Provider:
     def matches(self, model):
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
 
-    def target(self, path):
+    def target(self, path, model):
         """The provider's request target for one of the gateway's ``/v1/...``
         paths. A base URL is the one the provider's own docs give its SDK:
         an OpenAI-format one carries the API's version (Gemini's
-        ``/v1beta/openai``, Groq's ``/openai/v1``, Ollama's ``/v1``) and takes
-        the place of ``/v1``; Anthropic's SDK adds ``/v1`` itself, so an
-        Anthropic-format base is followed by the whole path. A host alone
-        means ``/v1``, for either."""
+        ``/v1beta/openai``, Groq's ``/openai/v1``, Ollama's ``/v1``, Azure's
+        ``/openai/v1``) and takes the place of ``/v1``; Anthropic's SDK adds
+        ``/v1`` itself, so an Anthropic-format base is followed by the whole
+        path. A host alone means ``/v1``, for either. Azure's classic API
+        (an ``api_version``) has chat, completions and embeddings under
+        the model's deployment, and every path versioned."""
         base = self.pool.base_path
-        if base and self.format == OPENAI:
+        if not base or self.format == ANTHROPIC:
+            return base + path
+        if self.config.api_version is None:
             return base + path[len("/v1"):]
-        return base + path
+        if path in AZURE_DEPLOYMENT_PATHS:
+            base += "/deployments/" + urllib.parse.quote(self.upstream_name(model), safe="")
+        return "%s%s?api-version=%s" % (base, path[len("/v1"):], self.config.api_version)
 
-    def send(self, method, path, dialect, api_key, client_headers, body):
-        """Send one request and read the response's head: a generator that
+    def upstream_name(self, model):
+        """The model's name at the provider: on Azure, its deployment's."""
+        return self.config.azure_deployments.get(model, model) if self.format == AZURE else model
+
+    def credential(self, dialect, api_key):
+        """The header line that carries the provider key."""
+        if dialect == ANTHROPIC:
+            return "x-api-key: " + api_key
+        return ("api-key: " if self.format == AZURE else "Authorization: Bearer ") + api_key
+
+    def send(self, method, path, model, dialect, api_key, client_headers, body):
+        """Send one request for ``model`` (as the provider names it) and read
+        the response's head: a generator that
         yields ProviderWaits until the answer begins and returns its
         UpstreamConnection. Raises UpstreamTimeoutError (no answer in time),
         UpstreamError ``upstream_unavailable`` (no connection, or it broke)
@@ -2931,8 +2986,8 @@ class Provider:
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        data = upstream_request(method, self.target(path), self.pool.host_field, dialect, api_key,
-                                client_headers, body if method != "GET" else None)
+        data = upstream_request(method, self.target(path, model), self.pool.host_field, dialect,
+                                self.credential(dialect, api_key), client_headers, body if method != "GET" else None)
         for fresh in (False, True):
             conn, reused = None, False
             try:
@@ -2961,19 +3016,17 @@ class Provider:
                                     code="upstream_bad_response") from None
 
 
-def upstream_request(method, target, host_field, dialect, api_key, client_headers, body):
+def upstream_request(method, target, host_field, dialect, credential, client_headers, body):
     """A provider request as bytes, sent in one write: the request line,
-    our header fields with the real key, and the body. Every value is
-    printable (the gateway's head parser and key checks saw to that)."""
+    our header fields with the real key (``credential``, its header line),
+    and the body. Every value is printable (the gateway's head parser and
+    key checks saw to that)."""
     lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host_field, "Accept-Encoding: identity",
-             "Content-Type: application/json"]
+             "Content-Type: application/json", credential]
     lines.extend("%s: %s" % (name, client_headers[name]) for name in FORWARDED_REQUEST_HEADERS
                  if name in client_headers)
     if dialect == ANTHROPIC:
-        lines.append("x-api-key: " + api_key)
         lines.append("anthropic-version: " + client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
-    else:
-        lines.append("Authorization: Bearer " + api_key)
     if body is not None:
         lines.append("Content-Length: %d" % len(body))
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -5049,14 +5102,15 @@ class Gateway:
         every way out."""
         logical = attempt.logical
         request, route = logical.request, logical.route
-        upstream_body, hide_usage_chunk = _upstream_body(route, logical.raw, logical.body, attempt.upstream_model,
+        upstream_name = attempt.provider.upstream_name(attempt.upstream_model)
+        upstream_body, hide_usage_chunk = _upstream_body(route, logical.raw, logical.body, upstream_name,
                                                          logical.streamed)
         try:
             try:
                 attempt.sent = time.monotonic()
-                upstream = yield from attempt.provider.send(request.method, request.path, logical.dialect,
-                                                            attempt.deployment.api_key, request.headers,
-                                                            upstream_body)
+                upstream = yield from attempt.provider.send(request.method, request.path, attempt.upstream_model,
+                                                            logical.dialect, attempt.deployment.api_key,
+                                                            request.headers, upstream_body)
                 attempt.first_byte = time.monotonic()
             except GatewayError as exc:
                 attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR)
@@ -5213,7 +5267,7 @@ class Gateway:
                     return provider, model
         default = self.providers.get(dialect)
         if default is None or not default.serves(dialect):
-            default = next((p for p in self.providers.values() if p.format == dialect), None)
+            default = next((p for p in self.providers.values() if p.dialect == dialect), None)
         if default is None:
             raise NotFoundError("No provider is configured for model %s" % printable(model or "")[:100],
                                 code="model_not_found")

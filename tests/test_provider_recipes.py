@@ -18,7 +18,9 @@ import urllib.parse
 import pytest
 import yaml
 
-from conftest import (CHAT, MESSAGES, ROOT, RunningGateway, assert_json_error, call, expected_cost, post,
+import llmgw
+
+from conftest import (CHAT, EMBEDDINGS, MESSAGES, ROOT, RunningGateway, assert_json_error, call, expected_cost, post,
                       settled_rows, sse_events, tokens_of, TOKEN_COLUMNS)
 from fake_upstream import FakeUpstream
 
@@ -94,7 +96,7 @@ def recipe(request, tmp_path):
 
 
 def test_every_provider_of_the_issue_has_a_recipe():
-    assert set(RECIPE_CONFIG) == set(RECIPES) | {"deepseek-anthropic"}
+    assert set(RECIPE_CONFIG) == set(RECIPES) | {"deepseek-anthropic", "azure", "azure-v1"}
 
 
 def test_plain_call_goes_to_the_recipes_path_and_is_metered_exactly(recipe):
@@ -201,3 +203,134 @@ def test_host_only_base_url_still_means_v1(tmp_path):
             assert fake.requests[-1]["path"] == "/v1/chat/completions"
         finally:
             gateway.stop()
+
+
+# ---- Azure OpenAI --------------------------------------------------------------------
+
+AZURE_KEY = "azure-key-0123456789abcdef"
+#: Built-in list prices of gpt-4o: Azure usage is priced by the model's name, not its deployment's.
+GPT_4O = (2.5, 10, 1.25)
+
+
+@pytest.fixture(params=["azure", "azure-v1"])
+def azure(request, tmp_path):
+    """(name, gateway, fake, README entry): the README's Azure recipe against
+    a fake Azure: the classic API's deployment paths and api-version, or
+    the v1 API's root."""
+    name = request.param
+    entry = dict(RECIPE_CONFIG[name])
+    base_path = urllib.parse.urlsplit(entry["base_url"]).path
+    classic = "api_version" in entry
+    fake = FakeUpstream(root=base_path, azure=classic).start()
+    document = {"server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
+                "providers": {name: dict(entry, base_url=fake.url + base_path)}, "routing": {"retries": 0}}
+    gateway = RunningGateway(document, tmp_path / "gateway.db",
+                             environ={"%s_API_KEY" % name.upper().replace("-", "_"): AZURE_KEY})
+    try:
+        yield name, gateway, fake, RECIPE_CONFIG[name]
+    finally:
+        gateway.stop()
+        fake.stop()
+        gateway.assert_books_balanced()
+
+
+def azure_target(entry, path, model):
+    """Where Azure serves ``path`` for ``model``, worked out here from the recipe."""
+    base = urllib.parse.urlsplit(entry["base_url"]).path
+    deployment = entry["deployments"].get(model, model)
+    if "api_version" not in entry:
+        return base + path[3:]
+    if path in (CHAT, EMBEDDINGS):
+        base += "/deployments/" + deployment
+    return "%s%s?api-version=%s" % (base, path[3:], entry["api_version"])
+
+
+def test_azure_call_goes_to_the_deployment_with_the_api_key_header(azure):
+    name, gateway, fake, entry = azure
+    model = sorted(entry["deployments"])[0]
+    vkey = gateway.create_key()[1]
+    response = post(gateway, CHAT, {"model": model, "messages": [{"role": "user", "content": "hi"}]}, vkey)
+    assert response.status == 200, response
+    sent = fake.requests[-1]
+    assert sent["path"] == azure_target(entry, CHAT, model)
+    assert sent["deployment"] == (entry["deployments"][model] if "api_version" in entry else None)
+    assert sent["headers"]["api-key"] == AZURE_KEY
+    assert "authorization" not in sent["headers"]
+    assert sent["json"]["model"] == entry["deployments"][model]  # the v1 API takes the deployment as model
+    (row,) = settled_rows(gateway)
+    columns = expected_columns(fake.reported[-1]["usage"])
+    assert (row["provider"], row["model"], row["status"]) == (name, model, "ok")
+    assert tokens_of(row) == columns
+    if model == "gpt-4o":
+        assert row["cost_nanousd"] == expected_cost(columns, *GPT_4O)
+    assert response.header("x-llmgw-served-by") == "%s/%s" % (name, model)
+
+
+def test_azure_stream_with_content_filter_chunks_is_metered_exactly(azure):
+    name, gateway, fake, entry = azure
+    model = sorted(entry["deployments"])[0]
+    vkey = gateway.create_key()[1]
+    fake.faults = "azurefilter cache"
+    response = post(gateway, CHAT, {"model": model, "stream": True,
+                                    "messages": [{"role": "user", "content": "stream"}]}, vkey)
+    assert response.status == 200, response
+    assert fake.requests[-1]["path"] == azure_target(entry, CHAT, model)
+    chunks = [json.loads(data) for _, data in sse_events(response.body)[:-1]]
+    assert chunks[0]["choices"] == [] and "prompt_filter_results" in chunks[0]  # Azure's, passed through
+    assert not any(chunk.get("usage") for chunk in chunks)  # the usage chunk the client did not ask for
+    (row,) = settled_rows(gateway)
+    columns = expected_columns(fake.reported[-1]["usage"])
+    assert columns["cache_read_tokens"] > 0
+    assert tokens_of(row) == columns
+    if model == "gpt-4o":
+        assert row["cost_nanousd"] == expected_cost(columns, *GPT_4O)
+
+
+def test_azure_model_without_a_mapping_is_its_own_deployment(azure):
+    name, gateway, fake, entry = azure
+    vkey = gateway.create_key()[1]
+    model = "gpt-4o-mini-embed" if name == "azure" else "gpt-4.1-embed"
+    response = post(gateway, EMBEDDINGS, {"model": model, "input": ["a", "b"]}, vkey)
+    assert response.status == 200, response
+    assert fake.requests[-1]["path"] == azure_target(entry, EMBEDDINGS, model)
+    assert fake.requests[-1]["json"]["model"] == model
+    (row,) = settled_rows(gateway)
+    assert row["request_tokens"] == fake.reported[-1]["usage"]["prompt_tokens"]
+
+
+def test_azure_model_list_is_versioned_not_deployed(azure):
+    name, gateway, fake, entry = azure
+    vkey = gateway.create_key()[1]
+    response = call(gateway, "GET", "/v1/models", key=vkey)
+    assert response.status == 200, response
+    assert fake.requests[-1]["path"] == azure_target(entry, "/v1/models", None)
+
+
+@pytest.mark.parametrize("fault, status", [("fail400", 400), ("fail429", 429), ("fail500", 500)])
+def test_azure_errors_reach_the_client(azure, fault, status):
+    name, gateway, fake, entry = azure
+    model = sorted(entry["deployments"])[0]
+    vkey = gateway.create_key()[1]
+    fake.script = [fault]
+    response = post(gateway, CHAT, {"model": model, "messages": [{"role": "user", "content": "hi"}]}, vkey)
+    payload = assert_json_error(response, status)
+    assert fault in payload["error"]["message"]
+    if status == 429:
+        assert response.header("retry-after") == "7"
+    (row,) = settled_rows(gateway)
+    assert (row["status"], row["http_status"], row["request_tokens"]) == ("upstream_error", status, 0)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"format": "openai"}, "providers.azure.api_version: only for format: azure"),
+    ({"api_version": 20241021}, "providers.azure.api_version"),
+    ({"api_version": "2024-10-21/../x"}, "providers.azure.api_version"),
+    ({"deployments": {"gpt-4o": "../admin"}}, "providers.azure.deployments"),
+    ({"deployments": ["gpt-4o"]}, "providers.azure.deployments"),
+    ({"base_url": "https://my-resource.openai.azure.com/"}, "providers.azure.base_url: give Azure's path too"),
+])
+def test_bad_azure_settings_are_named(change, named):
+    entry = dict(RECIPE_CONFIG["azure"], **change)
+    with pytest.raises(llmgw.ConfigError) as error:
+        llmgw.parse_config({"providers": {"azure": entry}})
+    assert named in str(error.value)
