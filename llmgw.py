@@ -4962,7 +4962,7 @@ class Gateway:
         A generator: it yields while the provider is silent (section 5)."""
         route = ROUTES.get(request.path)
         if route is None:
-            raise NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
+            raise unknown_path_error(request.path)
         refuse_websocket(request)
         if request.method != route.method:
             raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
@@ -5589,12 +5589,26 @@ def refuse_websocket(request):
 
 def dialect_for(route, request):
     """The API whose shapes the client expects: Anthropic on /v1/messages*,
-    and on /v1/models when the client sends anthropic-version."""
+    and on /v1/models or a path the gateway does not serve when the client
+    sends anthropic-version (only Anthropic's clients do)."""
     if route is not None and route.dialect is not None:
         return route.dialect
-    if route is None:
-        return ANTHROPIC if request.path.startswith("/v1/messages") else OPENAI
+    if route is None and request.path.startswith("/v1/messages"):
+        return ANTHROPIC
     return ANTHROPIC if "anthropic-version" in request.headers else OPENAI
+
+
+def unknown_path_error(path):
+    """The 404 for a path the gateway does not serve. A path that doubles
+    /v1 comes from a base URL that ends in /v1 given to a client that adds
+    /v1 itself (Anthropic's SDKs, Claude Code): the answer says so."""
+    if path.startswith("/v1/v1/"):
+        return NotFoundError(
+            "Unknown path %s: /v1 is there twice, so the client's base URL ends in /v1 and the client adds "
+            "/v1 itself. Give the gateway's address without /v1 to Anthropic's SDKs and Claude Code "
+            "(ANTHROPIC_BASE_URL=http://HOST:PORT) and with /v1 once to OpenAI's (OPENAI_BASE_URL=http://HOST:PORT/v1)"
+            % redact(path)[:200], code="base_url_doubles_v1")
+    return NotFoundError("Unknown path: the gateway serves only the proxied API endpoints")
 
 
 #: Where clients may put the virtual key: OpenAI and Anthropic 2.x SDKs send

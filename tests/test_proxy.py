@@ -104,6 +104,36 @@ def test_unknown_paths_are_404_and_never_forwarded(gateway, vkey, upstream, meth
     assert_still_serving(gateway, vkey, upstream)
 
 
+@pytest.mark.parametrize("method, path, dialect", [
+    ("POST", "/v1/v1/messages", "anthropic"),           # ANTHROPIC_BASE_URL=http://gw/v1
+    ("POST", "/v1/v1/messages/count_tokens", "anthropic"),
+    ("POST", "/v1/v1/chat/completions", "openai"),      # OPENAI_BASE_URL=http://gw/v1/v1
+    ("GET", "/v1/v1/models", "openai"),
+])
+def test_a_path_that_doubles_v1_gets_a_404_that_says_so(gateway, vkey, upstream, method, path, dialect):
+    body = body_for(CHAT) if method == "POST" else None
+    headers = {"anthropic-version": "2023-06-01"} if dialect == "anthropic" else {}  # as Anthropic's SDKs send
+    response = call(gateway, method, path, body, key=vkey, headers=headers)
+    error = assert_json_error(response, 404, dialect, error_type="not_found_error")["error"]
+    assert "/v1 is there twice" in error["message"] and path in error["message"]
+    assert "ANTHROPIC_BASE_URL=http://HOST:PORT)" in error["message"]
+    if dialect == "openai":
+        assert error["code"] == "base_url_doubles_v1"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/v1/messages"), ("GET", "/v1/files"),
+                                          ("POST", "/v1/complete"), ("GET", "/"), ("POST", "/v1/v1/models")])
+def test_unknown_paths_answer_in_anthropic_shape_to_anthropic_clients(gateway, vkey, upstream, method, path):
+    """Only Anthropic's clients send anthropic-version: a 404 their SDK can read."""
+    body = body_for(MESSAGES, "claude-sonnet-4-5") if method == "POST" else None
+    response = call(gateway, method, path, body, key=vkey, headers={"anthropic-version": "2023-06-01"})
+    assert_json_error(response, 404, "anthropic", error_type="not_found_error")
+    without = call(gateway, method, path, body, key=vkey)
+    assert_json_error(without, 404, dialect_of(path), error_type="not_found_error")
+    assert upstream.requests == []
+
+
 def test_unknown_path_is_404_even_without_a_key(gateway, vkey, upstream):
     response = post(gateway, "/v1/files", {"model": "x"})
     assert_json_error(response, 404, "openai", error_type="not_found_error")
