@@ -2837,13 +2837,23 @@ AZURE_DEPLOYMENT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embedd
 #: Request headers passed to a provider; everything else (credentials,
 #: hop-by-hop headers, cookies, forwarding headers) stays behind.
 FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "anthropic-beta", "openai-beta")
+#: What coding agents send for prompt caching and attribution, passed to the
+#: providers of the API the agent's own client speaks, as it would send them
+#: there itself: Codex's session, originator and beta features to
+#: OpenAI-format providers, Claude Code's session id (which Claude Code's
+#: gateway docs give proxies to group a session's calls) to Anthropic-format ones.
+AGENT_REQUEST_HEADERS = {OPENAI: ("session_id", "originator", "x-codex-beta-features"),
+                         ANTHROPIC: ("x-claude-code-session-id",)}
 #: The blank line that ends an SSE event, in any of the three line endings.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024
-#: Response headers passed back to the client.
-FORWARDED_RESPONSE_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms",
-                              "openai-processing-ms")
+#: Response headers passed back to the client: request ids, retry advice
+#: (the SDKs obey ``x-should-retry`` before the status), the model that
+#: served (Codex reads ``openai-model``), timing. Never the provider's
+#: cookies or organization and project ids: they are the operator's.
+FORWARDED_RESPONSE_HEADERS = ("x-request-id", "request-id", "retry-after", "retry-after-ms", "x-should-retry",
+                              "openai-model", "openai-processing-ms")
 FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
@@ -2986,7 +2996,7 @@ class Provider:
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        data = upstream_request(method, self.target(path, model), self.pool.host_field, dialect,
+        data = upstream_request(method, self.target(path, model), self.pool.host_field, dialect, self.dialect,
                                 self.credential(dialect, api_key), client_headers, body if method != "GET" else None)
         for fresh in (False, True):
             conn, reused = None, False
@@ -3016,15 +3026,15 @@ class Provider:
                                     code="upstream_bad_response") from None
 
 
-def upstream_request(method, target, host_field, dialect, credential, client_headers, body):
+def upstream_request(method, target, host_field, dialect, provider_dialect, credential, client_headers, body):
     """A provider request as bytes, sent in one write: the request line,
     our header fields with the real key (``credential``, its header line),
-    and the body. Every value is printable (the gateway's head parser and
-    key checks saw to that)."""
+    the client's that this provider's API takes, and the body. Every value
+    is printable (the gateway's head parser and key checks saw to that)."""
     lines = ["%s %s HTTP/1.1" % (method, target), "Host: " + host_field, "Accept-Encoding: identity",
              "Content-Type: application/json", credential]
     lines.extend("%s: %s" % (name, client_headers[name]) for name in FORWARDED_REQUEST_HEADERS
-                 if name in client_headers)
+                 + AGENT_REQUEST_HEADERS[provider_dialect] if name in client_headers)
     if dialect == ANTHROPIC:
         lines.append("anthropic-version: " + client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
     if body is not None:
@@ -5018,7 +5028,7 @@ class Gateway:
         Refuses a request no deployment can serve (no usable key)."""
         request, routing = logical.request, self.config.routing
         if routing.affinity != "none" and (len(targets) > 1 or len(self.router.deployments(targets[0][0])) > 1):
-            session = request.headers.get("x-llmgw-session")
+            session = next((request.headers[name] for name in SESSION_HEADERS if name in request.headers), None)
             metadata = logical.body.get("metadata")
             if session is None and logical.dialect == ANTHROPIC and isinstance(metadata, dict):
                 session = metadata.get("user_id") if isinstance(metadata.get("user_id"), str) else None
@@ -5562,10 +5572,20 @@ def check_model_allowed(key, model, qualified_model):
                                     code="model_not_allowed")
 
 
+#: Where a request names its session, for affinity: ours, then the coding
+#: agents' (Claude Code's, Codex's).
+SESSION_HEADERS = ("x-llmgw-session", "x-claude-code-session-id", "session_id")
+#: Client headers passed to providers that must be printable ASCII (the
+#: head parser lets other bytes through in values nobody forwards).
+CHECKED_PASSTHROUGH_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta") + tuple(
+    name for names in AGENT_REQUEST_HEADERS.values() for name in names)
+
+
 def check_passthrough_headers(headers):
-    """The protocol headers passed to a provider must be printable ASCII:
-    they select API behaviour, and nothing else is a valid value."""
-    for name in ("anthropic-version", "anthropic-beta", "openai-beta"):
+    """The protocol and agent headers passed to a provider must be printable
+    ASCII: they select API behaviour or name a session, and nothing else
+    is a valid value."""
+    for name in CHECKED_PASSTHROUGH_HEADERS:
         if name in headers and not _HEADER_VALUE.match(headers[name]):
             raise BadRequestError("Malformed %s header" % name)
 

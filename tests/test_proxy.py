@@ -11,7 +11,8 @@ import pytest
 
 from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, COUNT_TOKENS, CREDENTIAL_HEADERS, EMBEDDINGS, MESSAGES, MODELS,
                       OPENAI_KEY, RESPONSES, TOKEN_COLUMNS, assert_json_error, assert_still_serving, body_for, call,
-                      dialect_of, expected_columns, expected_cost, free_port, normalise_ids, post, tokens_of)
+                      dialect_of, expected_columns, expected_cost, free_port, normalise_ids, post, scripted_reply,
+                      tokens_of)
 
 MISTRAL_KEY = "sk-CANARY-MISTRAL-0123456789abcdef"
 
@@ -411,6 +412,110 @@ def test_beta_headers_are_forwarded(gateway, vkey, upstream):
     assert sent_headers(upstream)["anthropic-beta"] == "prompt-caching-2024-07-31,files-api-2025-04-14"
     post(gateway, RESPONSES, body_for(RESPONSES, "gpt-4o-mini"), vkey, headers={"OpenAI-Beta": "assistants=v2"})
     assert sent_headers(upstream)["openai-beta"] == "assistants=v2"
+
+
+#: What Codex and Claude Code send for caching and attribution.
+CODEX_HEADERS = {"session_id": "0199a213-81c0-7800-8aa1-bbab2a035a53", "originator": "codex_cli_rs",
+                 "x-codex-beta-features": "unified_exec,web_search"}
+CLAUDE_CODE_HEADERS = {"X-Claude-Code-Session-Id": "4f1d2c3b-0a9e-4d8c-b7a6-5e4f3d2c1b0a"}
+
+
+@pytest.mark.parametrize("path", [CHAT, RESPONSES, MESSAGES, COUNT_TOKENS])
+def test_agent_headers_reach_the_providers_of_their_own_api(gateway, vkey, upstream, path):
+    """Codex's go to OpenAI-format providers, Claude Code's to Anthropic-format
+    ones: what each agent would send there itself, and nothing across."""
+    response = post(gateway, path, body_for(path, "claude-haiku-4-5" if path in ANTHROPIC_PATHS else "gpt-4o-mini"),
+                    vkey, headers=dict(CODEX_HEADERS, **CLAUDE_CODE_HEADERS))
+    assert response.status == 200, response
+    sent = sent_headers(upstream)
+    if path in ANTHROPIC_PATHS:
+        assert sent["x-claude-code-session-id"] == CLAUDE_CODE_HEADERS["X-Claude-Code-Session-Id"]
+        assert not set(CODEX_HEADERS) & set(sent)
+    else:
+        assert {name: sent.get(name) for name in CODEX_HEADERS} == CODEX_HEADERS
+        assert "x-claude-code-session-id" not in sent
+
+
+def test_openai_calls_to_an_anthropic_provider_take_claude_codes_header_not_codexs(make_gateway, upstream):
+    gateway = make_gateway(providers={"anthropic": {"base_url": upstream.url, "api_key": ANTHROPIC_KEY,
+                                                    "models": ["claude-*"]}})
+    vkey = gateway.create_key()[1]
+    post(gateway, CHAT, body_for(CHAT, "claude-haiku-4-5"), vkey, headers=dict(CODEX_HEADERS, **CLAUDE_CODE_HEADERS))
+    sent = sent_headers(upstream)
+    assert sent["authorization"] == "Bearer " + ANTHROPIC_KEY or sent["x-api-key"] == ANTHROPIC_KEY
+    assert "x-claude-code-session-id" in sent and not set(CODEX_HEADERS) & set(sent)
+
+
+@pytest.mark.parametrize("path, header", [(MESSAGES, "X-Claude-Code-Session-Id"), (RESPONSES, "session_id")])
+def test_an_agents_session_keeps_to_one_deployment(make_gateway, upstream, path, header):
+    """With affinity by session, an agent's own session header is the
+    session: its calls keep to one key (and its prompt cache)."""
+    providers = {name: {"base_url": upstream.url, "api_key": "${KEY_A}", "api_keys": ["${KEY_B}"]}
+                 for name in ("openai", "anthropic")}
+    gateway = make_gateway(providers=providers, routing={"affinity": "session"},
+                           environ={"KEY_A": "sk-a-0123456789abcdef", "KEY_B": "sk-b-0123456789abcdef"})
+    vkey = gateway.create_key()[1]
+    credential = "x-api-key" if path == MESSAGES else "authorization"
+    used = {}
+    for session in ("agent-session-1", None):
+        upstream.reset()
+        for _ in range(12):
+            reply = post(gateway, path, body_for(path, "claude-haiku-4-5" if path == MESSAGES else "gpt-4o-mini"),
+                         vkey, headers={header: session} if session else {})
+            assert reply.status == 200, reply
+        used[session] = {request["headers"][credential] for request in upstream.requests}
+    assert len(used["agent-session-1"]) == 1 and len(used[None]) == 2
+
+
+@pytest.mark.parametrize("name", ["session_id", "originator", "x-codex-beta-features", "x-claude-code-session-id"])
+def test_agent_header_that_is_not_printable_ascii_is_400(gateway, vkey, upstream, name):
+    path = MESSAGES if name == "x-claude-code-session-id" else CHAT
+    response = post(gateway, path, body_for(path, "claude-haiku-4-5"), vkey, headers={name: "caf\xe9"})
+    assert_json_error(response, 400, dialect_of(path))
+    assert upstream.requests == []
+
+
+#: A provider's answer with every kind of header: relayed (ids, retry advice,
+#: model, timing, rate limits) and withheld (cookies, organization and
+#: project ids, internals).
+PROVIDER_HEADERS = [
+    ("x-request-id", "req_abc123"), ("request-id", "req_011CXYZ"), ("openai-model", "gpt-4o-2024-08-06"),
+    ("openai-processing-ms", "231"), ("x-should-retry", "false"), ("retry-after", "3"), ("retry-after-ms", "2500"),
+    ("x-ratelimit-remaining-requests", "499"), ("x-ratelimit-reset-tokens", "6m0s"),
+    ("anthropic-ratelimit-requests-remaining", "49"),
+    ("anthropic-ratelimit-input-tokens-reset", "2026-12-03T15:00:00Z"),
+    ("set-cookie", "__cf_bm=secret-cookie; path=/"), ("openai-organization", "org-operator-secret"),
+    ("openai-project", "proj_operator"), ("anthropic-organization-id", "0a1b-operator"),
+    ("x-envoy-upstream-service-time", "12"), ("cf-ray", "8f00-AMS"), ("server", "cloudflare"),
+]
+RELAYED = {"x-request-id", "request-id", "openai-model", "openai-processing-ms", "x-should-retry", "retry-after",
+           "retry-after-ms", "x-ratelimit-remaining-requests", "x-ratelimit-reset-tokens",
+           "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-input-tokens-reset"}
+
+
+@pytest.mark.parametrize("status_line, stream", [("HTTP/1.1 200 OK", False), ("HTTP/1.1 200 OK", True),
+                                                 ("HTTP/1.1 400 Bad Request", False)])
+def test_clients_get_the_provider_headers_they_read_and_nothing_else(scripted_gateway, status_line, stream):
+    if stream:
+        body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' \
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
+        content_type = "text/event-stream"
+    else:
+        body = json.dumps({"error": {"message": "no", "type": "invalid_request_error", "param": None, "code": None}}
+                          if "400" in status_line else {"choices": [], "usage": {"prompt_tokens": 3,
+                                                                                 "completion_tokens": 1}}).encode()
+        content_type = "application/json"
+    reply = scripted_reply(status_line, PROVIDER_HEADERS + [("content-type", content_type),
+                                                            ("content-length", str(len(body)))], body)
+    upstream, gateway = scripted_gateway([reply], routing={"retries": 0})
+    vkey = gateway.create_key()[1]
+    response = post(gateway, CHAT, body_for(CHAT, stream=stream), vkey)
+    assert response.status == int(status_line.split()[1]), response
+    relayed = {name for name, _ in PROVIDER_HEADERS if response.header(name) is not None and name != "server"}
+    assert relayed == RELAYED
+    assert all(response.header(name) == value for name, value in PROVIDER_HEADERS if name in RELAYED)
+    assert response.header("server").startswith("llmgw/")
+    assert b"operator" not in response.body and b"secret-cookie" not in response.body
 
 
 def test_hop_by_hop_and_forwarding_headers_stay_behind(gateway, vkey, upstream):
