@@ -259,6 +259,7 @@ def test_calls_beyond_max_in_flight_get_503_at_once(make_gateway, upstream, path
     for client in hanging:
         client.send(json_request(CHAT, key, chat_body("gpt-4o-mini-hang")))
     wait_until(lambda: gw.gateway.in_flight == 2)
+    assert upstream.wait_for_requests(2)  # counted in flight before they are sent: under load, well before
     sent_upstream = len(upstream.requests)
     started = time.monotonic()
     response = post(gw, path, body_for(path), key, timeout=5)
