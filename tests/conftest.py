@@ -480,6 +480,16 @@ def wait_until(predicate, timeout=5.0, interval=0.02):
         time.sleep(interval)
 
 
+def wait_idle(gateway, timeout=5.0):
+    """Wait until an in-process gateway holds no client connection and no
+    call (its connections-open and calls-in-flight gauges): every exchange
+    it was given has ended, its row settled and its log lines written, so
+    what it has not done by now it will not do for those clients."""
+    gauges = gateway.server.gauges
+    assert wait_until(lambda: gauges()["llmgw_connections_open"] == gauges()["llmgw_calls_in_flight"] == 0,
+                      timeout), gauges()
+
+
 def settled_rows(gateway, count=1, timeout=5.0):
     """Usage rows once ``count`` of them exist and none is pending."""
     rows = gateway.wait_for_rows(

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import sqlite3
 import threading
 import time
 
@@ -87,6 +88,16 @@ def spend_until(gateway, key, record, percent, clock=None):
     raise AssertionError("spend never reached %d%%" % percent)
 
 
+def outbox_settled(gateway):
+    """True once every queued alert was delivered or given up: none is due
+    or being sent (the outbox, as another process would read it)."""
+    conn = sqlite3.connect(gateway.db_path)
+    try:
+        return conn.execute("SELECT count(*) FROM budget_alerts WHERE next_attempt_at IS NOT NULL").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
 def audit(gateway, action):
     return [entry for entry in gateway.store.audit_log(1000) if entry["action"] == action]
 
@@ -101,7 +112,7 @@ def test_thresholds_fire_once_per_key_and_period_signed(make_gateway, receiver):
     spend = spend_until(gateway, key, record, 50)
     wait_until(lambda: len(receiver.received) >= 2)
     spend_until(gateway, key, record, 60)  # no threshold crossed again
-    time.sleep(0.3)
+    assert wait_until(lambda: outbox_settled(gateway))  # an alert queued by those calls would be sent by now
     assert [p["threshold_pct"] for p in receiver.payloads()] == [25, 50]
     first = receiver.payloads()[1]
     assert first["type"] == "budget.threshold" and first["key_id"] == record["id"]
@@ -149,7 +160,7 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(make_gateway, 
     receiver.statuses = [500] * 10
     spend_until(gateway, key, record, 2)
     wait_until(lambda: audit(gateway, "alert_abandoned"))
-    time.sleep(0.3)
+    assert wait_until(lambda: outbox_settled(gateway))  # given up: not due again
     assert len(receiver.received) == 6
     assert audit(gateway, "alert_abandoned")[0]["detail"].endswith("attempt 3: HTTP 500")
 

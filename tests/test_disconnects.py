@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import (CHAT, MESSAGES, ONE_ATTEMPT, RATE_LIMITS, SERVER, RawClient, assert_alive, body_for,
-                      expected_tokens, json_request, other_threads, request_bytes, settled_rows, wait_until,
+                      expected_tokens, json_request, other_threads, request_bytes, settled_rows, wait_idle, wait_until,
                       worker_threads)
 
 #: Whatever a test did, its gateways end with no row pending, nothing reserved, nothing in flight.
@@ -49,7 +49,7 @@ def test_reset_during_headers(gw, key, upstream, gwlog):
         if index % 2:
             time.sleep(0.01)
         client.rst()
-    time.sleep(0.3)
+    wait_idle(gw)  # every reset seen and its connection released
     assert [line for line in gwlog.lines() if not line.startswith(("DEBUG", "INFO"))] == []
     assert upstream.requests == [] and gw.rows() == []
     assert_alive(gw, key)
@@ -69,7 +69,7 @@ def test_fin_after_half_the_body(make_gateway, upstream, gwlog, declared, sent):
     assert client.wait_eof(3)
     client.close()
     assert client.received == b""  # nothing to answer: the request never arrived
-    time.sleep(0.2)
+    wait_idle(gw)
     assert upstream.requests == [] and gw.rows() == []
     assert [line for line in gwlog.lines() if not line.startswith(("DEBUG", "INFO"))] == []
     assert_alive(gw, key)
@@ -124,7 +124,7 @@ def test_many_streams_cut_at_random_times(gw, key, upstream):
     behind but idle workers (at most two per concurrent client: one may
     still be finishing a reply when the next request arrives)."""
     assert_alive(gw, key)
-    time.sleep(0.05)
+    wait_idle(gw)
     baseline_others = other_threads()
     upstream.reset()
     rows_before = len(gw.rows())
@@ -149,7 +149,7 @@ def test_many_streams_cut_at_random_times(gw, key, upstream):
     for thread in threads:
         thread.join(10)
     assert errors == []
-    time.sleep(0.2)  # a request read just before its cut is still being forwarded
+    wait_idle(gw, 10.0)  # a request read just before its cut may still be being forwarded
 
     def settled():
         rows = gw.rows()[rows_before:]

@@ -106,8 +106,9 @@ def messages_body(nonce, model="claude-haiku-4-5", stream=False):
     return body
 
 
-def send(port, path, body, key, timeout=15.0, conn=None):
-    """One request; returns a record of what the client received.
+def send(port, path, body, key, timeout=15.0, conn=None, on_head=None):
+    """One request; returns a record of what the client received
+    (``on_head()`` is called once its response head has arrived).
 
     ``complete``: the whole answer arrived (Content-Length body read, or a
     stream ended by [DONE] / message_stop and the chunked terminator).
@@ -128,6 +129,8 @@ def send(port, path, body, key, timeout=15.0, conn=None):
         conn.request("POST", path, json.dumps(body).encode(), headers)
         response = conn.getresponse()
         record["status"] = response.status
+        if on_head is not None:
+            on_head()
         record["headers"] = {k.lower(): v for k, v in response.getheaders()}
         record["gw_id"] = response.getheader("x-llmgw-request-id")
         record["up_id"] = response.getheader("request-id" if anthropic else "x-request-id")
@@ -432,16 +435,17 @@ def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processe
     streams += [("/v1/messages", messages_body("drain-%d" % n, "claude-haiku-4-5-slowstream-events4", stream=True))
                 for n in range(2)]
     records = [None] * len(streams)
+    heads = []
 
     def client(index):
-        records[index] = send(gateway.port, streams[index][0], streams[index][1], key, timeout=20)
+        records[index] = send(gateway.port, streams[index][0], streams[index][1], key, timeout=20,
+                              on_head=lambda: heads.append(index))
 
     threads = [threading.Thread(target=client, args=(i,), name="stream-%d" % i) for i in range(len(streams))]
     for thread in threads:
         thread.start()
     try:
-        assert upstream.wait_for_requests(len(streams), timeout=5), len(upstream.requests)
-        time.sleep(0.2)  # the first events are out: the streams are mid-flight
+        assert wait_until(lambda: len(heads) == len(streams), timeout=5), heads  # the streams are mid-flight
         gateway.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
 

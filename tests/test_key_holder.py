@@ -244,6 +244,11 @@ def start_upload(gw, key, size, path=CHAT, sent=100, expect=False):
     return client, body
 
 
+def holds_a_request(gw, record):
+    """True while the key has a request in flight in this gateway."""
+    return gw.gateway.limits.in_flight().get(record["id"], 0) > 0
+
+
 def upload_whole(gw, key, size):
     """The status of a ``size``-byte upload sent at once; 503 if it was
     refused (the refusal may come as a reset while the body is sent)."""
@@ -324,9 +329,9 @@ def test_a_large_upload_counts_against_max_parallel(make_gateway, upstream, path
     for 100 Continue (which it never gets); once the upload is served, the
     key is free again."""
     gw = make_gateway(server=UPLOAD_SERVER, rate_limits=RATE_LIMITS)
-    key = gw.create_key(max_parallel=1)[1]
+    record, key = gw.create_key(max_parallel=1)
     upload, body = start_upload(gw, key, 512 * 1024, path)
-    time.sleep(0.1)
+    assert wait_until(lambda: holds_a_request(gw, record))  # admitted: its body is arriving
     second, _ = start_upload(gw, key, 512 * 1024, path, sent=0, expect=True)
     assert_json_error(second.read_response(timeout=2), 429, dialect_of(path), close=True)
     assert b"100 Continue" not in second.received
@@ -340,11 +345,11 @@ def test_an_upload_given_up_gives_its_place_back(make_gateway, upstream):
     """A large body that never arrives whole (408 at body_timeout) or whose
     client leaves gives back its request in flight."""
     gw = make_gateway(server=dict(UPLOAD_SERVER, body_timeout=1), rate_limits=RATE_LIMITS)
-    key = gw.create_key(max_parallel=1)[1]
+    record, key = gw.create_key(max_parallel=1)
     upload, _ = start_upload(gw, key, 512 * 1024)
     assert_json_error(upload.read_response(timeout=3), 408, close=True)
     upload, _ = start_upload(gw, key, 512 * 1024)
-    time.sleep(0.1)
+    assert wait_until(lambda: holds_a_request(gw, record))
     upload.rst()
     assert wait_until(lambda: post(gw, CHAT, chat_body(), key).status == 200, 3.0)
     assert upstream.requests and all(len(r["body"]) < 1000 for r in upstream.requests)

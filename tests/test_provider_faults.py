@@ -22,7 +22,7 @@ from conftest import (ANTHROPIC_KEY, CHAT, COMPLETIONS, MESSAGES, ONE_ATTEMPT, O
                       SCRIPTED_KEY, SERVER, RawClient, answer, assert_alive, assert_json_error, body_for, chat_body,
                       dialect_of, exchange, expected_columns, expected_cost, expected_tokens, free_port,
                       health_recovers, json_request, ledger, normalise_ids, other_threads, post, scripted_reply,
-                      settled_rows, sse_events, tokens_of, wait_until, worker_threads)
+                      settled_rows, sse_events, tokens_of, wait_idle, wait_until, worker_threads)
 from fake_upstream import ScriptedUpstream
 
 #: Whatever a test did, its gateways end with no row pending, nothing reserved, nothing in flight.
@@ -269,7 +269,7 @@ def test_provider_errors_pass_through_after_the_bounded_retry(make_gateway, upst
         assert payload["error"]["type"] == {500: "api_error", 529: "overloaded_error", 400: "invalid_request_error"}[status]
     else:
         assert payload["error"]["type"] == {500: "server_error", 529: "server_error", 400: "invalid_request_error"}[status]
-    time.sleep(0.1)
+    wait_idle(gw)  # the call has ended: no attempt is still to come
     assert len(upstream.requests) == attempts == int(response.header("x-llmgw-attempts"))
     rows = settled_rows(gw, attempts)
     assert [(row["status"], row["http_status"]) for row in rows] == [("upstream_error", status)] * attempts
@@ -481,7 +481,7 @@ def test_fault_storm_leaks_no_threads_or_connections(gw, key, upstream):
     every other thread back to baseline, and the fake holds no more open
     connections than the gateway's idle pool (<= 10)."""
     assert_alive(gw, key)
-    time.sleep(0.05)
+    wait_idle(gw)
     baseline_others = other_threads()
     rng = random.Random(4)
     jobs = []

@@ -5,6 +5,7 @@ The real gateway (``make_gateway``, small timeouts) is driven over raw
 sockets. RELIABILITY ids are given in brackets in each test's docstring.
 """
 
+import select
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 import llmgw
 from conftest import (CHAT, MESSAGES, ONE_ATTEMPT, RATE_LIMITS, SCRIPTED_KEY, SERVER, RawClient, assert_alive,
                       assert_json_error, base_config, body_for, call, chat_body, dialect_of, json_request, post,
-                      request_bytes, settled_rows, wait_until)
+                      request_bytes, settled_rows, wait_idle, wait_until)
 from fake_upstream import ScriptedUpstream
 
 #: Whatever a test did, its gateways end with no row pending, nothing reserved, nothing in flight.
@@ -62,7 +63,7 @@ def test_slowloris_does_not_delay_or_grow_threads(gw, key, upstream):
         client.close()
     assert min(closed_at) >= SERVER["header_timeout"] - 0.1, "closed before header_timeout"
     assert max(closed_at) < SERVER["header_timeout"] + 1.5
-    time.sleep(0.1)
+    wait_idle(gw)  # every slow socket released
     after = threading.active_count()
     assert peak <= baseline + slack and after <= baseline + slack, \
         "threads: baseline %d, peak %d, after %d" % (baseline, peak, after)
@@ -174,10 +175,14 @@ def with_the_only_worker_busy(make_gateway, busy_seconds, **settings):
     gw, _, _ = big_stream_gateway(make_gateway, **server)
     key = gw.create_key()[1]
     assert_alive(gw, key)
+
+    def busy():
+        return gw.server.gauges()["llmgw_workers_busy"]
+    assert wait_until(lambda: busy() == 0)  # the probe's worker is done
     hanging = small_window_client(gw, timeout=busy_seconds + 5)
     hanging.sendall(json_request(CHAT, key, chat_body("scripted-1", stream=True)))
-    assert wait_until(lambda: gw.gateway.in_flight == 1)
-    time.sleep(0.3)  # its writes fill the kernel's buffers
+    # The stream is being written to it (not parked waiting for its provider).
+    assert wait_until(lambda: select.select([hanging], [], [], 0)[0] and busy() == 1)
     return gw, server, key, hanging
 
 
@@ -282,10 +287,11 @@ def test_a_request_waiting_for_a_worker_at_shutdown_gets_503(make_gateway, upstr
     the request it serves ends within the drain, and a whole request that
     was still waiting for a worker is answered 503 with Retry-After (to
     retry elsewhere), never dropped without an answer."""
-    gw, _, key, hanging = with_the_only_worker_busy(make_gateway, busy_seconds=1)
+    # The drain outlasts the busy worker: its writes fill the kernel's buffers, then wait send_timeout.
+    gw, _, key, hanging = with_the_only_worker_busy(make_gateway, busy_seconds=1, drain_timeout=5)
     waiting = RawClient(gw, timeout=5)
     waiting.send(json_request(CHAT, key, chat_body()))
-    time.sleep(0.2)
+    assert wait_until(lambda: gw.server.gauges()["llmgw_connections_open"] == 2)  # accepted, its request unread
     gw.stop()
     response = waiting.read_response(timeout=5)
     waiting.close()
