@@ -12,6 +12,7 @@
       policy flags: --tier T --rpm N --tpm N --max-parallel N --budget USD
                     --budget-period daily|weekly|monthly|never --expires-in 30d | --expires-at ISO
                     --models "gpt-4o*,claude-*" --label team=search (repeatable); "none" clears
+                    --log-bodies | --no-log-bodies   --alert-thresholds 50,80,100
     python cli.py config set-key PROVIDER KEY [--name NAME]
                                                 store a provider key in the database (KEY - : from stdin);
                                                 with --name, one more key: a deployment of its own
@@ -22,6 +23,7 @@
                         [--reprice [--apply]]
     python cli.py logs [--key ID] [--project P] [--provider P] [--model M] [--status S]
                        [--since D] [--until D] [--limit N] [--cursor C] [--output table|json|csv]
+    python cli.py logs --id N [--bodies]        one entry; with --bodies what a --log-bodies key kept
     python cli.py prune [--older-than 90d]    delete old request-log rows (rollups stay)
     python cli.py prices list [--output json]   prices in force and where each came from
     python cli.py prices import FILE            load a price pack (ours or LiteLLM's JSON)
@@ -131,7 +133,8 @@ KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rp
 POLICY_FLAGS = [("tier", "tier", str), ("rpm", "rpm", llmgw.number_in_text), ("tpm", "tpm", llmgw.number_in_text),
                 ("max_parallel", "max_parallel", llmgw.number_in_text), ("budget", "max_budget", llmgw.number_in_text),
                 ("budget_period", "budget_period", str), ("expires_in", "expires_in", str),
-                ("expires_at", "expires_at", str), ("models", "models", str)]
+                ("expires_at", "expires_at", str), ("models", "models", str),
+                ("log_bodies", "log_bodies", bool), ("alert_thresholds", "alert_thresholds", str)]
 MAX_WORKERS = 1024
 MAX_AUDIT_ENTRIES = 10 ** 6
 
@@ -309,13 +312,17 @@ def _reprice(store, window, args):
     return 0
 
 
-LOG_COLUMNS = [("time", "TIME"), ("virtual_key_id", "KEY ID"), ("project_name", "PROJECT"),
+LOG_COLUMNS = [("id", "ID"), ("time", "TIME"), ("virtual_key_id", "KEY ID"), ("project_name", "PROJECT"),
                ("endpoint", "ROUTE"), ("model", "MODEL"), ("status", "STATUS"), ("http_status", "HTTP"),
                ("request_tokens", "IN"), ("response_tokens", "OUT"), ("cost", "COST (USD)"),
                ("latency_ms", "MS"), ("request_id", "REQUEST ID")]
 
 
 def cmd_logs(args):
+    if args.id is not None:
+        return _log_entry(args)
+    if args.bodies:
+        raise llmgw.ConfigError("--bodies needs --id N: bodies are shown one entry at a time")
     options = {name: getattr(args, name) for name in list(llmgw.LOG_FILTERS) + ["limit", "cursor"]
                if getattr(args, name) is not None}
     page = llmgw.request_log(_store(), options)
@@ -329,6 +336,33 @@ def cmd_logs(args):
         _print_table(page["data"], LOG_COLUMNS)
     if page["next_cursor"] and args.output != "json":
         print("More: add --cursor %s" % page["next_cursor"], file=sys.stderr)
+    return 0
+
+
+def _log_entry(args):
+    """``logs --id N``: one entry; its kept bodies with ``--bodies``."""
+    entry = llmgw.request_log_entry(_store(), args.id)
+    bodies = entry.pop("bodies")
+    if args.bodies:
+        entry["bodies"] = bodies
+    if args.output == "json":
+        _print_json(entry)
+        return 0
+    if args.output == "csv":
+        sys.stdout.write(llmgw.csv_text([entry]))
+        return 0
+    width = max(len(name) for name in entry)
+    for name, value in entry.items():
+        if name != "bodies":
+            print("%s  %s" % (name.ljust(width), "-" if value is None else json.dumps(value) if isinstance(
+                value, (dict, list)) else value))
+    if args.bodies:
+        if bodies is None:
+            print("\nNo bodies kept (the key does not log bodies, or they were pruned).")
+        for part in ("request", "response") if bodies else ():
+            print("\n---- %s body: %s bytes, the first %d kept ----" % (part, bodies[part + "_bytes"] or 0,
+                                                                      bodies["kept_bytes_each"]))
+            print(bodies[part] or "")
     return 0
 
 
@@ -429,6 +463,14 @@ def _add_policy_flags(parser):
     parser.add_argument("--expires-at", dest="expires_at", help="ISO 8601 time (UTC unless it says)")
     parser.add_argument("--models", help="comma-separated model names or globs this key may use")
     parser.add_argument("--label", action="append", help="NAME=VALUE label for stats (repeatable)")
+    parser.add_argument("--log-bodies", dest="log_bodies", action="store_const", const=True,
+                        help="keep this key's request and response bodies (first %d KiB each, for "
+                             "logging.body_retention_days), shown only by logs --id N --bodies"
+                             % (llmgw.BODY_LOG_BYTES // 1024))
+    parser.add_argument("--no-log-bodies", dest="log_bodies", action="store_const", const=False,
+                        help="stop keeping this key's bodies")
+    parser.add_argument("--alert-thresholds", dest="alert_thresholds",
+                        help="budget alert percentages for this key, e.g. 50,80,100 (none: alerts.thresholds)")
 
 
 def build_parser():
@@ -509,6 +551,9 @@ def build_parser():
     logs.add_argument("--limit", help="rows per page (default 50, at most %d)" % llmgw.LOG_PAGE_LIMIT)
     logs.add_argument("--cursor", help="the next page: the cursor the previous page printed")
     logs.add_argument("--output", choices=("table", "json", "csv"), default="table")
+    logs.add_argument("--id", help="one entry, by the ID the list shows")
+    logs.add_argument("--bodies", action="store_true",
+                      help="with --id: the request and response bodies kept for a key created with --log-bodies")
     logs.set_defaults(run=cmd_logs)
     prune = commands.add_parser("prune", help="delete old request-log rows; rollups stay")
     prune.add_argument("--older-than", dest="older_than",

@@ -84,7 +84,8 @@ __all__ = [
     "DEFAULT_DEPLOYMENT", "DEPLOYMENT_NAME", "list_deployments",
     # administration (section 8)
     "create_virtual_key", "get_key", "update_key", "revoke_key", "rotate_key", "topup_key", "usage_stats",
-    "request_log", "reprice_usage", "csv_text", "LOG_FILTERS", "LOG_PAGE_LIMIT",
+    "request_log", "request_log_entry", "reprice_usage", "csv_text", "LOG_FILTERS", "LOG_PAGE_LIMIT",
+    "BODY_LOG_BYTES",
     # input and output
     "iso_time", "number_in_text", "parse_duration", "parse_price_pack", "parse_time_bound",
 ]
@@ -319,6 +320,7 @@ logging:
   level: INFO
   # file: llmgw.log
   # retention_days: 90             # prune request-log rows older than this; rollups stay
+  # body_retention_days: 7        # prune bodies kept for keys with --log-bodies (64 KiB each way)
 
 rate_limits:                       # requests per minute per virtual key, by tier
   default: 100
@@ -413,6 +415,7 @@ class LoggingConfig:
     level: str = "INFO"
     file: Optional[str] = None
     retention_days: Optional[int] = None  # raw usage rows older than this are pruned; rollups stay
+    body_retention_days: int = 7          # kept bodies (keys with log_bodies) older than this are pruned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,7 +511,8 @@ MAX_PRICE_USD_PER_MTOK = 10 ** 6
 _SETTING_RANGES = {int: (1, 2 ** 31 - 1), float: (0.001, 10 ** 6)}
 #: Settings with a range of their own; a retention past 100 years would
 #: reach before year 1.
-_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600), "routing.retries": (0, 10)}
+_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600),
+                     "logging.body_retention_days": (1, 36600), "routing.retries": (0, 10)}
 
 
 def config_path_from_env(environ=os.environ):
@@ -607,6 +611,14 @@ def check_text(value, name, max_length=200, blank_ok=False, error=ConfigError):
         raise error("%s: expected %stext of at most %d printable characters, got %s"
                     % (name, "" if blank_ok else "non-blank ", max_length, shown(value)), param=name)
     return value
+
+
+def parse_thresholds(values, name, error=ConfigError):
+    """Budget alert thresholds, percentages of a period's allowance from 1
+    to 1000: a non-empty list, returned sorted without repeats."""
+    if not isinstance(values, list) or not values:
+        raise error("%s: expected a list of percentages from 1 to 1000, got %s" % (name, shown(values)), param=name)
+    return tuple(sorted(set(check_number(value, name + "[]", 1, 1000, integer=True, error=error) for value in values)))
 
 
 def _expect(value, kind, where):
@@ -824,11 +836,7 @@ def _parse_alerts(section):
     thresholds = fields.pop("thresholds", None)
     alerts = _parse_dataclass(AlertsConfig, fields, "alerts")
     if thresholds is not None:
-        thresholds = tuple(sorted(set(_expect(value, int, "alerts.thresholds[]")
-                                      for value in _expect(thresholds, list, "alerts.thresholds"))))
-        if not thresholds or not all(0 < value <= 1000 for value in thresholds):
-            raise ConfigError("alerts.thresholds: a list of percentages from 1 to 1000")
-        alerts = dataclasses.replace(alerts, thresholds=thresholds)
+        alerts = dataclasses.replace(alerts, thresholds=parse_thresholds(thresholds, "alerts.thresholds"))
     if alerts.webhook_url is not None:
         url = _check_base_url(alerts.webhook_url, "alerts.webhook_url")
         host = urllib.parse.urlsplit(url).hostname
@@ -997,7 +1005,9 @@ CREATE TABLE IF NOT EXISTS virtual_keys (
     models        TEXT,
     metadata      TEXT,
     previous_key_hash TEXT,
-    previous_key_expires_at REAL
+    previous_key_expires_at REAL,
+    log_bodies    INTEGER NOT NULL DEFAULT 0,
+    alert_thresholds TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_previous_hash ON virtual_keys (previous_key_hash);
 CREATE TABLE IF NOT EXISTS key_spend (
@@ -1111,6 +1121,15 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     UNIQUE (key_id, period_start, threshold)
 );
 CREATE INDEX IF NOT EXISTS budget_alerts_due ON budget_alerts (next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS usage_bodies (
+    usage_id      INTEGER PRIMARY KEY,
+    started_at    REAL NOT NULL,
+    request       BLOB NOT NULL,
+    request_bytes INTEGER NOT NULL,
+    response      BLOB,
+    response_bytes INTEGER
+);
+CREATE INDEX IF NOT EXISTS usage_bodies_by_time ON usage_bodies (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_logical_request ON usage (logical_request_id);
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
@@ -1123,7 +1142,7 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
 
 #: A key's limits and budget: the columns ``keys create/update`` may set.
 POLICY_COLUMNS = ("tier", "rpm", "tpm", "max_parallel", "max_budget_nanousd", "budget_period", "expires_at",
-                  "models", "metadata")
+                  "models", "metadata", "log_bodies", "alert_thresholds")
 KEY_COLUMNS = ("id", "project_name", "is_active", "created_at", "revoked_at", "key_hint") + POLICY_COLUMNS
 _KEY_SELECT = ", ".join(KEY_COLUMNS)
 INSERT_KEY = "INSERT INTO virtual_keys (key_hash, %s) VALUES (?, %s)" % (
@@ -1364,6 +1383,10 @@ MIGRATIONS = (
     # 5: routing. Usage rows record their attempt; rollups count attempts,
     # retries and fallbacks (before it, every row was one request).
     ATTEMPT_COLUMNS + tuple(statement for table, _ in _ROLLUP_TABLES for statement in attempt_counts(table)),
+    # 6: keys that log their bodies (kept in the new usage_bodies) and keys
+    # with budget alert thresholds of their own.
+    ("ALTER TABLE virtual_keys ADD COLUMN log_bodies INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE virtual_keys ADD COLUMN alert_thresholds TEXT"),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1404,6 +1427,15 @@ ALERT_TRIED = """UPDATE budget_alerts SET attempts = attempts + 1, next_attempt_
                                          delivered_at = ? WHERE id = ?"""
 PRUNE_USAGE = """DELETE FROM usage WHERE id IN (SELECT id FROM usage WHERE started_at < ? AND status != 'pending'
                                                 LIMIT ?)"""
+#: The bodies of a key that logs them (``log_bodies``), beside their usage
+#: row: the first BODY_LOG_BYTES of the request and of the answer, and
+#: their whole sizes.
+BODY_LOG_BYTES = 64 * 1024
+INSERT_BODIES = """INSERT INTO usage_bodies (usage_id, started_at, request, request_bytes, response, response_bytes)
+                   SELECT id, started_at, ?, ?, ?, ? FROM usage WHERE id = ?"""
+GET_BODIES = "SELECT request, request_bytes, response, response_bytes FROM usage_bodies WHERE usage_id = ?"
+PRUNE_BODIES = """DELETE FROM usage_bodies WHERE usage_id IN (SELECT usage_id FROM usage_bodies WHERE started_at < ?
+                                                              LIMIT ?)"""
 
 
 ADMIN_TOKEN_SETTING = "admin_token_hash"
@@ -1873,17 +1905,22 @@ class Store:
             return conn.execute(INSERT_USAGE, values).lastrowid, period_start
         return self._write(begin)
 
-    def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None, alert_thresholds=()):
+    def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None, alert_thresholds=(),
+                     bodies=None):
         """Settle a usage row (``result`` maps USAGE_RESULT_COLUMNS to values)
-        and turn its budget reservation into the real cost. Budget
-        thresholds (percentages) the spend has now reached queue their
-        alerts in the same transaction; returns how many it queued."""
+        and turn its budget reservation into the real cost; ``bodies`` (the
+        INSERT_BODIES values: request, its size, response, its size) are
+        kept beside it. Budget thresholds (percentages) the spend has now
+        reached queue their alerts in the same transaction; returns how
+        many it queued."""
         values = tuple(result[column] for column in USAGE_RESULT_COLUMNS) + (row_id,)
 
         def finish(conn):
             if not conn.execute(FINISH_USAGE, values).rowcount:
                 return 0  # recovery got there first and charged the reservation
             _roll_up_row(conn, row_id, 1)
+            if bodies is not None:
+                conn.execute(INSERT_BODIES, tuple(bodies) + (row_id,))
             cost = result["cost_nanousd"]
             if period_start is not None:
                 conn.execute(SETTLE_SPEND, (reserved, cost, key_id, period_start))
@@ -2040,6 +2077,17 @@ class Store:
                                      rows[limit - 1][LOG_COLUMNS.index("id")])
         return entries, next_cursor
 
+    def usage_log_entry(self, row_id):
+        """One usage row as the request log shows it, or None."""
+        rows = self._read_apart(LOG_PAGE + " WHERE u.id = ?", (row_id,))
+        return log_entry(dict(zip(LOG_COLUMNS, rows[0]))) if rows else None
+
+    def usage_bodies(self, row_id):
+        """The kept bodies of a usage row: (request, its size, response or
+        None, its size), or None if none were kept."""
+        rows = self._read_apart(GET_BODIES, (row_id,))
+        return rows[0] if rows else None
+
     def usage_totals(self):
         """All-time totals per key, model, provider and status (settled
         rows): (key id, project, model, provider, status, ROLLUP_MEASURES...)."""
@@ -2052,13 +2100,24 @@ class Store:
     def prune_usage(self, before, batch=2000, at_most=None):
         """Delete settled usage rows that started before ``before`` (rounded
         down to the hour, so every rollup left whole still has its rows or
-        none of them); rollups are kept. Small transactions, so requests
-        settling meanwhile wait milliseconds; ``at_most`` bounds one call
-        (roughly, to a batch). Returns how many went."""
+        none of them), and their kept bodies; rollups are kept. Small
+        transactions, so requests settling meanwhile wait milliseconds;
+        ``at_most`` bounds one call (roughly, to a batch). Returns how many
+        rows went."""
         cutoff = int(before) // 3600 * 3600
+        deleted = self._prune(PRUNE_USAGE, cutoff, batch, at_most)
+        self.prune_bodies(cutoff, batch, at_most)
+        return deleted
+
+    def prune_bodies(self, before, batch=2000, at_most=None):
+        """Delete the kept bodies of requests that started before ``before``
+        (their rows stay); as prune_usage. Returns how many went."""
+        return self._prune(PRUNE_BODIES, before, batch, at_most)
+
+    def _prune(self, statement, cutoff, batch, at_most):
         deleted = 0
         while at_most is None or deleted < at_most:
-            count = self._write(lambda conn: conn.execute(PRUNE_USAGE, (cutoff, batch)).rowcount)
+            count = self._write(lambda conn: conn.execute(statement, (cutoff, batch)).rowcount)
             deleted += count
             if count < batch:
                 break
@@ -2244,7 +2303,8 @@ BUDGET_PERIODS = ("daily", "weekly", "monthly", "never")
 LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
 DEFAULT_POLICY = {"tier": "default", "rpm": None, "tpm": None, "max_parallel": None, "max_budget_nanousd": None,
-                  "budget_period": "monthly", "expires_at": None, "models": None, "metadata": None}
+                  "budget_period": "monthly", "expires_at": None, "models": None, "metadata": None,
+                  "log_bodies": False, "alert_thresholds": None}
 
 
 def budget_period_bounds(now, period):
@@ -2318,9 +2378,11 @@ def _key_hint(secret):
 
 
 def _column_value(name, value):
-    """A policy value as stored: lists and labels as JSON text."""
-    if name in ("models", "metadata") and value is not None:
+    """A policy value as stored: lists and labels as JSON text, flags as 0/1."""
+    if name in ("models", "metadata", "alert_thresholds") and value is not None:
         return json.dumps(value, sort_keys=True)
+    if name == "log_bodies":
+        return int(value)
     return value
 
 
@@ -2342,6 +2404,8 @@ class VirtualKey:
     expires_at: Optional[float]
     models: Optional[Tuple[str, ...]]
     metadata: Tuple[Tuple[str, str], ...]
+    log_bodies: bool                            # its requests' bodies are kept (usage_bodies)
+    alert_thresholds: Optional[Tuple[int, ...]]  # None: the config's alerts.thresholds
     previous_secret_until: Optional[float] = None  # set when found by a rotated-out secret
 
     @classmethod
@@ -2350,6 +2414,9 @@ class VirtualKey:
         values["is_active"] = bool(values["is_active"])
         values["models"] = tuple(json.loads(values["models"])) if values["models"] else None
         values["metadata"] = tuple(sorted(json.loads(values["metadata"]).items())) if values["metadata"] else ()
+        values["log_bodies"] = bool(values["log_bodies"])
+        if values["alert_thresholds"] is not None:
+            values["alert_thresholds"] = tuple(json.loads(values["alert_thresholds"]))
         return cls(**values)
 
     def valid_at(self, now):
@@ -2364,7 +2431,9 @@ class VirtualKey:
                 "max_budget": None if self.max_budget_nanousd is None else nanousd_to_usd(self.max_budget_nanousd),
                 "budget_period": self.budget_period, "expires_at": iso_time(self.expires_at),
                 "models": list(self.models) if self.models is not None else None,
-                "metadata": dict(self.metadata), "is_active": self.is_active,
+                "metadata": dict(self.metadata), "log_bodies": self.log_bodies,
+                "alert_thresholds": None if self.alert_thresholds is None else list(self.alert_thresholds),
+                "is_active": self.is_active,
                 "created_at": iso_time(self.created_at), "revoked_at": iso_time(self.revoked_at),
                 "key_hint": self.key_hint}
 
@@ -3907,7 +3976,7 @@ _NEVER_EXPIRES_FROM = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: The fields a key's policy is set with, from the CLI or the admin API.
 POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
-                 "models", "metadata")
+                 "models", "metadata", "log_bodies", "alert_thresholds")
 
 
 def parse_duration(text, name="duration"):
@@ -3975,6 +4044,17 @@ def parse_key_policy(fields, config, now):
         for name, value in metadata.items():
             check_text(value, "metadata.%s" % name, blank_ok=True, error=BadRequestError)
         policy["metadata"] = metadata or None
+    if "log_bodies" in fields:
+        if not isinstance(fields["log_bodies"], bool):
+            raise BadRequestError("log_bodies: expected true or false, got %s" % shown(fields["log_bodies"]),
+                                  param="log_bodies")
+        policy["log_bodies"] = fields["log_bodies"]
+    if "alert_thresholds" in fields:
+        thresholds = fields["alert_thresholds"]
+        if isinstance(thresholds, str):
+            thresholds = [number_in_text(value.strip()) for value in thresholds.split(",")]
+        policy["alert_thresholds"] = None if thresholds is None else list(
+            parse_thresholds(thresholds, "alert_thresholds", BadRequestError))
     return policy
 
 
@@ -4070,6 +4150,22 @@ def request_log(store, options):
     cursor = options.get("cursor")
     entries, next_cursor = store.usage_log(filters, cursor and parse_log_cursor(cursor), limit)
     return {"data": entries, "next_cursor": next_cursor}
+
+
+def request_log_entry(store, entry_id):
+    """One request log entry by its id, with ``bodies``: what was kept of
+    its request and answer if its key logs bodies (``log_bodies``), else
+    None. Only this single-entry view shows bodies, never a list."""
+    row_id = check_number(number_in_text(entry_id), "id", 1, 2 ** 63 - 1, integer=True, error=BadRequestError)
+    entry = store.usage_log_entry(row_id)
+    if entry is None:
+        raise NotFoundError("No request log entry %s" % shown(entry_id))
+    kept = store.usage_bodies(row_id)
+    entry["bodies"] = None if kept is None else {
+        "request": kept[0].decode("utf-8", "replace"), "request_bytes": kept[1],
+        "response": None if kept[2] is None else kept[2].decode("utf-8", "replace"), "response_bytes": kept[3],
+        "kept_bytes_each": BODY_LOG_BYTES}
+    return entry
 
 
 #: A spreadsheet runs a cell that starts with one of these as a formula.
@@ -4623,6 +4719,10 @@ class Attempt:
         self.started = time.monotonic()
         self.sent = self.first_byte = None  # monotonic times: request forwarded, answer's head read
         self.settled = True  # until begun
+        #: For a key that logs bodies, the first BODY_LOG_BYTES of the answer
+        #: as the provider sent it, and its whole size; None for any other key.
+        self.answer = bytearray() if logical.key.log_bodies else None
+        self.answer_bytes = 0
 
     def begin(self, reservation):
         """Write the pending row; raises BudgetExceededError (then the
@@ -4636,6 +4736,27 @@ class Attempt:
         logical.attempts = self.number
         self.settled = False
         gateway.router.started(self.deployment)
+
+    def keep_answer(self, data):
+        """Keep what a key that logs bodies was answered (bounded)."""
+        if self.answer is not None:
+            self.answer += data[:BODY_LOG_BYTES - len(self.answer)]
+            self.answer_bytes += len(data)
+
+    def kept_events(self, events):
+        """``events`` (a stream's), each kept as it passes (keep_answer)."""
+        for event in events:
+            if not isinstance(event, ProviderWait):
+                self.keep_answer(event)
+            yield event
+
+    def _bodies(self):
+        """INSERT_BODIES values for a key that logs bodies, else None."""
+        if self.answer is None:
+            return None
+        request = self.logical.raw or b""  # a GET has none
+        answered = self.answer_bytes or None
+        return request[:BODY_LOG_BYTES], len(request), answered and bytes(self.answer), answered
 
     def headers(self):
         """What the reply says about routing: request id, attempts, who served."""
@@ -4675,8 +4796,9 @@ class Attempt:
                 "total": result["latency_ms"], "first_byte": result["first_byte_ms"],
                 "overhead": result["overhead_ms"]})
             alerts = gateway.alerts
+            thresholds = () if alerts is None else logical.key.alert_thresholds or alerts.config.thresholds
             if gateway.store.finish_usage(self.row_id, result, logical.key.id, self.reservation, self.period_start,
-                                          alerts.config.thresholds if alerts is not None else ()):
+                                          thresholds, self._bodies()):
                 alerts.wake()
         except Exception as exc:
             logger.error("usage row %s could not be settled (%s); it stays pending", self.request_id,
@@ -4817,6 +4939,8 @@ class Gateway:
                     retention = self.config.logging.retention_days
                     if retention is not None:
                         self.store.prune_usage(time.time() - retention * 86400, at_most=self.prune_per_run)
+                    self.store.prune_bodies(time.time() - self.config.logging.body_retention_days * 86400,
+                                            at_most=self.prune_per_run)
             except GatewayError as exc:
                 logger.warning("background sync failed: %s", exc.message)
 
@@ -5318,6 +5442,7 @@ class Gateway:
         if not ok:  # an error body may quote what the provider received
             for secret in self.known_secrets():
                 body = body.replace(secret.encode(), b"[redacted]")
+        attempt.keep_answer(body)
         usage = Usage()
         if attempt.logical.route.usage_parser is not None:
             if isinstance(payload.get("usage"), dict):
@@ -5346,6 +5471,8 @@ class Gateway:
         is a Failure the client never sees. Returns the Reply relaying the
         stream, or a Failure."""
         events = upstream.events(attempt.logical.deadline, self.config.server.stream_idle_timeout)
+        if attempt.answer is not None:
+            events = attempt.kept_events(events)
         preamble, size, first = [], 0, None
         try:
             for event in events:
@@ -5457,6 +5584,7 @@ class Gateway:
             ("POST", "virtual-keys", "*", "topup"): lambda: self._admin_topup(request, parts[1]),
             ("GET", "usage-stats"): lambda: self._admin_usage_stats(request),
             ("GET", "logs"): lambda: self._admin_logs(request),
+            ("GET", "logs", "*"): lambda: json_reply(200, request_log_entry(self.store, parts[1])),
             ("GET", "audit"): lambda: json_reply(200, {"data": self.store.audit_log(1000)}),
             ("GET", "deployments"): lambda: json_reply(200, {"data": self.router.describe()}),
         }

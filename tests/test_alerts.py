@@ -13,8 +13,9 @@ import threading
 import time
 
 import pytest
+import yaml
 
-from conftest import CHAT, post, wait_until
+from conftest import ADMIN_TOKEN, CHAT, admin, base_config, post, wait_until
 
 import llmgw
 
@@ -194,3 +195,43 @@ def test_alert_config_is_checked(alerts, fragment):
     with pytest.raises(llmgw.ConfigError, match="alerts") as error:
         llmgw.parse_config({"alerts": alerts})
     assert fragment in error.value.message
+
+
+def test_a_key_may_have_thresholds_of_its_own(make_gateway, receiver, cli_main, tmp_path):
+    """Per-key ``alert_thresholds`` (admin API, ``--alert-thresholds``)
+    replace the config's for that key alone; cleared, the key falls back
+    to them."""
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN},
+                           alerts={"webhook_url": receiver.url, "thresholds": [50]})
+    own = admin(gateway, "POST", "/admin/virtual-keys", {"project_name": "own", "max_budget": 0.001, "rpm": 10000,
+                                                         "alert_thresholds": [20, 10, 20]})
+    assert own.status == 201 and own.json()["alert_thresholds"] == [10, 20], own.body
+    record, key = own.json(), own.json()["key"]
+    fallback, fallback_key = gateway.create_key("fallback", max_budget=0.001, rpm=10000)
+    assert fallback["alert_thresholds"] is None
+    spend_until(gateway, key, record, 25)
+    spend_until(gateway, fallback_key, fallback, 25)
+    assert wait_until(lambda: outbox_settled(gateway) and len(receiver.received) == 2)
+    assert [(p["key_id"], p["threshold_pct"]) for p in receiver.payloads()] == [(record["id"], 10), (record["id"], 20)]
+    spend_until(gateway, fallback_key, fallback, 50)
+    assert wait_until(lambda: outbox_settled(gateway) and len(receiver.received) == 3)
+    assert (receiver.payloads()[2]["key_id"], receiver.payloads()[2]["threshold_pct"]) == (fallback["id"], 50)
+    # The CLI sets and clears them; a cleared key uses the config's again.
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    updated = json.loads(cli_main("keys", "update", record["id"], "--alert-thresholds", "30, 100", check=True).stdout)
+    assert updated["alert_thresholds"] == [30, 100]
+    spend_until(gateway, key, record, 35)
+    assert wait_until(lambda: outbox_settled(gateway) and len(receiver.received) == 4)
+    assert receiver.payloads()[3]["threshold_pct"] == 30
+    cleared = json.loads(cli_main("keys", "update", record["id"], "--alert-thresholds", "none", check=True).stdout)
+    assert cleared["alert_thresholds"] is None
+    spend_until(gateway, key, record, 50)
+    assert wait_until(lambda: outbox_settled(gateway) and len(receiver.received) == 5)
+    assert receiver.payloads()[4]["threshold_pct"] == 50
+
+
+@pytest.mark.parametrize("thresholds", [[], [0], [1001], ["50"], [50.5], "fifty", True, {"a": 1}])
+def test_bad_key_thresholds_are_refused(make_gateway, thresholds):
+    gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    reply = admin(gateway, "POST", "/admin/virtual-keys", {"project_name": "p", "alert_thresholds": thresholds})
+    assert reply.status == 400 and reply.json()["error"]["param"].startswith("alert_thresholds"), reply.body

@@ -867,7 +867,8 @@ def test_key_info_reports_own_limits_and_spend_only(make_gateway, upstream):
     record = gateway.store.get_key(key_id)
     expected = {"id": key_id, "project_name": "alpha", "tier": "default", "rpm": 7, "tpm": 5000, "max_parallel": 3,
                 "max_budget": usd(budget), "budget_period": "daily", "expires_at": record["expires_at"],
-                "models": ["acme-*", "gpt-4o*"], "metadata": {"team": "search"}, "is_active": True,
+                "models": ["acme-*", "gpt-4o*"], "metadata": {"team": "search"}, "log_bodies": False,
+                "alert_thresholds": None, "is_active": True,
                 "created_at": record["created_at"], "revoked_at": None, "period_start": llmgw.iso_time(start),
                 "period_end": llmgw.iso_time(end), "spent": usd(cost), "reserved": 0.0, "budget": usd(budget),
                 "remaining": usd(budget - cost), "budget_admission": "strict"}

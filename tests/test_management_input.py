@@ -187,6 +187,14 @@ def is_metadata(v):
                                        for name, value in v.items())
 
 
+def is_thresholds(v):
+    """Budget alert percentages: a non-empty list of integers from 1 to
+    1000, or text of them separated by commas."""
+    if isinstance(v, str):
+        return all(spells(integer_in(1, 1000))(part.strip()) for part in v.split(","))
+    return isinstance(v, list) and bool(v) and all(integer_in(1, 1000)(item) for item in v)
+
+
 POLICY_RULES = {
     "tier": one_of("default", "premium"),
     "rpm": optional(integer_in(1, 10 ** 12)),
@@ -198,6 +206,8 @@ POLICY_RULES = {
     "expires_at": optional(is_time),
     "models": optional(is_models),
     "metadata": optional(is_metadata),
+    "log_bodies": lambda v: isinstance(v, bool),
+    "alert_thresholds": optional(is_thresholds),
 }
 
 
@@ -363,6 +373,7 @@ POLICY_FLAGS = {
     "--models": (("models",), lambda t: t == "none" or is_models(t)),
     "--label": (("metadata", "label"), lambda t: t == "none" or (
         "=" in t and is_metadata(dict([t.split("=", 1)])))),
+    "--alert-thresholds": (("alert_thresholds",), lambda t: t == "none" or is_thresholds(t)),
 }
 
 
