@@ -2892,14 +2892,18 @@ def text_characters(value):
 # ever contacted, and redirects are never followed.
 #
 # A call spends most of its life waiting for its provider: for the answer's
-# first byte, for the next stream event. Those waits are generators: where a
-# read would wait (nothing buffered here, in TLS or in the kernel), the
+# first byte, for the next stream event. Those waits are generators: a
+# provider socket is never read or written blocking; where a read or write
+# would wait (nothing in the kernel, a TLS record not yet whole), the
 # request path yields a ProviderWait and is resumed when the provider's
-# socket is readable or its deadline passes (section 11 parks it on the
+# socket is ready or its deadline passes (section 11 parks it on the
 # kernel's readiness queue meanwhile), so a waiting call costs a socket and
-# a little state, not a thread. Once bytes are there, reads are ordinary
-# blocking reads bounded by the socket's timeout: a provider that sends part
-# of a line, chunk or TLS record holds a worker until the rest arrives.
+# a little state, not a thread. The answer is decoded here from what
+# arrived (head, chunks, events), never from a blocking file: a provider
+# that sends part of a line, chunk, event or TLS record and stalls holds no
+# worker either. (Opening a connection, TCP and TLS handshake, still blocks
+# its worker, up to ``upstream_connect_timeout``: the pool spares most calls
+# that.)
 
 #: Azure OpenAI's classic API serves these under the model's deployment.
 AZURE_DEPLOYMENT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -2988,7 +2992,11 @@ class UpstreamPool:
         raise error or OSError("no address for %s" % self.host)
 
     def release(self, conn):
-        """Return a connection whose last response was read to the end."""
+        """Return a connection whose last response was read to the end (one
+        with bytes beyond it, or closed by the provider, is closed)."""
+        if conn.buffer or conn.ended:
+            conn.close()
+            return
         with self._lock:
             if len(self._idle) < self._max_idle:
                 self._idle.append((conn, time.monotonic()))
@@ -3071,10 +3079,7 @@ class Provider:
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh)
-                conn.sock.settimeout(self.pool.read_timeout)
-                conn.send(data)
-                yield from conn.wait(time.monotonic() + self.pool.read_timeout)
-                conn.getresponse(method)
+                yield from conn.exchange(data, method, time.monotonic() + self.pool.read_timeout)
                 return conn
             except BaseException as exc:  # timeouts and TLS errors too; the call closed while waiting
                 if conn is not None:
@@ -3113,78 +3118,127 @@ def upstream_request(method, target, host_field, dialect, provider_dialect, cred
 
 
 class ProviderWait:
-    """What a call waits for: its provider's socket to be readable, or
-    ``deadline`` (time.monotonic()) to pass, whichever comes first. Without
-    a socket it is a timer (a backoff between attempts)."""
-    __slots__ = ("sock", "deadline")
+    """What a call waits for: its provider's socket to be readable (or
+    writable, ``writing``), or ``deadline`` (time.monotonic()) to pass,
+    whichever comes first. Without a socket it is a timer (a backoff
+    between attempts)."""
+    __slots__ = ("sock", "deadline", "writing")
 
-    def __init__(self, sock, deadline):
-        self.sock, self.deadline = sock, deadline
+    def __init__(self, sock, deadline, writing=False):
+        self.sock, self.deadline, self.writing = sock, deadline, writing
+
+
+def wait_out(steps):
+    """Run a generator that yields ProviderWaits to its end on this thread,
+    blocking on each wait, and return its value: for the gateway's own
+    calls outside the request path (alert webhooks, doctor's reach)."""
+    try:
+        wait = next(steps)
+        while True:
+            if wait.sock is not None:
+                poller = select.poll()
+                poller.register(wait.sock, select.POLLOUT if wait.writing else select.POLLIN)
+                poller.poll(max(0.0, wait.deadline - time.monotonic()) * 1000)
+            else:
+                time.sleep(max(0.0, wait.deadline - time.monotonic()))
+            wait = next(steps)
+    except StopIteration as end:
+        return end.value
+
+
+#: Bounds on a provider's response head, as http.client sets them, and on
+#: the interim (1xx) answers before it.
+MAX_UPSTREAM_HEADER_LINE = 65536
+MAX_UPSTREAM_HEADER_FIELDS = 100
+MAX_INTERIM_ANSWERS = 10
+#: A chunk's size line, extensions included, and a trailer line.
+MAX_CHUNK_LINE = 4096
+_LINE_END_BYTES = re.compile(rb"\r?\n")
 
 
 class UpstreamConnection:
-    """A keep-alive connection to a provider, the bytes read ahead on it,
-    and the response being read (closed together).
+    """A keep-alive connection to a provider: its socket, the bytes read
+    from it and not yet used, and the response being read (closed
+    together).
 
-    Reading the body is where a call waits on the provider, so it happens
-    in one method (``read_chunk``, under ``read_body`` and ``events``),
-    which yields ProviderWaits while nothing is readable, and where a
-    transport failure becomes the gateway's own UpstreamTimeoutError or
-    UpstreamCutError: nothing above this section catches socket or
-    http.client exceptions.
+    Every read and write is non-blocking. Where one would wait (nothing in
+    the kernel, a TLS record not yet whole: ``SSLWantReadError``, or TLS
+    needing to write first: ``SSLWantWriteError``), the method yields a
+    ProviderWait and tries again when resumed. Nothing is decoded before it
+    is whole (the head once its blank line is in, a chunk's size once its
+    line is in, an event once its blank line is in), so a provider that
+    sends part of a head, chunk, event or TLS record and then stalls holds
+    a socket and its bytes, never a worker.
+
+    Here a transport failure becomes the gateway's own UpstreamTimeoutError
+    or UpstreamCutError (``read_chunk``, under ``read_body`` and
+    ``events``): nothing above this section catches socket or http.client
+    exceptions.
     """
-    __slots__ = ("sock", "reader", "response", "_poll", "provider_name")
+    __slots__ = ("sock", "buffer", "ended", "response", "provider_name")
 
     def __init__(self, sock, provider_name="?"):
-        self.sock, self.reader, self.response = sock, ProviderReader(sock), None
+        sock.setblocking(False)
+        self.sock, self.buffer, self.ended, self.response = sock, bytearray(), False, None
         self.provider_name = provider_name
-        self._poll = select.poll()
-        self._poll.register(sock, select.POLLIN)
 
-    def makefile(self, mode):
-        """The file http.client reads a response from: our reader."""
-        return self.reader
-
-    def send(self, request):
-        """Send a request (its answer not yet begun)."""
-        self.response = None
-        self.sock.sendall(request)
-
-    def getresponse(self, method):
-        """Read the status line and header fields of the answer."""
-        self.response = UpstreamResponse(self, method=method)
-        self.response.begin()
-        return self.response
-
-    def readable(self):
-        """Whether a read would find bytes (or the end, or an error) without
-        waiting: read ahead, decrypted by TLS, or in the kernel, or the
-        response read to its end. The CRLF that ends a chunk does not
-        count: http.client reads it with the next chunk."""
-        response = self.response
-        if response is not None and (response.fp is None or response.length == 0):
-            return True  # read to its end: reads return b"" at once
-        ahead = len(self.reader.buffer)
-        if ahead and response is not None and response.chunked and response.chunk_left == 0:
-            ahead -= 2
-        if ahead > 0 or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
-            return True
-        return bool(self._poll.poll(0))
-
-    def wait(self, deadline):
-        """Until a read would not wait: yields ProviderWaits meanwhile;
-        raises socket.timeout once ``deadline`` has passed."""
-        while not self.readable():
+    def _waits_for(self, action, deadline, sending=False):
+        """Try ``action`` (a receive, or a send) until it does not have to
+        wait, yielding ProviderWaits meanwhile; returns its value. Raises
+        socket.timeout once ``deadline`` has passed."""
+        while True:
+            try:
+                return action()
+            except ssl.SSLWantReadError:  # TLS needs the rest of a record, even to send
+                writing = False
+            except ssl.SSLWantWriteError:  # ... or to write first, even to receive
+                writing = True
+            except BlockingIOError:
+                writing = sending
             if time.monotonic() >= deadline:
                 raise socket.timeout()
-            yield ProviderWait(self.sock, deadline)
+            yield ProviderWait(self.sock, deadline, writing)
+
+    def _receive(self, deadline):
+        """Read what the provider sent next into ``buffer``, or note the end
+        of its side (``ended``), waiting for it up to ``deadline``."""
+        data = yield from self._waits_for(lambda: self.sock.recv(65536), deadline)
+        if data:
+            self.buffer += data
+        else:
+            self.ended = True
+
+    def exchange(self, request, method, deadline):
+        """Send a request and read its answer's head (interim answers
+        skipped), waiting up to ``deadline``; returns the UpstreamResponse.
+        Raises socket.timeout, OSError (ConnectionError when the provider
+        closed the connection before any byte of an answer) or
+        http.client.HTTPException (a head the gateway refuses)."""
+        self.response = None
+        data = memoryview(request)
+        while data:
+            sent = yield from self._waits_for(lambda: self.sock.send(data), deadline, sending=True)
+            data = data[sent:]
+        while True:
+            response = UpstreamResponse.parse(self.buffer, method)
+            if response is not None:
+                self.response = response
+                return response
+            if self.ended:
+                if self.buffer:
+                    raise http.client.IncompleteRead(bytes(self.buffer[:100]))
+                raise http.client.RemoteDisconnected("the provider closed the connection without an answer")
+            yield from self._receive(deadline)
 
     def read_chunk(self, deadline):
         """The next bytes of the body (b"" at its end), yielding
-        ProviderWaits until a read would not wait or ``deadline`` passes."""
+        ProviderWaits until some arrive or ``deadline`` passes."""
         try:
-            yield from self.wait(deadline)
-            return self.response.read1(65536)
+            while True:
+                data = self.response.decode(self.buffer, self.ended)
+                if data is not None:
+                    return data
+                yield from self._receive(deadline)
         except socket.timeout:
             raise UpstreamTimeoutError("Provider %s stopped answering" % self.provider_name) from None
         except (OSError, http.client.HTTPException):
@@ -3200,18 +3254,13 @@ class UpstreamConnection:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise UpstreamTimeoutError("Provider %s stopped answering" % self.provider_name)
-            if remaining < read_timeout:
-                self.sock.settimeout(remaining)
             data = yield from self.read_chunk(time.monotonic() + min(remaining, read_timeout))
             if not data:
-                break
+                return b"".join(parts)
             parts.append(data)
             size += len(data)
             if size > MAX_UPSTREAM_BODY_BYTES:
                 raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
-        if self.response.length:  # closed before its Content-Length (read1 does not raise)
-            raise UpstreamCutError("Provider %s broke off its answer" % self.provider_name)
-        return b"".join(parts) + self.response.read()  # b"", and marks the response done
 
     def events(self, deadline, idle_timeout):
         """Yield complete SSE events (bytes, terminator included) as they
@@ -3239,173 +3288,196 @@ class UpstreamConnection:
             buffer = buffer[start:]
             if len(buffer) > MAX_EVENT_BYTES:
                 raise UpstreamCutError("The provider sent an oversized stream event")
-    def reusable_after_stream(self):
-        """Finish reading a response after its final event, so its
-        connection can serve another request. The provider ends the body
-        right after that event; one that lingers is not waited for."""
+
+    #: How long the end of a body is waited for after a stream's final event.
+    FINISH_SECONDS = 0.05
+
+    def finish_stream(self):
+        """Read the rest of a response after its final event, so its
+        connection can serve another request: a generator returning whether
+        it can. The provider ends the body right after that event; one that
+        lingers is not waited for (beyond FINISH_SECONDS, parked)."""
         response = self.response
-        if response.isclosed():
-            return not response.will_close
-        try:
-            self.sock.settimeout(0.05)
-            for _ in range(16):
-                if not response.read1(65536):
-                    break
-        except (OSError, http.client.HTTPException):
+        if response.will_close:
             return False
-        if response.length == 0:
-            response.close()  # a Content-Length body read to its end, which read1 leaves open
-        return response.isclosed() and not response.will_close
+        deadline = time.monotonic() + self.FINISH_SECONDS
+        try:
+            while not response.complete:
+                if response.decode(self.buffer, self.ended) is None:
+                    yield from self._receive(deadline)
+        except (OSError, http.client.HTTPException):  # socket.timeout too
+            return False
+        return not self.buffer  # nothing beyond the body
 
     def close(self):
-        if self.response is not None:
-            self.response.close()
         self.sock.close()
 
 
-class ProviderReader:
-    """The bytes of a provider connection, read for http.client in place of
-    its buffered socket file, so that what is read ahead is in sight (a call
-    must not wait for the socket while its next event sits here)."""
-    __slots__ = ("sock", "buffer")
+class UpstreamResponse:
+    """A provider's answer: its status and header fields, read by a lean
+    parser (http.client's, through the email package, costs more than the
+    rest of a proxied call), and the decoding of its body as it arrives:
+    by Content-Length, chunked, or up to the end of the connection."""
+    __slots__ = ("status", "reason", "fields", "field_map", "chunked", "length", "will_close", "complete",
+                 "chunk_left", "in_trailer")
 
-    def __init__(self, sock):
-        self.sock, self.buffer = sock, bytearray()
-
-    def _fill(self):
-        """One receive into the buffer, waiting up to the socket's timeout;
-        False at the end of the stream."""
-        data = self.sock.recv(65536)
-        self.buffer += data
-        return bool(data)
-
-    def _take(self, size):
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]  # cheap at the front of a bytearray
-        return data
-
-    def readline(self, limit=-1):
-        searched = 0
+    @classmethod
+    def parse(cls, buffer, method):
+        """The answer whose head ``buffer`` holds whole (interim answers
+        before it skipped), its head taken from ``buffer``; None while part
+        of it has still to arrive. Raises http.client.HTTPException for a
+        head the gateway refuses, UpstreamError for a malformed framing
+        field."""
+        start, interim = 0, 0
         while True:
-            end = self.buffer.find(b"\n", searched)
-            if end >= 0 and (limit < 0 or end < limit):
-                return self._take(end + 1)
-            if 0 <= limit <= len(self.buffer):
-                return self._take(limit)
-            searched = len(self.buffer)
-            if not self._fill():
-                return self._take(len(self.buffer))
-
-    def read1(self, size=-1):
-        if not self.buffer and size:
-            self._fill()
-        return self._take(len(self.buffer) if size < 0 else size)
-
-    def read(self, size=-1):
-        while (size is None or size < 0 or len(self.buffer) < size) and self._fill():
-            pass
-        return self._take(len(self.buffer) if size is None or size < 0 else size)
-
-    def readinto(self, target):
-        data = self.read(len(target))
-        target[:len(data)] = data
-        return len(data)
-
-    def peek(self, size=0):
-        if not self.buffer:
-            self._fill()
-        return bytes(self.buffer)
-
-    def flush(self):
-        pass  # nothing is written
-
-    def close(self):
-        pass  # the socket closes with its UpstreamConnection
-
-
-#: Bounds on a provider's response head, as http.client sets them, and on
-#: the interim (1xx) answers before it.
-MAX_UPSTREAM_HEADER_LINE = 65536
-MAX_UPSTREAM_HEADER_FIELDS = 100
-MAX_INTERIM_ANSWERS = 10
-
-
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response reader with a lean header parser: the email
-    package it uses by default costs more than the rest of a proxied call.
-    Bodies (lengths, chunks, read1) are read by http.client as ever."""
-
-    def begin(self):
-        version, status, reason = self._read_status()
-        interim = 0
-        while status < 200:  # interim answers (100 Continue, 103 Early Hints) come before the real one
-            interim += 1
+            lines = _head_lines(buffer, start)
+            if lines is None:
+                return None
+            status_line, fields, start = lines
+            version, status, reason = _status_of(status_line)
+            if status >= 200:
+                break
+            interim += 1  # interim answers (100 Continue, 103 Early Hints) come before the real one
             if status == http.client.SWITCHING_PROTOCOLS or interim > MAX_INTERIM_ANSWERS:
                 raise http.client.HTTPException("the provider switched protocols or sent too many interim answers")
-            self._read_fields()
-            try:
-                version, status, reason = self._read_status()
-            except ConnectionError:  # not worth a retry: the provider has the request
-                raise http.client.HTTPException("the provider closed the connection after an interim answer") \
-                    from None
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.fields = self._read_fields()
-        self.field_map = fields = {}
-        for name, value in self.fields:
+        del buffer[:start]
+        return cls(version, status, reason, fields, method)
+
+    def __init__(self, version, status, reason, fields, method):
+        self.status, self.reason, self.fields = status, reason, fields
+        self.field_map = field_map = {}
+        for name, value in fields:
             # The fields the gateway reads itself: whole lines, and framing ones once.
-            if (name in ("content-length", "transfer-encoding") and name in fields
+            if (name in ("content-length", "transfer-encoding") and name in field_map
                     or name in ("content-length", "transfer-encoding", "content-type")
                     and ("\n" in value or "\r" in value)):
                 raise UpstreamError("The provider sent a malformed %s header" % name, code="upstream_bad_response")
-            fields.setdefault(name, value)
-        self.headers = self.msg = fields
-        self.chunked = fields.get("transfer-encoding", "").lower() == "chunked"
-        self.chunk_left = None
-        connection = fields.get("connection", "").lower()
-        self.will_close = "close" in connection if self.version == 11 else "keep-alive" not in connection
+            field_map.setdefault(name, value)
+        self.chunked = field_map.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left, self.in_trailer = None, False  # None: a chunk's size line comes next
+        connection = field_map.get("connection", "").lower()
+        http_11 = version not in ("HTTP/1.0", "HTTP/0.9")
+        self.will_close = "close" in connection if http_11 else "keep-alive" not in connection
         self.length = None
-        length = fields.get("content-length", "")
+        length = field_map.get("content-length", "")
         if not self.chunked and length.isdigit() and length.isascii():
             self.length = int(length)
-        if status in (204, 304) or self._method == "HEAD":
-            self.length = 0
+        if status in (204, 304) or method == "HEAD":
+            self.chunked, self.length = False, 0
         if not self.chunked and self.length is None:
             self.will_close = True  # the body ends with the connection
-
-    def _read_fields(self):
-        """(lower-cased name, value) pairs up to the blank line, at most
-        MAX_UPSTREAM_HEADER_FIELDS lines. A field continued on folded lines
-        is marked with a line break instead, so it is never relayed (see
-        response_headers)."""
-        fields = []
-        for _ in range(MAX_UPSTREAM_HEADER_FIELDS + 1):
-            line = self.fp.readline(MAX_UPSTREAM_HEADER_LINE + 1)
-            if len(line) > MAX_UPSTREAM_HEADER_LINE:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n", b""):
-                return fields
-            text = line.decode("latin-1")
-            if text[0] in " \t":
-                if not fields:
-                    raise http.client.HTTPException("malformed header line")
-                name, value = fields[-1]
-                fields[-1] = (name, value.rstrip("\n") + "\n")
-                continue
-            name, colon, value = text.partition(":")
-            if not colon:
-                raise http.client.HTTPException("malformed header line")
-            fields.append((name.strip().lower(), value.strip()))
-        raise http.client.HTTPException("got more than %d header lines" % MAX_UPSTREAM_HEADER_FIELDS)
+        self.complete = self.length == 0
 
     def getheader(self, name, default=None):
         return self.field_map.get(name.lower(), default)
+
+    def decode(self, buffer, ended):
+        """The next bytes of the body taken from ``buffer``: b"" once the
+        body is whole, None while they have still to arrive. ``ended``: the
+        provider closed its side, so nothing more will. Raises
+        http.client.IncompleteRead for a body cut short or malformed."""
+        if self.complete:
+            return b""
+        if not self.chunked:
+            if buffer:
+                size = len(buffer) if self.length is None else min(self.length, len(buffer))
+                data = bytes(buffer[:size])
+                del buffer[:size]  # cheap at the front of a bytearray
+                if self.length is not None:
+                    self.length -= size
+                    self.complete = self.length == 0
+                return data
+            if not ended:
+                return None
+            if self.length is not None:
+                raise http.client.IncompleteRead(b"")
+            self.complete = True  # the body ended with the connection
+            return b""
+        while True:
+            if self.chunk_left:  # inside a chunk's data
+                if not buffer:
+                    break
+                size = min(self.chunk_left, len(buffer))
+                data = bytes(buffer[:size])
+                del buffer[:size]
+                self.chunk_left -= size
+                return data
+            line_end = buffer.find(b"\n")
+            if line_end < 0:
+                if len(buffer) > MAX_CHUNK_LINE:
+                    raise http.client.HTTPException("a chunk line is too long")
+                break
+            line = bytes(buffer[:line_end]).rstrip(b"\r")
+            del buffer[:line_end + 1]
+            if self.in_trailer:
+                if not line:
+                    self.complete = True
+                    return b""
+            elif self.chunk_left == 0:  # the line end after a chunk's data
+                if line:
+                    raise http.client.HTTPException("a chunk longer than its size")
+                self.chunk_left = None
+            else:
+                try:
+                    self.chunk_left = int(line.split(b";", 1)[0].strip(b" \t"), 16)
+                except ValueError:
+                    raise http.client.HTTPException("a malformed chunk size") from None
+                if self.chunk_left < 0:
+                    raise http.client.HTTPException("a malformed chunk size")
+                self.in_trailer = self.chunk_left == 0
+        if ended:
+            raise http.client.IncompleteRead(b"")
+        return None
+
+
+def _head_lines(buffer, start):
+    """(status line, [(lower-cased name, value)], end) of the head at
+    ``start`` in ``buffer``, or None while its blank line has not arrived.
+    At most MAX_UPSTREAM_HEADER_FIELDS lines of MAX_UPSTREAM_HEADER_LINE
+    bytes."""
+    lines, position = [], start
+    while True:
+        end = _LINE_END_BYTES.search(buffer, position)
+        if (end.start() if end else len(buffer)) - position > MAX_UPSTREAM_HEADER_LINE:
+            raise http.client.LineTooLong("header line")
+        if end is None:
+            return None
+        if end.start() == position and lines:
+            return lines[0], _header_fields(lines[1:]), end.end()
+        lines.append(bytes(buffer[position:end.start()]).decode("latin-1"))
+        position = end.end()
+        if len(lines) > MAX_UPSTREAM_HEADER_FIELDS + 1:
+            raise http.client.HTTPException("got more than %d header lines" % MAX_UPSTREAM_HEADER_FIELDS)
+
+
+def _header_fields(lines):
+    """(lower-cased name, value) of each header line. A field continued on
+    folded lines is marked with a line break instead, so it is never
+    relayed (see response_headers)."""
+    fields = []
+    for text in lines:
+        if text[0] in " \t":
+            if not fields:
+                raise http.client.HTTPException("malformed header line")
+            name, value = fields[-1]
+            fields[-1] = (name, value.rstrip("\n") + "\n")
+            continue
+        name, colon, value = text.partition(":")
+        if not colon:
+            raise http.client.HTTPException("malformed header line")
+        fields.append((name.strip().lower(), value.strip()))
+    return fields
+
+
+def _status_of(line):
+    """(version, status, reason) of a status line, as http.client reads it."""
+    words = line.split(None, 2)
+    if len(words) < 2 or not words[0].startswith("HTTP/") or not (words[1].isdigit() and words[1].isascii()) \
+            or not 100 <= int(words[1]) <= 999:
+        raise http.client.BadStatusLine(line)
+    if words[0] != "HTTP/0.9" and not words[0].startswith("HTTP/1."):
+        raise http.client.UnknownProtocol(words[0])
+    return words[0], int(words[1]), words[2].strip() if len(words) > 2 else ""
 
 
 def retry_after(fields):
@@ -4607,10 +4679,8 @@ class AlertSender:
         try:
             conn, _ = self.pool.acquire(fresh=True)
             try:
-                conn.sock.sendall(alert_request(self.pool, payload, self.secret, time.time()))
-                response = conn.getresponse("POST")
-                response.read(64 * 1024)
-                status = response.status
+                status = wait_out(conn.exchange(alert_request(self.pool, payload, self.secret, time.time()), "POST",
+                                                time.monotonic() + self.config.timeout)).status
             finally:
                 conn.close()
             outcome = "HTTP %d" % status
@@ -5256,7 +5326,6 @@ class Gateway:
             content_type = response.getheader("content-type", "")
             if (route.stream_meter is not None and 200 <= response.status < 300
                     and content_type.startswith("text/event-stream")):
-                upstream.sock.settimeout(self.config.server.stream_idle_timeout)
                 return (yield from self._open_stream(attempt, upstream, route.stream_meter(hide_usage_chunk),
                                                      headers + [("content-type", content_type),
                                                                 ("cache-control", "no-cache")]))
@@ -5508,13 +5577,15 @@ class Gateway:
         stream the provider breaks off ends with the API's error event."""
         held = []
         outcome = OUTCOME_CLIENT_DISCONNECTED  # if the handler closes this generator
+        reusable = False
         self.metrics.stream(1)
         try:
             outcome = yield from self._forward_events(meter, preamble, first, events, held)
+            reusable = outcome == OUTCOME_OK and (yield from upstream.finish_stream())
         finally:
             self.metrics.stream(-1)
             try:
-                if outcome == OUTCOME_OK and upstream.reusable_after_stream():
+                if reusable:
                     attempt.provider.pool.release(upstream)
                 else:
                     upstream.close()  # also stops a provider still generating for a client that left
@@ -6045,22 +6116,27 @@ class ReadinessQueue:
         self._hand_reader.setblocking(False)
         self._control(self._hand_reader.fileno(), new=True)
 
-    def _control(self, fd, oneshot=True, new=False):
+    def _control(self, fd, oneshot=True, new=False, writing=False):
         if self._epoll is not None:
-            flags = select.EPOLLIN | (select.EPOLLONESHOT if oneshot else 0)
+            flags = (select.EPOLLOUT if writing else select.EPOLLIN) | (select.EPOLLONESHOT if oneshot else 0)
             (self._epoll.register if new else self._epoll.modify)(fd, flags)
         else:
             flags = select.KQ_EV_ADD | (select.KQ_EV_ONESHOT if oneshot else 0)
-            self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, flags)], 0)
+            kind = select.KQ_FILTER_WRITE if writing else select.KQ_FILTER_READ
+            self._kqueue.control([select.kevent(fd, kind, flags)], 0)
 
     def _unwatch(self, fd):
-        try:
-            if self._epoll is not None:
+        if self._epoll is not None:
+            try:
                 self._epoll.unregister(fd)
-            else:  # a fired one-shot event is gone already
-                self._kqueue.control([select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)], 0)
-        except (OSError, ValueError):
-            pass
+            except (OSError, ValueError):
+                pass
+            return
+        for kind in (select.KQ_FILTER_READ, select.KQ_FILTER_WRITE):  # a fired one-shot event is gone already
+            try:
+                self._kqueue.control([select.kevent(fd, kind, select.KQ_EV_DELETE)], 0)
+            except (OSError, ValueError):
+                pass
 
     def add(self, connection):
         """Watch a new connection; False if it cannot be (the caller closes it)."""
@@ -6098,14 +6174,15 @@ class ReadinessQueue:
 
     def park(self, connection, wait):
         """Watch a connection's call through its provider's socket until
-        that is readable or ``wait.deadline`` passes; a wait without a
+        that is readable (or writable, as the wait says) or ``wait.deadline``
+        passes; a wait without a
         socket is a timer alone. Also while stopping: the drain lets parked
         calls finish. False if the kernel refused."""
         with self._lock:
             if wait.sock is not None:
                 fd = wait.sock.fileno()
                 try:
-                    self._control(fd, new=True)
+                    self._control(fd, new=True, writing=wait.writing)
                 except (OSError, ValueError):
                     logger.warning("a provider connection could not be watched; its call is ended")
                     return False
@@ -7119,11 +7196,9 @@ def _check_reach(name, provider, now, note):
     connection = None
     try:
         connection, _ = pool.acquire(fresh=True)
-        connection.sock.settimeout(REACH_TIMEOUT)
-        connection.sock.sendall(("HEAD %s/ HTTP/1.1\r\nHost: %s\r\nUser-Agent: llmgw-doctor/%s\r\n"
-                                 "Connection: close\r\n\r\n" % (pool.base_path, pool.host_field, __version__))
-                                .encode("latin-1"))
-        response = connection.getresponse("HEAD")
+        request = ("HEAD %s/ HTTP/1.1\r\nHost: %s\r\nUser-Agent: llmgw-doctor/%s\r\nConnection: close\r\n\r\n"
+                   % (pool.base_path, pool.host_field, __version__)).encode("latin-1")
+        response = wait_out(connection.exchange(request, "HEAD", started + REACH_TIMEOUT))
     except (OSError, http.client.HTTPException, GatewayError) as exc:
         note("FAIL", "reach", "%s: %s:%d unreachable: %s" % (name, pool.host, pool.port,
                                                             getattr(exc, "message", None) or exc))

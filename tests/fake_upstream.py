@@ -126,6 +126,13 @@ Timing
                   disconnects, ``stop()`` or 60 s; then close without a reply
   ``slow``        sleep 0.5 s before the status line
   ``slowstream``  0.2 s between stream events
+  ``halting``     stream: every chunk in three writes 0.1 s apart, cut
+                  after its size (before the size line's CRLF) and halfway
+                  through its data, so the reader holds part of a chunk line
+                  and part of an event while the provider stalls
+  ``stall``       stream: as halting, but only the first chunk pauses (after
+                  its size), until the fake's ``resume`` event is set (or
+                  ``stop()``, or 60 s); the rest follows at once
   ``drip``        stream: send the events before the first content delta,
                   then one content delta every 0.3 s (so the stream has
                   begun: the gateway holds back what comes before the first
@@ -211,6 +218,7 @@ __all__ = ["FakeUpstream"]
 CREATED_AT = 1700000000          #: fixed ``created`` timestamp in bodies
 SLOW_S = 0.5                     #: ``slow``: delay before the status line
 SLOWSTREAM_S = 0.2               #: ``slowstream``: delay between events
+HALTING_S = 0.1                  #: ``halting``: pause inside each chunk
 DRIP_INTERVAL_S = 0.3            #: ``drip``: one event (or byte) this often
 DRIP_MAX_S = 60.0                #: ``drip``: give up after this long
 HANG_MAX_S = 60.0                #: ``hang``: give up after this long
@@ -912,12 +920,14 @@ def _metered(events):
 
 class _BodyWriter:
     """Writes a streamed body: chunked or close-delimited, maybe gzipped,
-    maybe one byte per write."""
+    maybe one byte per write, maybe each chunk in pieces (``halt``: the
+    pause between them)."""
 
-    def __init__(self, wfile, chunked, gzipped, bytewise):
+    def __init__(self, wfile, chunked, gzipped, bytewise, halt=None):
         self._wfile = wfile
         self._chunked = chunked
         self._bytewise = bytewise
+        self._halt = halt
         self._zip = zlib.compressobj(6, zlib.DEFLATED, 31) if gzipped \
             else None
 
@@ -941,6 +951,13 @@ class _BodyWriter:
         parts = [data[i:i + 1] for i in range(len(data))] if self._bytewise \
             else [data]
         for part in parts:
+            if self._chunked and self._halt is not None:
+                half = len(part) // 2
+                for index, piece in enumerate((b"%x" % len(part), b"\r\n" + part[:half], part[half:] + b"\r\n")):
+                    if index:
+                        self._halt()
+                    self._wfile.write(piece)
+                continue
             if self._chunked:
                 part = b"%x\r\n%s\r\n" % (len(part), part)
             self._wfile.write(part)
@@ -1197,7 +1214,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._start(call, 200, "text/event-stream",
                     [("Cache-Control", "no-cache")], chunked=not closedelim)
         out = _BodyWriter(self.wfile, chunked=not closedelim,
-                          gzipped=call.gzipped, bytewise=call.has("bytewise"))
+                          gzipped=call.gzipped, bytewise=call.has("bytewise"),
+                          halt=self._halt(call))
         gap = SLOWSTREAM_S if call.has("slowstream") else 0
         for index, event in enumerate(events):
             if gap and index:
@@ -1216,6 +1234,22 @@ class _Handler(BaseHTTPRequestHandler):
         out.end()
 
     # ---- timing and teardown ---------------------------------------------
+
+    def _halt(self, call):
+        """The pause between the pieces of a chunk (halting, stall), or None."""
+        if call.has("halting"):
+            return lambda: self._sleep(HALTING_S)
+        if not call.has("stall"):
+            return None
+        stalled = []
+
+        def until_resumed():
+            deadline = time.monotonic() + HANG_MAX_S
+            while not stalled and not self.fake.resume.wait(POLL_S):
+                if self.fake._stopping.is_set() or time.monotonic() > deadline:
+                    break
+            stalled.append(True)
+        return until_resumed
 
     def _sleep(self, seconds):
         """Sleep, but return at once when the fake is stopping."""
@@ -1330,6 +1364,8 @@ class FakeUpstream:
         self.connections_opened = 0
         #: TCP connections currently open
         self.open_connections = 0
+        #: set to let ``stall`` streams go on
+        self.resume = threading.Event()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._sockets = set()

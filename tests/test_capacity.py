@@ -215,10 +215,14 @@ def test_a_reload_leaves_parked_streams_running(make_gateway, upstream):
     assert post(gw, CHAT, body_for(CHAT), key).status == 200
 
 
-def tls_stream_provider(tmp_path, events=4, gap=0.2):
+def tls_stream_provider(tmp_path, events=4, gap=0.2, halting=None):
     """(base URL, CA file): a provider on TLS (a certificate for localhost
     made here) answering every request with a stream of ``events`` chat
-    chunks ``gap`` seconds apart, usage, then [DONE]."""
+    chunks ``gap`` seconds apart, usage, then [DONE]. ``halting``: every TLS
+    record of an answer leaves in two halves ``gap`` seconds apart, so the
+    reader holds part of a record while the provider stalls, except that
+    after the first half of the first answer's first event the provider
+    sets ``halting["stalled"]`` and waits for ``halting["resume"]``."""
     cert, key_file = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", key_file, "-out", cert],
@@ -233,29 +237,74 @@ def tls_stream_provider(tmp_path, events=4, gap=0.2):
     def framed(payload):
         return b"%x\r\n%s\r\n" % (len(payload), payload)
 
-    def serve(conn):
-        with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(body) < length:
-                body += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                         b"Connection: close\r\n\r\n")
-            for _ in range(events):
-                time.sleep(gap)
-                conn.sendall(framed(chunk))
-            conn.sendall(framed(usage) + framed(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    def answer(recv, send):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += recv()
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += recv()
+        send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+             b"Connection: close\r\n\r\n")
+        for _ in range(events):
+            time.sleep(gap)
+            send(framed(chunk))
+        send(framed(usage) + framed(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    def halting_tls(raw):
+        """(recv, send) of TLS over ``raw`` through memory buffers, so that
+        each record written can be sent in halves."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+
+        def flush(halves=False, stall=False):
+            data = outgoing.read()
+            if halves:
+                raw.sendall(data[:len(data) // 2])
+                if stall:
+                    halting["stalled"].set()
+                    halting["resume"].wait(30)
+                else:
+                    time.sleep(gap)
+                data = data[len(data) // 2:]
+            raw.sendall(data)
+
+        def until_done(step):
+            while True:
+                try:
+                    return step()
+                except ssl.SSLWantReadError:
+                    flush()
+                    data = raw.recv(65536)
+                    if not data:
+                        raise ConnectionError("the gateway left")
+                    incoming.write(data)
+        until_done(tls.do_handshake)
+        flush()
+
+        sent = []
+
+        def send(data):  # the answer's head, then its events
+            tls.write(data)
+            flush(halves=True, stall=len(sent) == 1 and not halting["stalled"].is_set())
+            sent.append(data)
+        return lambda: until_done(lambda: tls.read(65536)), send
+
+    def serve(raw):
+        with raw:
+            try:
+                if halting:
+                    answer(*halting_tls(raw))
+                else:
+                    with context.wrap_socket(raw, server_side=True) as conn:
+                        answer(lambda: conn.recv(65536), conn.sendall)
+            except OSError:
+                pass
 
     def accept():
         while True:
-            try:
-                conn, _ = listener.accept()
-                conn = context.wrap_socket(conn, server_side=True)
-            except OSError:
-                continue
+            conn, _ = listener.accept()
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
     threading.Thread(target=accept, daemon=True).start()
     return "https://localhost:%d" % listener.getsockname()[1], cert
@@ -281,6 +330,62 @@ def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatc
     assert peak["in_flight"] > 20, peak
     rows = settled_rows(gw, 40)
     assert {(row["status"], row["output_tokens"]) for row in rows} == {("ok", 4)}
+
+
+def test_a_provider_that_stalls_inside_a_chunk_holds_no_worker(make_gateway, upstream):
+    """On one worker thread: a stream whose provider sends its first chunk's
+    size without the line end and stalls, while 10 streams arrive with every
+    chunk in three pieces 0.1 s apart (size; line end and half the event;
+    the rest). Reads never wait for the rest of a line or event, so the
+    stalled call parks: another call is answered meanwhile, the 10 end
+    whole, and the stalled one too once its provider goes on. (A blocking
+    read of the size line held the only worker until the idle timeout.)"""
+    gw = make_gateway(server=dict(SERVER, threads=1), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
+    key = gw.create_key()[1]
+    stalled = RawClient(gw, timeout=15)
+    stalled.send(json_request(CHAT, key, body_for(CHAT, "gpt-4o-mini-stall", stream=True)))
+    assert wait_until(lambda: len(upstream.requests) == 1)
+    requests = [json_request(CHAT, key, body_for(CHAT, "gpt-4o-mini-halting", stream=True)) for _ in range(10)]
+    for answer in crowd(gw, requests, timeout=10):
+        assert answer is not None and answer[0] == 200, answer
+        assert stream_ended(answer[1]), sse_events(answer[1])[-2:]
+    assert post(gw, CHAT, body_for(CHAT), key, timeout=5).status == 200
+    upstream.resume.set()
+    response = stalled.read_response(timeout=10)
+    stalled.close()
+    assert response.status == 200 and stream_ended(response.body), response
+    rows = settled_rows(gw, 12)
+    assert {row["status"] for row in rows} == {"ok"}
+    assert all(row["usage_source"] == "reported" for row in rows)
+
+
+def test_a_tls_provider_that_stalls_inside_a_record_holds_no_worker(make_gateway, upstream, tmp_path, monkeypatch):
+    """On one worker thread: a stream from a TLS provider that sends half of
+    its answer's first record and stalls, while 10 more arrive with every
+    record in two halves 0.2 s apart. Half a record is read without
+    blocking (SSLWantReadError parks the call), so another call is answered
+    meanwhile, the 10 end whole, and the stalled one once it goes on. (A
+    blocking TLS read held the only worker until the idle timeout.)"""
+    halting = {"stalled": threading.Event(), "resume": threading.Event()}
+    url, ca_file = tls_stream_provider(tmp_path, gap=0.2, halting=halting)
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    gw = make_gateway(server=dict(SERVER, threads=1), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
+                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
+    key = gw.create_key()[1]
+    stalled = RawClient(gw, timeout=15)
+    stalled.send(json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)))
+    assert halting["stalled"].wait(10)
+    requests = [json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)) for _ in range(10)]
+    for answer in crowd(gw, requests, timeout=10):
+        assert answer is not None and answer[0] == 200, answer
+        assert stream_ended(answer[1]), sse_events(answer[1])[-2:]
+    assert post(gw, CHAT, body_for(CHAT), key, timeout=5).status == 200
+    halting["resume"].set()
+    response = stalled.read_response(timeout=10)
+    stalled.close()
+    assert response.status == 200 and stream_ended(response.body), response
+    rows = settled_rows(gw, 12)
+    assert {(row["status"], row["output_tokens"]) for row in rows if row["provider"] == "tls"} == {("ok", 4)}
 
 
 def test_a_retry_backoff_holds_no_worker(make_gateway, upstream):
