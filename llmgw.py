@@ -280,6 +280,7 @@ server:
   # max_connections: 16384         # open client connections; beyond: 503 + Retry-After
   # max_in_flight: 10000           # calls at providers at once; beyond: 503 + Retry-After
   # queue_timeout: 5               # seconds a request may wait for a thread; then 503
+  # max_memory_mb: 0               # resident memory of the process; beyond: new calls get 503 (0: no limit)
   # max_connections_per_address: 256  # open connections from one client address; beyond: 429
   # max_body_bytes: 10485760       # request body limit (10 MiB); beyond: 413
   # body_buffer_bytes: 268435456   # large bodies being received, in total (one key: a quarter); beyond: 503 / 429
@@ -375,6 +376,7 @@ class ServerConfig:
     max_connections_per_address: int = 256   # one client's share of max_connections
     max_in_flight: int = 10000          # proxied calls between their pending and settled rows
     queue_timeout: float = 5.0          # a whole request waiting for a worker
+    max_memory_mb: int = 0              # resident memory beyond which new calls are refused; 0: no limit
     max_body_bytes: int = 10 * 1024 * 1024
     body_buffer_bytes: int = 256 * 1024 * 1024  # large bodies being received at once; one key: a quarter
     max_header_bytes: int = 32 * 1024
@@ -512,7 +514,8 @@ _SETTING_RANGES = {int: (1, 2 ** 31 - 1), float: (0.001, 10 ** 6)}
 #: Settings with a range of their own; a retention past 100 years would
 #: reach before year 1.
 _SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600),
-                     "logging.body_retention_days": (1, 36600), "routing.retries": (0, 10)}
+                     "logging.body_retention_days": (1, 36600), "routing.retries": (0, 10),
+                     "server.max_memory_mb": (0, 1 << 24)}
 
 
 def config_path_from_env(environ=os.environ):
@@ -4496,8 +4499,9 @@ METRICS = {
     "llmgw_worker_threads": ("gauge", "Worker threads running (this process)."),
     "llmgw_workers_busy": ("gauge", "Worker threads serving a request (this process)."),
     "llmgw_calls_in_flight": ("gauge", "Calls between their pending and settled rows (this process)."),
+    "llmgw_resident_memory_bytes": ("gauge", "Resident memory of this process (0 where /proc is missing)."),
     "llmgw_capacity_refusals_total": ("counter", "Requests answered 503 because the gateway was full: "
-                                                 "connections, calls in flight, file descriptors or "
+                                                 "connections, calls in flight, memory, file descriptors or "
                                                  "queue_timeout (this process)."),
 }
 _LATENCY_METRICS = {"total": "llmgw_request_duration_seconds", "first_byte": "llmgw_upstream_first_byte_seconds",
@@ -4694,6 +4698,34 @@ class AlertSender:
         if not delivered:
             logger.warning("budget alert %s", detail)
         self.store.alert_tried(alert_id, target, delivered, detail, retry_at)
+
+
+class ResidentMemory:
+    """This process's resident memory (RSS), read from /proc/self/statm at
+    most every ``interval`` seconds, so checking it on every call costs
+    nothing worth counting. 0 where there is no /proc (BSD, macOS): there,
+    ``server.max_memory_mb`` does not apply."""
+
+    interval = 0.1
+    _page_bytes = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __init__(self):
+        self._read_at = -math.inf
+        self._bytes = 0
+
+    def bytes(self):
+        now = time.monotonic()
+        if now - self._read_at >= self.interval:
+            self._read_at = now
+            try:
+                with open("/proc/self/statm", "rb") as statm:
+                    self._bytes = int(statm.read().split()[1]) * self._page_bytes
+            except (OSError, ValueError, IndexError):
+                self._bytes = 0
+        return self._bytes
+
+    def megabytes(self):
+        return self.bytes() / (1024 * 1024)
 
 
 def _milliseconds(start, end):
@@ -4963,6 +4995,7 @@ class Gateway:
         self._unpriced_models = set()
         self.in_flight = 0            # calls between their pending and settled rows
         self.capacity_refusals = 0    # requests answered 503 because the gateway was full
+        self.resident_memory = ResidentMemory()
         self.refresh()
         # Liveness is about real time, not the injectable clock of budgets.
         store.register_process(self.owner, time.time())
@@ -5367,17 +5400,22 @@ class Gateway:
 
     def enter_flight(self, request):
         """Count a call in flight, or refuse it at once when
-        ``server.max_in_flight`` are: an honest 503, never a queue."""
-        with self._lock:
-            admitted = self.in_flight < self.config.server.max_in_flight
+        ``server.max_in_flight`` are, or when the process's resident memory
+        has reached ``server.max_memory_mb``: an honest 503, never a queue."""
+        limits = self.config.server
+        if limits.max_memory_mb and self.resident_memory.megabytes() >= limits.max_memory_mb:
+            problem = "uses %d MB of memory, its limit" % limits.max_memory_mb
+        else:
+            with self._lock:
+                admitted = self.in_flight < limits.max_in_flight
+                if admitted:
+                    self.in_flight += 1
             if admitted:
-                self.in_flight += 1
-        if admitted:
-            return
+                return
+            problem = "has %d calls in flight, its limit" % limits.max_in_flight
         self.count_refusal()
         request.log.update(outcome="gateway_full")
-        raise ServiceUnavailableError("The gateway has %d calls in flight, its limit; retry shortly"
-                                      % self.config.server.max_in_flight, code="gateway_full",
+        raise ServiceUnavailableError("The gateway %s; retry shortly" % problem, code="gateway_full",
                                       headers=[("retry-after", "1")])
 
     def leave_flight(self):
@@ -7010,6 +7048,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
                 "llmgw_connections_max": self.gateway.config.server.max_connections,
                 "llmgw_worker_threads": threads, "llmgw_workers_busy": busy,
                 "llmgw_calls_in_flight": self.gateway.in_flight,
+                "llmgw_resident_memory_bytes": self.gateway.resident_memory.bytes(),
                 "llmgw_capacity_refusals_total": self.gateway.capacity_refusals}
 
     def release(self, connection):

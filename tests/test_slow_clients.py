@@ -5,6 +5,7 @@ The real gateway (``make_gateway``, small timeouts) is driven over raw
 sockets. RELIABILITY ids are given in brackets in each test's docstring.
 """
 
+import os
 import select
 import socket
 import threading
@@ -280,6 +281,40 @@ def test_calls_beyond_max_in_flight_get_503_at_once(make_gateway, upstream, path
     assert [row["status"] for row in settled_rows(gw, 2)] == ["timeout", "timeout"]
     assert gw.gateway.in_flight == 0
     assert_alive(gw, key)
+
+
+def resident_mb():
+    """This (the gateway's) process's resident memory, in MB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory is read from /proc")
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_calls_beyond_max_memory_get_503_at_once(make_gateway, upstream, path):
+    """[capacity] server.max_memory_mb 40 MB above the resident memory of
+    the process (the gateway serves in this one): a call goes through; while
+    the process holds 80 MB more, a new call is refused at once with 503 +
+    Retry-After in its API's shape, counted, and never reaches the provider
+    nor the books; once that memory is freed, calls go through again."""
+    limit = int(resident_mb()) + 40
+    gw = make_gateway(server=dict(SERVER, max_memory_mb=limit), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
+    key = gw.create_key()[1]
+    assert post(gw, path, body_for(path), key).status == 200
+    ballast = b"\x01" * (80 * 1024 * 1024)
+    assert wait_until(lambda: gw.gateway.resident_memory.megabytes() >= limit)
+    sent_upstream = len(upstream.requests)
+    response = post(gw, path, body_for(path), key, timeout=5)
+    payload = assert_json_error(response, 503, dialect=dialect_of(path))
+    assert response.header("retry-after") == "1"
+    assert dialect_of(path) == "anthropic" or payload["error"]["code"] == "gateway_full"
+    assert "memory" in payload["error"]["message"]
+    assert gw.gateway.capacity_refusals == 1
+    assert len(upstream.requests) == sent_upstream
+    del ballast
+    assert wait_until(lambda: gw.gateway.resident_memory.megabytes() < limit)
+    assert post(gw, path, body_for(path), key).status == 200
+    assert [row["status"] for row in settled_rows(gw, 2)] == ["ok", "ok"]
 
 
 def test_a_request_waiting_for_a_worker_at_shutdown_gets_503(make_gateway, upstream):
