@@ -430,6 +430,8 @@ def config_rules():
     for field in dataclasses.fields(llmgw.ServerConfig):
         if field.name == "port":
             rules[("server", "port")] = integer_in(0, 65535)
+        elif field.name == "max_memory_mb":
+            rules[("server", field.name)] = integer_in(0, 1 << 24)
         elif field.type is int:
             rules[("server", field.name)] = integer_in(1, 2 ** 31 - 1)
         elif field.type is float:
