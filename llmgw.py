@@ -3156,6 +3156,8 @@ MAX_UPSTREAM_HEADER_FIELDS = 100
 MAX_INTERIM_ANSWERS = 10
 #: A chunk's size line, extensions included, and a trailer line.
 MAX_CHUNK_LINE = 4096
+#: A chunk's size line in its plain form (no extension), as providers send it.
+_PLAIN_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")
 _LINE_END_BYTES = re.compile(rb"\r?\n")
 
 
@@ -3375,10 +3377,10 @@ class UpstreamResponse:
         return self.field_map.get(name.lower(), default)
 
     def decode(self, buffer, ended):
-        """The next bytes of the body taken from ``buffer``: b"" once the
-        body is whole, None while they have still to arrive. ``ended``: the
+        """The body bytes ``buffer`` holds, taken from it: b"" once the body
+        is whole, None while the next have still to arrive. ``ended``: the
         provider closed its side, so nothing more will. Raises
-        http.client.IncompleteRead for a body cut short or malformed."""
+        http.client.HTTPException for a body cut short or malformed."""
         if self.complete:
             return b""
         if not self.chunked:
@@ -3396,15 +3398,27 @@ class UpstreamResponse:
                 raise http.client.IncompleteRead(b"")
             self.complete = True  # the body ended with the connection
             return b""
+        parts, taken = [], 0  # every chunk that arrived, whole or in part, is taken at once
+        while self.chunk_left is None:  # whole chunks of the plain form, the usual case, in few steps
+            size_line = _PLAIN_CHUNK_SIZE.match(buffer, taken)
+            if size_line is None:
+                break
+            start = size_line.end()
+            end = start + int(size_line.group(1), 16)
+            if end == start or buffer[end:end + 2] != b"\r\n":
+                break  # the last chunk, or one not whole: read below, step by step
+            parts.append(buffer[start:end])
+            taken = end + 2
+        del buffer[:taken]
         while True:
             if self.chunk_left:  # inside a chunk's data
                 if not buffer:
                     break
                 size = min(self.chunk_left, len(buffer))
-                data = bytes(buffer[:size])
+                parts.append(bytes(buffer[:size]))
                 del buffer[:size]
                 self.chunk_left -= size
-                return data
+                continue
             line_end = buffer.find(b"\n")
             if line_end < 0:
                 if len(buffer) > MAX_CHUNK_LINE:
@@ -3415,7 +3429,7 @@ class UpstreamResponse:
             if self.in_trailer:
                 if not line:
                     self.complete = True
-                    return b""
+                    break
             elif self.chunk_left == 0:  # the line end after a chunk's data
                 if line:
                     raise http.client.HTTPException("a chunk longer than its size")
@@ -3428,6 +3442,10 @@ class UpstreamResponse:
                 if self.chunk_left < 0:
                     raise http.client.HTTPException("a malformed chunk size")
                 self.in_trailer = self.chunk_left == 0
+        if parts:
+            return b"".join(parts)
+        if self.complete:
+            return b""
         if ended:
             raise http.client.IncompleteRead(b"")
         return None
@@ -3846,6 +3864,10 @@ _TEXT_FIELD = re.compile(
 
 def sse_fields(event):
     """(event name or None, data) of one SSE event; data lines joined by \\n."""
+    if event.startswith(b"data: "):  # the usual OpenAI event, one data line: no split
+        end = event.find(b"\n")
+        if end > 0 and event.find(b"\r", 0, end - 1) < 0 and not event[end:].strip():
+            return None, event[6:end].rstrip(b"\r")
     name, data = None, []
     for line in event.splitlines():
         if line.startswith(b"data:"):
@@ -6878,26 +6900,31 @@ class Exchange:
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True  # an HTTP/1.0 stream ends when the connection does
-        head = response_head(reply, "transfer-encoding: chunked" if chunked else None, self.close_connection)
         stream = reply.stream
+        # Events are written as soon as the stream has to wait for more: those
+        # that arrived together leave in one write (the head with the first),
+        # none waits for a later one, and at most RELAY_BATCH pile up.
+        ready = [response_head(reply, "transfer-encoding: chunked" if chunked else None, self.close_connection)]
         try:
             for event in stream:
-                if isinstance(event, ProviderWait):
-                    yield event
-                    continue
-                data = b"%x\r\n%s\r\n" % (len(event), event) if chunked else event
-                if head:
-                    data, head = head + data, b""  # headers ride with the first event
-                try:
-                    write(data)
-                except OSError:
-                    self.close_connection = True
-                    try:
-                        stream.throw(ClientDisconnected())
-                    except (StopIteration, ClientDisconnected):
-                        pass
-                    return
-            write(head + (b"0\r\n\r\n" if chunked else b""))
+                if isinstance(event, ProviderWait) or len(ready) >= RELAY_BATCH:
+                    if ready:
+                        try:
+                            write(b"".join(ready))
+                        except OSError:
+                            self.close_connection = True
+                            try:
+                                stream.throw(ClientDisconnected())
+                            except (StopIteration, ClientDisconnected):
+                                pass
+                            return
+                        ready.clear()
+                    if isinstance(event, ProviderWait):
+                        yield event
+                        continue
+                ready.append(b"%x\r\n%s\r\n" % (len(event), event) if chunked else event)
+            ready.append(b"0\r\n\r\n" if chunked else b"")
+            write(b"".join(ready))
         finally:
             stream.close()
 
@@ -6912,6 +6939,10 @@ class Exchange:
             log.get("key_id", "-"), printable(log.get("project", "-")), log.get("provider", "-"),
             redact(log.get("model") or "-", secrets)[:100], log.get("tokens", "-"), log.get("outcome", "-"),
             (time.monotonic() - started) * 1000)
+
+
+#: The most stream events written together (see Exchange._send).
+RELAY_BATCH = 64
 
 
 def response_head(reply, framing, close):

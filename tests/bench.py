@@ -21,6 +21,7 @@ whole-call p99, and for the gateway and the naive proxy their peak RSS and threa
 every 50 ms) and CPU per relayed event (per call when not streamed). Every process gets a
 file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
     python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
+    python tests/bench.py --streams 10000 --baseline ../main   # the same for concurrent streams
 
 What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
 
@@ -946,8 +947,14 @@ def calls_main(args, levels, gw_cpu, load_cpu, pinning, procs, workdir):
     gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers, settings,
                                                nofile=nofile)
     naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir, nofile=nofile)
-    targets = (("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
-               ("naive", naive_port, "-", naive))
+    targets = [("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
+               ("naive", naive_port, "-", naive)]
+    if args.baseline:  # the gateway of another tree (before a change), same core and settings
+        baseline_dir = os.path.join(workdir, "baseline")
+        os.mkdir(baseline_dir)
+        base, base_port, base_vkey, _ = start_gateway(procs, baseline_dir, up_port, gw_cpu, args.workers, settings,
+                                                      nofile=nofile, root=os.path.abspath(args.baseline))
+        targets.insert(1, ("baseline", base_port, base_vkey, base))
     for count in levels:
         for name, port, key, server in targets:
             if server is not None and server.poll() is not None:
