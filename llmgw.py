@@ -5982,42 +5982,52 @@ def printable(text):
 #
 # The only code that touches client sockets. http.server's defaults do not
 # survive the edge of a network (a thread per connection without limit, no
-# deadline on a slow client, lenient framing), so connections are served
-# like this:
+# deadline on a slow client, lenient framing), so this section owns every
+# client connection from accept to close, and section 12's GatewayServer
+# only accepts them and hands them over (``WorkerPool.watch``). Its parts:
 #
-# * the accept loop (GatewayServer.serve_forever) takes a connection,
-#   or answers 503 at once when ``max_connections`` are open, and between
-#   accepts answers 503 to requests no worker took within ``queue_timeout``;
-# * every armed or parked connection's deadline sits in a timer heap, and
-#   one timekeeper thread acts on each as it passes (closes an idle
-#   connection, answers 408, or resumes a parked call to meet its timeout);
-# * connections between requests, or still sending one, wait in the
-#   kernel's readiness queue (epoll or kqueue), each armed for one wake-up;
-# * a bounded pool of worker threads waits on that queue. The worker woken
-#   for a connection reads without blocking and checks the request head
-#   strictly; a request whose head (and small body) has arrived it serves
-#   at once, then arms the connection again. A slow or idle client
-#   therefore costs a socket, never a worker, and a request passes from
-#   kernel to reply on one thread;
-# * a request is served by an Exchange, whose steps are a generator: when
-#   its call waits for the provider (section 5), the steps yield a
-#   ProviderWait and the worker parks the connection: the queue watches
-#   the provider's socket instead, with the wait's deadline, and the worker
-#   moves on. Whichever worker is woken when the provider's bytes arrive
-#   resumes the steps where they stopped; at the deadline, the timekeeper
-#   hands the connection to a worker, and the steps raise their timeout (or
-#   end their backoff: a wait without a socket is a timer alone). So a
-#   call waiting for its provider costs two sockets and its state, not a
-#   thread, and every guarantee of the request path holds unchanged: the
-#   steps are the same code, only run in pieces.
+# * OpenConnections: the places of open connections (``max_connections``,
+#   ``max_connections_per_address``); the accept loop takes one for each
+#   connection or answers 503/429 at once, and whoever closes it frees it;
+# * Connection: one client connection, its bytes and its request;
+# * ReadinessQueue: the kernel's readiness queue (epoll or kqueue), where
+#   every connection waits between requests, while still sending one, or,
+#   parked, while its call waits for its provider (the provider's socket is
+#   watched instead); and the timer heap of their deadlines;
+# * WorkerPool: a bounded pool of worker threads taking ready connections
+#   from the queue, a timekeeper thread acting on each deadline as it
+#   passes, and the accept loop's sweep answering requests no worker took
+#   within ``queue_timeout``;
+# * Exchange: one request and its answer, as steps a worker runs.
 #
-# Who may touch a Connection: the thread that owns it, and no other. The
-# readiness queue owns an armed (or parked) connection; ``take``,
-# ``take_due`` and ``take_ready`` hand ownership to one worker, to the
-# timekeeper or to the sweep, under the queue's lock, which alone changes
-# ``armed``, ``timer``, the heap and the queue's maps. The owner alone reads or writes the socket, ``buffer``,
-# ``head``, ``exchange``, ``idle``, ``deadline`` and ``queued_since``, until
-# it arms, parks or closes the connection, after which it must not touch it.
+# A connection's life: the worker woken for it reads without blocking and
+# checks the request head strictly; a request whose head (and small body)
+# has arrived it serves at once, then arms the connection again, so a slow
+# or idle client costs a socket, never a worker, and a request passes from
+# kernel to reply on one thread. An Exchange's steps are a generator: when
+# its call waits for the provider (section 5) they yield a ProviderWait and
+# the worker parks the connection and moves on. Whichever worker is woken
+# when the provider's socket is ready resumes the steps where they stopped;
+# at the deadline, the timekeeper hands the connection to a worker and the
+# steps raise their timeout (or end their backoff: a wait without a socket
+# is a timer alone). So a call waiting for its provider costs two sockets
+# and its state, not a thread, and every guarantee of the request path
+# holds unchanged: the steps are the same code, only run in pieces.
+#
+# Which thread may touch what:
+#
+# * A Connection's socket, ``buffer``, ``head``, ``admission``,
+#   ``exchange``, ``idle``, ``deadline``, ``queued_since`` and ``parked_fd``:
+#   its owner alone, one thread at a time. The readiness queue owns an armed
+#   (or parked) connection; ``take`` (a worker), ``take_due`` (the
+#   timekeeper), ``take_ready`` (the sweep) and ``stop`` (the drain) hand it
+#   to one thread, which owns it until it arms, parks, hands over or closes
+#   it, and must not touch it after that.
+# * ``armed``, ``timer``, the heap, the fd map and the hand-over list: the
+#   queue, under its lock.
+# * The pool's thread, exchange and body counts: under the pool's lock.
+# * OpenConnections' counts: under its own lock (accept loop and owners).
+# * An Exchange and the call it serves: the owner of its connection.
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _REQUEST_LINE = re.compile(r"^([A-Za-z]{1,16}) ([^ \x00-\x1f\x7f]+) HTTP/([0-9])\.([0-9])$")
@@ -6135,6 +6145,50 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+class OpenConnections:
+    """The places of open client connections: at most ``max_connections``
+    in all and ``max_connections_per_address`` from one client address.
+    ``admit`` takes a place for a connection being accepted (accept loop);
+    ``release`` closes a connection and frees its place (its owner)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+        self._by_address = {}  # client address -> its open connections
+
+    def admit(self, address, limits):
+        """Take a place for a new connection from ``address``, or return
+        the GatewayError that refuses it (503 when every place is taken,
+        429 when its address holds its share)."""
+        with self._lock:
+            if self.count >= limits.max_connections:
+                return ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
+                                               code="gateway_full", headers=[("retry-after", "1")])
+            if self._by_address.get(address, 0) >= limits.max_connections_per_address:
+                return RateLimitError("Too many open connections from your address; close some or retry "
+                                      "shortly", code="too_many_connections", headers=[("retry-after", "1")])
+            self.count += 1
+            self._by_address[address] = self._by_address.get(address, 0) + 1
+        return None
+
+    def release(self, connection):
+        """Close a connection and free its place (once)."""
+        if connection.sock.fileno() < 0:
+            return
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        connection.close()
+        address = connection.address[0]
+        with self._lock:
+            self.count -= 1
+            if self._by_address[address] > 1:
+                self._by_address[address] -= 1
+            else:
+                del self._by_address[address]
 
 
 class ReadinessQueue:
@@ -6379,8 +6433,8 @@ class WorkerPool:
     peak_window_seconds = 60.0
     sweep_interval = 0.25
 
-    def __init__(self, server, size):
-        self.server = server
+    def __init__(self, gateway, connections, size):
+        self.gateway, self.connections = gateway, connections
         self.ready = ReadinessQueue()
         self._size = size
         self._lock = threading.Lock()
@@ -6403,7 +6457,7 @@ class WorkerPool:
     @property
     def limits(self):
         """The server settings in force (a SIGHUP reload replaces them)."""
-        return self.server.gateway.config.server
+        return self.gateway.config.server
 
     def _start_thread(self):
         """Start one more worker (the lock held)."""
@@ -6483,7 +6537,7 @@ class WorkerPool:
         then arm it for the next; a request whose call parks takes the
         connection with it (``_resume`` comes back here)."""
         while self._assemble(connection):
-            connection.exchange = Exchange(connection, self.server)
+            connection.exchange = Exchange(connection, self)
             with self._lock:
                 self._exchanges += 1
             if not self._advance(connection):
@@ -6538,7 +6592,7 @@ class WorkerPool:
         head = connection.head
         request = Request(head.method, head.target.partition("?")[0], head.headers, head.content_length, None)
         try:
-            admission = self.server.gateway.admit(request)
+            admission = self.gateway.admit(request)
             if admission is None:
                 return True
             try:
@@ -6615,7 +6669,7 @@ class WorkerPool:
         connection.exchange = None
         self.release_admission(connection)
         self._end_exchange()
-        if exchange.close_connection or self.server.draining:
+        if exchange.close_connection or self.ready.stopped:
             self._close(connection)
             return False
         connection.head = None
@@ -6651,7 +6705,7 @@ class WorkerPool:
             self._end_exchange()
         self.release_admission(connection)
         self.ready.forget(connection)
-        self.server.release(connection)
+        self.connections.release(connection)
 
     def _keep_time(self):
         """The timekeeper thread: each connection whose deadline passes, as
@@ -6703,7 +6757,7 @@ class WorkerPool:
         if waiting and self._whole(connection, waiting):
             connection.queued_since = connection.queued_since or now
             if now - connection.queued_since >= self.limits.queue_timeout:
-                self.server.gateway.count_refusal()
+                self.gateway.count_refusal()
                 self._reject(connection, ServiceUnavailableError(
                     "Every worker stayed busy for %g s; retry shortly" % self.limits.queue_timeout,
                     code="gateway_full", headers=[("retry-after", "1")]),
@@ -6798,13 +6852,13 @@ class Exchange:
     connection) or the answer is written (None). One write per response;
     chunked streams flushed per event."""
 
-    def __init__(self, connection, server):
+    def __init__(self, connection, pool):
         self.client = connection
         self.connection = connection.sock  # non-blocking until a write or a body read must wait
-        self.server = server
+        self.pool, self.gateway = pool, pool.gateway
         head = connection.head
         # While draining, every answer closes its connection.
-        self.close_connection = not head.keep_alive or server.draining
+        self.close_connection = not head.keep_alive or pool.ready.stopped
         self.request_version = "HTTP/%d.%d" % head.version
         self.command = head.method
         self._steps = self._run()
@@ -6828,12 +6882,12 @@ class Exchange:
         request = Request(head.method, path, head.headers, head.content_length, self._read_body,
                           send_continue, query, self.client.admission)
         try:
-            reply = yield from self.server.gateway.handle(request)
+            reply = yield from self.gateway.handle(request)
         except ClientDisconnected:
             self.close_connection = True
             return
         finally:  # the body is in (its call, if any, holds the request in flight): its room is free
-            self.server.workers.release_admission(self.client)
+            self.pool.release_admission(self.client)
         if not request.body_consumed:
             self.close_connection = True  # unread body bytes would be taken for a request
         try:
@@ -6853,7 +6907,7 @@ class Exchange:
             return body
         parts = [body]
         received = len(body)
-        deadline = time.monotonic() + self.server.gateway.config.server.body_timeout
+        deadline = time.monotonic() + self.gateway.config.server.body_timeout
         try:
             while received < length:
                 remaining = deadline - time.monotonic()
@@ -6886,7 +6940,7 @@ class Exchange:
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
-            sock.settimeout(self.server.gateway.config.server.send_timeout)
+            sock.settimeout(self.gateway.config.server.send_timeout)
         sock.sendall(data)
 
     def _send(self, reply):
@@ -6932,7 +6986,7 @@ class Exchange:
         if not access_logger.isEnabledFor(logging.INFO):
             return
         log = request.log if request is not None else {}
-        secrets = self.server.gateway.known_secrets()
+        secrets = self.gateway.known_secrets()
         access_logger.info(
             "%s %s %d key=%s project=%s provider=%s model=%s tokens=%s outcome=%s latency_ms=%.1f",
             self.command, redact(request.path if request is not None else "-", secrets)[:200], reply.status,
@@ -6976,10 +7030,13 @@ def _reason(status):
 # ==== 12. Server lifecycle ==================================================
 
 class GatewayServer(http.server.ThreadingHTTPServer):
-    """The listening socket and its accept loop (``serve_forever``), feeding
-    the worker pool above: of ThreadingHTTPServer (the product's server) it
-    uses the listening socket and the loop, not its handler class or a
-    thread per request.
+    """The listening socket and its accept loop: ThreadingHTTPServer (the
+    product's server) binds, listens and runs ``serve_forever``; each
+    connection it accepts is handed to section 11, which owns it from then
+    on (``OpenConnections`` takes its place, ``WorkerPool.watch`` serves
+    it). ThreadingHTTPServer's handler class and thread per request are not
+    used: the pool's threads serve, and the loop's ``service_actions`` runs
+    the pool's sweep.
 
     Beyond ``server.max_connections`` open connections, or when the process
     has no file descriptor left, a new one gets an immediate 503 with
@@ -6993,11 +7050,8 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, gateway, reuse_port=False):
         self.gateway = gateway
-        self.draining = False
         self._reuse_port = reuse_port
-        self._open = 0
-        self._open_by_address = {}  # client address -> its open connections
-        self._open_lock = threading.Lock()
+        self.connections = OpenConnections()
         super().__init__(address, None, bind_and_activate=False)  # no handler class: the pool serves
         try:
             self.server_bind()
@@ -7009,7 +7063,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         # every other descriptor is taken (else it would wait in the backlog).
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self._warned_fds_at = -math.inf
-        self.workers = WorkerPool(self, gateway.config.server.threads)
+        self.workers = WorkerPool(gateway, self.connections, gateway.config.server.threads)
         gateway.server_gauges = self.gauges
 
     def server_bind(self):
@@ -7052,18 +7106,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         except OSError:  # already reset by the client
             self.shutdown_request(request)
             return
-        limits, address = self.gateway.config.server, client_address[0]
-        with self._open_lock:
-            if self._open >= limits.max_connections:
-                refusal = ServiceUnavailableError("The gateway is at its connection limit; retry shortly",
-                                                  code="gateway_full", headers=[("retry-after", "1")])
-            elif self._open_by_address.get(address, 0) >= limits.max_connections_per_address:
-                refusal = RateLimitError("Too many open connections from your address; close some or retry "
-                                         "shortly", code="too_many_connections", headers=[("retry-after", "1")])
-            else:
-                refusal = None
-                self._open += 1
-                self._open_by_address[address] = self._open_by_address.get(address, 0) + 1
+        refusal = self.connections.admit(client_address[0], self.gateway.config.server)
         if refusal is not None:
             self._refuse(request, refusal)
             return
@@ -7075,29 +7118,12 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     def gauges(self):
         """Connections and workers, for /metrics (METRICS names)."""
         threads, busy = self.workers.counts()
-        return {"llmgw_connections_open": self._open,
+        return {"llmgw_connections_open": self.connections.count,
                 "llmgw_connections_max": self.gateway.config.server.max_connections,
                 "llmgw_worker_threads": threads, "llmgw_workers_busy": busy,
                 "llmgw_calls_in_flight": self.gateway.in_flight,
                 "llmgw_resident_memory_bytes": self.gateway.resident_memory.bytes(),
                 "llmgw_capacity_refusals_total": self.gateway.capacity_refusals}
-
-    def release(self, connection):
-        """Close a connection and free its place (once)."""
-        if connection.sock.fileno() < 0:
-            return
-        try:
-            connection.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        connection.close()
-        address = connection.address[0]
-        with self._open_lock:
-            self._open -= 1
-            if self._open_by_address[address] > 1:
-                self._open_by_address[address] -= 1
-            else:
-                del self._open_by_address[address]
 
     def _refuse(self, request, error):
         if error.status == 503:
@@ -7116,7 +7142,6 @@ class GatewayServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         """Stop accepting, let in-flight requests finish (bounded), close."""
-        self.draining = True
         super().server_close()
         if self._spare_fd is not None:
             os.close(self._spare_fd)
