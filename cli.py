@@ -235,7 +235,8 @@ def cmd_config_list_keys(args):
         except llmgw.ConfigError as exc:
             key, source = None, "invalid: %s" % exc.message
         rows.append({"provider": name, "key": llmgw.mask_secret(key) if key else "(none)",
-                     "source": source or "-", "base_url": provider.base_url})
+                     "source": source or "-", "base_url": provider.base_url or "(the %s endpoint of its region)"
+                     % provider.format})
     _print_table(rows, [("provider", "PROVIDER"), ("key", "KEY"), ("source", "SOURCE"),
                         ("base_url", "BASE URL")])
     return 0

@@ -30,6 +30,7 @@ Copyright (c) 2026 the llmgw authors. MIT licence: see the LICENSE file; a
 vendored copy of this file keeps this notice.
 """
 
+import base64
 import collections
 import csv
 import dataclasses
@@ -54,15 +55,19 @@ import random
 import re
 import secrets
 import select
+import shlex
 import signal
 import socket
 import sqlite3
 import ssl
 import stat
+import struct
+import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Dict, Optional, Tuple
 
 try:
@@ -110,6 +115,11 @@ DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 OPENAI = "openai"          # an API dialect: request, error and stream shapes
 ANTHROPIC = "anthropic"
 AZURE = "azure"            # a provider format: OpenAI's API at Azure OpenAI's URLs, keyed by api-key
+#: Provider formats with Claude's Messages API on a cloud (model in the URL,
+#: API version in the body, the cloud's own auth).
+BEDROCK = "bedrock"
+VERTEX = "vertex"
+PROVIDER_FORMATS = (OPENAI, ANTHROPIC, AZURE, BEDROCK, VERTEX)
 
 #: How an upstream attempt ended: a usage row's ``status``.
 OUTCOME_PENDING = "pending"
@@ -127,6 +137,9 @@ ATTEMPT_FALLBACK = "fallback"    # another deployment or model
 
 #: The deployment (provider key) a provider's single key is known by.
 DEFAULT_DEPLOYMENT = "default"
+#: Model names are short (fine-tuned ids run to about 70 characters); a
+#: longer one would be copied into every log line and usage row it touches.
+MAX_MODEL_CHARS = 256
 
 
 class GatewayError(Exception):
@@ -313,6 +326,22 @@ providers:
   # gemini:
   #   base_url: https://generativelanguage.googleapis.com/v1beta/openai
   #   models: ["gemini-*"]                    # key: GEMINI_API_KEY or set-key
+  # Claude on Amazon Bedrock (README: Claude on Amazon Bedrock):
+  # bedrock:
+  #   format: bedrock
+  #   region: us-east-1              # else AWS_REGION
+  #   models: ["claude-*"]
+  #   model_ids: {claude-sonnet-4-5: us.anthropic.claude-sonnet-4-5-20250929-v1:0}
+  #   # a Bedrock API key (set-key, AWS_BEARER_TOKEN_BEDROCK), else SigV4 with
+  #   # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN
+  # Claude on Google Vertex AI (README: Claude on Google Vertex AI):
+  # vertex:
+  #   format: vertex
+  #   project: my-project
+  #   region: us-east5
+  #   models: ["claude-*"]
+  #   model_ids: {claude-sonnet-4-5: "claude-sonnet-4-5@20250929"}
+  #   token_command: gcloud auth print-access-token   # else the GCE metadata server
 
 database:                          # the file itself: DB_PATH (default gateway.db)
   synchronous: normal              # normal: commits survive a crash; full: also power loss
@@ -433,14 +462,30 @@ class AlertsConfig:
 @dataclasses.dataclass(frozen=True)
 class ProviderConfig:
     name: str
-    base_url: str
-    format: str = OPENAI
+    base_url: Optional[str]             # None: the cloud's endpoint in ``region`` (bedrock, vertex)
+    format: str = OPENAI                # PROVIDER_FORMATS
     api_key: Optional[str] = None
     models: Tuple[str, ...] = ()
     allow_link_local: bool = False      # 169.254.0.0/16, fe80::/10, cloud metadata
     api_keys: Tuple[Tuple[str, str], ...] = ()  # (deployment name, ${ENV} reference)
     api_version: Optional[str] = None   # Azure: the classic API's api-version; None: the v1 API
     azure_deployments: Dict[str, str] = dataclasses.field(default_factory=dict)  # Azure: model -> its deployment
+    region: Optional[str] = None        # bedrock (else AWS_REGION) and vertex
+    model_ids: Dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> the cloud's id
+    aws_access_key_id: Optional[str] = None      # bedrock SigV4: ${ENV} references (else the
+    aws_secret_access_key: Optional[str] = None  # standard AWS_* variables)
+    aws_session_token: Optional[str] = None
+    project: Optional[str] = None       # vertex: the Google Cloud project
+    token_command: Tuple[str, ...] = ()  # vertex: prints an access token (else the metadata server)
+    token_timeout: float = 10.0         # vertex: seconds token_command or the metadata server may take
+    proxy: Optional[str] = None         # http://host:port (or ${ENV}) to tunnel through; none: no proxy;
+                                        # None: HTTPS_PROXY for https base URLs (NO_PROXY respected)
+    ca_bundle: Optional[str] = None     # PEM file of the CAs that sign the provider's certificate
+    client_cert: Optional[str] = None   # PEM certificate (and key) the gateway presents (mutual TLS)
+    client_key: Optional[str] = None
+    tls_verify: bool = True             # false: certificates unchecked (logged as a warning at every start)
+    anthropic_betas: Optional[Tuple[str, ...]] = None  # anthropic-beta values sent; None: the format's default
+    body_fields: Optional[Tuple[str, ...]] = None      # top-level body fields sent; None: the format's default
 
 
 #: What may make the gateway try an attempt again: a provider's HTTP status,
@@ -488,11 +533,20 @@ class Config:
 _SECTIONS = ("server", "providers", "database", "budgets", "logging", "rate_limits", "pricing", "alerts", "routing",
              "models")
 _PROVIDER_KEYS = ("base_url", "api_key", "api_keys", "format", "models", "allow_link_local", "api_version",
-                  "deployments")
+                  "deployments", "anthropic_betas", "body_fields", "proxy", "ca_bundle", "client_cert", "client_key",
+                  "tls_verify")
 #: Azure OpenAI's keys: its classic API's version, and its deployments' names.
 _AZURE_KEYS = ("api_version", "deployments")
 _AZURE_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?\Z")
 _AZURE_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+#: ``proxy`` set to this: no proxy, whatever HTTPS_PROXY says.
+NO_PROXY_SETTING = "none"
+#: ``anthropic_betas`` / ``body_fields`` set to this: pass everything on.
+ALLOW_ALL = "all"
+#: The keys only a cloud format takes.
+_CLOUD_KEYS = {BEDROCK: ("region", "model_ids", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"),
+               VERTEX: ("region", "model_ids", "project", "token_command", "token_timeout")}
+_CLOUD_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")  # a region or project id
 #: A deployment's (provider key's) name: shown in usage rows, headers and the CLI.
 DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
@@ -666,17 +720,24 @@ def _parse_providers(section):
             raise ConfigError("providers: %r is not a provider name (lowercase letters, digits, - and _)" % (name,))
         where = "providers.%s" % name
         _expect(entry, dict, where)
-        for key in entry:
-            if key not in _PROVIDER_KEYS:
-                raise ConfigError("%s: unknown key %r (known: %s)" % (where, key, ", ".join(_PROVIDER_KEYS)))
-        if not entry.get("base_url"):
-            raise ConfigError("%s.base_url: missing" % where)
-        base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where + ".base_url")
         api_format = entry.get("format")
         if api_format is None:
             api_format = ANTHROPIC if name == "anthropic" else OPENAI
-        if api_format not in (OPENAI, ANTHROPIC, AZURE):
-            raise ConfigError("%s.format: %s is not openai, anthropic or azure" % (where, shown(api_format)))
+        if api_format not in PROVIDER_FORMATS:
+            raise ConfigError("%s.format: %s is not one of %s"
+                              % (where, shown(api_format), ", ".join(PROVIDER_FORMATS)))
+        known = _PROVIDER_KEYS + _CLOUD_KEYS.get(api_format, ())
+        for key in entry:
+            if key not in known:
+                raise ConfigError("%s: unknown key %r (known for format %s: %s)"
+                                  % (where, key, api_format, ", ".join(known)))
+        cloud = _parse_cloud(entry, api_format, where)
+        if entry.get("base_url") is None and api_format in _CLOUD_KEYS:
+            base_url = None  # the cloud's endpoint in the region
+        elif not entry.get("base_url"):
+            raise ConfigError("%s.base_url: missing" % where)
+        else:
+            base_url = _check_base_url(_expect(entry["base_url"], str, where + ".base_url"), where + ".base_url")
         api_key = entry.get("api_key")
         if api_key is not None:
             if not isinstance(api_key, str):  # never echo a key, even a mistyped one
@@ -687,13 +748,16 @@ def _parse_providers(section):
         models = tuple(_expect(glob, str, where + ".models[]")
                        for glob in ([] if models is None else _expect(models, list, where + ".models")))
         allow_link_local = _expect(entry.get("allow_link_local", False), bool, where + ".allow_link_local")
-        host = urllib.parse.urlsplit(base_url).hostname
-        if not allow_link_local and is_link_local(host):
+        host = urllib.parse.urlsplit(base_url).hostname if base_url else None
+        if host and not allow_link_local and is_link_local(host):
             raise ConfigError("%s.base_url: %s is a link-local or cloud-metadata address; set "
                               "allow_link_local: true if that is really the provider" % (where, host))
         api_keys = _parse_api_keys(entry.get("api_keys"), where + ".api_keys")
+        allowlists = {key: _parse_allowlist(entry[key], "%s.%s" % (where, key))
+                      for key in ("anthropic_betas", "body_fields") if entry.get(key) is not None}
         providers[name] = ProviderConfig(name, base_url, api_format, api_key, models, allow_link_local, api_keys,
-                                         *_parse_azure(entry, api_format, base_url, where))
+                                         *_parse_azure(entry, api_format, base_url, where), **cloud,
+                                         **allowlists, **_parse_transport(entry, where))
     return providers
 
 
@@ -720,6 +784,78 @@ def _parse_azure(entry, api_format, base_url, where):
             raise ConfigError("%s.deployments: %s: %s is not a model name and a deployment name (letters, digits, "
                               ". _ -)" % (where, shown(model), shown(deployment)))
     return api_version, dict(deployments)
+
+
+def _parse_transport(entry, where):
+    """How a provider is reached: ``proxy`` (an http:// URL without
+    credentials, a ${ENV} reference, or none), ``ca_bundle``,
+    ``client_cert``, ``client_key`` (file paths) and ``tls_verify``."""
+    transport = {}
+    proxy = entry.get("proxy")
+    if proxy is not None:
+        _expect(proxy, str, where + ".proxy")
+        if proxy != NO_PROXY_SETTING and not _ENV_REFERENCE.match(proxy):
+            parts = urllib.parse.urlsplit(proxy)
+            if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
+                raise ConfigError("%s.proxy: expected http://host:port (credentials only through a ${ENV_VAR} "
+                                  "reference), none, or a ${ENV_VAR} reference" % where)
+        transport["proxy"] = proxy
+    for key in ("ca_bundle", "client_cert", "client_key"):
+        if entry.get(key) is not None:
+            transport[key] = check_text(entry[key], "%s.%s" % (where, key), max_length=4096)
+    if "client_key" in transport and "client_cert" not in transport:
+        raise ConfigError("%s.client_key: needs client_cert" % where)
+    if "tls_verify" in entry:
+        transport["tls_verify"] = _expect(entry["tls_verify"], bool, where + ".tls_verify")
+    return transport
+
+
+def _parse_allowlist(value, where):
+    """``anthropic_betas`` or ``body_fields``: a list of names, or ``all``
+    (kept as ``(ALLOW_ALL,)``: nothing is dropped)."""
+    if value == ALLOW_ALL:
+        return (ALLOW_ALL,)
+    names = _expect(value, list, where + " (a list of names, or all)")
+    for name in names:
+        check_text(name, where + "[]", max_length=MAX_MODEL_CHARS)
+    return tuple(names)
+
+
+def _parse_cloud(entry, api_format, where):
+    """A cloud format's own keys (``_CLOUD_KEYS``), as ProviderConfig fields:
+    credentials only as ``${ENV}`` references, model ids as a mapping."""
+    cloud = {}
+    for key in _CLOUD_KEYS.get(api_format, ()):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if key in ("region", "project"):
+            if not isinstance(value, str) or not _CLOUD_NAME.match(value):
+                raise ConfigError("%s.%s: %s is not a region or project id (lowercase letters, digits, -)"
+                                  % (where, key, shown(value)))
+        elif key == "model_ids":
+            for model, model_id in _expect(value, dict, where + ".model_ids").items():
+                check_text(model, where + ".model_ids: a model name", max_length=MAX_MODEL_CHARS)
+                check_text(model_id, "%s.model_ids.%s" % (where, model), max_length=MAX_MODEL_CHARS)
+            value = dict(value)
+        elif key == "token_command":
+            words = shlex.split(value) if isinstance(value, str) else value
+            if not isinstance(words, list) or not words or not all(isinstance(word, str) for word in words):
+                raise ConfigError("%s.token_command: expected a command (text or a list of words)" % where)
+            value = tuple(words)
+        elif key == "token_timeout":
+            value = float(check_number(value, where + ".token_timeout", 0.001, 600))
+        elif not isinstance(value, str) or not _ENV_REFERENCE.match(value):  # never echo a credential
+            raise ConfigError("%s.%s: expected a ${ENV_VAR} reference (credentials stay out of config.yaml)"
+                              % (where, key))
+        cloud[key] = value
+    if api_format == VERTEX:
+        for key in ("region", "project"):
+            if key not in cloud:
+                raise ConfigError("%s.%s: missing (Vertex AI needs its project and region)" % (where, key))
+    if api_format == BEDROCK and ("aws_access_key_id" in cloud) != ("aws_secret_access_key" in cloud):
+        raise ConfigError("%s: aws_access_key_id and aws_secret_access_key go together" % where)
+    return cloud
 
 
 def _parse_api_keys(section, where):
@@ -924,7 +1060,8 @@ def check_provider_key(provider, key):
 
 def resolve_provider_key(provider, stored_keys, environ=os.environ):
     """Return (key, source) for ``provider``, source being config, database,
-    environment or None. Precedence: config.yaml, database, environment."""
+    environment or None. Precedence: config.yaml, database, environment;
+    a Bedrock provider without an API key has AwsCredentials for a key."""
     if provider.api_key is not None:
         reference = _ENV_REFERENCE.match(provider.api_key)
         if not reference:
@@ -934,10 +1071,56 @@ def resolve_provider_key(provider, stored_keys, environ=os.environ):
             return check_provider_key(provider.name, value), "config"
     if provider.name in stored_keys:
         return check_provider_key(provider.name, stored_keys[provider.name]), "database"
-    value = environ.get("%s_API_KEY" % provider.name.upper().replace("-", "_"))
-    if value:
-        return check_provider_key(provider.name, value), "environment"
+    for variable in ("%s_API_KEY" % provider.name.upper().replace("-", "_"),
+                     BEDROCK_API_KEY_ENV if provider.format == BEDROCK else None):
+        value = environ.get(variable) if variable else None
+        if value:
+            return check_provider_key(provider.name, value), "environment"
+    if provider.format == BEDROCK:
+        return resolve_aws_credentials(provider, environ)
+    if provider.format == VERTEX:  # fetched and refreshed by the provider
+        source = GoogleTokenSource("token_command" if provider.token_command else "metadata server")
+        return source, source.where
     return None, None
+
+
+#: Where the AWS tools look for a Bedrock API key (a bearer token).
+BEDROCK_API_KEY_ENV = "AWS_BEARER_TOKEN_BEDROCK"
+
+
+class AwsCredentials(collections.namedtuple("AwsCredentials", "access_key_id secret_access_key session_token")):
+    """A Bedrock deployment's key when it has no API key: what SigV4 signs with."""
+    __slots__ = ()
+
+    def secrets(self):
+        return [value for value in (self.secret_access_key, self.session_token) if value]
+
+
+class GoogleTokenSource(collections.namedtuple("GoogleTokenSource", "where")):
+    """A Vertex deployment's key when it has none of its own: the OAuth
+    access tokens its provider fetches (``where``: token_command or the
+    metadata server), never stored."""
+    __slots__ = ()
+
+    def secrets(self):
+        return []
+
+
+def resolve_aws_credentials(provider, environ=os.environ):
+    """(AwsCredentials, source) for a Bedrock provider: its ``aws_*``
+    references in config.yaml, else the standard AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN; (None, None) if unset."""
+    if provider.aws_access_key_id is not None:
+        values = [environ.get(_ENV_REFERENCE.match(reference).group(1)) if reference else None
+                  for reference in (provider.aws_access_key_id, provider.aws_secret_access_key,
+                                    provider.aws_session_token)]
+        source = "config"
+    else:
+        values = [environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        source = "environment"
+    if not (values[0] and values[1]):
+        return None, None
+    return AwsCredentials(*(check_provider_key(provider.name, value) if value else None for value in values)), source
 
 
 def resolve_deployment_keys(provider, stored_keys, named_keys, environ=os.environ):
@@ -966,7 +1149,12 @@ def resolve_deployment_keys(provider, stored_keys, named_keys, environ=os.enviro
 
 
 def mask_secret(secret):
-    """``sk-...cdef``: enough to recognise a key, not to use it."""
+    """``sk-...cdef``: enough to recognise a key, not to use it (AWS
+    credentials by their access key id)."""
+    if isinstance(secret, AwsCredentials):
+        return "SigV4 " + mask_secret(secret.access_key_id)
+    if isinstance(secret, GoogleTokenSource):
+        return "(tokens from the %s)" % secret.where
     if not secret:
         return ""
     head = secret[:3] if len(secret) > 12 else ""
@@ -2936,7 +3124,8 @@ FORWARDED_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 class UpstreamPool:
     """A bounded LIFO pool of keep-alive connections to one base URL."""
 
-    def __init__(self, base_url, connect_timeout, read_timeout, allow_link_local=False, max_idle=32, name="?"):
+    def __init__(self, base_url, connect_timeout, read_timeout, allow_link_local=False, max_idle=32, name="?",
+                 tls=None, proxy=None):
         parts = urllib.parse.urlsplit(base_url)
         self.name = name
         self.allow_link_local = allow_link_local
@@ -2951,7 +3140,9 @@ class UpstreamPool:
         self._max_idle = max_idle
         self._idle = []
         self._lock = threading.Lock()
-        self._tls = ssl.create_default_context() if self.scheme == "https" else None
+        self._tls = (tls or ssl.create_default_context()) if self.scheme == "https" else None
+        #: (host, port, CONNECT header fields) of the proxy tunnelling every connection, or None.
+        self.proxy = proxy
 
     #: Idle connections older than this are closed, not reused: providers
     #: and load balancers drop idle keep-alive connections after a while.
@@ -2969,8 +3160,21 @@ class UpstreamPool:
         return UpstreamConnection(self._connect(), self.name), False
 
     def _connect(self):
-        """A TCP (and verified TLS) socket to the first reachable address of
-        the host, refusing link-local and metadata addresses unless allowed."""
+        """A TCP (and verified TLS) socket to the host, direct or through
+        the proxy's tunnel."""
+        sock = self._tunnel() if self.proxy is not None else self._direct()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is None:
+            return sock
+        try:
+            return self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _direct(self):
+        """A TCP socket to the first reachable address of the host, refusing
+        link-local and metadata addresses unless allowed."""
         error = None
         for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
             if not self.allow_link_local and is_link_local(address[0]):
@@ -2984,15 +3188,26 @@ class UpstreamPool:
                 sock.close()
                 error = exc
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is None:
-                return sock
-            try:
-                return self._tls.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
+            return sock
         raise error or OSError("no address for %s" % self.host)
+
+    def _tunnel(self):
+        """A TCP socket through the proxy's CONNECT tunnel to the host
+        (http.client's set_tunnel); the proxy resolves the name. A refused
+        tunnel (407, 403, ...) raises OSError."""
+        host, port, fields = self.proxy
+        connection = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        connection.set_tunnel(self.host, self.port, headers=dict(fields))
+        try:
+            connection.connect()
+        except http.client.HTTPException as exc:
+            connection.close()
+            raise OSError("the proxy broke off the tunnel (%s)" % type(exc).__name__) from None
+        except BaseException:
+            connection.close()
+            raise
+        sock, connection.sock = connection.sock, None  # the tunnel is ours now
+        return sock
 
     def release(self, conn):
         """Return a connection whose last response was read to the end (one
@@ -3013,20 +3228,168 @@ class UpstreamPool:
             conn.close()
 
 
-class Provider:
-    """One configured upstream: where to send, how to authenticate."""
+def provider_region(config, environ=os.environ):
+    """A cloud provider's region: its ``region``, else (Bedrock) the one in
+    its base URL's host, else AWS_REGION or AWS_DEFAULT_REGION."""
+    if config.region is not None or config.format != BEDROCK:
+        return config.region
+    host = urllib.parse.urlsplit(config.base_url).hostname if config.base_url else ""
+    named = re.match(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com\Z", host or "")
+    region = named.group(1) if named else environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if not region or not _CLOUD_NAME.match(region):
+        raise ConfigError("providers.%s.region: missing (set it, or AWS_REGION, or a base_url of "
+                          "bedrock-runtime.REGION.amazonaws.com)" % config.name)
+    return region
 
-    def __init__(self, config, server_config):
+
+def provider_base_url(config, environ=os.environ):
+    """Where a provider is: its ``base_url``, else its cloud's endpoint in its region."""
+    if config.base_url is not None:
+        return config.base_url
+    region = provider_region(config, environ)
+    if config.format == BEDROCK:
+        return "https://bedrock-runtime.%s.amazonaws.com" % region
+    if region == "global":
+        return "https://aiplatform.googleapis.com"
+    return "https://%s-aiplatform.googleapis.com" % region
+
+
+def provider_pool(config, connect_timeout, read_timeout, environ=os.environ):
+    """The UpstreamPool of a provider: its base URL, TLS context and proxy."""
+    base_url = provider_base_url(config, environ)
+    parts = urllib.parse.urlsplit(base_url)
+    return UpstreamPool(base_url, connect_timeout, read_timeout, config.allow_link_local, name=config.name,
+                        tls=provider_tls(config) if parts.scheme == "https" else None,
+                        proxy=provider_proxy(config, parts.scheme, parts.hostname, environ))
+
+
+def provider_tls(config):
+    """The TLS context of a provider: the system's CAs or ``ca_bundle``'s,
+    ``client_cert`` (mutual TLS), and verification unless ``tls_verify:
+    false``, which is logged as a warning each time it takes effect."""
+    where = "providers.%s" % config.name
+    try:
+        context = ssl.create_default_context(cafile=config.ca_bundle)
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError("%s.ca_bundle: cannot load %s (%s)" % (where, config.ca_bundle, exc.strerror or exc)) \
+            from None
+    if config.client_cert is not None:
+        try:
+            context.load_cert_chain(config.client_cert, config.client_key)
+        except OSError as exc:
+            raise ConfigError("%s.client_cert: cannot load %s (%s)" % (where, config.client_cert,
+                                                                       exc.strerror or exc)) from None
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        logger.warning("provider %s: TLS certificates are NOT verified (tls_verify: false in config.yaml); "
+                       "anyone on the path can read and change its calls and keys", config.name)
+    return context
+
+
+def provider_proxy(config, scheme, host, environ=os.environ):
+    """(host, port, CONNECT header fields) of the HTTP proxy a provider is
+    reached through, or None: its ``proxy`` (none: never), else for an
+    https base URL HTTPS_PROXY (or https_proxy) unless NO_PROXY names the
+    host. Proxy credentials (user:password@) give Proxy-Authorization."""
+    where = "providers.%s.proxy" % config.name
+    value = config.proxy
+    if value == NO_PROXY_SETTING:
+        return None
+    if value is None:
+        if scheme != "https" or _bypasses_proxy(host, environ):
+            return None
+        value, where = environ.get("HTTPS_PROXY") or environ.get("https_proxy"), "HTTPS_PROXY"
+        if not value:
+            return None
+    reference = _ENV_REFERENCE.match(value)
+    if reference:
+        value = environ.get(reference.group(1))
+        if not value:
+            raise ConfigError("%s: %s is not set" % (where, reference.group(1)))
+    parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise ConfigError("%s: the proxy must be http://[user:password@]host:port" % where)
+    fields = ()
+    if parts.username is not None:
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        fields = (("Proxy-Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()),)
+    logger.info("provider %s connects through the proxy %s:%d", config.name, parts.hostname, port)
+    return parts.hostname, port, fields
+
+
+def _bypasses_proxy(host, environ):
+    """Whether NO_PROXY (or no_proxy) names ``host``: ``*``, the host, or a
+    domain it is in (``example.com`` and ``.example.com`` alike)."""
+    for entry in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        entry = entry.split(":")[0] if entry.count(":") == 1 else entry  # host:port; an IPv6 address stays
+        if entry and (entry == "*" or host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
+#: The anthropic-beta values each cloud takes when its provider sets no
+#: ``anthropic_betas``; others are dropped. From LiteLLM's
+#: anthropic_beta_headers_config.json (BerriAI/litellm, read 2026-12-03):
+#: the betas it passes unchanged to Bedrock InvokeModel and Vertex AI.
+#: Anthropic itself and OpenAI-format providers get every value.
+DEFAULT_ANTHROPIC_BETAS = {
+    BEDROCK: ("compact-2026-01-12", "computer-use-2025-01-24", "computer-use-2025-11-24", "context-1m-2025-08-07",
+              "context-management-2025-06-27", "dangerous-tool-use-2026-09-03", "effort-2025-11-24",
+              "fine-grained-tool-streaming-2025-05-14", "mid-conversation-output-config-2026-07-01",
+              "mid-conversation-tool-changes-2026-07-01", "thinking-binding-controls-2026-08-01",
+              "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19"),
+    VERTEX: ("compact-2026-01-12", "compact-2026-09-04", "computer-use-2025-01-24", "computer-use-2025-11-24",
+             "context-1m-2025-08-07", "context-management-2025-06-27", "dangerous-tool-use-2026-09-03",
+             "interleaved-thinking-2025-05-14", "per-turn-control-2026-07-01", "thinking-binding-controls-2026-08-01",
+             "thinking-display-updates-2026-08-18", "tool-search-tool-2025-10-19", "web-search-2025-03-05"),
+}
+#: The top-level body fields Bedrock's InvokeModel takes for Claude when
+#: its provider sets no ``body_fields`` (AWS's Claude Messages API
+#: parameters, as LiteLLM's BedrockInvokeAnthropicMessagesRequest lists
+#: them, read 2026-12-03); others ("Extra inputs are not permitted") are
+#: dropped. No other format has a default list: everything goes.
+DEFAULT_BODY_FIELDS = {
+    BEDROCK: ("max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "tools",
+              "tool_choice", "thinking", "metadata", "output_config", "context_management"),
+}
+#: Body fields the gateway itself handles, never dropped by an allowlist.
+GATEWAY_BODY_FIELDS = ("model", "stream", "stream_options")
+
+
+def _allowlist(configured, default):
+    """The names a provider lets through (a frozenset), or None for all."""
+    names = configured if configured is not None else default
+    return None if names is None or names == (ALLOW_ALL,) else frozenset(names)
+
+
+class Provider:
+    """One configured upstream speaking the API of its dialect (OpenAI's,
+    or Anthropic's): where to send, how to authenticate. The formats that
+    carry Claude's API on a cloud are subclasses (CloudClaudeProvider):
+    each says which calls it serves, writes its request (``prepare``) and
+    reads its answer (``stream_type``, ``events``, ``client_body``) in its
+    own way."""
+
+    def __init__(self, config, server_config, environ=os.environ):
         self.name = config.name
         self.format = config.format
-        #: The API it speaks natively (Azure's is OpenAI's).
-        self.dialect = ANTHROPIC if config.format == ANTHROPIC else OPENAI
+        #: The API it speaks natively (Azure's is OpenAI's; Bedrock's and Vertex's Anthropic's).
+        self.dialect = ANTHROPIC if config.format in (ANTHROPIC, BEDROCK, VERTEX) else OPENAI
         self.models = config.models
         self.config = config
-        self.pool = UpstreamPool(config.base_url, server_config.upstream_connect_timeout,
-                                 server_config.upstream_timeout, config.allow_link_local, name=config.name)
+        self.region = provider_region(config, environ)
+        self.allowed_betas = _allowlist(config.anthropic_betas, DEFAULT_ANTHROPIC_BETAS.get(config.format))
+        self.allowed_fields = _allowlist(config.body_fields, DEFAULT_BODY_FIELDS.get(config.format))
+        self.pool = provider_pool(config, server_config.upstream_connect_timeout, server_config.upstream_timeout,
+                                  environ)
 
-    def serves(self, dialect):
+    def serves(self, dialect, path):
         """Anthropic-format providers serve both dialects (Anthropic has an
         OpenAI-compatible endpoint); OpenAI-format ones only OpenAI calls."""
         return dialect == OPENAI or self.format == ANTHROPIC
@@ -3063,26 +3426,83 @@ class Provider:
             return "x-api-key: " + api_key
         return ("api-key: " if self.format == AZURE else "Authorization: Bearer ") + api_key
 
-    def send(self, method, path, model, dialect, api_key, client_headers, body):
-        """Send one request for ``model`` (as the provider names it) and read
-        the response's head: a generator that
-        yields ProviderWaits until the answer begins and returns its
-        UpstreamConnection. Raises UpstreamTimeoutError (no answer in time),
-        UpstreamError ``upstream_unavailable`` (no connection, or it broke)
-        or ``upstream_bad_response`` (a head the gateway refuses), or
-        ServiceUnavailableError when no file descriptor is left.
+    def prepare(self, method, path, model, dialect, credential, client_headers, route, raw, body, streamed):
+        """One attempt's request for ``model`` as bytes, and whether the
+        client must not see the usage chunk the gateway asked for."""
+        data, hide_usage_chunk = upstream_body(route, raw, body, self.upstream_name(model), streamed,
+                                               self.dropped_fields(body))
+        return upstream_request(method, self.target(path, model), self.pool.host_field, dialect, self.dialect,
+                                self.credential(dialect, credential), self.beta_headers(client_headers),
+                                data if method != "GET" else None), hide_usage_chunk
+
+    def kept_betas(self, client_headers):
+        """The client's anthropic-beta values this provider takes: those on
+        its allowlist (all, without one); the others are logged at DEBUG."""
+        betas = [beta.strip() for beta in client_headers.get("anthropic-beta", "").split(",") if beta.strip()]
+        if self.allowed_betas is None:
+            return betas
+        kept = [beta for beta in betas if beta in self.allowed_betas]
+        if len(kept) < len(betas):
+            logger.debug("provider %s does not take anthropic-beta %s: dropped", self.name,
+                         ", ".join(beta for beta in betas if beta not in self.allowed_betas))
+        return kept
+
+    def beta_headers(self, client_headers):
+        """The client's headers, anthropic-beta cut to the provider's allowlist."""
+        if self.allowed_betas is None or "anthropic-beta" not in client_headers:
+            return client_headers
+        headers = dict(client_headers)
+        headers["anthropic-beta"] = ",".join(self.kept_betas(client_headers))
+        if not headers["anthropic-beta"]:
+            del headers["anthropic-beta"]
+        return headers
+
+    def dropped_fields(self, body):
+        """The client's body fields this provider does not take (logged at
+        DEBUG); never those the gateway itself handles (model, stream)."""
+        if self.allowed_fields is None or not body:
+            return ()
+        dropped = [name for name in body if name not in self.allowed_fields and name not in GATEWAY_BODY_FIELDS]
+        if dropped:
+            logger.debug("provider %s does not take body fields %s: dropped", self.name, shown(dropped, 200))
+        return dropped
+
+    def stream_type(self, response):
+        """The content type a streamed answer is relayed with; None for an
+        answer that is not a stream."""
+        content_type = response.getheader("content-type", "")
+        return content_type if content_type.startswith("text/event-stream") else None
+
+    def events(self, upstream, deadline, idle_timeout):
+        """A streamed answer's SSE events, as the client gets them (see
+        UpstreamConnection.events)."""
+        return upstream.events(deadline, idle_timeout)
+
+    def client_body(self, status, body):
+        """A whole answer's body, as the client gets it."""
+        return body
+
+    def credentials_refused(self):
+        """The provider answered 401 or 403 to the deployment's credentials."""
+
+    def send(self, method, request):
+        """Send one request (bytes from ``prepare``) and read the response's
+        head: a generator that yields ProviderWaits until the answer begins
+        and returns its UpstreamConnection. Raises UpstreamTimeoutError (no
+        answer in time), UpstreamError ``upstream_unavailable`` (no
+        connection, or it broke) or ``upstream_bad_response`` (a head the
+        gateway refuses), or ServiceUnavailableError when no file
+        descriptor is left.
 
         A pooled connection the provider has closed in the meantime fails
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
-        data = upstream_request(method, self.target(path, model), self.pool.host_field, dialect, self.dialect,
-                                self.credential(dialect, api_key), client_headers, body if method != "GET" else None)
         for fresh in (False, True):
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh)
-                yield from conn.exchange(data, method, time.monotonic() + self.pool.read_timeout)
+                yield from conn.exchange(request, method, time.monotonic() + self.pool.read_timeout)
                 return conn
             except BaseException as exc:  # timeouts and TLS errors too; the call closed while waiting
                 if conn is not None:
@@ -3103,6 +3523,25 @@ class Provider:
                                     code="upstream_bad_response") from None
 
 
+def upstream_body(route, raw, body, upstream_model, streamed, dropped=()):
+    """The bytes to forward, and whether the client must not see the usage
+    chunk the gateway asked for. The client's bytes go unchanged unless the
+    model lost its provider prefix, the stream needs usage switched on or
+    fields are ``dropped``."""
+    if raw is None:
+        return None, False
+    options = body.get("stream_options")
+    asked_for_usage = isinstance(options, dict) and options.get("include_usage") is True
+    needs_usage = streamed and route.injects_stream_usage and not asked_for_usage
+    if upstream_model == body.get("model") and not needs_usage and not dropped:
+        return raw, False
+    changed = {name: value for name, value in body.items() if name not in dropped}
+    changed["model"] = upstream_model
+    if needs_usage:
+        changed["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
+    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), needs_usage
+
+
 def upstream_request(method, target, host_field, dialect, provider_dialect, credential, client_headers, body):
     """A provider request as bytes, sent in one write: the request line,
     our header fields with the real key (``credential``, its header line),
@@ -3114,6 +3553,11 @@ def upstream_request(method, target, host_field, dialect, provider_dialect, cred
                  + AGENT_REQUEST_HEADERS[provider_dialect] if name in client_headers)
     if dialect == ANTHROPIC:
         lines.append("anthropic-version: " + client_headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION))
+    return request_bytes(lines, body)
+
+
+def request_bytes(lines, body):
+    """The request line and header ``lines``, Content-Length, and the body."""
     if body is not None:
         lines.append("Content-Length: %d" % len(body))
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -3267,12 +3711,15 @@ class UpstreamConnection:
             if size > MAX_UPSTREAM_BODY_BYTES:
                 raise UpstreamError("The provider's answer is larger than %d bytes" % MAX_UPSTREAM_BODY_BYTES)
 
-    def events(self, deadline, idle_timeout):
+    def events(self, deadline, idle_timeout, split=None):
         """Yield complete SSE events (bytes, terminator included) as they
         arrive, and a ProviderWait whenever the next one has not. Raises
         UpstreamCutError if the stream ends inside an event or an event
         grows past MAX_EVENT_BYTES, UpstreamTimeoutError if it is quiet for
-        ``idle_timeout`` or outlives ``deadline``."""
+        ``idle_timeout`` or outlives ``deadline``. ``split(buffer)`` returns
+        the events complete at the front of the bytes read and the rest
+        (``split_sse``, or a decoder of another framing)."""
+        split = split or split_sse
         buffer = b""
         while True:
             if time.monotonic() > deadline:
@@ -3282,15 +3729,8 @@ class UpstreamConnection:
                 if buffer.strip():
                     raise UpstreamCutError("The provider's stream was cut mid-event")
                 return
-            buffer += data
-            start = 0
-            while True:
-                end = _EVENT_END.search(buffer, start)
-                if end is None:
-                    break
-                yield buffer[start:end.end()]
-                start = end.end()
-            buffer = buffer[start:]
+            events, buffer = split(buffer + data)
+            yield from events
             if len(buffer) > MAX_EVENT_BYTES:
                 raise UpstreamCutError("The provider sent an oversized stream event")
 
@@ -3316,6 +3756,18 @@ class UpstreamConnection:
 
     def close(self):
         self.sock.close()
+
+
+def split_sse(buffer):
+    """The SSE events complete at the front of ``buffer`` (each with its
+    blank line), and the bytes after them."""
+    events, start = [], 0
+    while True:
+        end = _EVENT_END.search(buffer, start)
+        if end is None:
+            return events, buffer[start:]
+        events.append(buffer[start:end.end()])
+        start = end.end()
 
 
 class UpstreamResponse:
@@ -3523,6 +3975,350 @@ def response_headers(upstream_response):
         if name in FORWARDED_RESPONSE_HEADERS or name.startswith(FORWARDED_RESPONSE_PREFIXES):
             kept.append((name, value))
     return kept
+
+
+# Claude on the clouds. Clients call /v1/messages as ever; a Bedrock or
+# Vertex provider sends the same Messages API body with the model moved to
+# the URL (``model_ids`` maps a client's model name to the cloud's id) and
+# the API version moved into the body, signed or authorised the cloud's way,
+# and reads the answer back into Anthropic's shapes: the client cannot tell.
+
+#: The Messages API version each cloud takes in the body, not a header.
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+#: Bedrock's stream framing (application/vnd.amazon.eventstream).
+BEDROCK_STREAM_TYPE = "application/vnd.amazon.eventstream"
+#: The Anthropic error type of a Bedrock exception (its ``:exception-type``).
+BEDROCK_EXCEPTION_TYPES = {
+    "throttlingException": "rate_limit_error", "serviceUnavailableException": "overloaded_error",
+    "modelTimeoutException": "timeout_error", "validationException": "invalid_request_error",
+    "accessDeniedException": "permission_error", "resourceNotFoundException": "not_found_error",
+}
+
+
+def _aws_quote(text, safe=""):
+    """RFC 3986 percent-encoding as SigV4 wants it: all but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
+    return urllib.parse.quote(text, safe="-_.~" + safe)
+
+
+def sigv4_authorization(credentials, region, service, method, path, query, headers, payload_hash, amz_date):
+    """The Authorization value of AWS Signature Version 4 (hmac, hashlib).
+
+    ``path`` is the path as the signer sees it: it is percent-encoded once
+    more here (every service but S3 signs the encoded path encoded again;
+    AWS's test suite gives raw paths, so it encodes them once). ``headers``
+    are the (name, value) pairs signed, host and x-amz-date among them;
+    ``payload_hash`` the body's SHA-256 in hex; ``amz_date`` YYYYMMDDTHHMMSSZ.
+    Checked against AWS's published test suite (tests/test_cloud_providers.py)."""
+    fields = {}
+    for name, value in headers:
+        fields.setdefault(name.lower(), []).append(" ".join(value.split()))
+    names = sorted(fields)
+    pairs = sorted((_aws_quote(key), _aws_quote(value))
+                   for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True))
+    canonical = "\n".join((method, _aws_quote(path, "/"), "&".join("%s=%s" % pair for pair in pairs),
+                           "".join("%s:%s\n" % (name, ",".join(fields[name])) for name in names),
+                           ";".join(names), payload_hash))
+    day = amz_date[:8]
+    scope = "%s/%s/%s/aws4_request" % (day, region, service)
+    to_sign = "\n".join(("AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()))
+    key = ("AWS4" + credentials.secret_access_key).encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        credentials.access_key_id, scope, ";".join(names),
+        hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest())
+
+
+def decode_event_stream(buffer):
+    """The AWS event-stream messages complete at the front of ``buffer``,
+    as (headers, payload) pairs, and the bytes after them. A message is a
+    prelude (total length, headers length, the CRC-32 of those 8 bytes),
+    headers, a payload and the CRC-32 of all before it. A bad length or CRC
+    raises UpstreamCutError, once the good messages before it are returned
+    (it stays at the front of the rest)."""
+    messages, start = [], 0
+    while len(buffer) - start >= 12:
+        total, headers_length, prelude_crc = struct.unpack_from(">III", buffer, start)
+        bad = (zlib.crc32(buffer[start:start + 8]) != prelude_crc or total < 16 + headers_length
+               or total > MAX_EVENT_BYTES)
+        if not bad and len(buffer) - start < total:
+            break
+        message = buffer[start:start + total]
+        if bad or zlib.crc32(message[:-4]) != struct.unpack_from(">I", message, total - 4)[0]:
+            if messages:
+                break
+            raise UpstreamCutError("The provider sent a malformed event-stream message (length or checksum)")
+        messages.append((_event_stream_headers(message[12:12 + headers_length]), message[12 + headers_length:-4]))
+        start += total
+    return messages, buffer[start:]
+
+
+#: Sizes of the event-stream header value types with a fixed size: bool
+#: true, bool false, byte, short, int, long, (6, 7: bytes and string, sized
+#: by a 2-byte prefix), timestamp, uuid.
+_EVENT_STREAM_VALUE_SIZES = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+
+
+def _event_stream_headers(data):
+    """An event-stream message's headers: name -> value, strings decoded
+    (the only type Bedrock's framing headers use), others as bytes."""
+    headers, index = {}, 0
+    try:
+        while index < len(data):
+            name_length = data[index]
+            name = data[index + 1:index + 1 + name_length].decode("utf-8")
+            kind = data[index + 1 + name_length]
+            index += 2 + name_length
+            if kind in (6, 7):
+                (size,), index = struct.unpack_from(">H", data, index), index + 2
+            else:
+                size = _EVENT_STREAM_VALUE_SIZES[kind]
+            value = data[index:index + size]
+            headers[name] = value.decode("utf-8") if kind == 7 else value
+            index += size
+    except (IndexError, KeyError, struct.error, UnicodeDecodeError):
+        raise UpstreamCutError("The provider sent malformed event-stream headers") from None
+    return headers
+
+
+_EVENT_TYPE = re.compile(rb'"type"\s*:\s*"([A-Za-z_]+)"')
+
+
+def anthropic_sse(data):
+    """One Anthropic stream event as SSE bytes, from its JSON (bytes)."""
+    if b"\n" in data or b"\r" in data:  # pretty-printed JSON would end the SSE data line
+        data = json.dumps(_json_object(data) or {}, separators=(",", ":")).encode()
+    kind = _EVENT_TYPE.search(data)
+    return b"event: %s\ndata: %s\n\n" % (kind.group(1) if kind else b"message", data)
+
+
+def split_bedrock_stream(buffer):
+    """``split`` for Bedrock's event stream: its ``chunk`` events carry an
+    Anthropic stream event, base64 in the payload's ``bytes``; exceptions
+    become Anthropic ``error`` events. Returns SSE events and the rest."""
+    messages, rest = decode_event_stream(buffer)
+    events = []
+    for headers, payload in messages:
+        fields = _json_object(payload) or {}
+        if headers.get(":message-type") == "event":
+            if headers.get(":event-type") == "chunk":
+                try:
+                    events.append(anthropic_sse(base64.b64decode(fields.get("bytes") or "", validate=True)))
+                except (ValueError, TypeError):
+                    raise UpstreamCutError("The provider sent a chunk that is not base64") from None
+            continue  # another kind of event: nothing for the client
+        kind = headers.get(":exception-type") or headers.get(":error-code") or "error"
+        message = fields.get("message") or fields.get("Message") or headers.get(":error-message") or kind
+        events.append(anthropic_sse(json.dumps({"type": "error", "error": {
+            "type": BEDROCK_EXCEPTION_TYPES.get(kind, "api_error"), "message": str(message)}}).encode()))
+    return events, rest
+
+
+class CloudClaudeProvider(Provider):
+    """Claude's Messages API on a cloud; it serves /v1/messages alone."""
+    body_version = None       # anthropic_version, in the body
+    body_drops = ("model",)   # fields of the client's body the cloud refuses
+
+    def serves(self, dialect, path):
+        return dialect == ANTHROPIC and path == "/v1/messages"
+
+    def upstream_name(self, model):
+        """The cloud's id for a model name (``model_ids``)."""
+        return self.config.model_ids.get(model, model)
+
+    def model_path(self, model):
+        """The cloud's id for a model name, as one segment of a URL path."""
+        return urllib.parse.quote(self.upstream_name(model), safe="@")
+
+    def cloud_body(self, body, extra=()):
+        """The client's body without ``body_drops`` and the fields the
+        provider does not take, with the API version."""
+        dropped = self.dropped_fields(body)
+        fields = {name: value for name, value in body.items() if name not in self.body_drops and name not in dropped}
+        fields["anthropic_version"] = self.body_version
+        fields.update(extra)
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def client_body(self, status, body):
+        """A cloud's own error body (``{"message": ...}``) in Anthropic's shape."""
+        if status < 400:
+            return body
+        error = _json_object(body) or {}
+        if error.get("type") == "error":
+            return body
+        message = error.get("message") or error.get("Message") or _error_message(error.get("error"), None)
+        return json.dumps({"type": "error", "error": {
+            "type": ERROR_TYPES.get(status, "api_error"),
+            "message": message if isinstance(message, str) else "The provider answered HTTP %d" % status}}).encode()
+
+
+class BedrockProvider(CloudClaudeProvider):
+    """Amazon Bedrock's bedrock-runtime: ``POST /model/{id}/invoke`` and
+    ``/invoke-with-response-stream``, whose event stream is relayed as
+    Anthropic's SSE. Anthropic betas go in the body (``anthropic_beta``).
+    Authorised by a Bedrock API key (a bearer token), or signed with SigV4.
+    Usage: the Anthropic usage in the answer (message_start and
+    message_delta when streamed), which alone splits cache reads from 5m
+    and 1h cache writes; ``amazon-bedrock-invocationMetrics`` on the last
+    event only when the events carry none (MessagesStreamMeter)."""
+    body_version = BEDROCK_ANTHROPIC_VERSION
+    body_drops = ("model", "stream")
+    signing_name = "bedrock"
+
+    def prepare(self, method, path, model, dialect, credential, client_headers, route, raw, body, streamed):
+        target = "%s/model/%s/%s" % (self.pool.base_path, self.model_path(model),
+                                     "invoke-with-response-stream" if streamed else "invoke")
+        betas = self.kept_betas(client_headers)
+        data = self.cloud_body(body, {"anthropic_beta": betas} if betas else ())
+        lines = ["POST %s HTTP/1.1" % target, "Host: " + self.pool.host_field, "Accept-Encoding: identity",
+                 "Content-Type: application/json",
+                 "Accept: " + (BEDROCK_STREAM_TYPE if streamed else "application/json")]
+        if isinstance(credential, AwsCredentials):
+            amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            signed = [("content-type", "application/json"), ("host", self.pool.host_field), ("x-amz-date", amz_date)]
+            if credential.session_token:
+                signed.append(("x-amz-security-token", credential.session_token))
+            lines += ["%s: %s" % field for field in signed[2:]]  # the x-amz-* fields, as signed
+            lines.append("Authorization: " + sigv4_authorization(
+                credential, self.region, self.signing_name, "POST", target, "", signed,
+                hashlib.sha256(data).hexdigest(), amz_date))
+        else:
+            lines.append("Authorization: Bearer " + credential)
+        return request_bytes(lines, data), False
+
+    def stream_type(self, response):
+        if response.getheader("content-type", "").startswith(BEDROCK_STREAM_TYPE):
+            return "text/event-stream; charset=utf-8"
+        return None
+
+    def events(self, upstream, deadline, idle_timeout):
+        return upstream.events(deadline, idle_timeout, split_bedrock_stream)
+
+
+class AccessTokens:
+    """Google OAuth access tokens for Vertex AI, from ``token_command``
+    (``gcloud auth print-access-token``: a token, or JSON with
+    ``access_token`` and ``expires_in``) or the GCE metadata server
+    (GCE_METADATA_HOST moves it). Cached; fetched in the background once
+    the token is within ``refresh_margin`` of its expiry, so calls keep
+    using the current one meanwhile; only when none is valid (the first
+    call, or after a refusal) does a call fetch, one for all, within
+    ``timeout``. Tokens are never logged."""
+    refresh_margin = 300.0      # s before expiry a new token is fetched
+    command_lifetime = 3000.0   # s a command's bare token is trusted (gcloud's last an hour)
+    metadata_path = "/computeMetadata/v1/instance/service-accounts/default/token"
+
+    def __init__(self, name, command, timeout, environ=os.environ):
+        self.name, self.command, self.timeout = name, command, timeout
+        self.metadata_host = environ.get("GCE_METADATA_HOST") or "metadata.google.internal"
+        self._token, self._expires = None, 0.0
+        self._fetching = threading.Lock()
+
+    def token(self):
+        """A valid access token; raises UpstreamError if none can be had."""
+        token, expires = self._token, self._expires
+        now = time.monotonic()
+        if token is not None and now < expires:
+            if now >= expires - self.refresh_margin:
+                self._refresh_in_background()
+            return token
+        with self._fetching:  # one call fetches; the others wait for it
+            if self._token is None or time.monotonic() >= self._expires:
+                self._fetch()
+            return self._token
+
+    def forget(self):
+        """The provider refused the token: the next call fetches another."""
+        self._token = None
+
+    def _refresh_in_background(self):
+        if self._fetching.acquire(blocking=False):
+            threading.Thread(target=self._refresh, name="llmgw-token-" + self.name, daemon=True).start()
+
+    def _refresh(self):
+        try:
+            self._fetch()
+        except UpstreamError as exc:
+            logger.warning("%s", exc.message)
+        finally:
+            self._fetching.release()
+
+    def _fetch(self):
+        """Fetch a token into the cache (the caller holds ``_fetching``)."""
+        where = "token_command" if self.command else "the metadata server (%s)" % self.metadata_host
+        try:
+            answer = self._run_command() if self.command else self._ask_metadata_server()
+        except subprocess.TimeoutExpired:
+            failure = "no answer within %g s" % self.timeout
+        except (OSError, http.client.HTTPException) as exc:
+            failure = str(exc) or type(exc).__name__
+        else:
+            fields = _json_object(answer) if answer.startswith(b"{") else {"access_token": answer.decode("latin-1")}
+            fields = fields or {}
+            token, lifetime = fields.get("access_token"), fields.get("expires_in", self.command_lifetime)
+            if (isinstance(token, str) and token and all(0x21 <= ord(ch) <= 0x7E for ch in token)
+                    and isinstance(lifetime, (int, float)) and lifetime > 0):
+                self._token, self._expires = token, time.monotonic() + lifetime
+                return
+            failure = "no usable token in its answer"
+        raise UpstreamError("No Vertex AI access token for provider %s: %s: %s" % (self.name, where, failure),
+                            code="upstream_auth_unavailable")
+
+    def _run_command(self):
+        done = subprocess.run(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=self.timeout)
+        if done.returncode != 0:
+            raise OSError("it exited with status %d" % done.returncode)
+        return done.stdout.strip()
+
+    def _ask_metadata_server(self):
+        connection = http.client.HTTPConnection(self.metadata_host, timeout=self.timeout)
+        try:
+            connection.request("GET", self.metadata_path, headers={"Metadata-Flavor": "Google"})
+            response = connection.getresponse()
+            answer = response.read(65536)
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise OSError("it answered HTTP %d" % response.status)
+        return answer
+
+
+class VertexProvider(CloudClaudeProvider):
+    """Google Vertex AI: ``POST /v1/projects/{project}/locations/{region}/
+    publishers/anthropic/models/{model}:rawPredict`` (``:streamRawPredict``
+    when streamed: Anthropic's own SSE), ``anthropic-beta`` as a header,
+    an OAuth access token (AccessTokens, or a key of its own) as bearer."""
+    body_version = VERTEX_ANTHROPIC_VERSION
+
+    def __init__(self, config, server_config, environ=os.environ):
+        super().__init__(config, server_config, environ)
+        self.tokens = AccessTokens(config.name, config.token_command, config.token_timeout, environ)
+
+    def prepare(self, method, path, model, dialect, credential, client_headers, route, raw, body, streamed):
+        token = self.tokens.token() if isinstance(credential, GoogleTokenSource) else credential
+        target = "%s/v1/projects/%s/locations/%s/publishers/anthropic/models/%s:%s" % (
+            self.pool.base_path, self.config.project, self.region, self.model_path(model),
+            "streamRawPredict" if streamed else "rawPredict")
+        lines = ["POST %s HTTP/1.1" % target, "Host: " + self.pool.host_field, "Accept-Encoding: identity",
+                 "Content-Type: application/json", "Authorization: Bearer " + token]
+        betas = self.kept_betas(client_headers)
+        if betas:
+            lines.append("anthropic-beta: " + ",".join(betas))
+        return request_bytes(lines, self.cloud_body(body)), False
+
+    def credentials_refused(self):
+        self.tokens.forget()
+
+
+PROVIDER_CLASSES = {OPENAI: Provider, ANTHROPIC: Provider, AZURE: Provider, BEDROCK: BedrockProvider,
+                    VERTEX: VertexProvider}
+
+
+def make_provider(config, server_config, environ=os.environ):
+    """The Provider for a provider's config, of the class its format needs."""
+    return PROVIDER_CLASSES[config.format](config, server_config, environ)
 
 
 # ==== 6. Rate limiting ======================================================
@@ -3982,10 +4778,19 @@ class ResponsesStreamMeter(StreamMeter):
         return True
 
 
+#: Bedrock's ``amazon-bedrock-invocationMetrics`` (on its last stream
+#: event) as Anthropic usage fields: read only when the events carry no
+#: usage of their own, which is richer (it splits 5m and 1h cache writes).
+BEDROCK_METRICS_USAGE = (("inputTokenCount", "input_tokens"), ("outputTokenCount", "output_tokens"),
+                         ("cacheReadInputTokenCount", "cache_read_input_tokens"),
+                         ("cacheWriteInputTokenCount", "cache_creation_input_tokens"))
+
+
 class MessagesStreamMeter(StreamMeter):
     """Anthropic Messages: ``message_start`` seeds input and cache counts;
     every ``message_delta`` overrides the fields it carries (they are
-    cumulative, output included); ``message_stop`` ends the stream."""
+    cumulative, output included); ``message_stop`` ends the stream (and
+    on Bedrock carries its invocation metrics)."""
 
     def __init__(self, hide_usage_chunk=False):
         super().__init__(hide_usage_chunk)
@@ -4004,6 +4809,12 @@ class MessagesStreamMeter(StreamMeter):
                 self.usage_final = True
         elif name == b"message_stop":
             self.finished = True
+            if not self.usage_final and b"invocationMetrics" in data:
+                metrics = _details(_json_object(data) or {}, "amazon-bedrock-invocationMetrics")
+                counts = {ours: metrics[theirs] for theirs, ours in BEDROCK_METRICS_USAGE if theirs in metrics}
+                if counts:
+                    self._merge(counts)
+                    self.usage_final = True
         elif name == b"error":
             self._set_error(_details(_json_object(data) or {}, "error"))
         else:
@@ -4359,9 +5170,6 @@ KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
 MODELS_ROUTE = ROUTES["/v1/models"]
 #: Admin API bodies are small JSON objects.
 ADMIN_BODY_BYTES = 64 * 1024
-#: Model names are short (fine-tuned ids run to about 70 characters); a
-#: longer one would be copied into every log line and usage row it touches.
-MAX_MODEL_CHARS = 256
 #: How many distinct unpriced models a process logs (one line each).
 UNPRICED_MODELS_LOGGED = 100
 
@@ -4995,7 +5803,7 @@ class Gateway:
         self.store = store
         self.clock = clock            # wall time; injectable for budget periods and limits
         self._environ = os.environ if environ is None else environ
-        self.providers = {name: Provider(p, config.server) for name, p in config.providers.items()}
+        self.providers = {name: make_provider(p, config.server, self._environ) for name, p in config.providers.items()}
         self._request_prefix = secrets.token_hex(4)
         self._request_numbers = itertools.count(1)
         #: This process, in usage rows, rate-limit counters and the process registry.
@@ -5079,7 +5887,7 @@ class Gateway:
             if current is not None and current.config == provider_config and config.server == self.config.server:
                 providers[name] = current
             else:
-                providers[name] = Provider(provider_config, config.server)
+                providers[name] = make_provider(provider_config, config.server, self._environ)
         for field in ("host", "port", "threads", "max_connections"):
             if getattr(config.server, field) != getattr(self.config.server, field):
                 logger.warning("server.%s changed; it takes effect at the next start", field)
@@ -5134,7 +5942,8 @@ class Gateway:
         metrics_hash = (hash_secret(env_metrics_token) if env_metrics_token
                         else self.store.get_setting(METRICS_TOKEN_SETTING))
         prices = PriceTable.build(self.config.pricing, self.store.imported_prices())
-        known = [key for triples, _ in keys.values() for _, key, _ in triples]
+        known = [secret for triples, _ in keys.values() for _, key, _ in triples
+                 for secret in (key.secrets() if isinstance(key, tuple) else [key])]
         with self._lock:
             self._generation = generation
             self._keys = {}
@@ -5232,7 +6041,7 @@ class Gateway:
         if route is KEY_INFO_ROUTE:
             return json_reply(200, self.key_info(key))
         raw, body, model = read_request_body(route, request, self.config.server.max_body_bytes)
-        targets = self._targets(dialect, model)
+        targets = self._targets(dialect, request.path, model)
         request.log.update(provider=targets[0][0].name, model=model)
         check_model_allowed(key, model, model if model in self.config.models
                             else "%s/%s" % (targets[0][0].name, targets[0][1]))
@@ -5252,18 +6061,18 @@ class Gateway:
             reply.body = with_aliases(reply.body, dialect, self.config.models)
         return reply
 
-    def _targets(self, dialect, model):
+    def _targets(self, dialect, path, model):
         """(provider, upstream model, weight, recorded model) for each
         target of an alias, or the one a model name routes to. An alias's
         usage rows record the model that served."""
         aliases = self.config.models.get(model)
         if aliases is None:
-            provider, upstream_model = self._route(dialect, model)
+            provider, upstream_model = self._route(dialect, path, model)
             return [(provider, upstream_model, 1, model)]
         targets = []
         for target in aliases:
             try:
-                provider, upstream_model = self._route(dialect, target.model)
+                provider, upstream_model = self._route(dialect, path, target.model)
             except GatewayError:
                 continue  # a target of another API (an OpenAI model on /v1/messages)
             targets.append((provider, upstream_model, target.weight, upstream_model))
@@ -5361,15 +6170,14 @@ class Gateway:
         every way out."""
         logical = attempt.logical
         request, route = logical.request, logical.route
-        upstream_name = attempt.provider.upstream_name(attempt.upstream_model)
-        upstream_body, hide_usage_chunk = _upstream_body(route, logical.raw, logical.body, upstream_name,
-                                                         logical.streamed)
+        provider = attempt.provider
         try:
             try:
+                data, hide_usage_chunk = provider.prepare(
+                    request.method, request.path, attempt.upstream_model, logical.dialect, attempt.deployment.api_key,
+                    request.headers, route, logical.raw, logical.body, logical.streamed)
                 attempt.sent = time.monotonic()
-                upstream = yield from attempt.provider.send(request.method, request.path, attempt.upstream_model,
-                                                            logical.dialect, attempt.deployment.api_key,
-                                                            request.headers, upstream_body)
+                upstream = yield from provider.send(request.method, data)
                 attempt.first_byte = time.monotonic()
             except GatewayError as exc:
                 attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR)
@@ -5378,9 +6186,8 @@ class Gateway:
                 return Failure(transport_trigger(exc), error=exc)
             response = upstream.response
             headers = response_headers(response) + attempt.headers()
-            content_type = response.getheader("content-type", "")
-            if (route.stream_meter is not None and 200 <= response.status < 300
-                    and content_type.startswith("text/event-stream")):
+            content_type = provider.stream_type(response)
+            if route.stream_meter is not None and 200 <= response.status < 300 and content_type:
                 return (yield from self._open_stream(attempt, upstream, route.stream_meter(hide_usage_chunk),
                                                      headers + [("content-type", content_type),
                                                                 ("cache-control", "no-cache")]))
@@ -5514,23 +6321,25 @@ class Gateway:
         })
         return info
 
-    def _route(self, dialect, model):
+    def _route(self, dialect, path, model):
         """Pick the provider: a ``provider/`` prefix on the model (stripped),
         else a provider whose ``models`` globs match, else the default one."""
         if model and "/" in model:
             prefix, rest = model.split("/", 1)
             provider = self.providers.get(prefix)
             if provider is not None:
-                if not provider.serves(dialect):
-                    raise BadRequestError("Provider %s does not serve the Anthropic Messages API" % prefix)
+                if not provider.serves(dialect, path):
+                    raise BadRequestError("Provider %s does not serve %s%s" % (
+                        prefix, path, " in the Anthropic format" if dialect == ANTHROPIC else ""))
                 return provider, rest
         if model:
             for provider in self.providers.values():
-                if provider.serves(dialect) and provider.matches(model):
+                if provider.serves(dialect, path) and provider.matches(model):
                     return provider, model
         default = self.providers.get(dialect)
-        if default is None or not default.serves(dialect):
-            default = next((p for p in self.providers.values() if p.dialect == dialect), None)
+        if default is None or not default.serves(dialect, path):
+            default = next((p for p in self.providers.values() if p.dialect == dialect and p.serves(dialect, path)),
+                           None)
         if default is None:
             raise NotFoundError("No provider is configured for model %s" % printable(model or "")[:100],
                                 code="model_not_found")
@@ -5551,7 +6360,9 @@ class Gateway:
             upstream.close()
         else:
             provider.pool.release(upstream)
+        body = provider.client_body(status, body)
         if status in (401, 403):
+            provider.credentials_refused()
             attempt.fail(OUTCOME_UPSTREAM_ERROR, status)
             logger.warning("provider %s rejected the gateway's credentials (key %s) with HTTP %d; check its API key",
                            provider.name, attempt.deployment.name, status)
@@ -5599,7 +6410,7 @@ class Gateway:
         and pings) is held back, so a stream that fails before any output
         is a Failure the client never sees. Returns the Reply relaying the
         stream, or a Failure."""
-        events = upstream.events(attempt.logical.deadline, self.config.server.stream_idle_timeout)
+        events = attempt.provider.events(upstream, attempt.logical.deadline, self.config.server.stream_idle_timeout)
         if attempt.answer is not None:
             events = attempt.kept_events(events)
         preamble, size, first = [], 0, None
@@ -5937,23 +6748,6 @@ def with_aliases(body, dialect, aliases):
         else:
             listing["data"].append({"id": alias, "object": "model", "created": 0, "owned_by": "llmgw"})
     return json.dumps(listing).encode()
-
-
-def _upstream_body(route, raw, body, upstream_model, streamed):
-    """The bytes to forward, and whether the client must not see the usage
-    chunk the gateway asked for. The client's bytes go unchanged unless the
-    model lost its provider prefix or the stream needs usage switched on."""
-    if raw is None:
-        return None, False
-    options = body.get("stream_options")
-    asked_for_usage = isinstance(options, dict) and options.get("include_usage") is True
-    needs_usage = streamed and route.injects_stream_usage and not asked_for_usage
-    if upstream_model == body.get("model") and not needs_usage:
-        return raw, False
-    changed = dict(body, model=upstream_model)
-    if needs_usage:
-        changed["stream_options"] = dict(options if isinstance(options, dict) else {}, include_usage=True)
-    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), needs_usage
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -7244,7 +8038,7 @@ def check_installation(config_path, db_path, environ=os.environ, reach=False, no
         else:
             note("warn", "keys", "%s: no key; calls routed to it are refused" % name)
     for name, provider in config.providers.items() if reach else ():
-        _check_reach(name, provider, now, note)
+        _check_reach(name, provider, now, note, environ)
     return findings
 
 
@@ -7283,10 +8077,14 @@ def _check_database(path, now, note):
     return stored_keys
 
 
-def _check_reach(name, provider, now, note):
+def _check_reach(name, provider, now, note, environ=os.environ):
     """One HEAD request to the provider's base URL, without a key, bounded
     by REACH_TIMEOUT; its Date header checks the clock."""
-    pool = UpstreamPool(provider.base_url, REACH_TIMEOUT, REACH_TIMEOUT, provider.allow_link_local)
+    try:
+        pool = provider_pool(provider, REACH_TIMEOUT, REACH_TIMEOUT, environ)
+    except ConfigError as exc:  # a cloud provider without its region, a proxy or TLS file amiss
+        note("FAIL", "reach", "%s: %s" % (name, exc.message))
+        return
     started = time.monotonic()
     connection = None
     try:

@@ -23,6 +23,22 @@ Routes
 ``GET  /v1/models``, ``/v1/models/<id>``  Anthropic shape if the request has an
                                           ``anthropic-version`` header, else
                                           OpenAI shape
+``POST /model/<id>/invoke``               Bedrock: Anthropic Messages, model in
+``POST /model/<id>/invoke-with-response-  the URL; ``anthropic_version:
+stream``                                  bedrock-2023-05-31`` required and
+                                          ``model``/``stream`` refused in the
+                                          body (400 ``{"message": ...}``); the
+                                          stream in AWS event-stream framing
+                                          (``chunk`` events, base64 ``bytes``;
+                                          ``message_stop`` adds
+                                          ``amazon-bedrock-invocationMetrics``);
+                                          SigV4 checked against
+                                          ``aws_credentials`` (403 if wrong)
+``POST /v1/projects/<p>/locations/<r>/    Vertex AI: Anthropic Messages, model
+publishers/anthropic/models/<model>:      in the URL; ``anthropic_version:
+rawPredict`` (``:streamRawPredict``)      vertex-2023-10-16`` required,
+                                          ``model`` refused; ``fail429``
+                                          answers in Google's error shape
 anything else                             404, OpenAI-shaped JSON error
 ========================================  =====================================
 
@@ -154,7 +170,9 @@ Broken streams (the cut is made right after the Nth content delta)
                    end the body cleanly (chunked terminator). OpenAI chat and
                    completions: ``data: {"error": {...}}``; Responses:
                    ``event: error``; Anthropic: ``event: error`` with
-                   ``overloaded_error``
+                   ``overloaded_error`` (Bedrock: a
+                   ``serviceUnavailableException`` exception message)
+  ``badcrc``       Bedrock stream: the 2nd content event's message CRC is wrong
   ===============  ===========================================================
 
 Framing
@@ -193,9 +211,11 @@ no entry at all.
 """
 
 import base64
+import calendar
 import copy
 import gzip
 import hashlib
+import hmac
 import json
 import re
 import select
@@ -209,7 +229,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from socketserver import TCPServer
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __all__ = ["FakeUpstream"]
 
@@ -244,6 +264,12 @@ _ROUTES = {
     ("POST", "/v1/messages/count_tokens"): "count_tokens",
     ("GET", "/v1/models"): "models",
 }
+#: Claude on the clouds (the Messages API): Bedrock's bedrock-runtime and
+#: Vertex AI's publisher model endpoints.
+_BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(invoke|invoke-with-response-stream)\Z")
+_VERTEX_PATH = re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
+                          r"(?P<model>[^/:]+):(rawPredict|streamRawPredict)\Z")
+_CLOUD_VERSIONS = {"bedrock": "bedrock-2023-05-31", "vertex": "vertex-2023-10-16"}
 _ANTHROPIC_ROUTES = {"messages", "count_tokens"}
 #: Azure's classic API serves these under /deployments/<deployment>/ only.
 _DEPLOYMENT_ROUTES = {"chat", "completions", "embeddings"}
@@ -267,6 +293,11 @@ _STATUS_FAULTS = {
                 "Overloaded"),
 }
 
+BEDROCK_STREAM_TYPE = "application/vnd.amazon.eventstream"
+SIGNATURE_MISMATCH = ("The request signature we calculated does not match the "
+                      "signature you provided. Check your AWS Secret Access Key "
+                      "and signing method. Consult the service documentation "
+                      "for details.")
 HTML_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n"
             b"<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n"
             b"<hr><center>fake-upstream</center>\r\n</body>\r\n</html>\r\n")
@@ -449,6 +480,12 @@ class _Call:
 
         self.route = _ROUTES.get((method, api_path))
         self.model_id = None
+        #: "bedrock" or "vertex" for Claude on a cloud: Messages API, model in the URL
+        self.cloud = None
+        cloud = _BEDROCK_PATH.match(self.path) or _VERTEX_PATH.match(self.path)
+        if method == "POST" and cloud is not None:
+            self.route, self.model_id = "messages", unquote(cloud.group("model"))
+            self.cloud = "bedrock" if cloud.re is _BEDROCK_PATH else "vertex"
         if self.route is None and method == "GET" and \
                 api_path.startswith("/v1/models/") and \
                 len(api_path) > len("/v1/models/"):
@@ -469,6 +506,10 @@ class _Call:
             self.anthropic = False
         self.stream = self.route in _STREAM_ROUTES and \
             data.get("stream") is True
+        if self.cloud == "bedrock":  # the path says; "stream" in the body is refused
+            self.stream = self.path.endswith("/invoke-with-response-stream")
+        #: SigV4 on a Bedrock request: "valid", "invalid", or None (not signed)
+        self.aws_signature = None
         options = data.get("stream_options")
         self.include_usage = self.stream and isinstance(options, dict) and \
             options.get("include_usage") is True
@@ -515,6 +556,8 @@ class _Call:
 
     @property
     def request_id_header(self):
+        if self.cloud == "bedrock":
+            return "x-amzn-RequestId"
         return "request-id" if self.anthropic else "x-request-id"
 
 
@@ -531,7 +574,12 @@ def _anthropic_error(call, err_type, message):
 
 
 def _error_body(call, anthropic_type, openai_type, openai_code, message):
-    """An error body in the route's provider shape."""
+    """An error body in the route's provider shape (Bedrock's is its own)."""
+    if call.cloud == "bedrock":
+        return {"message": message}
+    if call.cloud == "vertex" and anthropic_type == "rate_limit_error":
+        return {"error": {"code": 429, "message": message,  # Google's quota
+                          "status": "RESOURCE_EXHAUSTED"}}
     if call.anthropic:
         return _anthropic_error(call, anthropic_type, message)
     return _openai_error(message, openai_type, openai_code)
@@ -895,6 +943,55 @@ def _anthropic_stream_plan(call):
         "delta": {"type": "text_delta", "text": " drip"}}), error)
 
 
+def event_stream_message(headers, payload):
+    """One AWS event-stream message: prelude (total length, headers
+    length, CRC-32 of both), string headers, payload, CRC-32 of it all."""
+    encoded = b"".join(
+        bytes([len(name)]) + name + b"\x07" + struct.pack(">H", len(value)) + value
+        for name, value in ((n.encode(), v.encode()) for n, v in headers))
+    prelude = struct.pack(">II", 16 + len(encoded) + len(payload), len(encoded))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + encoded + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def _bedrock_chunk(call, sse):
+    """An Anthropic SSE event as Bedrock sends it: a ``chunk`` event whose
+    payload carries the event's JSON in base64 (``bytes``), or for the
+    ``error`` event an exception. ``message_stop`` gains Bedrock's
+    invocation metrics."""
+    data = json.loads(re.search(rb"^data: ?(.*)$", sse, re.M).group(1))
+    if data["type"] == "error":
+        return event_stream_message(
+            [(":exception-type", "serviceUnavailableException"),
+             (":content-type", "application/json"), (":message-type", "exception")],
+            dumps({"message": data["error"]["message"]}).encode())
+    if data["type"] == "message_stop":
+        metrics = {"inputTokenCount": call.usage.prompt,
+                   "outputTokenCount": call.usage.completion,
+                   "invocationLatency": 120, "firstByteLatency": 40}
+        if call.has("cache"):
+            metrics["cacheReadInputTokenCount"] = call.usage.cache_read
+            metrics["cacheWriteInputTokenCount"] = call.usage.cache_creation
+        data["amazon-bedrock-invocationMetrics"] = metrics
+    payload = {"bytes": base64.b64encode(dumps(data).encode()).decode(),
+               "p": "abcdefghijklmnopqrstuvwxyzABCDEF"[:1 + call.seq % 30]}
+    return event_stream_message(
+        [(":event-type", "chunk"), (":content-type", "application/json"),
+         (":message-type", "event")], dumps(payload).encode())
+
+
+def _bedrock_plan(call, plan):
+    """An Anthropic stream plan in Bedrock's event-stream framing.
+    ``badcrc`` spoils the checksum of the second content event."""
+    events = [_Event(_bedrock_chunk(call, event.data), event.content,
+                     event.usage, event.merge) for event in plan.events]
+    if call.has("badcrc"):
+        spoilt = events[plan.after_content(2) - 1]
+        spoilt.data = spoilt.data[:-1] + bytes([spoilt.data[-1] ^ 1])
+    error = _Event(_bedrock_chunk(call, plan.error.data))
+    return _Plan(events, lambda i: _bedrock_chunk(call, plan.drip(i)), error)
+
+
 _STREAM_PLANS = {
     "chat": _openai_stream_plan,
     "completions": _openai_stream_plan,
@@ -1010,6 +1107,10 @@ class _Handler(BaseHTTPRequestHandler):
             call = _Call(self.command, self.path, list(self.headers.items()),
                          body, self.fake._next_faults(), self.fake.root,
                          self.fake.azure)
+            if call.cloud == "bedrock" and call.headers.get(
+                    "authorization", "").startswith("AWS4-HMAC-SHA256 "):
+                call.aws_signature = "valid" if _sigv4_valid(
+                    call, self.fake.aws_credentials) else "invalid"
             self.fake._record(call, self.connection_id)
             self._serve(call)
         except _Aborted:
@@ -1067,6 +1168,8 @@ class _Handler(BaseHTTPRequestHandler):
                 f"Unknown request URL: {call.method} {call.path}. "
                 "(fake upstream)", "invalid_request_error", "unknown_url")
             return self._send_json(call, 404, body)
+        if call.cloud is not None and self._refuse_cloud_call(call):
+            return
         if self._send_fault(call):
             return
         if call.route in ("models", "model"):
@@ -1083,7 +1186,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(call, 200,
                                    {"input_tokens": call.usage.prompt})
         if call.stream:
-            return self._send_stream(call, _STREAM_PLANS[call.route](call))
+            plan = _STREAM_PLANS[call.route](call)
+            if call.cloud == "bedrock":
+                plan = _bedrock_plan(call, plan)
+            return self._send_stream(call, plan)
         build_body, build_usage = _NONSTREAM[call.route]
         usage = None if call.has("nousage") else build_usage(call.usage)
         if call.route == "responses" and call.has("failed"):
@@ -1091,7 +1197,37 @@ class _Handler(BaseHTTPRequestHandler):
         body = build_body(call, usage)
         if usage is not None:
             self.fake._report(call, usage, complete=True)
-        self._send_json(call, 200, body)
+        extra = []
+        if call.cloud == "bedrock":
+            extra = [("X-Amzn-Bedrock-Input-Token-Count", str(call.usage.prompt)),
+                     ("X-Amzn-Bedrock-Output-Token-Count", str(call.usage.completion))]
+        self._send_json(call, 200, body, extra)
+
+    def _refuse_cloud_call(self, call):
+        """Answer as the cloud would a call it refuses: a SigV4 signature
+        that does not match (Bedrock: 403), a body with ``model`` (or on
+        Bedrock ``stream``) or without the cloud's ``anthropic_version``
+        (400). False if the call is fine."""
+        bedrock = call.cloud == "bedrock"
+        if call.aws_signature == "invalid":
+            self._send_json(call, 403, {"message": SIGNATURE_MISMATCH},
+                            [("x-amzn-ErrorType", "InvalidSignatureException")])
+            return True
+        data = call.json if isinstance(call.json, dict) else {}
+        problems = ["extraneous key [%s] is not permitted" % key
+                    for key in (("model", "stream") if bedrock else ("model",))
+                    if key in data]
+        version = _CLOUD_VERSIONS[call.cloud]
+        if data.get("anthropic_version") != version:
+            problems.append("anthropic_version: expected %s" % version)
+        if not problems:
+            return False
+        message = "Malformed input request: %s, please reformat your input " \
+            "and try again." % ", ".join(problems)
+        self._send_json(call, 400, _error_body(
+            call, "invalid_request_error", None, None, message),
+            [("x-amzn-ErrorType", "ValidationException")] if bedrock else [])
+        return True
 
     def _send_fault(self, call):
         """Send the reply for a status-fault token; False if there is none."""
@@ -1211,7 +1347,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake._report(call, usage, complete=events is plan.events)
 
         closedelim = call.has("closedelim")
-        self._start(call, 200, "text/event-stream",
+        self._start(call, 200, BEDROCK_STREAM_TYPE if call.cloud == "bedrock"
+                    else "text/event-stream",
                     [("Cache-Control", "no-cache")], chunked=not closedelim)
         out = _BodyWriter(self.wfile, chunked=not closedelim,
                           gzipped=call.gzipped, bytewise=call.has("bytewise"),
@@ -1302,6 +1439,48 @@ class _Handler(BaseHTTPRequestHandler):
         raise _Aborted
 
 
+# ==== SigV4 (checked independently of the gateway's signer) =================
+
+_SIGV4 = re.compile(r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<day>\d{8})/"
+                    r"(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
+                    r"SignedHeaders=(?P<signed>[a-z0-9;-]+), "
+                    r"Signature=(?P<signature>[0-9a-f]{64})\Z")
+
+
+def _sigv4_valid(call, credentials):
+    """Whether the request's SigV4 signature is right for the secret of
+    its access key id in ``credentials`` (access key id -> secret), signs
+    host and x-amz-date, and is dated within five minutes of now."""
+    match = _SIGV4.match(call.headers.get("authorization", ""))
+    if match is None or match["key"] not in credentials:
+        return False
+    names = match["signed"].split(";")
+    amz_date = call.headers.get("x-amz-date", "")
+    try:
+        skew = time.time() - calendar.timegm(time.strptime(
+            amz_date, "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return False
+    if {"host", "x-amz-date"} - set(names) or abs(skew) > 300 or \
+            amz_date[:8] != match["day"]:
+        return False
+    canonical = "\n".join([
+        call.method, quote(urlsplit(call.raw_path).path, safe="/-_.~"), "",
+        "".join("%s:%s\n" % (name, " ".join(call.headers.get(name, "").split()))
+                for name in names),
+        match["signed"], hashlib.sha256(call.body).hexdigest()])
+    scope = "/".join([match["day"], match["region"], match["service"],
+                      "aws4_request"])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + credentials[match["key"]]).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.compare_digest(
+        hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest(),
+        match["signature"])
+
+
 # ==== Server ================================================================
 
 #: The name of the fake's per-connection threads.
@@ -1346,8 +1525,11 @@ class FakeUpstream:
     ``with FakeUpstream().start() as up: ...``.
     """
 
-    def __init__(self, host="127.0.0.1", faults="", root="/v1", azure=False):
+    def __init__(self, host="127.0.0.1", faults="", root="/v1", azure=False,
+                 tls=None):
         self.host = host
+        #: a server-side ssl.SSLContext: serve HTTPS (``url`` names localhost)
+        self.tls = tls
         #: behaviour tokens applied to every request
         self.faults = faults
         #: where the API's routes live, in place of /v1; Azure's classic paths
@@ -1360,6 +1542,9 @@ class FakeUpstream:
         self.requests = []
         #: one dict per reply that delivered usage (see module docstring)
         self.reported = []
+        #: Bedrock SigV4: access key id -> secret access key the fake
+        #: checks signatures with (a signed request with another id fails)
+        self.aws_credentials = {}
         #: TCP connections accepted so far (not cleared by reset())
         self.connections_opened = 0
         #: TCP connections currently open
@@ -1391,6 +1576,10 @@ class FakeUpstream:
         self.port = self._server.server_address[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{self.port}"
+        if self.tls is not None:  # handshakes happen as connections are accepted
+            self._server.socket = self.tls.wrap_socket(self._server.socket,
+                                                       server_side=True)
+            self.url = f"https://localhost:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(POLL_S,),
             name=f"fake-upstream-{self.port}", daemon=True)
@@ -1463,6 +1652,7 @@ class FakeUpstream:
                 "header_list": list(call.header_list),
                 "body": call.body, "json": call.json,
                 "connection_id": connection_id,
+                "aws_signature": call.aws_signature,
                 "request_id": call.request_id, "gzipped": call.gzipped,
                 "deployment": call.deployment})
             self._cond.notify_all()
@@ -1551,3 +1741,86 @@ class ScriptedUpstream:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ==== CONNECT proxy =========================================================
+
+class ConnectProxy:
+    """An HTTP proxy that serves CONNECT tunnels only, as an HTTPS proxy
+    does: ``tunnels`` records (target, Proxy-Authorization or None) of
+    each CONNECT; with ``credentials`` ("user:password") a CONNECT without
+    them is answered 407. Bytes are relayed both ways until either side
+    closes."""
+
+    def __init__(self, credentials=None):
+        self.credentials = credentials
+        self.tunnels = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            data = client.recv(4096)
+            if not data:
+                return client.close()
+            head += data
+        head, _, rest = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target = lines[0].split(" ")[:2]
+        fields = {name.strip().lower(): value.strip() for name, _, value in
+                  (line.partition(":") for line in lines[1:])}
+        authorization = fields.get("proxy-authorization")
+        self.tunnels.append((target, authorization))
+        expected = "Basic " + base64.b64encode(
+            (self.credentials or "").encode()).decode()
+        if method != "CONNECT" or (self.credentials and authorization != expected):
+            client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                           b"Proxy-Authenticate: Basic realm=\"fake\"\r\n"
+                           b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            return client.close()
+        host, _, port = target.rpartition(":")
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), 5)
+        except OSError:
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return client.close()
+        self._sockets.append(upstream)
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+        peers = {client: upstream, upstream: client}
+        try:
+            while True:
+                readable, _, _ = select.select(list(peers), [], [], 30)
+                if not readable:
+                    break
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self):
+        self._listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
