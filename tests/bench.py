@@ -23,6 +23,12 @@ file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
     python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
     python tests/bench.py --streams 10000 --baseline ../main   # the same for concurrent streams
 
+``--baseline DIR`` adds a before/after section: the gateway of DIR (before) and of this tree
+(after), on the same core, measured back to back at each level and for the streams in
+``--rounds`` (6) rounds, the one measured first alternating from round to round; it reports
+each one's median and range over the rounds and the median of the rounds' paired after/before
+ratios, with the load average at its start and end.
+
 What it starts (and always stops, even on Ctrl-C or error; each in its own process group):
 
 * a fake OpenAI upstream (this file, ``_upstream`` mode: one asyncio process, HTTP/1.1
@@ -859,6 +865,95 @@ def one_request(port, key, body, timeout=10):
                 return parsed[1], parsed[2]
 
 
+# ==== Before vs after (``--baseline``) =======================================================
+
+def load_average():
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def compare_rounds(args, levels, loadgen, gateways, problems):
+    """``--rounds`` rounds of the same measurements on the gateway of this tree (``after``) and of
+    the baseline tree (``before``), both pinned to the same core: at each connection level and for
+    the streams, the two are measured back to back, the one that goes first alternating from round
+    to round, so that neither gains from its position (a warmer cache, a quieter moment, the
+    upstream just started). Returns the samples, per gateway and level, and the requests sent to
+    ``after``."""
+    samples = {name: {"stream": []} for name in gateways}
+    for name, (_, port, key) in gateways.items():  # warm-up: pools, caches, threads
+        loadgen.run(port, key, 16, 1.0)
+        stream_runs(port, key, 3)
+    sent = 0
+    loads = [load_average()]
+    print("  before vs after: %d rounds, load average %s" % (args.rounds, loads[0]), flush=True)
+    for round_number in range(args.rounds):
+        order = ("before", "after") if round_number % 2 == 0 else ("after", "before")
+        for conns in levels:
+            for name in order:
+                server, port, key = gateways[name]
+                if server.poll() is not None:
+                    raise RuntimeError("the %s gateway exited with code %s" % (name, server.returncode))
+                cpu0 = cpu_seconds(server.pid)
+                r = loadgen.run(port, key, conns, args.duration)
+                r["cpu_ms_per_req"] = ((cpu_seconds(server.pid) - cpu0) * 1000 / r["requests"]
+                                       if r["requests"] else float("nan"))
+                samples[name].setdefault(conns, []).append(r)
+                sent += r["requests"] if name == "after" else 0
+                bad = {k: v for k, v in r["errors"].items() if v}
+                if bad:
+                    problems.append("%s round %d at %d connections: %s" % (name, round_number + 1, conns, bad))
+        for name in order:
+            _, port, key = gateways[name]
+            streamed = stream_runs(port, key, args.stream_runs)
+            samples[name]["stream"].append(streamed)
+            sent += args.stream_runs if name == "after" else 0
+            problems.extend("%s %s" % (name, p) for p in streamed["problems"])
+        print("  round %d (%s first) done, load average %s" % (round_number + 1, order[0], load_average()),
+              flush=True)
+    loads.append(load_average())
+    return {"samples": samples, "after_requests": sent, "loads": loads}
+
+
+def spread(values, fmt="%.3f"):
+    """Median and range of ``values``: ``median (min-max)``."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    return ("%s (%s-%s)" % (fmt, fmt, fmt)) % (statistics.median(values), min(values), max(values))
+
+
+def paired_ratios(before, after):
+    """after/before for each round's pair, as percentages (the pair was measured back to back)."""
+    return [100.0 * a / b for b, a in zip(before, after) if b and a == a and b == b]
+
+
+def print_comparison(args, levels, comparison):
+    """The before/after table: medians with their range over the rounds, and the median of the
+    rounds' paired after/before ratios (the figure to read: load drifts between rounds, far
+    less within a pair)."""
+    before, after = comparison["samples"]["before"], comparison["samples"]["after"]
+    print("Before (--baseline %s) vs after (this tree): %d alternating rounds of %.1f s per level; "
+          "median (min-max); load average %s at the start, %s at the end"
+          % (args.baseline, args.rounds, args.duration, comparison["loads"][0], comparison["loads"][1]))
+    header = "| %-6s | %5s | %-23s | %-23s | %-26s |" % ("", "conns", "req/s", "p50 ms", "CPU ms/req")
+    print(header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    for conns in levels:
+        for name, runs in (("before", before[conns]), ("after", after[conns])):
+            print("| %-6s | %5d | %-23s | %-23s | %-26s |" % (
+                name, conns, spread([r["rps"] for r in runs], "%.0f"), spread([r["p50_ms"] for r in runs]),
+                spread([r["cpu_ms_per_req"] for r in runs])))
+    print("After/before, median of the paired rounds (min-max):")
+    for conns in levels:
+        print("  %3d conns: req/s %s %%, CPU per request %s %%" % (
+            conns, spread(paired_ratios([r["rps"] for r in before[conns]], [r["rps"] for r in after[conns]]), "%.1f"),
+            spread(paired_ratios([r["cpu_ms_per_req"] for r in before[conns]],
+                                 [r["cpu_ms_per_req"] for r in after[conns]]), "%.1f")))
+    for field, label in (("first_ms", "first event"), ("total_ms", "total")):
+        b, a = [s[field] for s in before["stream"]], [s[field] for s in after["stream"]]
+        print("  stream %-11s before %s ms, after %s ms, after/before %s %%"
+              % (label, spread(b), spread(a), spread(paired_ratios(b, a), "%.1f")))
+
+
 # ==== Main ==================================================================================
 
 def machine_info():
@@ -938,7 +1033,7 @@ def calls_main(args, levels, gw_cpu, load_cpu, pinning, procs, workdir):
                                              % args.call_seconds))
     print("machine:   %s" % machine_info())
     print("pinning:   %s" % pinning)
-    print("load:      %s (load average before the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
+    print("load:      %s (load average before the run)" % load_average())
     print("gateway:   default config, %s" % (", ".join("%s=%s" % kv for kv in settings.items())))
     print("client:    asyncio, one process, calls started evenly over %.1f s, %.0f s timeout" % (args.ramp, timeout))
     print(flush=True)
@@ -981,7 +1076,7 @@ def calls_main(args, levels, gw_cpu, load_cpu, pinning, procs, workdir):
     print("Gateway usage rows by status: %s" % by_status)
     failures = {"%s %d" % (name, count): r["failures"] for name, count, r in rows if r["failures"]}
     print("Failures: %s" % (failures or "none"))
-    print("load:      %s (load average after the run)" % " ".join(open("/proc/loadavg").read().split()[:3]))
+    print("load:      %s (load average after the run)" % load_average())
     return 0
 
 
@@ -1005,7 +1100,11 @@ def main():
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure the gateway of another tree (its llmgw.py and cli.py, e.g. a "
-                             "checkout of main), on the same core in the same run: before vs after")
+                             "checkout of main), on the same core in the same run, in --rounds rounds whose "
+                             "order alternates: before vs after")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="with --baseline: alternating rounds (6; even, so each gateway goes first "
+                             "equally often)")
     parser.add_argument("--workers", type=int, default=1,
                         help="gateway processes (cli.py serve --workers N); with more than one, the gateway "
                              "may run on every core")
@@ -1057,6 +1156,7 @@ def main():
               % ("found but not used: it cannot stream SSE on its own" if shutil.which("nginx") else "not installed"))
         print("settings:  %.1f s per level, connections %s, %d stream runs of %d events, %d requests for memory"
               % (args.duration, levels, args.stream_runs, args.stream_events, args.requests))
+        print("load:      %s (load average before the run)" % load_average())
         print(flush=True)
 
     procs = Processes()
@@ -1100,7 +1200,7 @@ def main():
 
         # -- non-streamed levels ---------------------------------------------------------------
         warm = 1.0
-        results = {"direct": {}, "gateway": {}, "naive": {}, "baseline": {}}
+        results = {"direct": {}, "gateway": {}, "naive": {}}
         peak = {"rss": 0}
 
         def track_peak():
@@ -1112,9 +1212,6 @@ def main():
 
         servers = {"gateway": gw, "naive": naive}
         targets = [("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey), ("naive", naive_port, "-")]
-        if args.baseline:
-            servers["baseline"] = base
-            targets.insert(1, ("baseline", base_port, base_vkey))
         for target, port, key in targets:
             r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
             if target == "gateway":
@@ -1142,6 +1239,13 @@ def main():
                     target, conns, r["rps"], fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]),
                     "  errors %s" % bad if bad else ""), flush=True)
 
+        # -- before vs after: the baseline and the gateway in alternating rounds -------------------
+        if args.baseline:
+            comparison = compare_rounds(args, levels, loadgen, {"after": (gw, gw_port, vkey),
+                                                               "before": (base, base_port, base_vkey)}, problems)
+            gw_sent += comparison["after_requests"]
+            procs.stop(base)
+
         # -- streams ---------------------------------------------------------------------------
         streams = {}
         for target, port, key in [t for t in targets if t[0] != "naive"]:
@@ -1152,8 +1256,6 @@ def main():
             for p in streams[target]["problems"]:
                 problems.append("%s %s" % (target, p))
         print("  streams measured", flush=True)
-        if args.baseline:
-            procs.stop(base)
 
         # -- memory growth ---------------------------------------------------------------------
         time.sleep(0.5)
@@ -1215,8 +1317,7 @@ def main():
             "target", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors")
         print(header)
         print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-        shown = ("gateway", "baseline", "naive", "direct") if args.baseline else ("gateway", "naive", "direct")
-        for target in shown:
+        for target in ("gateway", "naive", "direct"):
             for conns in levels:
                 r = results[target][conns]
                 cpu = "%.3f" % r["cpu_ms_per_req"] if "cpu_ms_per_req" in r else "-"
@@ -1228,7 +1329,7 @@ def main():
         print("Overhead p50 at %d connection(s): %.3f ms (gateway %.3f - direct %.3f); naive proxy %.3f ms"
               % (levels[0], g1["p50_ms"] - d1["p50_ms"], g1["p50_ms"], d1["p50_ms"], n1["p50_ms"] - d1["p50_ms"]))
         top = max(levels)
-        for other in ("direct", "naive") + (("baseline",) if args.baseline else ()):
+        for other in ("direct", "naive"):
             print("Throughput ratio gateway/%s: %s" % (other, ", ".join(
                 "%d conns %.1f%%" % (c, 100.0 * results["gateway"][c]["rps"] / results[other][c]["rps"])
                 for c in levels if results[other][c]["rps"])))
@@ -1244,6 +1345,9 @@ def main():
               % (streams["gateway"]["first_ms"] - streams["direct"]["first_ms"],
                  streams["gateway"]["total_ms"] - streams["direct"]["total_ms"]))
         print()
+        if args.baseline:
+            print_comparison(args, levels, comparison)
+            print()
         print("Gateway memory (VmRSS)")
         print("| %-46s | %8s |" % ("when", "MB"))
         print("|" + "-" * 48 + "|" + "-" * 10 + "|")
@@ -1269,6 +1373,7 @@ def main():
         if sum(by_status.values()) < gw_sent - 2 * 64 * (2 * len(levels) + 4):
             problems.append("fewer usage rows (%d) than requests answered (~%d)" % (sum(by_status.values()), gw_sent))
         print("Gateway CPU total: %.1f s; bench wall time %.0f s" % (gw_cpu_total, time.monotonic() - started))
+        print("load:      %s (load average after the run)" % load_average())
         print()
         if problems:
             print("Problems:")
