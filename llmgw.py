@@ -4533,10 +4533,18 @@ class Router:
         """The ConfigError of the provider's unusable key, if one is."""
         return self._problems.get(provider.name)
 
+    def has_choice(self, targets):
+        """Whether ``targets`` leave a choice of deployment (else there is
+        nothing to order: no affinity, no headroom to compare)."""
+        return len(targets) > 1 or len(self._deployments.get(targets[0][0].name, ())) > 1
+
     def plan(self, targets, affinity_key=None):
         """The (deployment, upstream model, recorded model) triples to try,
         in order, for ``targets``: (provider, upstream model, weight,
         recorded model). Deployments cooling down come last, soonest first."""
+        if not self.has_choice(targets):  # one model on a provider with one key: the common case
+            provider, model, _, recorded = targets[0]
+            return [(deployment, model, recorded) for deployment in self._deployments.get(provider.name, ())]
         now = self._clock()
         ready, cooling = [], []
         for provider, model, _, recorded in self._weighted_order(targets):
@@ -4577,14 +4585,16 @@ class Router:
 
     def succeeded(self, deployment, model, fields, affinity_key=None):
         """An attempt reached the client: note the headroom the provider
-        reported, end the deployment's cooldown, remember the affinity."""
-        for requests_field, tokens_field in _HEADROOM_FIELDS:
-            requests = _remaining(fields, requests_field)
-            tokens = _remaining(fields, tokens_field)
-            if requests is not None or tokens is not None:
-                deployment.headroom = (math.inf if requests is None else requests,
-                                       math.inf if tokens is None else tokens)
-                break
+        reported (it ranks a provider's deployments, so only where there
+        are several), end the deployment's cooldown, remember the affinity."""
+        if len(self._deployments.get(deployment.provider.name, ())) > 1:
+            for requests_field, tokens_field in _HEADROOM_FIELDS:
+                requests = _remaining(fields, requests_field)
+                tokens = _remaining(fields, tokens_field)
+                if requests is not None or tokens is not None:
+                    deployment.headroom = (math.inf if requests is None else requests,
+                                           math.inf if tokens is None else tokens)
+                    break
         if deployment.failures:
             deployment.failures, deployment.cooldown_until, deployment.reason = 0, 0.0, None
             try:
@@ -5594,6 +5604,8 @@ class LogicalRequest:
     (``x-llmgw-request-id``, every attempt's ``logical_request_id``), one
     place among the gateway's calls in flight and one slot of the key's
     rate limits, one deadline."""
+    __slots__ = ("gateway", "request", "key", "route", "dialect", "raw", "body", "streamed", "id", "started",
+                 "deadline", "last_attempt_at", "affinity_key", "attempts", "tokens", "_slot_held")
 
     def __init__(self, gateway, request, key, route, dialect, raw, body, streamed):
         self.gateway, self.request, self.key = gateway, request, key
@@ -5640,6 +5652,9 @@ class Attempt:
     ``fail`` an attempt that produced nothing the client saw. Settling
     twice is a no-op, so every path may settle on its way out.
     """
+    __slots__ = ("logical", "gateway", "deployment", "provider", "upstream_model", "model", "kind", "number",
+                 "request_id", "reservation", "row_id", "period_start", "started", "sent", "first_byte", "settled",
+                 "answer", "answer_bytes")
 
     def __init__(self, logical, deployment, upstream_model, model, kind):
         self.logical, self.gateway = logical, logical.gateway
@@ -6085,7 +6100,7 @@ class Gateway:
         """The (deployment, upstream model, recorded model) triples to try.
         Refuses a request no deployment can serve (no usable key)."""
         request, routing = logical.request, self.config.routing
-        if routing.affinity != "none" and (len(targets) > 1 or len(self.router.deployments(targets[0][0])) > 1):
+        if routing.affinity != "none" and self.router.has_choice(targets):
             session = next((request.headers[name] for name in SESSION_HEADERS if name in request.headers), None)
             metadata = logical.body.get("metadata")
             if session is None and logical.dialect == ANTHROPIC and isinstance(metadata, dict):
