@@ -6067,14 +6067,28 @@ class Gateway:
         logical.hold_slot()
         try:
             reply = yield from self._forward(logical, plan, first_reservation)
-        except BaseException:
+        except BaseException as exc:
             logical.release()
+            if route is MODELS_ROUTE and self.config.models and isinstance(exc, UpstreamError):
+                return self._aliases_alone(dialect, targets[0][0], exc.status, exc.headers)
             raise
         if reply.stream is None:
             logical.release()  # a stream gives its slot back when it ends
-        if route is MODELS_ROUTE and reply.status == 200 and self.config.models:
+        if route is MODELS_ROUTE and self.config.models:
+            if reply.status != 200:
+                return self._aliases_alone(dialect, targets[0][0], reply.status, reply.headers)
             reply.body = with_aliases(reply.body, dialect, self.config.models)
         return reply
+
+    def _aliases_alone(self, dialect, provider, status, headers):
+        """The model list when the provider's failed: the aliases, which the
+        gateway knows without it (a client discovering models still finds
+        them; their targets may be elsewhere)."""
+        logger.warning("provider %s could not list its models (HTTP %d); the list holds the aliases alone",
+                       provider.name, status)
+        return Reply(200, [("content-type", "application/json")] + [
+            header for header in headers if header[0].startswith("x-llmgw-")],
+            with_aliases(None, dialect, self.config.models))
 
     def _targets(self, dialect, path, model):
         """(provider, upstream model, weight, recorded model) for each
@@ -6747,7 +6761,11 @@ def with_aliases(body, dialect, aliases):
     """A provider's model list (JSON bytes) with the aliases appended, in
     the list's own shape: OpenAI's, or Anthropic's (``has_more``, first
     and last ids), so SDKs and Claude Code's model discovery see them.
-    A list that is not the last page, or not a list, is left alone."""
+    A list that is not the last page, or not a list, is left alone; with
+    no ``body`` (the provider's list failed), the aliases alone."""
+    if body is None:
+        body = (b'{"data": [], "has_more": false, "first_id": null, "last_id": null}' if dialect == ANTHROPIC
+                else b'{"object": "list", "data": []}')
     listing = _json_object(body)
     if listing is None or not isinstance(listing.get("data"), list) or listing.get("has_more"):
         return body

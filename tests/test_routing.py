@@ -381,6 +381,28 @@ def test_aliases_are_listed_in_both_model_list_shapes(routed, fakes):
     assert all(entry["type"] == "model" for entry in anthropic_list["data"])
 
 
+@pytest.mark.parametrize("fault", ["fail500", "reset"])
+def test_aliases_are_listed_when_the_providers_list_fails(routed, upstream, fault, caplog):
+    """A provider whose /v1/models fails (an error answer, or none) no
+    longer hides the aliases: the list holds them alone, in either shape."""
+    gateway = routed(routing={"retries": 0})
+    upstream.faults = fault  # the provider named openai: it answers /v1/models
+    with caplog.at_level(logging.WARNING, logger="llmgw"):
+        response = call(gateway, "GET", MODELS, key=gateway.key)
+    assert response.status == 200, response.body
+    assert response.json() == {"object": "list", "data": [
+        {"id": alias, "object": "model", "created": 0, "owned_by": "llmgw"}
+        for alias in ("via-broken", "via-limited", "via-stalling", "via-cutting")]}
+    assert response.header("x-llmgw-request-id")
+    assert any("could not list its models" in record.getMessage() for record in caplog.records)
+    anthropic_list = call(gateway, "GET", MODELS, key=gateway.key, headers={"anthropic-version": "2023-06-01"}).json()
+    assert [entry["id"] for entry in anthropic_list["data"]] == ["via-broken", "via-limited", "via-stalling",
+                                                                 "via-cutting"]
+    assert (anthropic_list["first_id"], anthropic_list["last_id"], anthropic_list["has_more"]) == (
+        "via-broken", "via-cutting", False)
+    assert len(upstream.requests) == 2
+
+
 def test_stats_count_attempts_retries_and_fallbacks(routed, fakes):
     fakes["broken"].faults = "fail500"
     gateway = routed()
