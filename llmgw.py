@@ -389,6 +389,8 @@ models: {}                         # aliases: a client names the alias, the gate
 #   backoff_initial: 0.5           # seconds before the first retry; doubles, with jitter
 #   backoff_max: 10                # longest wait; a longer Retry-After moves on instead
 #   deadline: 60                   # seconds after which no new attempt starts
+#   first_byte_timeout: 30         # a stream's answer not begun by then is a timeout, while another
+#                                  # attempt could still start (else server.upstream_timeout holds)
 #   cooldown: 5                    # seconds a failing deployment is skipped; doubles on repeats
 #   cooldown_max: 300
 #   affinity: key                  # key: virtual key + session; session: only with a session; none
@@ -502,6 +504,7 @@ class RoutingConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     deadline: float = 60.0              # no attempt starts later than this after the request came
+    first_byte_timeout: float = 30.0    # a streamed attempt's wait for its answer to begin, if another may follow
     cooldown: float = 5.0
     cooldown_max: float = 300.0
     affinity: str = "key"
@@ -3485,24 +3488,25 @@ class Provider:
     def credentials_refused(self):
         """The provider answered 401 or 403 to the deployment's credentials."""
 
-    def send(self, method, request):
+    def send(self, method, request, head_timeout=None):
         """Send one request (bytes from ``prepare``) and read the response's
         head: a generator that yields ProviderWaits until the answer begins
         and returns its UpstreamConnection. Raises UpstreamTimeoutError (no
-        answer in time), UpstreamError ``upstream_unavailable`` (no
-        connection, or it broke) or ``upstream_bad_response`` (a head the
-        gateway refuses), or ServiceUnavailableError when no file
-        descriptor is left.
+        answer within ``head_timeout``, by default ``server.upstream_timeout``),
+        UpstreamError ``upstream_unavailable`` (no connection, or it broke)
+        or ``upstream_bad_response`` (a head the gateway refuses), or
+        ServiceUnavailableError when no file descriptor is left.
 
         A pooled connection the provider has closed in the meantime fails
         before any response byte; only then is the request sent once more,
         on a new connection, so a call is never billed twice.
         """
+        head_timeout = head_timeout or self.pool.read_timeout
         for fresh in (False, True):
             conn, reused = None, False
             try:
                 conn, reused = self.pool.acquire(fresh)
-                yield from conn.exchange(request, method, time.monotonic() + self.pool.read_timeout)
+                yield from conn.exchange(request, method, time.monotonic() + head_timeout)
                 return conn
             except BaseException as exc:  # timeouts and TLS errors too; the call closed while waiting
                 if conn is not None:
@@ -6140,10 +6144,14 @@ class Gateway:
         ``routing.retries`` times, after a backoff), then on the next one;
         one on ``fallback_on`` moves on at once; any other failure is the
         answer. No attempt starts after ``routing.deadline``, and none
-        starts once the client has seen output (see ``_open_stream``)."""
+        starts once the client has seen output (see ``_open_stream``).
+        A rate-limited or timed-out deployment is not tried again while
+        another remains: the next key is not limited, and a second wait
+        would use up the deadline."""
         routing = self.config.routing
         failure = attempt = None
         for index, (deployment, upstream_model, model) in enumerate(plan):
+            last_deployment = index == len(plan) - 1
             for retry in range(routing.retries + 1):
                 if attempt is not None and time.monotonic() > logical.last_attempt_at:
                     return failure.answer(attempt)
@@ -6160,7 +6168,9 @@ class Gateway:
                         raise
                     attempt = previous  # a fallback the budget cannot cover (or bound) is skipped
                     break
-                result = yield from self._attempt(attempt)
+                head_timeout = (self._first_byte_timeout(logical, not last_deployment or retry < routing.retries)
+                                if logical.streamed else None)
+                result = yield from self._attempt(attempt, head_timeout)
                 if isinstance(result, Reply):
                     return result
                 failure = result
@@ -6168,8 +6178,8 @@ class Gateway:
                     self.router.failed(deployment, failure.trigger, failure.retry_after)
                 if failure.trigger not in routing.retry_on:
                     break
-                if failure.trigger == 429 and index < len(plan) - 1:
-                    break  # a rate-limited key: the next deployment is not limited, so no wait
+                if failure.trigger in (429, "timeout") and not last_deployment:
+                    break
                 wait = self._backoff(retry, failure.retry_after)
                 if retry == routing.retries or wait is None or time.monotonic() + wait > logical.last_attempt_at:
                     break
@@ -6177,6 +6187,19 @@ class Gateway:
             if failure.trigger not in routing.retry_on + routing.fallback_on:
                 break
         return failure.answer(attempt)
+
+    def _first_byte_timeout(self, logical, followed):
+        """How long a streamed attempt waits for its answer to begin: if
+        another attempt could follow it within ``routing.deadline``,
+        ``routing.first_byte_timeout`` (a stalled provider is left in time
+        for the next); else ``server.upstream_timeout`` (None). A
+        non-streamed answer begins only when it is whole, so a long one
+        is never taken for a stall."""
+        routing = self.config.routing
+        if (followed and "timeout" in routing.retry_on
+                and time.monotonic() + routing.first_byte_timeout < logical.last_attempt_at):
+            return min(routing.first_byte_timeout, self.config.server.upstream_timeout)
+        return None
 
     def _backoff(self, retry, retry_after):
         """Seconds to wait before retry ``retry`` (from 0) on the same
@@ -6193,8 +6216,9 @@ class Gateway:
         call is parked meanwhile and holds no worker."""
         yield ProviderWait(None, time.monotonic() + seconds)
 
-    def _attempt(self, attempt):
-        """Send one attempt and read its answer up to the commit point.
+    def _attempt(self, attempt, head_timeout=None):
+        """Send one attempt and read its answer up to the commit point
+        (its head within ``head_timeout``, see ``Provider.send``).
         Returns the Reply to send, or a Failure. The attempt is settled on
         every way out."""
         logical = attempt.logical
@@ -6206,7 +6230,7 @@ class Gateway:
                     request.method, request.path, attempt.upstream_model, logical.dialect, attempt.deployment.api_key,
                     request.headers, route, logical.raw, logical.body, logical.streamed)
                 attempt.sent = time.monotonic()
-                upstream = yield from provider.send(request.method, data)
+                upstream = yield from provider.send(request.method, data, head_timeout)
                 attempt.first_byte = time.monotonic()
             except GatewayError as exc:
                 attempt.fail(OUTCOME_TIMEOUT if exc.status == 504 else OUTCOME_UPSTREAM_ERROR)

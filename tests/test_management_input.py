@@ -461,7 +461,8 @@ def config_rules():
     })
     for field in ("cached_input", "cache_write", "cache_write_1h"):
         rules[("pricing", "m", field)] = optional(number_in(0, 10 ** 6))
-    for field in ("backoff_initial", "backoff_max", "deadline", "cooldown", "cooldown_max", "affinity_ttl"):
+    for field in ("backoff_initial", "backoff_max", "deadline", "first_byte_timeout", "cooldown", "cooldown_max",
+                  "affinity_ttl"):
         rules[("routing", field)] = number_in(0.001, 10 ** 6)
     return rules
 

@@ -155,15 +155,49 @@ def test_rate_limited_target_falls_back_at_once_and_cools_for_retry_after(routed
 
 
 def test_stalling_target_times_out_then_falls_back(routed, fakes):
-    """A provider that never sends its first byte: upstream_timeout, one
-    retry, then the healthy target; rows ``timeout``."""
+    """A provider that never sends its first byte: upstream_timeout, then
+    the healthy target at once (a second wait would use up the deadline);
+    rows ``timeout``."""
     gateway = routed(server={"upstream_timeout": 0.5})
     response = until_first_attempt_on(gateway, fakes, "stalling",
                                       lambda: post(gateway, CHAT, body_for(CHAT, "via-stalling"), gateway.key))
     assert response.status == 200
     rows = rows_of(gateway, response.header("x-llmgw-request-id"))
-    assert [(r["status"], r["attempt_kind"]) for r in rows] == [
-        ("timeout", "first"), ("timeout", "retry"), ("ok", "fallback")]
+    assert [(r["status"], r["attempt_kind"]) for r in rows] == [("timeout", "first"), ("ok", "fallback")]
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_stalled_stream_is_left_after_the_first_byte_timeout(routed, fakes, path):
+    """A stream whose provider sends nothing: routing.first_byte_timeout,
+    not server.upstream_timeout (far past routing.deadline here, as with
+    the defaults), so the healthy target answers within the deadline."""
+    anthropic = path == MESSAGES
+    gateway = routed(server={"upstream_timeout": 30}, routing={"deadline": 10, "first_byte_timeout": 0.3},
+                     anthropic=anthropic)
+    model = "via-stalling"
+    response = until_first_attempt_on(gateway, fakes, "stalling",
+                                      lambda: post(gateway, path, body_for(path, model, stream=True), gateway.key))
+    assert (response.status, response.header("x-llmgw-attempts")) == (200, "2")
+    assert sse_events(response.body)
+    rows = rows_of(gateway, response.header("x-llmgw-request-id"))
+    assert [(r["status"], r["attempt_kind"], r["provider"]) for r in rows] == [
+        ("timeout", "first", "stalling"), ("ok", "fallback", "healthy")]
+    assert rows[0]["cost_nanousd"] == 0
+
+
+def test_first_byte_timeout_spares_the_last_attempt_and_non_streamed_answers(routed, fakes):
+    """The first-byte timeout cuts only a stream another attempt may
+    follow: the last attempt waits server.upstream_timeout, and a
+    non-streamed answer (its first byte comes when it is whole) is never
+    taken for a stall."""
+    gateway = routed(server={"upstream_timeout": 1.5}, routing={"first_byte_timeout": 0.2})
+    started = time.monotonic()
+    response = post(gateway, CHAT, body_for(CHAT, "stalling/gpt-4o-mini", stream=True), gateway.key)
+    assert (response.status, response.header("x-llmgw-attempts")) == (504, "2")
+    assert time.monotonic() - started >= 1.5  # the retry, the last attempt, waited the whole upstream_timeout
+    fakes["healthy"].faults = "slow"  # 0.5 s before the status line
+    response = post(gateway, CHAT, body_for(CHAT, "healthy/gpt-4o-mini"), gateway.key)
+    assert (response.status, response.header("x-llmgw-attempts")) == (200, "1")
 
 
 def test_refused_key_moves_on_without_retry_and_is_set_aside(routed, fakes, caplog):
