@@ -214,7 +214,7 @@ def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
 
 
 #: What a usage table looked like before routing (schema 4 and older).
-DROP_ATTEMPT_COLUMNS = ("DROP INDEX usage_by_logical_request; ALTER TABLE usage DROP COLUMN logical_request_id;"
+DROP_ATTEMPT_COLUMNS = ("ALTER TABLE usage DROP COLUMN logical_request_id;"
                         "ALTER TABLE usage DROP COLUMN attempt; ALTER TABLE usage DROP COLUMN attempt_kind;"
                         "ALTER TABLE usage DROP COLUMN deployment;")
 
