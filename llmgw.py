@@ -4539,18 +4539,15 @@ class Router:
         """The ConfigError of the provider's unusable key, if one is."""
         return self._problems.get(provider.name)
 
-    def has_choice(self, targets):
-        """Whether ``targets`` leave a choice of deployment (else there is
-        nothing to order: no affinity, no headroom to compare)."""
-        return len(targets) > 1 or len(self._deployments.get(targets[0][0].name, ())) > 1
-
-    def plan(self, targets, affinity_key=None):
+    def plan(self, targets):
         """The (deployment, upstream model, recorded model) triples to try,
         in order, for ``targets``: (provider, upstream model, weight,
         recorded model). Deployments cooling down come last, soonest first."""
-        if not self.has_choice(targets):  # one model on a provider with one key: the common case
+        if len(targets) == 1:
             provider, model, _, recorded = targets[0]
-            return [(deployment, model, recorded) for deployment in self._deployments.get(provider.name, ())]
+            group = self._deployments.get(provider.name, ())
+            if len(group) < 2:  # one model on a provider with one key, the common case: nothing to order
+                return [(deployment, model, recorded) for deployment in group]
         now = self._clock()
         ready, cooling = [], []
         for provider, model, _, recorded in self._weighted_order(targets):
@@ -4560,13 +4557,19 @@ class Router:
             for deployment in group:
                 (ready if deployment.cooldown_until <= now else cooling).append((deployment, model, recorded))
         cooling.sort(key=lambda entry: entry[0].cooldown_until)
-        sticky = self._affinity.get(affinity_key) if affinity_key is not None else None
-        if sticky is not None and sticky[2] > now:
-            for index, (deployment, model, _) in enumerate(ready):
-                if (deployment.id, model) == sticky[:2]:
-                    ready.insert(0, ready.pop(index))
-                    break
         return ready + cooling
+
+    def stick(self, plan, affinity_key):
+        """``plan`` with the entry ``affinity_key`` was served by last first,
+        unless that deployment is cooling down or the affinity expired."""
+        sticky = self._affinity.get(affinity_key)
+        now = self._clock()
+        if sticky is not None and sticky[2] > now:
+            for index, (deployment, model, _) in enumerate(plan):
+                if (deployment.id, model) == sticky[:2] and deployment.cooldown_until <= now:
+                    plan.insert(0, plan.pop(index))
+                    break
+        return plan
 
     def _weighted_order(self, targets):
         if len(targets) < 2:
@@ -6120,14 +6123,15 @@ class Gateway:
         """The (deployment, upstream model, recorded model) triples to try.
         Refuses a request no deployment can serve (no usable key)."""
         request, routing = logical.request, self.config.routing
-        if routing.affinity != "none" and self.router.has_choice(targets):
+        plan = self.router.plan(targets)
+        if len(plan) > 1 and routing.affinity != "none":  # affinity matters only where there is a choice
             session = next((request.headers[name] for name in SESSION_HEADERS if name in request.headers), None)
             metadata = logical.body.get("metadata")
             if session is None and logical.dialect == ANTHROPIC and isinstance(metadata, dict):
                 session = metadata.get("user_id") if isinstance(metadata.get("user_id"), str) else None
             if session is not None or routing.affinity == "key":
                 logical.affinity_key = (logical.key.id, logical.body.get("model"), session)
-        plan = self.router.plan(targets, logical.affinity_key)
+                plan = self.router.stick(plan, logical.affinity_key)
         if plan:
             return plan
         provider = targets[0][0]
