@@ -4530,9 +4530,7 @@ class Router:
         with self._lock:
             self._deployments, self._problems = deployments, problems
 
-    def deployments(self, provider=None):
-        if provider is not None:
-            return list(self._deployments.get(provider.name, ()))
+    def deployments(self):
         return [deployment for group in self._deployments.values() for deployment in group]
 
     def problem(self, provider):
