@@ -3159,7 +3159,7 @@ class UpstreamPool:
         with self._lock:
             while self._idle and not fresh:
                 conn, released_at = self._idle.pop()
-                if now - released_at < self.max_idle_seconds:
+                if now - released_at < self.max_idle_seconds and conn.untouched():
                     return conn, True
                 conn.close()
         return UpstreamConnection(self._connect(), self.name), False
@@ -3759,6 +3759,18 @@ class UpstreamConnection:
         except (OSError, http.client.HTTPException):  # socket.timeout too
             return False
         return not self.buffer  # nothing beyond the body
+
+    def untouched(self):
+        """Whether an idle connection is as it was left: nothing arrived on
+        it since (an answer nobody asked for would be taken for the next
+        request's) and the provider has not closed it."""
+        try:
+            self.sock.recv(1)  # returns only if something arrived: bytes, or the end
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return True
+        except OSError:
+            pass
+        return False
 
     def close(self):
         self.sock.close()

@@ -629,6 +629,34 @@ def test_b5_connections_closed_by_the_provider_while_idle_are_not_reused(scripte
     assert [row["status"] for row in settled_rows(gateway, 4)] == ["ok"] * 4
 
 
+def test_an_answer_nobody_asked_for_on_an_idle_connection_is_not_taken_for_the_next(scripted_gateway):
+    """A provider (or its load balancer) that writes on a pooled connection
+    after its answer, say a 408 before it closes an idle one: the next call
+    must not take those bytes for its answer (it got the stray 500, was
+    recorded as a provider error and sent again)."""
+    reply = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+
+    def script(handler, _):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply))
+        handler.wfile.flush()
+        time.sleep(0.05)  # after the gateway pooled the connection
+        handler.wfile.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+        handler.wfile.flush()
+        strays.release()
+
+    strays = threading.Semaphore(0)
+    upstream, gateway = scripted_gateway(script, routing=RETRYING)
+    record, key = gateway.create_key()
+    for _ in range(3):
+        response = answer(gateway, CHAT, body_for(CHAT), key)
+        assert response.status == 200, response
+        assert strays.acquire(timeout=5)  # the stray answer is on its way over loopback
+    assert len(upstream.requests) == 3
+    assert [(row["status"], row["http_status"]) for row in settled_rows(gateway, 3)] == [("ok", 200)] * 3
+
+
 def test_b5_a_stream_framed_by_content_length_leaves_its_connection_pooled(scripted_gateway):
     """A provider may frame an SSE answer with Content-Length instead of
     chunks; once its last event is read, the connection serves the next call
