@@ -3912,6 +3912,10 @@ class UpstreamResponse:
                 if self.chunk_left < 0:
                     raise http.client.HTTPException("a malformed chunk size")
                 self.in_trailer = self.chunk_left == 0
+        if ended and self.in_trailer and not self.complete:
+            # Closed inside the trailer: the body is whole (http.client reads it so).
+            self.complete = True
+            del buffer[:]
         if parts:
             return b"".join(parts)
         if self.complete:

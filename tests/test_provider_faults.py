@@ -201,6 +201,29 @@ def test_upstream_response_head_oddities_are_read_like_http_client(make_gateway,
         scripted.close()
 
 
+def test_a_chunked_answer_closed_inside_its_trailer_is_whole_as_http_client_read_it(scripted_gateway):
+    """A provider that ends a chunked answer with its last chunk (``0``) and
+    closes without the blank line after the trailer: http.client took the
+    close for the end of the trailer, as the body is whole; the gateway's
+    own reader called the answer cut short (502, and a retry sent the call
+    to the provider again)."""
+    reply = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+
+    def script(handler, _):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                            b"\r\n%s0\r\n" % chunk(reply))
+        handler.close_connection = True
+
+    upstream, gateway = scripted_gateway(script, routing=RETRYING)
+    record, key = gateway.create_key()
+    response = answer(gateway, CHAT, body_for(CHAT), key)
+    assert response.status == 200 and json.loads(response.body)["id"] == "chatcmpl-1", response
+    assert len(upstream.requests) == 1
+    row, = settled_rows(gateway)
+    assert (row["status"], row["usage_source"]) == ("ok", "reported"), row
+
+
 # ==== 1.12 Upstream faults =========================================================
 
 def test_refused_upstream_is_502_fast(make_gateway, upstream):
