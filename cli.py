@@ -129,34 +129,20 @@ KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rp
                ("key_hint", "KEY")]
 
 
-#: (argparse destination, policy field, converter) for the shared key flags.
-POLICY_FLAGS = [("tier", "tier", str), ("rpm", "rpm", llmgw.number_in_text), ("tpm", "tpm", llmgw.number_in_text),
-                ("max_parallel", "max_parallel", llmgw.number_in_text), ("budget", "max_budget", llmgw.number_in_text),
-                ("budget_period", "budget_period", str), ("expires_in", "expires_in", str),
-                ("expires_at", "expires_at", str), ("models", "models", str),
-                ("log_bodies", "log_bodies", bool), ("alert_thresholds", "alert_thresholds", str)]
+#: (argparse destination, policy field) of the shared key flags.
+POLICY_FLAGS = [("tier", "tier"), ("rpm", "rpm"), ("tpm", "tpm"), ("max_parallel", "max_parallel"),
+                ("budget", "max_budget"), ("budget_period", "budget_period"), ("expires_in", "expires_in"),
+                ("expires_at", "expires_at"), ("models", "models"), ("log_bodies", "log_bodies"),
+                ("alert_thresholds", "alert_thresholds")]
 MAX_WORKERS = 1024
 MAX_AUDIT_ENTRIES = 10 ** 6
 
 
 def _policy_fields(args):
     """The policy flags given on the command line; the word none clears one."""
-    fields = {}
-    for destination, field, convert in POLICY_FLAGS:
-        value = getattr(args, destination)
-        if value is not None:
-            fields[field] = None if value == "none" else convert(value)
-    if args.label == ["none"]:
-        fields["metadata"] = None
-    elif args.label:
-        labels = {}
-        for label in args.label:
-            name, equals, value = label.partition("=")
-            if not equals:
-                raise llmgw.ConfigError("--label %r: write NAME=VALUE" % label)
-            labels[name] = value
-        fields["metadata"] = labels
-    return fields
+    texts = {field: getattr(args, destination) for destination, field in POLICY_FLAGS
+             if getattr(args, destination) is not None}
+    return llmgw.policy_from_text(texts, args.label or ())
 
 
 def cmd_keys_create(args):
@@ -384,8 +370,7 @@ def cmd_prune(args):
 
 def cmd_prices_list(args):
     store = _store()
-    rows = [dict(price.as_dict(), model=model, source=price.source)
-            for model, price in _price_table(store).items()]
+    rows = llmgw.price_rows(_price_table(store))
     if args.output == "json":
         _print_json(rows)
         return 0

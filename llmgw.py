@@ -42,6 +42,7 @@ import fnmatch
 import hashlib
 import heapq
 import hmac
+import html
 import http.client
 import http.server
 import io
@@ -87,10 +88,10 @@ __all__ = [
     "issue_metrics_token", "mask_secret", "resolve_provider_key", "write_private_file",
     # deployments (several keys per provider)
     "DEFAULT_DEPLOYMENT", "DEPLOYMENT_NAME", "list_deployments",
-    # administration (section 8)
+    # administration (section 9)
     "create_virtual_key", "get_key", "update_key", "revoke_key", "rotate_key", "topup_key", "usage_stats",
-    "request_log", "request_log_entry", "reprice_usage", "csv_text", "LOG_FILTERS", "LOG_PAGE_LIMIT",
-    "BODY_LOG_BYTES",
+    "request_log", "request_log_entry", "reprice_usage", "csv_text", "policy_from_text", "price_rows",
+    "LOG_FILTERS", "LOG_PAGE_LIMIT", "BODY_LOG_BYTES",
     # input and output
     "iso_time", "number_in_text", "parse_duration", "parse_price_pack", "parse_time_bound",
 ]
@@ -4999,6 +5000,40 @@ def parse_key_policy(fields, config, now):
     return policy
 
 
+#: The policy fields that are numbers when typed as text.
+_NUMERIC_POLICY_FIELDS = ("rpm", "tpm", "max_parallel", "max_budget")
+#: How a form's checkbox (or a typed word) spells log_bodies.
+_YES_OR_NO = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+
+
+def _policy_value(name, text):
+    if text == "none":
+        return None
+    if name in _NUMERIC_POLICY_FIELDS:
+        return number_in_text(text)
+    if name == "log_bodies" and isinstance(text, str):
+        return _YES_OR_NO.get(text.lower(), text)
+    return text
+
+
+def policy_from_text(texts, labels=()):
+    """Policy fields typed as text (CLI flags, dashboard forms) as
+    parse_key_policy takes them: numbers as numbers, on/off as true/false,
+    the word none clearing a field; ``labels`` are NAME=VALUE texts
+    (["none"] clears them)."""
+    fields = {name: _policy_value(name, text) for name, text in texts.items()}
+    if list(labels) == ["none"]:
+        fields["metadata"] = None
+    elif labels:
+        fields["metadata"] = {}
+        for label in labels:
+            name, equals, value = label.partition("=")
+            if not equals:
+                raise BadRequestError("label %s: write NAME=VALUE" % shown(label), param="metadata")
+            fields["metadata"][name] = value
+    return fields
+
+
 def create_virtual_key(store, config, project_name, fields=None, actor="cli", now=None):
     """Validate and create a virtual key (CLI and admin API alike).
     Returns (record, secret)."""
@@ -5061,14 +5096,41 @@ def usage_stats(store, group_by="key", since=None, until=None, project=None, now
     if group_by == "key":
         now = time.time() if now is None else now
         for row in rows:
-            row.update(max_budget=None, budget_spent=None, budget_used_pct=None)
-            key = store.find_key_by_id(row["virtual_key_id"])
-            if key is not None and key.max_budget_nanousd is not None:
-                spend = store.key_spend(key, now)
-                allowance = spend["allowance_nanousd"]
-                row.update(max_budget=nanousd_to_usd(allowance), budget_spent=nanousd_to_usd(spend["spent_nanousd"]),
-                           budget_used_pct=round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None)
+            row.update(budget_use(store, store.find_key_by_id(row["virtual_key_id"]), now))
     return rows
+
+
+def budget_use(store, key, now):
+    """A key's (VirtualKey's) current budget period: max_budget (with its
+    top-ups), budget_spent and budget_used_pct; all None without a budget."""
+    if key is None or key.max_budget_nanousd is None:
+        return {"max_budget": None, "budget_spent": None, "budget_used_pct": None}
+    spend = store.key_spend(key, now)
+    allowance = spend["allowance_nanousd"]
+    return {"max_budget": nanousd_to_usd(allowance), "budget_spent": nanousd_to_usd(spend["spent_nanousd"]),
+            "budget_used_pct": round(100.0 * spend["spent_nanousd"] / allowance, 2) if allowance else None}
+
+
+def keys_with_budgets(store, now=None):
+    """Every key's public fields and, as ``budget``, its budget_use."""
+    now = time.time() if now is None else now
+    return [dict(record, budget=budget_use(store, store.find_key_by_id(record["id"]), now))
+            for record in store.list_keys()]
+
+
+#: The most points a chart's series has (a custom range gets coarser steps).
+MAX_SERIES_POINTS = 62
+
+
+def usage_series(store, group_by, since, until, step):
+    """Stats over [since, until) cut every ``step`` seconds: [(start, rows)],
+    each ``rows`` as Store.usage_stats groups them. Every chart reads the
+    rollups as stats does (whole units when ``since`` and ``step`` are),
+    so a chart and the stats never disagree."""
+    if (until - since) / step > MAX_SERIES_POINTS:
+        raise BadRequestError("a series has at most %d points" % MAX_SERIES_POINTS, param="step")
+    return [(start, store.usage_stats(group_by, start, min(start + step, until)))
+            for start in range(int(since), int(until), int(step))]
 
 
 LOG_PAGE_LIMIT = 1000
@@ -5131,6 +5193,8 @@ def csv_text(rows):
             cells.append("" if value is None else value)
         writer.writerow(cells)
     return out.getvalue()
+
+
 def list_deployments(config, store, environ=os.environ, now=None):
     """Every deployment (provider key) and its shared cooldown, as
     ``cli.py deployments`` shows them; keys masked."""
@@ -5147,6 +5211,12 @@ def list_deployments(config, store, environ=os.environ, now=None):
             rows.append({"deployment": provider.name, "provider": provider.name, "name": None, "key": None,
                          "source": None, "state": "invalid: %s" % problem.message})
     return rows
+
+
+def price_rows(prices):
+    """The price table (a PriceTable) as rows: model, USD per million tokens
+    by kind, long-context tier and where each price came from."""
+    return [dict(price.as_dict(), model=model, source=price.source) for model, price in prices.items()]
 
 
 def reprice_usage(store, prices, since=None, until=None, project=None, apply=False):
@@ -5167,6 +5237,376 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
     totals["old_cost"], totals["new_cost"] = nanousd_to_usd(totals["old_cost"]), nanousd_to_usd(totals["new_cost"])
     totals["applied"] = bool(apply)
     return totals
+
+
+# -- the dashboard's pages (/ui) ---------------------------------------------
+#
+# Server-rendered HTML over the functions above: what a page shows is what
+# the CLI and the admin API answer. Every value is escaped; no page holds a
+# secret but a new key, once, on the page that made it. Charts are inline
+# SVG with a <title> per bar for its tooltip. The CSS and the one script are
+# served as files (UI_CSS, UI_JS below), so the Content-Security-Policy can
+# forbid inline script and style; the script only asks before revoking and
+# copies a new key.
+
+#: The dashboard's ranges: name -> (span, step) in seconds.
+UI_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 6 * 3600), "30d": (30 * 86400, 86400)}
+#: Steps a chart's range may be cut into, finest first, and their names.
+UI_STEPS = {3600: "hour", 6 * 3600: "6 hours", 86400: "day", 7 * 86400: "week"}
+#: The groups a chart is drawn by: name -> (stats grouping, label of a stats row).
+UI_CHART_GROUPS = {
+    "project": ("project", lambda row: row["project_name"] or "(deleted key)"),
+    "key": ("key", lambda row: "%s (%s)" % (row["virtual_key_id"], row["project_name"] or "deleted")),
+    "model": ("model", lambda row: row["model"] or "(none)"),
+}
+#: Series drawn apart in a chart; the rest are summed as "other".
+UI_CHART_SERIES = 6
+#: The request log's columns in the dashboard: (entry field, heading).
+UI_LOG_COLUMNS = (("time", "Time"), ("virtual_key_id", "Key"), ("project_name", "Project"), ("model", "Model"),
+                  ("endpoint", "Endpoint"), ("status", "Status"), ("http_status", "HTTP"),
+                  ("request_tokens", "In"), ("response_tokens", "Out"), ("cost", "Cost (USD)"),
+                  ("latency_ms", "ms"))
+_e = html.escape
+
+
+def ui_range(options, now):
+    """The overview's range from its query options: (name, since, until,
+    step), ``since`` and ``until`` on whole steps so every point of a chart
+    reads whole rollups."""
+    name = options.get("range") or "24h"
+    if name in UI_RANGES:
+        span, step = UI_RANGES[name]
+        until = -(-int(now) // step) * step
+        return name, until - span, until, step
+    if name != "custom":
+        raise BadRequestError("range: %s is not one of 24h, 7d, 30d, custom" % shown(name), param="range")
+    since = parse_time_bound(options.get("since") or "", name="since")
+    until = parse_time_bound(options.get("until") or "", end=True, name="until")
+    if until <= since:
+        raise BadRequestError("until: must be after since", param="until")
+    step = next((step for step in UI_STEPS if (until - since) / step <= MAX_SERIES_POINTS / 2), None)
+    if step is None:
+        raise BadRequestError("since: a custom range spans at most %d weeks" % (MAX_SERIES_POINTS // 2),
+                              param="since")
+    return name, int(since) // step * step, -(-int(until) // step) * step, step
+
+
+def ui_chart_series(points, label, measure, order, limit=UI_CHART_SERIES):
+    """[(label, [value per point])] of ``measure`` for the first ``limit`` - 1
+    labels of ``order`` and, summed, all the others (so every chart of a
+    page gives a group the same colour)."""
+    drawn = order[:limit] if len(order) <= limit else order[:limit - 1]
+    values = {name: [0] * len(points) for name in drawn + ["other"]}
+    for index, (_, rows) in enumerate(points):
+        for row in rows:
+            values[label(row) if label(row) in values else "other"][index] += row[measure]
+    return [(name, values[name]) for name in drawn] + ([("other", values["other"])] if len(order) > limit else [])
+
+
+def format_usd(amount):
+    return "$%s" % ("{:,.2f}".format(amount) if amount >= 100 else "{:.6f}".format(amount).rstrip("0").rstrip("."))
+
+
+def _nice_ceiling(value):
+    """The smallest 1, 2 or 5 times a power of ten from ``value`` up."""
+    if value <= 0:
+        return 1
+    power = 10 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= value)
+
+
+def svg_bar_chart(title, starts, step, series, fmt):
+    """Stacked bars per point in time as inline SVG: ``series`` is
+    [(label, [value per start])], drawn bottom up in class s0, s1...; each
+    bar's <title> names its group, time and value."""
+    width, height, left, top, bottom = 760, 210, 70, 10, 24
+    plot_width, plot_height = width - left - 10, height - top - bottom
+    totals = [sum(values[index] for _, values in series) for index in range(len(starts))]
+    scale = _nice_ceiling(max(totals, default=0))
+    slot = plot_width / max(len(starts), 1)
+    time_format = "%H:%M" if step < 86400 else "%b %d"
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s">' % (width, height, _e(title))]
+    for tick in range(5):
+        y = top + plot_height * (1 - tick / 4)
+        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/><text class="axis" x="%d" y="%.1f" '
+                   'text-anchor="end">%s</text>' % (left, width - 10, y, y, left - 6, y + 4,
+                                                    _e(fmt(scale * tick / 4))))
+    every = max(1, math.ceil(len(starts) / 8))
+    for index, start in enumerate(starts):
+        moment = datetime.datetime.fromtimestamp(start, datetime.timezone.utc)
+        x, y = left + index * slot, top + plot_height
+        for number, (label, values) in enumerate(series):
+            if values[index] > 0:
+                bar = plot_height * values[index] / scale
+                y -= bar
+                out.append('<rect class="s%d" x="%.1f" y="%.1f" width="%.1f" height="%.1f"><title>%s</title></rect>'
+                           % (number, x + slot * 0.1, y, slot * 0.8, bar,
+                              _e("%s, %s UTC: %s" % (label, moment.strftime("%Y-%m-%d %H:%M"), fmt(values[index])))))
+        if index % every == 0:
+            out.append('<text class="axis" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                       % (x + slot / 2, height - 6, _e(moment.strftime(time_format))))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def ui_legend(series):
+    return '<ul class="legend">%s</ul>' % "".join(
+        '<li><span class="swatch s%d"></span>%s</li>' % (number, _e(label)) for number, (label, _) in enumerate(series))
+
+
+def ui_text(value):
+    """A value as escaped text; None as nothing."""
+    return "" if value is None else _e(str(value))
+
+
+def ui_table(rows, columns, cell=lambda name, row: ui_text(row.get(name))):
+    """An HTML table of ``rows`` (dicts) with ``columns`` [(field, heading)]."""
+    head = "".join("<th>%s</th>" % _e(heading) for _, heading in columns)
+    body = "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % cell(name, row) for name, _ in columns) for row in rows)
+    return '<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>' % (head, body)
+
+
+def ui_page(title, current, content, csrf=None, message=None, error=None):
+    """A whole page: navigation (with a logout form) when signed in."""
+    nav = ""
+    if csrf is not None:
+        links = "".join('<a href="/ui/%s"%s>%s</a>' % (page, ' aria-current="page"' if page == current else "", label)
+                        for page, label in (("overview", "Overview"), ("keys", "Keys"), ("logs", "Logs"),
+                                            ("prices", "Prices")))
+        nav = ('<nav><strong>llmgw</strong>%s<form method="post" action="/ui/logout">%s'
+               '<button type="submit">Log out</button></form></nav>' % (links, ui_csrf_field(csrf)))
+    notices = "".join('<p class="%s" role="%s">%s</p>' % (kind, role, _e(text))
+                      for kind, role, text in (("message", "status", message), ("error", "alert", error)) if text)
+    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            'content="width=device-width, initial-scale=1"><title>%s - llmgw</title>'
+            '<link rel="stylesheet" href="/ui/app.css"><script src="/ui/app.js" defer></script></head>'
+            '<body>%s<main><h1>%s</h1>%s%s</main></body></html>' % (_e(title), nav, _e(title), notices, content))
+
+
+def ui_csrf_field(csrf):
+    return '<input type="hidden" name="csrf" value="%s">' % _e(csrf)
+
+
+def ui_login_html(login_csrf, error=None):
+    content = ('<form method="post" action="/ui/login" class="login"><input type="hidden" name="login_csrf" '
+               'value="%s"><label>Admin token <input type="password" name="token" autocomplete="current-password" '
+               'required autofocus></label><button type="submit">Log in</button></form>' % _e(login_csrf))
+    return ui_page("Log in", None, content, error=error)
+
+
+def ui_overview_html(csrf, options, chosen, points, totals, error=None):
+    """The overview: range and grouping, spend and requests charts, totals."""
+    name, since, until, step = chosen
+    by = options.get("by") or "project"
+    ranges = "".join('<a class="range%s" href="/ui/overview?%s">%s</a>' % (
+        " chosen" if choice == name else "", _e(urllib.parse.urlencode({"range": choice, "by": by})), choice)
+        for choice in UI_RANGES)
+    groups = "".join('<option value="%s"%s>%s</option>' % (group, " selected" if group == by else "", group)
+                     for group in UI_CHART_GROUPS)
+    form = ('<div class="ranges">%s</div><form method="get" action="/ui/overview" class="filters">'
+            '<input type="hidden" name="range" value="custom"><label>From <input type="date" name="since" value="%s">'
+            '</label><label>To <input type="date" name="until" value="%s"></label><label>By <select name="by">%s'
+            '</select></label><button type="submit">Show</button></form>' % (
+                ranges, _e(options.get("since") or iso_time(since)[:10]),
+                _e(options.get("until") or iso_time(until - 1)[:10]), groups))
+    if error:
+        return ui_page("Overview", "overview", form, csrf, error=error)
+    label = UI_CHART_GROUPS[by][1]
+    starts = [start for start, _ in points]
+    totals = sorted(totals, key=lambda row: (-row["estimated_cost"], -row["requests"]))
+    order = [label(row) for row in totals]
+    spend = ui_chart_series(points, label, "estimated_cost", order)
+    requests = ui_chart_series(points, label, "requests", order)
+    table_rows = [dict(row, group=label(row), estimated_cost=format_usd(row["estimated_cost"])) for row in totals]
+    content = ('%s<p class="note">%s to %s UTC, one bar per %s, by %s.</p>'
+               '<section><h2>Spend (USD)</h2>%s%s</section><section><h2>Requests</h2>%s%s</section>'
+               '<section><h2>Totals</h2>%s</section>' % (
+                   form, _e(iso_time(since)), _e(iso_time(until)), _e(UI_STEPS[step]), _e(by),
+                   svg_bar_chart("Spend by %s" % by, starts, step, spend, format_usd), ui_legend(spend),
+                   svg_bar_chart("Requests by %s" % by, starts, step, requests, lambda value: "%g" % value),
+                   ui_legend(requests),
+                   ui_table(table_rows, [("group", by.capitalize()), ("requests", "Requests"), ("errors", "Errors"),
+                                         ("request_tokens", "Request tokens"), ("response_tokens", "Response tokens"),
+                                         ("estimated_cost", "Cost")])))
+    return ui_page("Overview", "overview", content, csrf)
+
+
+def ui_keys_html(csrf, keys, config, new_key=None, message=None, error=None):
+    """The keys: each with its budget bar, expiry and actions; the form
+    that creates one; a key just made or rotated, shown this once."""
+    def cell(name, key):
+        if name == "budget":
+            budget = key["budget"]
+            if budget["max_budget"] is None:
+                return "none"
+            return '<progress max="%s" value="%s"></progress> %s of %s (%s)' % (
+                budget["max_budget"], min(budget["budget_spent"], budget["max_budget"]),
+                format_usd(budget["budget_spent"]), format_usd(budget["max_budget"]), _e(key["budget_period"]))
+        if name == "limits":
+            return _e(", ".join("%s %s" % (field, key[field]) for field in ("rpm", "tpm", "max_parallel")
+                                if key[field] is not None) or "tier %s" % key["tier"])
+        if name == "state":
+            return "active" if key["is_active"] else "revoked"
+        if name == "actions":
+            if not key["is_active"]:
+                return ""
+            action = "/ui/keys/%s/" % urllib.parse.quote(key["id"])
+            hidden = ui_csrf_field(csrf)
+            return ('<form method="post" action="%stopup" class="inline">%s<input name="amount" size="6" '
+                    'placeholder="USD" aria-label="Top-up amount"><button type="submit">Top up</button></form>'
+                    '<form method="post" action="%srotate" class="inline">%s<input name="grace" size="4" value="0s" '
+                    'aria-label="Grace"><button type="submit">Rotate</button></form>'
+                    '<form method="post" action="%srevoke" class="inline" data-confirm="Revoke %s? Requests with it '
+                    'are refused from now on.">%s<button type="submit" class="danger">Revoke</button></form>'
+                    % (_e(action), hidden, _e(action), hidden, _e(action), _e(key["id"]), hidden))
+        return ui_text(key.get(name))
+    shown_once = ""
+    if new_key is not None:
+        shown_once = ('<div class="secret" role="status"><p>New key for <strong>%s</strong>. It is shown this once: '
+                      'copy it now.</p><code id="new-key">%s</code> <button type="button" data-copy="new-key">Copy'
+                      '</button></div>' % (_e(new_key["id"]), _e(new_key["key"])))
+    tiers = "".join('<option>%s</option>' % _e(tier) for tier in config.rate_limits)
+    periods = "".join('<option%s>%s</option>' % (" selected" if period == "monthly" else "", period)
+                      for period in BUDGET_PERIODS)
+    create = ('<details class="create"%s><summary>Create a key</summary><form method="post" action="/ui/keys" '
+              'class="grid">%s<label>Project <input name="project_name" required></label><label>Tier <select '
+              'name="tier">%s</select></label><label>Requests per minute <input name="rpm" inputmode="numeric">'
+              '</label><label>Tokens per minute <input name="tpm" inputmode="numeric"></label><label>Parallel '
+              'requests <input name="max_parallel" inputmode="numeric"></label><label>Budget (USD) <input '
+              'name="max_budget" inputmode="decimal"></label><label>Budget period <select name="budget_period">%s'
+              '</select></label><label>Expires in <input name="expires_in" placeholder="30d"></label><label>Models '
+              '<input name="models" placeholder="gpt-4o*, claude-*"></label><label>Labels <input name="labels" '
+              'placeholder="team=search, env=prod"></label><label>Alerts at (%% of budget) <input '
+              'name="alert_thresholds" placeholder="50,80,100"></label><label class="check"><input type="checkbox" '
+              'name="log_bodies"> Keep request bodies</label><button type="submit">Create</button></form></details>'
+              % (" open" if error else "", ui_csrf_field(csrf), tiers, periods))
+    columns = [("id", "ID"), ("project_name", "Project"), ("tier", "Tier"), ("limits", "Limits"),
+               ("budget", "Budget this period"), ("expires_at", "Expires"), ("state", "State"),
+               ("last_used_at", "Last used"), ("key_hint", "Key"), ("actions", "")]
+    content = shown_once + create + (ui_table(keys, columns, cell) if keys else "<p>No keys yet.</p>")
+    return ui_page("Keys", "keys", content, csrf, message, error)
+
+
+def ui_logs_html(csrf, options, page, show=None, error=None):
+    """The request log: filters, a page of entries (newest first), the
+    entry asked for (``show``, its row id) in a detail panel."""
+    fields = "".join('<label>%s <input name="%s" value="%s"%s></label>' % (
+        name.capitalize(), name, _e(options.get(name) or ""),
+        ' placeholder="YYYY-MM-DD or ISO time"' if name in ("since", "until") else "") for name in LOG_FILTERS)
+    form = ('<form method="get" action="/ui/logs" class="filters">%s<button type="submit">Filter</button>'
+            '<a href="/ui/logs">Clear</a></form>' % fields)
+    if error:
+        return ui_page("Logs", "logs", form, csrf, error=error)
+    filters = {name: value for name, value in options.items() if name in LOG_FILTERS}
+
+    def link(entry):
+        return "/ui/logs?" + urllib.parse.urlencode(dict(filters, cursor=options.get("cursor") or "",
+                                                         show=entry["id"]))
+
+    def cell(name, entry):
+        value = entry.get(name)
+        if name == "time":
+            return '<a href="%s">%s</a>' % (_e(link(entry)), _e(value))
+        return ui_text(value)
+    rows = [dict(entry, cost=format_usd(entry["cost"])) for entry in page["data"]]
+    detail = next((entry for entry in rows if str(entry["id"]) == show), None)
+    panel = ""
+    if detail is not None:
+        panel = '<aside class="detail" aria-label="Request detail"><h2>Request %s</h2><dl>%s</dl></aside>' % (
+            _e(str(detail["request_id"])), "".join("<dt>%s</dt><dd>%s</dd>" % (
+                _e(name), _e(json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)))
+                for name, value in detail.items()))
+    more = ""
+    if page["next_cursor"]:
+        more = '<p><a href="/ui/logs?%s" rel="next">Older entries</a></p>' % _e(
+            urllib.parse.urlencode(dict(filters, cursor=page["next_cursor"])))
+    table = ui_table(rows, UI_LOG_COLUMNS, cell) if rows else "<p>No requests match.</p>"
+    return ui_page("Logs", "logs", '%s<div class="logs"><div>%s%s</div>%s</div>' % (form, table, more, panel), csrf)
+
+
+def ui_prices_html(csrf, rows):
+    def cell(name, row):
+        value = row.get(name)
+        if name == "long_context" and value:
+            return _e("above %d: %s %g/%g" % (value["above_tokens"], value["charge"], value["input"], value["output"]))
+        return ui_text(value)
+    content = ('<p class="note">USD per million tokens. Precedence: config.yaml, then imported packs, then built-in.'
+               '</p>%s' % ui_table(rows, [("model", "Model"), ("input", "Input"), ("output", "Output"),
+                                         ("cached_input", "Cached input"), ("cache_write", "Cache write"),
+                                         ("cache_write_1h", "Cache write 1h"), ("long_context", "Long context"),
+                                         ("source", "Source")], cell))
+    return ui_page("Prices", "prices", content, csrf)
+
+
+UI_CSS = """
+:root { color-scheme: light; --ink: #1d2433; --muted: #5b6577; --line: #d8dde6; --accent: #2f5fb3; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink);
+       background: #f6f7f9; }
+nav { display: flex; gap: 18px; align-items: center; padding: 10px 24px; background: #1d2433; color: #fff; }
+nav a { color: #c9d3e6; text-decoration: none; }
+nav a[aria-current] { color: #fff; font-weight: 600; }
+nav form { margin-left: auto; }
+main { padding: 16px 24px 40px; max-width: 1280px; }
+h1 { font-size: 22px; margin: 4px 0 14px; }
+h2 { font-size: 16px; margin: 18px 0 8px; }
+section, .create, .secret, .detail, .login { background: #fff; border: 1px solid var(--line); border-radius: 6px;
+                                             padding: 12px 16px; margin-bottom: 14px; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+th { font-weight: 600; color: var(--muted); font-size: 12px; text-transform: uppercase; }
+button { font: inherit; padding: 3px 10px; border: 1px solid var(--accent); border-radius: 4px;
+         background: var(--accent); color: #fff; cursor: pointer; }
+button.danger { background: #b3261e; border-color: #b3261e; }
+nav button { background: transparent; border-color: #8592ab; }
+input, select { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 4px; }
+label { display: inline-flex; flex-direction: column; gap: 2px; font-size: 12px; color: var(--muted); }
+label.check { flex-direction: row; align-items: center; gap: 6px; }
+form.inline { display: inline-flex; gap: 4px; margin: 2px 6px 2px 0; }
+form.filters { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-end; margin-bottom: 12px; }
+form.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 10px;
+            align-items: end; margin-top: 10px; }
+form.login { display: flex; gap: 10px; align-items: flex-end; max-width: 520px; }
+.ranges { display: flex; gap: 6px; margin-bottom: 8px; }
+a.range { padding: 3px 12px; border: 1px solid var(--line); border-radius: 14px; background: #fff;
+          color: var(--ink); text-decoration: none; }
+a.range.chosen { background: var(--accent); color: #fff; border-color: var(--accent); }
+.note { color: var(--muted); }
+.message { background: #e6f4ea; border: 1px solid #a8d5b5; padding: 8px 12px; border-radius: 4px; }
+.error { background: #fce8e6; border: 1px solid #f0b4ae; padding: 8px 12px; border-radius: 4px; }
+.secret code { font-size: 15px; background: #fff8d6; padding: 4px 8px; border-radius: 4px; }
+progress { width: 90px; vertical-align: middle; }
+svg.chart { width: 100%; max-width: 900px; height: auto; }
+svg .grid { stroke: #e3e7ee; }
+svg .axis { fill: var(--muted); font-size: 11px; }
+.legend { list-style: none; display: flex; flex-wrap: wrap; gap: 14px; padding: 0; margin: 6px 0 0; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 5px; border-radius: 2px; }
+.s0 { fill: #4e79a7; background: #4e79a7; } .s1 { fill: #f28e2b; background: #f28e2b; }
+.s2 { fill: #59a14f; background: #59a14f; } .s3 { fill: #e15759; background: #e15759; }
+.s4 { fill: #76b7b2; background: #76b7b2; } .s5 { fill: #9c9c9c; background: #9c9c9c; }
+.logs { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 14px; align-items: start; }
+.logs > div { overflow-x: auto; }
+.detail { width: 340px; position: sticky; top: 10px; }
+.detail dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 0; font-size: 12px; }
+.detail dt { color: var(--muted); }
+.detail dd { margin: 0; word-break: break-all; }
+"""
+
+#: The dashboard's one script: asks before a form marked data-confirm is
+#: sent, and copies a new key to the clipboard.
+UI_JS = """
+"use strict";
+document.addEventListener("submit", function (event) {
+  var question = event.target.getAttribute("data-confirm");
+  if (question && !window.confirm(question)) { event.preventDefault(); }
+});
+document.addEventListener("click", function (event) {
+  var button = event.target.closest("[data-copy]");
+  if (!button) { return; }
+  var text = document.getElementById(button.getAttribute("data-copy")).textContent;
+  navigator.clipboard.writeText(text).then(function () { button.textContent = "Copied"; });
+});
+"""
 
 
 # ==== 10. Gateway ===========================================================
@@ -5825,6 +6265,256 @@ def transport_trigger(exc):
 MAX_PREAMBLE_BYTES = 64 * 1024
 
 
+# -- the dashboard (/ui) --------------------------------------------------------
+#
+# A session is a cookie signed with a key derived from the admin token's
+# hash: every gateway process sharing the database accepts it, a new admin
+# token ends every session, and so does logging out (which records the
+# moment in the settings: sessions issued before it are refused). The
+# session's CSRF token is derived from it too, and every form that writes
+# carries it. The login form has its own CSRF cookie.
+
+UI_SESSION_COOKIE = "llmgw_ui"
+UI_LOGIN_COOKIE = "llmgw_ui_login"
+#: A session lasts this long (seconds) from the login.
+UI_SESSION_SECONDS = 12 * 3600
+#: Sessions issued before this moment (epoch milliseconds) are refused.
+UI_SESSIONS_SINCE_SETTING = "ui_sessions_since"
+#: On every dashboard answer: no script, style or frame but the gateway's own
+#: files, no page cached, no referrer sent.
+UI_HEADERS = (
+    ("content-security-policy", "default-src 'none'; script-src 'self'; style-src 'self'; form-action 'self'; "
+                                "frame-ancestors 'none'; base-uri 'none'"),
+    ("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"), ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),
+)
+_UI_FILES = {"/ui/app.css": ("text/css; charset=utf-8", UI_CSS),
+             "/ui/app.js": ("text/javascript; charset=utf-8", UI_JS)}
+_UI_KEY_ACTION = re.compile(r"^/ui/keys/([^/]{1,100})/(revoke|rotate|topup)\Z")
+
+
+def _cookie(request, name):
+    for part in request.headers.get("cookie", "").split(";"):
+        cookie_name, _, value = part.strip().partition("=")
+        if cookie_name == name:
+            return value
+    return None
+
+
+class Dashboard:
+    """Answers /ui: pages and forms over the administration functions
+    (section 9), as the signed-in admin ("dashboard" in the audit log)."""
+
+    actor = "dashboard"
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    def handle(self, request):
+        try:
+            return self._route(request)
+        except GatewayError as exc:
+            return self._html(exc.status, ui_page("Error", None, '<p><a href="/ui/overview">Back</a></p>',
+                                                  error=exc.message))
+
+    def _route(self, request):
+        path = request.path
+        if path in _UI_FILES:
+            content_type, text = _UI_FILES[path]
+            return Reply(200, [("content-type", content_type)] + list(UI_HEADERS), text.encode("utf-8"))
+        signing_key = self._signing_key()
+        if path == "/ui/login":
+            return self._login(request, signing_key)
+        nonce = self._session(request, signing_key)
+        if request.method == "GET":
+            if nonce is None:
+                return self._redirect("/ui/login")
+            if path in ("/ui", "/ui/"):
+                return self._redirect("/ui/overview")
+            page = {"/ui/overview": self._overview, "/ui/keys": self._keys, "/ui/logs": self._logs,
+                    "/ui/prices": self._prices}.get(path)
+            if page is None:
+                raise NotFoundError("No dashboard page %s" % shown(path))
+            options = {name: value for name, value in urllib.parse.parse_qsl(request.query) if value}
+            return page(_csrf_token(signing_key, nonce), options)
+        if request.method != "POST":
+            raise MethodNotAllowedError("The dashboard takes GET and POST")
+        if nonce is None:
+            raise AuthenticationError("Log in to the dashboard first")
+        form = self._form(request)
+        csrf = _csrf_token(signing_key, nonce)
+        if not _same(form.get("csrf", ""), csrf):
+            raise PermissionDeniedError("The form's CSRF token is missing or stale: reload the page")
+        if path == "/ui/logout":
+            self.gateway.store.set_setting(UI_SESSIONS_SINCE_SETTING, "%d" % _milliseconds_now(self.gateway),
+                                           self.actor)
+            return self._redirect("/ui/login", [("set-cookie", _session_cookie("", 0))])
+        if path == "/ui/keys":
+            return self._create_key(csrf, form)
+        action = _UI_KEY_ACTION.match(path)
+        if action is None:
+            raise NotFoundError("No dashboard action %s" % shown(path))
+        return self._key_action(csrf, urllib.parse.unquote(action.group(1)), action.group(2), form)
+
+    # -- sessions ---------------------------------------------------------------
+
+    def _signing_key(self):
+        admin_hash = self.gateway.admin_token_hash()
+        if admin_hash is None:
+            raise PermissionDeniedError("The dashboard is off. Turn it on with LLMGW_ADMIN_TOKEN in the "
+                                        "environment, or run: python cli.py admin-token")
+        return hmac.new(admin_hash.encode(), b"llmgw dashboard session", hashlib.sha256).digest()
+
+    def _session(self, request, signing_key):
+        """The session's nonce if its cookie (issued.nonce.signature, issued
+        in epoch milliseconds) is signed, unexpired and issued after the last
+        logout; else None."""
+        issued, _, rest = (_cookie(request, UI_SESSION_COOKIE) or "").partition(".")
+        nonce, _, signature = rest.partition(".")
+        if not _same(signature, _sign(signing_key, "%s.%s" % (issued, nonce))):
+            return None
+        since = int(self.gateway.store.get_setting(UI_SESSIONS_SINCE_SETTING) or 0)
+        if not since <= int(issued) <= _milliseconds_now(self.gateway) < int(issued) + UI_SESSION_SECONDS * 1000:
+            return None
+        return nonce
+
+    def _login(self, request, signing_key):
+        if request.method == "GET":
+            login_csrf = secrets.token_urlsafe(24)
+            return self._html(200, ui_login_html(login_csrf), [("set-cookie", _login_cookie(login_csrf))])
+        if request.method != "POST":
+            raise MethodNotAllowedError("/ui/login takes GET and POST")
+        form = self._form(request)
+        expected = _cookie(request, UI_LOGIN_COOKIE) or ""
+        if not expected or not _same(form.get("login_csrf", ""), expected):
+            raise PermissionDeniedError("The login form is stale: reload it")
+        if not _same(hash_secret(form.get("token", "")), self.gateway.admin_token_hash()):
+            login_csrf = secrets.token_urlsafe(24)
+            return self._html(401, ui_login_html(login_csrf, "That is not the admin token."),
+                              [("set-cookie", _login_cookie(login_csrf))])
+        self.gateway.store.audit(self.actor, "dashboard_login")
+        issued, nonce = "%d" % _milliseconds_now(self.gateway), secrets.token_urlsafe(18)
+        session = "%s.%s.%s" % (issued, nonce, _sign(signing_key, "%s.%s" % (issued, nonce)))
+        return self._redirect("/ui/overview", [("set-cookie", _session_cookie(session, UI_SESSION_SECONDS)),
+                                               ("set-cookie", _login_cookie("", 0))])
+
+    # -- pages ----------------------------------------------------------------
+
+    def _overview(self, csrf, options):
+        chosen = points = totals = error = None
+        try:
+            by = options.get("by") or "project"
+            if by not in UI_CHART_GROUPS:
+                raise BadRequestError("by: %s is not one of %s" % (shown(by), ", ".join(UI_CHART_GROUPS)))
+            chosen = ui_range(options, self.gateway.clock())
+            _, since, until, step = chosen
+            group_by = UI_CHART_GROUPS[by][0]
+            points = usage_series(self.gateway.store, group_by, since, until, step)
+            totals = self.gateway.store.usage_stats(group_by, since, until)
+        except BadRequestError as exc:
+            error, options = exc.message, {}
+            chosen = ui_range(options, self.gateway.clock())
+        return self._html(400 if error else 200, ui_overview_html(csrf, options, chosen, points, totals, error))
+
+    def _keys(self, csrf, options, new_key=None, status=200, error=None):
+        message = None
+        if options.get("done") in ("revoked", "topped up"):
+            message = "Key %s %s." % (options.get("id", ""), options["done"])
+        keys = keys_with_budgets(self.gateway.store, self.gateway.clock())
+        return self._html(status, ui_keys_html(csrf, keys, self.gateway.config, new_key, message, error))
+
+    def _logs(self, csrf, options):
+        show = options.pop("show", None)
+        try:
+            page = request_log(self.gateway.store, options)
+        except BadRequestError as exc:
+            return self._html(400, ui_logs_html(csrf, options, None, error=exc.message))
+        return self._html(200, ui_logs_html(csrf, options, page, show))
+
+    def _prices(self, csrf, options):
+        return self._html(200, ui_prices_html(csrf, price_rows(self.gateway.prices)))
+
+    # -- actions --------------------------------------------------------------
+
+    def _create_key(self, csrf, form):
+        texts = {name: form[name].strip() for name in POLICY_FIELDS if form.get(name, "").strip()}
+        labels = [label.strip() for label in form.get("labels", "").split(",") if label.strip()]
+        try:
+            record, secret = create_virtual_key(self.gateway.store, self.gateway.config, form.get("project_name"),
+                                                policy_from_text(texts, labels), self.actor, self.gateway.clock())
+        except BadRequestError as exc:
+            return self._keys(csrf, {}, status=exc.status, error=exc.message)
+        logger.info("dashboard created virtual key %s", record["id"])
+        return self._keys(csrf, {}, new_key=dict(record, key=secret), status=201)
+
+    def _key_action(self, csrf, key_id, action, form):
+        store, now = self.gateway.store, self.gateway.clock()
+        try:
+            if action == "revoke":
+                revoke_key(store, key_id, self.actor)
+                logger.info("dashboard revoked virtual key %s", key_id)
+                return self._redirect("/ui/keys?" + urllib.parse.urlencode({"done": "revoked", "id": key_id}))
+            if action == "topup":
+                topup_key(store, key_id, number_in_text(form.get("amount", "").strip()), self.actor, now)
+                return self._redirect("/ui/keys?" + urllib.parse.urlencode({"done": "topped up", "id": key_id}))
+            record = rotate_key(store, key_id, form.get("grace", "").strip() or "0s", self.actor, now)
+        except (BadRequestError, NotFoundError) as exc:
+            return self._keys(csrf, {}, status=exc.status, error=exc.message)
+        return self._keys(csrf, {}, new_key=record)
+
+    # -- HTTP -------------------------------------------------------------------
+
+    @staticmethod
+    def _form(request):
+        """A POSTed form (application/x-www-form-urlencoded) as {name: value}."""
+        if request.content_length is None:
+            raise LengthRequiredError("A form with a Content-Length header is required")
+        if request.content_length > ADMIN_BODY_BYTES:
+            raise PayloadTooLargeError("The form is larger than %d bytes" % ADMIN_BODY_BYTES)
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaTypeError("Content-Type must be application/x-www-form-urlencoded")
+        try:
+            return dict(urllib.parse.parse_qsl(request.read_body().decode("utf-8"), keep_blank_values=True,
+                                               max_num_fields=64))
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequestError("The form is not URL-encoded UTF-8 of at most 64 fields") from None
+
+    @staticmethod
+    def _html(status, text, headers=()):
+        return Reply(status, [("content-type", "text/html; charset=utf-8")] + list(UI_HEADERS) + list(headers),
+                     text.encode("utf-8"))
+
+    @staticmethod
+    def _redirect(location, headers=()):
+        return Reply(303, [("location", location)] + list(UI_HEADERS) + list(headers))
+
+
+def _same(given, expected):
+    """Constant-time equality of two texts (a client's may be any text)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def _milliseconds_now(gateway):
+    return int(gateway.clock() * 1000)
+
+
+def _sign(key, text):
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _csrf_token(signing_key, nonce):
+    return _sign(signing_key, "csrf." + nonce)
+
+
+def _session_cookie(value, max_age):
+    return "%s=%s; Path=/ui; Max-Age=%d; HttpOnly; SameSite=Strict" % (UI_SESSION_COOKIE, value, max_age)
+
+
+def _login_cookie(value, max_age=600):
+    return "%s=%s; Path=/ui/login; Max-Age=%d; HttpOnly; SameSite=Strict" % (UI_LOGIN_COOKIE, value, max_age)
+
+
 class Gateway:
     """Authenticates, routes, limits, forwards and accounts for requests."""
 
@@ -5874,6 +6564,7 @@ class Gateway:
         self._background = threading.Thread(target=self._maintain, name="llmgw-limits", daemon=True)
         self._background.start()
         self.alerts = self._alert_sender(config)
+        self.dashboard = Dashboard(self)
 
     def _alert_sender(self, config):
         if config.alerts.webhook_url is None:
@@ -6009,6 +6700,11 @@ class Gateway:
             raise AuthenticationError("Invalid, revoked or expired virtual key")
         return key
 
+    def admin_token_hash(self):
+        """The admin token's hash as it is now; None while admin is off."""
+        self.refresh()
+        return self._admin_token_hash
+
     def known_secrets(self):
         """The secrets this process holds in plain text (provider keys, an
         admin token from the environment), for redacting log lines; virtual
@@ -6044,6 +6740,9 @@ class Gateway:
         elif path == "/metrics":
             dialect = OPENAI
             handler = self._metrics
+        elif path == "/ui" or path.startswith("/ui/"):
+            dialect = OPENAI
+            handler = self.dashboard.handle
         else:
             route = ROUTES.get(path)
             dialect = dialect_for(route, request)
