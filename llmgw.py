@@ -2209,11 +2209,13 @@ class Store:
                 _roll_up_row(conn, row_id, 1)
         self._write(reprice)
 
-    def usage_stats(self, group_by="key", since=None, until=None, project=None):
+    def usage_stats(self, group_by="key", since=None, until=None, project=None, step=None):
         """Per-group totals of usage rows, as dicts ready for JSON.
 
         ``since``/``until`` are epoch seconds (until exclusive); ``group_by`` is
-        one of STATS_GROUPS.
+        one of STATS_GROUPS. With ``step`` (seconds, a whole number of hours
+        or of days), each group is also cut into periods of that length from
+        the epoch, each row's ``at`` its period's start (a chart's points).
         """
         label = group_by[len("label:"):] if group_by.startswith("label:") else None
         if label is not None and LABEL_NAME.match(label):
@@ -2224,7 +2226,9 @@ class Store:
         else:
             raise BadRequestError("by: cannot group by %s (choose: %s, or label:NAME)"
                                   % (shown(group_by), ", ".join(STATS_GROUPS)), param="by")
-        sources, params = _stats_sources(since, until, group_by == "day")
+        if step is not None:
+            names, expressions = names + ("at",), expressions + ("u.step",)
+        sources, params = _stats_sources(since, until, group_by == "day" or step is not None, step)
         where = ""
         if project is not None:
             where = " WHERE k.project_name = ?"
@@ -2233,9 +2237,10 @@ class Store:
         # model, provider or day): the join with the keys then meets
         # hundreds of rows, not every rollup.
         needs = {"virtual_key_id": group_by != "day" or project is not None, "model": group_by == "model",
-                 "provider": group_by == "provider", "CAST(at AS INTEGER) / 86400": group_by == "day"}
+                 "provider": group_by == "provider", "CAST(at AS INTEGER) / 86400": group_by == "day",
+                 "CAST(at AS INTEGER) / %d * %d" % (step or 1, step or 1): step is not None}
         sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s), "
-               "g (virtual_key_id, model, provider, day, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4) "
+               "g (virtual_key_id, model, provider, day, step, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4, 5) "
                "SELECT %s, %s FROM g u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
                "GROUP BY %s ORDER BY %s") % (
             _MEASURE_NAMES, " UNION ALL ".join(sources), ", ".join(STATS_TOTAL_FIELDS),
@@ -2373,11 +2378,12 @@ class Store:
             source.close()
 
 
-def _stats_sources(since, until, by_time):
+def _stats_sources(since, until, by_time, step=None):
     """The SELECTs (in STATS_FROM_ROWS' shape) and parameters that cover
     [since, until) exactly: rollups for the whole days, then hours, inside
     it, settled rows for the ragged ends, and every pending row in it. All
-    time, unless grouped by time, is the totals."""
+    time, unless grouped by time, is the totals. With ``step``, only the
+    rollups whose units it is made of (days go for 6-hour steps)."""
     pending = (STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
                                     ("started_at < ?", until)])
     if since is None and until is None and not by_time:
@@ -2387,7 +2393,8 @@ def _stats_sources(since, until, by_time):
                  if level is None else
                  ("SELECT virtual_key_id, NULLIF(model, ''), provider, %s, %s FROM %s" % (
                      level[1], _MEASURE_NAMES, level[0]), [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
-                 for level, lo, hi in _cover(since, until, ROLLUP_LEVELS)]
+                 for level, lo, hi in _cover(since, until, tuple(
+                     level for level in ROLLUP_LEVELS if step is None or step % level[2] == 0))]
     sources, params = [], []
     for query, conditions in parts + [pending]:
         clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]
@@ -5123,14 +5130,16 @@ MAX_SERIES_POINTS = 62
 
 
 def usage_series(store, group_by, since, until, step):
-    """Stats over [since, until) cut every ``step`` seconds: [(start, rows)],
-    each ``rows`` as Store.usage_stats groups them. Every chart reads the
-    rollups as stats does (whole units when ``since`` and ``step`` are),
-    so a chart and the stats never disagree."""
+    """Stats over [since, until) cut every ``step`` seconds (whole hours or
+    days; ``since`` on a step): [(start, rows)], each ``rows`` as
+    Store.usage_stats groups them. One query over the rollups that stats
+    reads, so a chart and the stats never disagree."""
     if (until - since) / step > MAX_SERIES_POINTS:
         raise BadRequestError("a series has at most %d points" % MAX_SERIES_POINTS, param="step")
-    return [(start, store.usage_stats(group_by, start, min(start + step, until)))
-            for start in range(int(since), int(until), int(step))]
+    points = {start: [] for start in range(int(since), int(until), int(step))}
+    for row in store.usage_stats(group_by, since, until, step=step):
+        points[row.pop("at")].append(row)
+    return list(points.items())
 
 
 LOG_PAGE_LIMIT = 1000

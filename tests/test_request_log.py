@@ -65,12 +65,13 @@ def oracle_stats(db_path, group_by, since=None, until=None, project=None):
 
 
 def rollup_stats(store, group_by, since=None, until=None, project=None):
+    return shaped_as_oracle(store.usage_stats(group_by, since, until, project), group_by)
+
+
+def shaped_as_oracle(rows, group_by):
     names = {"key": ("virtual_key_id", "project_name"), "project": ("project_name",),
              "label:team": ("label",)}.get(group_by, (group_by,))
-    result = []
-    for row in store.usage_stats(group_by, since, until, project):
-        result.append((tuple(row.pop(name) for name in names), row))
-    return sorted(result, key=repr)
+    return sorted(((tuple(row.pop(name) for name in names), row) for row in rows), key=repr)
 
 
 class Clock:
@@ -162,6 +163,23 @@ def test_stats_from_rollups_equal_the_rows(logged, group_by):
     for project in ("ads", "search", "nobody"):
         assert (rollup_stats(gateway.store, group_by, T0 + 1000.5, None, project)
                 == oracle_stats(gateway.db_path, group_by, T0 + 1000.5, None, project))
+
+
+@pytest.mark.parametrize("step", [HOUR, 6 * HOUR, DAY, 7 * DAY])
+def test_chart_series_equal_the_rows_point_by_point(logged, step):
+    """usage_series (the dashboard's charts) is one query over the rollups a
+    step allows (hours for 6-hour steps, days too for days and weeks); each
+    point equals the plain sum over its rows, the pending row included."""
+    gateway = logged["gateway"]
+    since = T0 // step * step
+    until = since + step * min(llmgw.MAX_SERIES_POINTS, -(-3 * DAY // step) + 1)
+    for group_by in ("model", "key"):
+        series = llmgw.usage_series(gateway.store, group_by, since, until, step)
+        assert [start for start, _ in series] == list(range(since, until, step))
+        assert sum(len(rows) for _, rows in series) > 0
+        for start, rows in series:
+            assert shaped_as_oracle(rows, group_by) == oracle_stats(gateway.db_path, group_by, start, start + step), (
+                group_by, start)
 
 
 def test_rollups_are_written_when_rows_settle(logged):
