@@ -17,9 +17,12 @@ dashboard, the CLI and a scraper make; ``--repeat`` runs each, and prints the me
 * overview: ``/admin/usage-stats`` by day, project and model over the last 30 days (the charts);
 * stats: ``/admin/usage-stats`` by key over all time, and over a range cut mid-hour;
 * log pages: ``/admin/logs`` filtered by key, by status, by model and time, and 20 pages deep;
-* ``/metrics``.
+* ``/metrics``;
+* the dashboard (signed in over HTTP as a browser is): the overview at 24 h, 7 d and 30 d
+  (charts and totals), a filtered log page and the keys page.
 
 Targets (issue 12): overview, stats and a filtered log page under 200 ms; /metrics under 50 ms.
+The dashboard's pages are timed whole (rendered HTML), against the same 200 ms.
 Finally it checks that stats from rollups equal the plain sums over the rows to the nano-dollar,
 and times that plain sum (what stats cost before rollups) for comparison.
 """
@@ -29,6 +32,7 @@ import http.client
 import json
 import os
 import random
+import re
 import sqlite3
 import statistics
 import sys
@@ -113,10 +117,10 @@ def seed(path, rows, now):
     return keys
 
 
-def get(port, path, token=ADMIN_TOKEN):
+def get(port, path, token=ADMIN_TOKEN, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     began = time.perf_counter()
-    conn.request("GET", path, headers={"Authorization": "Bearer " + token})
+    conn.request("GET", path, headers=headers or {"Authorization": "Bearer " + token})
     response = conn.getresponse()
     body = response.read()
     elapsed = (time.perf_counter() - began) * 1000
@@ -126,8 +130,23 @@ def get(port, path, token=ADMIN_TOKEN):
     return elapsed, body
 
 
-def timed(port, label, path, repeat, target):
-    times = [get(port, path)[0] for _ in range(repeat)]
+def dashboard_session(port):
+    """The Cookie header of a dashboard session, logged in as a browser does."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/ui/login")
+    response = conn.getresponse()
+    login_cookie = response.getheader("set-cookie").partition(";")[0]
+    login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', response.read().decode()).group(1)
+    conn.request("POST", "/ui/login", body="login_csrf=%s&token=%s" % (login_csrf, ADMIN_TOKEN),
+                 headers={"Cookie": login_cookie, "Content-Type": "application/x-www-form-urlencoded"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return {"Cookie": response.getheader("set-cookie").partition(";")[0]}
+
+
+def timed(port, label, path, repeat, target, headers=None):
+    times = [get(port, path, headers=headers)[0] for _ in range(repeat)]
     median, worst = statistics.median(times), max(times)
     verdict = "ok" if median < target else "OVER %d ms" % target
     print("  %-46s median %8.1f ms   worst %8.1f ms   %s" % (label, median, worst, verdict))
@@ -192,6 +211,14 @@ def main():
             timed(port, "log page: key filter, 21st page", "/admin/logs?key=%s&cursor=%s" % (key, cursor),
                   args.repeat, 200)
             timed(port, "/metrics", "/metrics", args.repeat, 50)
+            session = dashboard_session(port)
+            for query in ("range=24h&by=project", "range=7d&by=model", "range=30d&by=project", "range=30d&by=key"):
+                timed(port, "dashboard: overview %s" % query, "/ui/overview?" + query, args.repeat, 200, session)
+            timed(port, "dashboard: logs, project and status filter",
+                  "/ui/logs?project=project-3&status=upstream_error", args.repeat, 200, session)
+            timed(port, "dashboard: logs, key and last 7 days", "/ui/logs?key=%s&since=%s" % (key, iso(now - 7 * DAY)),
+                  args.repeat, 200, session)
+            timed(port, "dashboard: keys (100, with budgets)", "/ui/keys", args.repeat, 200, session)
 
             print("stats from rollups against the plain sum over every row:")
             began = time.perf_counter()
