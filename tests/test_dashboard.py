@@ -116,6 +116,25 @@ def test_writes_need_the_sessions_csrf_token(dash):
     assert done.status == 303 and not key_is_active(dash, record["id"])
 
 
+def test_top_up_rotate_and_a_refused_create_go_through_the_administration_functions(dash):
+    record, old_secret = dash.create_key("budgeted", max_budget=2)
+    client = Browserless(dash)
+    client.login()
+    path = "/ui/keys/%s/" % record["id"]
+    assert client.request("POST", path + "topup", {"csrf": client.csrf(), "amount": "3"}).status == 303
+    assert "$5 (monthly)" in client.request("GET", "/ui/keys").text  # 2 + 3, the allowance of budget_use
+    refused = client.request("POST", path + "topup", {"csrf": client.csrf(), "amount": "-1"})
+    assert refused.status == 400 and "amount" in refused.text
+    rotated = client.request("POST", path + "rotate", {"csrf": client.csrf(), "grace": "1h"})
+    new_secret = re.search(r'<code id="new-key">([^<]+)</code>', rotated.text).group(1)
+    assert rotated.status == 200 and new_secret != old_secret
+    assert dash.store.find_key(llmgw.hash_secret(new_secret)).id == record["id"]
+    assert new_secret not in client.request("GET", "/ui/keys").text
+    keys_before = len(dash.store.list_keys())
+    bad = client.request("POST", "/ui/keys", {"csrf": client.csrf(), "project_name": "x", "rpm": "many"})
+    assert bad.status == 400 and "rpm" in bad.text and len(dash.store.list_keys()) == keys_before
+
+
 def test_login_sets_a_strict_http_only_cookie_and_logout_ends_it(dash):
     client = Browserless(dash)
     page = client.request("GET", "/ui/login")
