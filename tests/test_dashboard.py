@@ -135,6 +135,18 @@ def test_top_up_rotate_and_a_refused_create_go_through_the_administration_functi
     assert bad.status == 400 and "rpm" in bad.text and len(dash.store.list_keys()) == keys_before
 
 
+def test_custom_ranges_pick_a_step_and_refuse_what_is_too_long(dash):
+    client = Browserless(dash)
+    client.login()
+    for since, until, step in (("2026-11-01", "2026-11-02", "hour"), ("2026-10-01", "2026-11-29", "day"),
+                               ("2025-11-01", "2026-12-01", "week")):
+        page = client.request("GET", "/ui/overview?" + urllib.parse.urlencode(
+            {"range": "custom", "since": since, "until": until, "by": "model"}))
+        assert page.status == 200 and "one bar per %s, by model" % step in page.text, (since, until)
+    page = client.request("GET", "/ui/overview?range=custom&since=2024-01-01&until=2026-12-01")
+    assert page.status == 400 and "at most 60 weeks" in page.text and "<svg" not in page.text
+
+
 def test_login_sets_a_strict_http_only_cookie_and_logout_ends_it(dash):
     client = Browserless(dash)
     page = client.request("GET", "/ui/login")
