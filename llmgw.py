@@ -1470,8 +1470,10 @@ _ADDED_MEASURES = ("attempts", "retries", "fallbacks")
 _MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL%s,\n" % (m, " DEFAULT 0" if m in _ADDED_MEASURES else "")
                            for m, _ in ROLLUP_MEASURES)
 #: Rollups by time, coarsest first: (table, time column, seconds per unit).
-#: Days start at midnight UTC, as budget periods do.
-ROLLUP_LEVELS = (("usage_days", "day", 86400), ("usage_hours", "hour", 3600))
+#: Days start at midnight UTC, as budget periods do. Weeks (seven whole
+#: days from the epoch's Thursday) only shorten long ranges: a range of
+#: weeks reads a seventh of the rows its days would be.
+ROLLUP_LEVELS = (("usage_weeks", "week", 7 * 86400), ("usage_days", "day", 86400), ("usage_hours", "hour", 3600))
 _KEY_MODEL = (("virtual_key_id", "virtual_key_id"), ("model", "COALESCE(model, '')"), ("provider", "provider"))
 #: Each rollup table and what it is kept per: (column, a usage row's value).
 #: By time, per key, model and provider (a row's unit of time reckoned in
@@ -1484,7 +1486,7 @@ _ROLLUP_TABLES = tuple(
 ROLLUP_SCHEMA = "".join("""
 CREATE TABLE IF NOT EXISTS %s (
 %s%s    PRIMARY KEY (%s)
-) WITHOUT ROWID;""" % (table, "".join("    %s %s NOT NULL,\n" % (name, "INTEGER" if name in ("day", "hour") else "TEXT")
+) WITHOUT ROWID;""" % (table, "".join("    %s %s NOT NULL,\n" % (name, "INTEGER" if name in ("week", "day", "hour") else "TEXT")
                                      for name, _ in dimensions),
                        _MEASURE_COLUMNS, ", ".join(name for name, _ in dimensions))
     for table, dimensions in _ROLLUP_TABLES) + """
@@ -1511,6 +1513,10 @@ ROLL_UP_ALL = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE 
     ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES),
     ", ".join(str(number) for number in range(1, len(dimensions) + 1))))
     for table, dimensions in _ROLLUP_TABLES)
+ROLL_UP_WEEKS_FROM_DAYS = _roll_up(*_ROLLUP_TABLES[0], "SELECT day / %d * %d, virtual_key_id, model, provider, %s "
+                                   "FROM usage_days GROUP BY 1, 2, 3, 4" % (
+                                       ROLLUP_LEVELS[0][2], ROLLUP_LEVELS[0][2],
+                                       ", ".join("SUM(%s)" % m for m, _ in ROLLUP_MEASURES)))
 USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
                   FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
     "t." + m for m, _ in ROLLUP_MEASURES)
@@ -1584,6 +1590,9 @@ MIGRATIONS = (
     # 7: no index on usage.logical_request_id: nothing looked rows up by it,
     # and every request paid for its entry (a page more in each commit).
     ("DROP INDEX IF EXISTS usage_by_logical_request",),
+    # 8: rollups by week, summed from the days (rows may have been pruned;
+    # step 3 may just have rolled rows up into the new table too).
+    ("DELETE FROM usage_weeks", ROLL_UP_WEEKS_FROM_DAYS),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -2235,9 +2244,11 @@ class Store:
             params.append(project)
         # Summed first by what the grouping and the filter need (the key,
         # model, provider or day): the join with the keys then meets
-        # hundreds of rows, not every rollup.
-        needs = {"virtual_key_id": group_by != "day" or project is not None, "model": group_by == "model",
-                 "provider": group_by == "provider", "CAST(at AS INTEGER) / 86400": group_by == "day",
+        # hundreds of rows, not every rollup; and the sort that sums them
+        # (most of a long range's cost) keys on no more than it needs.
+        needs = {"virtual_key_id": group_by not in ("model", "provider", "day") or project is not None,
+                 "model": group_by == "model", "provider": group_by == "provider",
+                 "CAST(at AS INTEGER) / 86400": group_by == "day",
                  "CAST(at AS INTEGER) / %d * %d" % (step or 1, step or 1): step is not None}
         sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s), "
                "g (virtual_key_id, model, provider, day, step, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4, 5) "
@@ -2380,10 +2391,11 @@ class Store:
 
 def _stats_sources(since, until, by_time, step=None):
     """The SELECTs (in STATS_FROM_ROWS' shape) and parameters that cover
-    [since, until) exactly: rollups for the whole days, then hours, inside
-    it, settled rows for the ragged ends, and every pending row in it. All
-    time, unless grouped by time, is the totals. With ``step``, only the
-    rollups whose units it is made of (days go for 6-hour steps)."""
+    [since, until) exactly: rollups for the whole weeks (not when grouped
+    by day), then days, then hours, inside it, settled rows for the ragged
+    ends, and every pending row in it. All time, unless grouped by time,
+    is the totals. With ``step``, only the rollups whose units it is made
+    of (days go for 6-hour steps, weeks for any step shorter than a week)."""
     pending = (STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
                                     ("started_at < ?", until)])
     if since is None and until is None and not by_time:
@@ -2394,7 +2406,8 @@ def _stats_sources(since, until, by_time, step=None):
                  ("SELECT virtual_key_id, NULLIF(model, ''), provider, %s, %s FROM %s" % (
                      level[1], _MEASURE_NAMES, level[0]), [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
                  for level, lo, hi in _cover(since, until, tuple(
-                     level for level in ROLLUP_LEVELS if step is None or step % level[2] == 0))]
+                     level for level in ROLLUP_LEVELS
+                     if (step is None or step % level[2] == 0) and (not by_time or level[2] <= 86400)))]
     sources, params = [], []
     for query, conditions in parts + [pending]:
         clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]

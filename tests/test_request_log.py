@@ -182,17 +182,42 @@ def test_chart_series_equal_the_rows_point_by_point(logged, step):
                 group_by, start)
 
 
+def test_stats_over_weeks_equal_the_rows(make_gateway, clock):
+    """Rows a day and a half apart for four weeks: a range of whole weeks
+    reads the weekly rollups (days, hours and rows at its ends), and equals
+    the rows in every grouping; grouped by day, it reads days instead."""
+    gateway = make_gateway(clock=clock, routing={"retries": 0})
+    keys = [gateway.create_key(project, metadata={"team": project})[1] for project in ("search", "ads")]
+    for number in range(20):
+        clock.now = T0 + number * 1.4 * DAY + number * 0.37 * HOUR
+        body = {"model": ("gpt-4o-mini", "gpt-4o-mini-cache-reasoning")[number % 2],
+                "messages": [{"role": "user", "content": "w%d" % number}]}
+        assert post(gateway, CHAT, body, key=keys[number % 2]).status == 200
+    week = 7 * DAY
+    first_week = -(-T0 // week) * week
+    ranges = [(first_week, first_week + 2 * week), (T0 + 1000.5, T0 + 26 * DAY + 5 * HOUR + 17.25),
+              (first_week - 3 * HOUR - 5, first_week + 3 * week + DAY + 2 * HOUR + 9)]
+    sources = [llmgw._stats_sources(since, until, False)[0] for since, until in ranges]
+    assert all(any("FROM usage_weeks" in source for source in part) for part in sources)
+    assert not any("usage_weeks" in source for source in llmgw._stats_sources(*ranges[0], True)[0])
+    for group_by in sorted(ORACLE_GROUPS):
+        for since, until in ranges:
+            expected = oracle_stats(gateway.db_path, group_by, since, until)
+            assert expected and rollup_stats(gateway.store, group_by, since, until) == expected, (group_by, since)
+
+
 def test_rollups_are_written_when_rows_settle(logged):
     """Rollups exist for the settled rows only (stats did not just read rows)."""
     conn = sqlite3.connect(logged["gateway"].db_path)
     try:
         rolled = [conn.execute("SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests) FROM %s"
-                               % table).fetchone() for table in ("usage_hours", "usage_days", "usage_totals")]
+                               % table).fetchone() for table in ("usage_hours", "usage_days", "usage_weeks",
+                                                                  "usage_totals")]
         settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens), SUM(attempt = 1) FROM usage "
                                "WHERE status != 'pending'").fetchone()
     finally:
         conn.close()
-    assert rolled == [settled] * 3
+    assert rolled == [settled] * 4
     assert settled[3] == logged["count"] - 1 and settled[1] > 0  # the fail500 calls were tried twice
 
 
