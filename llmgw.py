@@ -3118,9 +3118,10 @@ def text_characters(value):
 # a little state, not a thread. The answer is decoded here from what
 # arrived (head, chunks, events), never from a blocking file: a provider
 # that sends part of a line, chunk, event or TLS record and stalls holds no
-# worker either. (Opening a connection, TCP and TLS handshake, still blocks
-# its worker, up to ``upstream_connect_timeout``: the pool spares most calls
-# that.)
+# worker either. Opening a connection (TCP connect, a proxy's CONNECT, the
+# TLS handshake) waits the same way, up to ``upstream_connect_timeout``;
+# only resolving the provider's name blocks, briefly (the pool spares most
+# calls even that).
 
 #: Azure OpenAI's classic API serves these under the model's deployment.
 AZURE_DEPLOYMENT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -3162,6 +3163,8 @@ class UpstreamPool:
         host = "[%s]" % self.host if ":" in self.host else self.host.encode("idna").decode("ascii")
         #: The Host field of every request, as http.client would write it.
         self.host_field = host if default_port else "%s:%d" % (host, self.port)
+        #: host:port, as a CONNECT request names it.
+        self.authority = "%s:%d" % (host, self.port)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._max_idle = max_idle
         self._idle = []
@@ -3175,7 +3178,8 @@ class UpstreamPool:
     max_idle_seconds = 20.0
 
     def acquire(self, fresh=False):
-        """Return (connection, reused): an idle one, or a new one connected now."""
+        """Return (connection, reused): an idle one, or a new one opened now.
+        A generator: opening yields ProviderWaits (see ``_open``)."""
         now = time.monotonic()
         with self._lock:
             while self._idle and not fresh:
@@ -3183,57 +3187,55 @@ class UpstreamPool:
                 if now - released_at < self.max_idle_seconds and conn.untouched():
                     return conn, True
                 conn.close()
-        return UpstreamConnection(self._connect(), self.name), False
+        return (yield from self._open()), False
 
-    def _connect(self):
-        """A TCP (and verified TLS) socket to the host, direct or through
-        the proxy's tunnel."""
-        sock = self._tunnel() if self.proxy is not None else self._direct()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._tls is None:
-            return sock
+    def _open(self):
+        """A new connection to the host, direct or through the proxy's
+        tunnel, TLS verified: TCP connect, CONNECT and TLS handshake are
+        non-blocking steps yielding ProviderWaits, all within
+        ``connect_timeout`` (socket.timeout past it). Resolving the name
+        (getaddrinfo) still blocks: the system's resolver has no
+        non-blocking form, and its cache makes it quick after the first."""
+        deadline = time.monotonic() + self.connect_timeout
+        if self.proxy is None:
+            conn = yield from self._reach(self.host, self.port, deadline, refuse_link_local=True)
+        else:  # the proxy resolves the provider's name
+            conn = yield from self._reach(self.proxy[0], self.proxy[1], deadline, refuse_link_local=False)
         try:
-            return self._tls.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
+            if self.proxy is not None:
+                yield from conn.tunnel(self.authority, self.proxy[2], deadline)
+            if self._tls is not None:
+                yield from conn.secure(self._tls, self.host, deadline)
+        except BaseException:  # the call closed while waiting too
+            conn.close()
             raise
+        return conn
 
-    def _direct(self):
-        """A TCP socket to the first reachable address of the host, refusing
-        link-local and metadata addresses unless allowed."""
+    def _reach(self, host, port, deadline, refuse_link_local):
+        """A connection (TCP) to the first address of ``host`` that
+        accepts, refusing link-local and metadata addresses when asked
+        unless allowed."""
         error = None
-        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
-            if not self.allow_link_local and is_link_local(address[0]):
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            if refuse_link_local and not self.allow_link_local and is_link_local(address[0]):
                 raise UpstreamError("The provider's address is link-local; the gateway refuses it",
                                     code="upstream_address_refused")
-            sock = socket.socket(family, kind, proto)
+            conn = UpstreamConnection(socket.socket(family, kind, proto), self.name)
             try:
-                sock.settimeout(self.connect_timeout)
-                sock.connect(address)
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                yield from conn.connect(address, deadline)
+            except socket.timeout:
+                conn.close()
+                raise
             except OSError as exc:
-                sock.close()
+                conn.close()
                 error = exc
                 continue
-            return sock
-        raise error or OSError("no address for %s" % self.host)
-
-    def _tunnel(self):
-        """A TCP socket through the proxy's CONNECT tunnel to the host
-        (http.client's set_tunnel); the proxy resolves the name. A refused
-        tunnel (407, 403, ...) raises OSError."""
-        host, port, fields = self.proxy
-        connection = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
-        connection.set_tunnel(self.host, self.port, headers=dict(fields))
-        try:
-            connection.connect()
-        except http.client.HTTPException as exc:
-            connection.close()
-            raise OSError("the proxy broke off the tunnel (%s)" % type(exc).__name__) from None
-        except BaseException:
-            connection.close()
-            raise
-        sock, connection.sock = connection.sock, None  # the tunnel is ours now
-        return sock
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        raise error or OSError("no address for %s" % host)
 
     def release(self, conn):
         """Return a connection whose last response was read to the end (one
@@ -3528,7 +3530,7 @@ class Provider:
         for fresh in (False, True):
             conn, reused = None, False
             try:
-                conn, reused = self.pool.acquire(fresh)
+                conn, reused = yield from self.pool.acquire(fresh)
                 yield from conn.exchange(request, method, time.monotonic() + head_timeout)
                 return conn
             except BaseException as exc:  # timeouts and TLS errors too; the call closed while waiting
@@ -3674,6 +3676,40 @@ class UpstreamConnection:
             if time.monotonic() >= deadline:
                 raise socket.timeout()
             yield ProviderWait(self.sock, deadline, writing)
+
+    def connect(self, address, deadline):
+        """Connect the socket to ``address`` (TCP), yielding a ProviderWait
+        (writable) while the handshake is under way. Raises OSError
+        (socket.timeout once ``deadline`` has passed)."""
+        def attempt():
+            error = self.sock.connect_ex(address)
+            if error in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                raise BlockingIOError(error, os.strerror(error))
+            if error not in (0, errno.EISCONN):
+                raise OSError(error, os.strerror(error))
+        yield from self._waits_for(attempt, deadline, sending=True)
+
+    def tunnel(self, authority, fields, deadline):
+        """Ask the HTTP proxy this connection reaches for a tunnel to
+        ``authority`` (host:port) with CONNECT and header ``fields``; the
+        socket then leads to the provider. Raises OSError when the proxy
+        refuses (407, 403, 502 ...) or breaks off."""
+        lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
+        lines.extend("%s: %s" % field for field in fields)
+        try:
+            response = yield from self.exchange(request_bytes(lines, None), "CONNECT", deadline)
+        except http.client.HTTPException as exc:
+            raise OSError("the proxy broke off the tunnel (%s)" % type(exc).__name__) from None
+        self.response = None
+        if response.status // 100 != 2 or self.buffer:
+            raise OSError("the proxy refused the tunnel (HTTP %d)" % response.status)
+
+    def secure(self, context, host, deadline):
+        """Make the connection TLS (``context``, verifying ``host``): the
+        handshake yields ProviderWaits while it waits for the provider.
+        Raises OSError (ssl.SSLError, socket.timeout)."""
+        self.sock = context.wrap_socket(self.sock, server_hostname=host, do_handshake_on_connect=False)
+        yield from self._waits_for(self.sock.do_handshake, deadline)
 
     def _receive(self, deadline):
         """Read what the provider sent next into ``buffer``, or note the end
@@ -6009,7 +6045,7 @@ class AlertSender:
     def _deliver(self, alert_id, payload, attempt):
         target = json.loads(payload)["key_id"]
         try:
-            conn, _ = self.pool.acquire(fresh=True)
+            conn, _ = wait_out(self.pool.acquire(fresh=True))
             try:
                 status = wait_out(conn.exchange(alert_request(self.pool, payload, self.secret, time.time()), "POST",
                                                 time.monotonic() + self.config.timeout)).status
@@ -8889,7 +8925,7 @@ def _check_reach(name, provider, now, note, environ=os.environ):
     started = time.monotonic()
     connection = None
     try:
-        connection, _ = pool.acquire(fresh=True)
+        connection, _ = wait_out(pool.acquire(fresh=True))
         request = ("HEAD %s/ HTTP/1.1\r\nHost: %s\r\nUser-Agent: llmgw-doctor/%s\r\nConnection: close\r\n\r\n"
                    % (pool.base_path, pool.host_field, __version__)).encode("latin-1")
         response = wait_out(connection.exchange(request, "HEAD", started + REACH_TIMEOUT))

@@ -17,9 +17,11 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 import llmgw
-from conftest import (CHAT, MESSAGES, RawClient, base_config, body_for, json_request, post, settled_rows, sse_events,
-                      wait_until)
+from conftest import (ANTHROPIC_KEY, CHAT, MESSAGES, RawClient, assert_json_error, base_config, body_for, json_request,
+                      post, settled_rows, sse_events, wait_until)
 
 SERVER = {"keepalive_timeout": 30, "header_timeout": 10, "upstream_timeout": 2, "drain_timeout": 10}
 RATE_LIMITS = {"default": 1000000}
@@ -386,6 +388,72 @@ def test_a_tls_provider_that_stalls_inside_a_record_holds_no_worker(make_gateway
     assert response.status == 200 and stream_ended(response.body), response
     rows = settled_rows(gw, 12)
     assert {(row["status"], row["output_tokens"]) for row in rows if row["provider"] == "tls"} == {("ok", 4)}
+
+
+def silent_listener():
+    """(listener, accepted sockets): a provider that accepts TCP connections
+    and never answers the TLS ClientHello (an overloaded or half-dead
+    host), or as well a proxy that never answers a CONNECT; closed by the
+    caller."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, accepted
+
+
+def test_connections_that_stall_opening_hold_no_worker(make_gateway, upstream):
+    """On two worker threads: six calls whose provider connections never
+    open (a TLS handshake the provider never answers, and a proxy that
+    never answers the CONNECT) wait for them parked, so calls to another
+    provider are answered while every one of the six still waits; then
+    each gets its 504 upstream_timeout at upstream_connect_timeout, in its
+    API's shape. (A blocking connect held both workers until the connect
+    timeout: the other calls, and the rest of the six, waited for it.)"""
+    listener, accepted = silent_listener()
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        gw = make_gateway(server=dict(SERVER, threads=2, upstream_connect_timeout=3), rate_limits=RATE_LIMITS,
+                          routing=ONE_ATTEMPT, providers={
+                              "silent": {"base_url": "https://" + address, "api_key": "sk-silent",
+                                         "models": ["silent-*"]},
+                              "silent-claude": {"base_url": "https://" + address, "api_key": ANTHROPIC_KEY,
+                                                "format": "anthropic", "models": ["claude-silent-*"]},
+                              "tunnelled": {"base_url": "https://localhost:9", "proxy": "http://" + address,
+                                            "api_key": "sk-tunnelled", "models": ["tunnelled-*"]}})
+        key = gw.create_key()[1]
+        waiting = []
+        for path, model in ((CHAT, "silent-model"), (MESSAGES, "claude-silent-model"), (CHAT, "tunnelled-model")) * 2:
+            client = RawClient(gw, timeout=15)
+            client.send(json_request(path, key, body_for(path, model)))
+            waiting.append((path, client))
+        assert wait_until(lambda: len(accepted) == 6, timeout=10), "%d connects seen" % len(accepted)
+        for path in (CHAT, MESSAGES, CHAT):
+            assert post(gw, path, body_for(path, "claude-3-5-haiku" if path == MESSAGES else "gpt-4o-mini"), key,
+                        timeout=10).status == 200
+        for _, client in waiting:  # none of the six has been answered (or closed) yet
+            client.sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.sock.recv(1, socket.MSG_PEEK)
+            client.sock.settimeout(15)
+        for path, client in waiting:
+            response = client.read_response(timeout=15)
+            client.close()
+            payload = assert_json_error(response, 504, "anthropic" if path == MESSAGES else "openai")
+            assert (payload["error"]["type"] if path == MESSAGES else payload["error"]["code"]) == (
+                "timeout_error" if path == MESSAGES else "upstream_timeout"), payload
+        rows = settled_rows(gw, 9)
+        assert sorted(row["status"] for row in rows) == ["ok"] * 3 + ["timeout"] * 6, [row["status"] for row in rows]
+    finally:
+        listener.close()
+        for sock in accepted:
+            sock.close()
 
 
 def test_a_retry_backoff_holds_no_worker(make_gateway, upstream):

@@ -1,6 +1,6 @@
 """How the gateway reaches its providers (issue 13): through an HTTPS proxy
 (per provider ``proxy:``, or HTTPS_PROXY and NO_PROXY; a CONNECT tunnel
-made by http.client's set_tunnel), with a provider's own CA bundle and
+opened without blocking a worker), with a provider's own CA bundle and
 client certificate, and with certificate checks off only when the config
 says so, which is logged. Against a small CONNECT proxy and the fake
 upstream on TLS (certificates made with the openssl command, as in
