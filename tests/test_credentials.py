@@ -88,7 +88,7 @@ def test_sql_injection_shaped_keys_are_401_without_delay(shared):
             value = ("Bearer " + payload) if header == "Authorization" else payload
             started = time.monotonic()
             response = post(gw, CHAT, chat_body(), headers={header: value})
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2.5  # the sleep payloads ask for 5 s
             assert response.status == 401
             assert payload.encode() not in response.body
     assert upstream.requests == [] and shared.new_rows() == []

@@ -216,7 +216,7 @@ def test_one_address_cannot_take_every_connection(make_gateway, upstream):
         assert response.header("retry-after") == "1"
     for source in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
         status, seconds = answer_from(gw, key, source)
-        assert status == 200 and seconds < 1.0, (status, seconds)
+        assert status == 200 and seconds < 10, (status, seconds)  # not after the flood's header_timeout (30 s)
     assert len(upstream.requests) == 3
     for client in flood:
         client.close()
@@ -290,7 +290,7 @@ def test_slow_uploads_from_a_limited_key_stall_no_one(make_gateway, upstream):
     started = time.monotonic()
     for _ in range(5):
         assert post(gw, CHAT, chat_body(), other, timeout=5).status == 200
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < UPLOAD_SERVER["body_timeout"], "the other tenant waited for the uploads"
     response = post(gw, CHAT, chat_body(), limited)
     assert response.status == 429 and "in flight" in response.json()["error"]["message"]
     assert worker_threads() <= 6  # admissions start no thread; 16 used to be busy receiving
@@ -311,7 +311,7 @@ def test_large_bodies_arrive_without_holding_a_worker(make_gateway, upstream):
             client.send(body[100:sent] if sent == 300 * 1024 else body[300 * 1024:sent])
         started = time.monotonic()
         assert post(gw, CHAT, chat_body(), other, timeout=5).status == 200
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < UPLOAD_SERVER["body_timeout"] / 2, "the other waited for an upload"
     assert answered([client for client, _ in uploads]) == []
     for client, body in uploads:
         client.send(body[700 * 1024:])
