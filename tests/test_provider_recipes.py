@@ -334,3 +334,34 @@ def test_bad_azure_settings_are_named(change, named):
     with pytest.raises(llmgw.ConfigError) as error:
         llmgw.parse_config({"providers": {"azure": entry}})
     assert named in str(error.value)
+
+
+def test_openai_sdk_through_each_recipe(recipe):
+    """The official openai SDK, unchanged, through each recipe: a call, and a
+    stream that asks for usage (Gemini's repeated usage, Groq's x_groq and
+    Mistral's finish-chunk usage included). Skipped without the package."""
+    openai = pytest.importorskip("openai")
+    name, gateway, fake, model, key = recipe
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.create_key()[1], max_retries=0)
+    messages = [{"role": "user", "content": "sdk"}]
+    completion = client.chat.completions.create(model=model, messages=messages)
+    assert completion.choices[0].message.content == "Hello from the fake upstream."
+    assert completion.usage.prompt_tokens == fake.reported[-1]["usage"]["prompt_tokens"]
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the fake upstream."
+    rows = settled_rows(gateway, 2)
+    assert tokens_of(rows[-1]) == expected_columns(fake.reported[-1]["usage"])
+
+
+def test_openai_sdk_through_azure(azure):
+    openai = pytest.importorskip("openai")
+    name, gateway, fake, entry = azure
+    model = sorted(entry["deployments"])[0]
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.create_key()[1], max_retries=0)
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "sdk"}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == fake.reported[-1]["usage"]["completion_tokens"]
+    assert fake.requests[-1]["path"] == azure_target(entry, CHAT, model)
+    (row,) = settled_rows(gateway)
+    assert tokens_of(row) == expected_columns(fake.reported[-1]["usage"])
