@@ -11,8 +11,9 @@
     python cli.py keys topup ID AMOUNT          add USD to the current budget period (or balance)
       policy flags: --tier T --rpm N --tpm N --max-parallel N --budget USD
                     --budget-period daily|weekly|monthly|never --expires-in 30d | --expires-at ISO
-                    --models "gpt-4o*,claude-*" --label team=search (repeatable); "none" clears
+                    --models "gpt-4o*,claude-*" --label team=search (repeatable)
                     --log-bodies | --no-log-bodies   --alert-thresholds 50,80,100
+                    --admission strict|estimate; "none" clears
     python cli.py config set-key PROVIDER KEY [--name NAME]
                                                 store a provider key in the database (KEY - : from stdin);
                                                 with --name, one more key: a deployment of its own
@@ -133,7 +134,7 @@ KEY_COLUMNS = [("id", "ID"), ("project_name", "PROJECT"), ("tier", "TIER"), ("rp
 POLICY_FLAGS = [("tier", "tier"), ("rpm", "rpm"), ("tpm", "tpm"), ("max_parallel", "max_parallel"),
                 ("budget", "max_budget"), ("budget_period", "budget_period"), ("expires_in", "expires_in"),
                 ("expires_at", "expires_at"), ("models", "models"), ("log_bodies", "log_bodies"),
-                ("alert_thresholds", "alert_thresholds")]
+                ("alert_thresholds", "alert_thresholds"), ("admission", "budget_admission")]
 MAX_WORKERS = 1024
 MAX_AUDIT_ENTRIES = 10 ** 6
 
@@ -245,8 +246,9 @@ STATS_COLUMNS = {
     "provider": [("provider", "PROVIDER")],
     "day": [("day", "DAY")],
 }
-STATS_TOTAL_COLUMNS = [("requests", "REQUESTS"), ("errors", "ERRORS"), ("request_tokens", "REQUEST TOKENS"),
-                       ("response_tokens", "RESPONSE TOKENS"), ("cost", "COST (USD)")]
+STATS_TOTAL_COLUMNS = [("requests", "REQUESTS"), ("other_calls", "OTHER CALLS"), ("errors", "ERRORS"),
+                       ("request_tokens", "REQUEST TOKENS"), ("response_tokens", "RESPONSE TOKENS"),
+                       ("cost", "COST (USD)")]
 
 
 def _price_table(store):
@@ -457,6 +459,8 @@ def _add_policy_flags(parser):
                         help="stop keeping this key's bodies")
     parser.add_argument("--alert-thresholds", dest="alert_thresholds",
                         help="budget alert percentages for this key, e.g. 50,80,100 (none: alerts.thresholds)")
+    parser.add_argument("--admission", help="strict or estimate: how a budgeted call is admitted "
+                                            "(none: budgets.admission in config.yaml)")
 
 
 def build_parser():

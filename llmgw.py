@@ -364,7 +364,7 @@ budgets:
                                    # min(max_tokens, typical_output_tokens) at the output price, admit
                                    # while any budget is left (spend may pass it: README, Budgets)
   typical_output_tokens: 4096      # estimate: output reserved per call, at most
-  # admission_by_key: {vk_0123456789ab: estimate}   # keys that differ from admission
+                                   # (a key may differ: python cli.py keys update ID --admission estimate)
 
 # alerts:                          # budget threshold alerts, POSTed as JSON
 #   webhook_url: https://hooks.example.com/llmgw   # signed when LLMGW_ALERT_SECRET is set
@@ -435,8 +435,6 @@ class BudgetsConfig:
     admission: str = "strict"
     #: ``estimate``: the output reserved, at most (less if max_tokens is less).
     typical_output_tokens: int = 4096
-    #: Key id -> admission, for the keys that differ from ``admission``.
-    admission_by_key: Dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -994,18 +992,13 @@ def _parse_alerts(section):
 
 
 def _parse_budgets(section):
-    """The budgets section; ``admission_by_key`` maps key ids to an admission."""
-    section = dict(_expect(section, dict, "budgets")) if section is not None else {}
-    by_key = _expect(section.pop("admission_by_key", None) or {}, dict, "budgets.admission_by_key")
+    """The budgets section. A key's own admission is in its policy
+    (``keys create --admission``), not here."""
     budgets = _parse_dataclass(BudgetsConfig, section, "budgets")
-    admissions = [("budgets.admission", budgets.admission)]
-    for key_id, admission in by_key.items():
-        check_text(key_id, "budgets.admission_by_key: a key id", max_length=64)
-        admissions.append(("budgets.admission_by_key.%s" % key_id, admission))
-    for where, admission in admissions:
-        if admission not in BUDGET_ADMISSIONS:
-            raise ConfigError("%s: %s is not one of %s" % (where, shown(admission), ", ".join(BUDGET_ADMISSIONS)))
-    return dataclasses.replace(budgets, admission_by_key=dict(by_key))
+    if budgets.admission not in BUDGET_ADMISSIONS:
+        raise ConfigError("budgets.admission: %s is not one of %s" % (shown(budgets.admission),
+                                                                      ", ".join(BUDGET_ADMISSIONS)))
+    return budgets
 
 
 def _parse_rate_limits(section):
@@ -1202,7 +1195,8 @@ CREATE TABLE IF NOT EXISTS virtual_keys (
     previous_key_hash TEXT,
     previous_key_expires_at REAL,
     log_bodies    INTEGER NOT NULL DEFAULT 0,
-    alert_thresholds TEXT
+    alert_thresholds TEXT,
+    budget_admission TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_by_previous_hash ON virtual_keys (previous_key_hash);
 CREATE TABLE IF NOT EXISTS key_spend (
@@ -1298,7 +1292,8 @@ CREATE TABLE IF NOT EXISTS usage (
     logical_request_id    TEXT,
     attempt               INTEGER NOT NULL DEFAULT 1,
     attempt_kind          TEXT NOT NULL DEFAULT 'first',
-    deployment            TEXT
+    deployment            TEXT,
+    response_id           TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_by_time ON usage (started_at);
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (virtual_key_id, started_at);
@@ -1325,6 +1320,7 @@ CREATE TABLE IF NOT EXISTS usage_bodies (
     response_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS usage_bodies_by_time ON usage_bodies (started_at);
+CREATE INDEX IF NOT EXISTS usage_by_response ON usage (response_id) WHERE response_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS gateway_processes (
     owner         TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
@@ -1336,7 +1332,7 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
 
 #: A key's limits and budget: the columns ``keys create/update`` may set.
 POLICY_COLUMNS = ("tier", "rpm", "tpm", "max_parallel", "max_budget_nanousd", "budget_period", "expires_at",
-                  "models", "metadata", "log_bodies", "alert_thresholds")
+                  "models", "metadata", "log_bodies", "alert_thresholds", "budget_admission")
 KEY_COLUMNS = ("id", "project_name", "is_active", "created_at", "revoked_at", "key_hint") + POLICY_COLUMNS
 _KEY_SELECT = ", ".join(KEY_COLUMNS)
 INSERT_KEY = "INSERT INTO virtual_keys (key_hash, %s) VALUES (?, %s)" % (
@@ -1405,7 +1401,12 @@ INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpo
 USAGE_RESULT_COLUMNS = (
     "status", "http_status", "usage_source", "request_tokens", "response_tokens", "input_tokens",
     "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "output_tokens",
-    "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms", "first_byte_ms", "overhead_ms")
+    "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms", "first_byte_ms", "overhead_ms",
+    "response_id")
+#: Who made a response (the Responses API's id): its key, provider,
+#: deployment and model, kept as long as its usage row.
+RESPONSE_ORIGIN = """SELECT virtual_key_id, provider, deployment, model FROM usage INDEXED BY usage_by_response
+                     WHERE response_id = ? ORDER BY id DESC LIMIT 1"""
 #: Only a pending row is settled: one already marked interrupted was charged.
 FINISH_USAGE = "UPDATE usage SET %s WHERE id = ? AND status = 'pending'" % ", ".join(
     "%s = ?" % c for c in USAGE_RESULT_COLUMNS)
@@ -1443,9 +1444,19 @@ INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cos
 # of rows, and agree with the rows to the nano-dollar by construction: the
 # same expressions sum the raw rows at a range's ragged ends.
 
+#: The proxied endpoints that cost nothing, as usage rows record them (a
+#: path with an id as its template): their calls are ``other_calls``, apart
+#: from the billable ``requests``, and never count against a key's requests
+#: or tokens per minute (Claude Code's /context sends 14 count_tokens at once).
+NON_BILLABLE_ENDPOINTS = ("/v1/messages/count_tokens", "/v1/models", "/v1/models/{model}", "/v1/moderations",
+                          "/v1/responses/input_tokens", "/v1/responses/{response_id}",
+                          "/v1/responses/{response_id}/cancel", "/v1/responses/{response_id}/input_items")
+_NON_BILLABLE = ", ".join("'%s'" % path for path in NON_BILLABLE_ENDPOINTS)
+
 #: What a rollup sums: (column, expression over one usage row).
 ROLLUP_MEASURES = (
-    ("requests", "attempt = 1"),           # what clients asked for
+    ("requests", "attempt = 1 AND endpoint NOT IN (%s)" % _NON_BILLABLE),  # billable calls clients asked for
+    ("other_calls", "attempt = 1 AND endpoint IN (%s)" % _NON_BILLABLE),    # the calls that cost nothing
     ("attempts", "1"),                     # upstream calls, retries and fallbacks included
     ("retries", "attempt_kind = 'retry'"),
     ("fallbacks", "attempt_kind = 'fallback'"),
@@ -1466,7 +1477,8 @@ ROLLUP_MEASURES = (
 _MEASURE_NAMES = ", ".join(m for m, _ in ROLLUP_MEASURES)
 #: Measures added to rollup tables that already held rows: ALTER TABLE
 #: needs their default, so the tables made whole declare it too.
-_ADDED_MEASURES = ("attempts", "retries", "fallbacks")
+_ATTEMPT_MEASURES = ("attempts", "retries", "fallbacks")
+_ADDED_MEASURES = _ATTEMPT_MEASURES + ("other_calls",)
 _MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL%s,\n" % (m, " DEFAULT 0" if m in _ADDED_MEASURES else "")
                            for m, _ in ROLLUP_MEASURES)
 #: Rollups by time, coarsest first: (table, time column, seconds per unit).
@@ -1513,10 +1525,17 @@ ROLL_UP_ALL = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE 
     ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES),
     ", ".join(str(number) for number in range(1, len(dimensions) + 1))))
     for table, dimensions in _ROLLUP_TABLES)
-ROLL_UP_WEEKS_FROM_DAYS = _roll_up(*_ROLLUP_TABLES[0], "SELECT day / %d * %d, virtual_key_id, model, provider, %s "
-                                   "FROM usage_days GROUP BY 1, 2, 3, 4" % (
-                                       ROLLUP_LEVELS[0][2], ROLLUP_LEVELS[0][2],
-                                       ", ".join("SUM(%s)" % m for m, _ in ROLLUP_MEASURES)))
+
+
+def roll_up_weeks_from_days(measures):
+    """Fill usage_weeks from usage_days (a migration step), summing the
+    ``measures`` the days table has at that step (the others 0)."""
+    return _roll_up(*_ROLLUP_TABLES[0], "SELECT day / %d * %d, virtual_key_id, model, provider, %s "
+                    "FROM usage_days GROUP BY 1, 2, 3, 4" % (
+                        ROLLUP_LEVELS[0][2], ROLLUP_LEVELS[0][2],
+                        ", ".join("SUM(%s)" % m if m in measures else "0" for m, _ in ROLLUP_MEASURES)))
+
+
 USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
                   FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
     "t." + m for m, _ in ROLLUP_MEASURES)
@@ -1540,8 +1559,25 @@ ATTEMPT_COLUMNS = (
 def attempt_counts(table):
     """Schema 5's step for a rollup table: the attempt counts, and every
     request before routing counted as its one attempt."""
-    return tuple("ALTER TABLE %s ADD COLUMN %s INTEGER NOT NULL DEFAULT 0" % (table, m) for m in _ADDED_MEASURES) + (
+    return tuple("ALTER TABLE %s ADD COLUMN %s INTEGER NOT NULL DEFAULT 0" % (table, m) for m in _ATTEMPT_MEASURES) + (
         "UPDATE %s SET attempts = requests WHERE attempts = 0" % table,)  # 0 only where just added
+
+
+def other_calls_apart(table, dimensions):
+    """Schema 9's step for a rollup table: the calls that cost nothing,
+    counted among its requests until then, moved to other_calls (only where
+    that column was just added: a table step 3 made whole counted them
+    apart already). Every settled row is rolled up, so each group updates
+    a rollup row that exists."""
+    names = ", ".join(name for name, _ in dimensions)
+    moved = {"requests": "-COUNT(*)", "other_calls": "COUNT(*)"}
+    return ("ALTER TABLE %s ADD COLUMN other_calls INTEGER NOT NULL DEFAULT 0" % table,
+            "INSERT INTO %s (%s, %s) SELECT %s, %s FROM usage WHERE status != 'pending' AND %s GROUP BY %s "
+            "ON CONFLICT (%s) DO UPDATE SET requests = requests + excluded.requests, "
+            "other_calls = excluded.other_calls WHERE other_calls = 0" % (
+                table, names, _MEASURE_NAMES, ", ".join(expression for _, expression in dimensions),
+                ", ".join(moved.get(name, "0") for name, _ in ROLLUP_MEASURES), dict(ROLLUP_MEASURES)["other_calls"],
+                ", ".join(str(number) for number in range(1, len(dimensions) + 1)), names))
 
 
 #: Forward-only schema changes, by ``PRAGMA user_version``: MIGRATIONS[n - 2]
@@ -1592,7 +1628,16 @@ MIGRATIONS = (
     ("DROP INDEX IF EXISTS usage_by_logical_request",),
     # 8: rollups by week, summed from the days (rows may have been pruned;
     # step 3 may just have rolled rows up into the new table too).
-    ("DELETE FROM usage_weeks", ROLL_UP_WEEKS_FROM_DAYS),
+    ("DELETE FROM usage_weeks", roll_up_weeks_from_days([m for m, _ in ROLLUP_MEASURES if m != "other_calls"])),
+    # 9: coding agents. Rollups count the calls that cost nothing apart
+    # (other_calls); a usage row keeps the id of the response it made (a
+    # retrieval goes to the same deployment); a key may have its own
+    # budget admission. The weeks are summed again from the days.
+    ("ALTER TABLE usage ADD COLUMN response_id TEXT",
+     "ALTER TABLE virtual_keys ADD COLUMN budget_admission TEXT")
+    + tuple(statement for table, dimensions in _ROLLUP_TABLES[1:] for statement in other_calls_apart(table, dimensions))
+    + ("ALTER TABLE usage_weeks ADD COLUMN other_calls INTEGER NOT NULL DEFAULT 0", "DELETE FROM usage_weeks",
+       roll_up_weeks_from_days([m for m, _ in ROLLUP_MEASURES])),
 )
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
@@ -1605,10 +1650,9 @@ STATS_GROUPS = {
     "provider": (("provider",), ("u.provider",)),
     "day": (("day",), ("date(u.day * 86400, 'unixepoch')",)),
 }
-STATS_TOTAL_FIELDS = ("requests", "attempts", "retries", "fallbacks", "errors", "request_tokens", "response_tokens",
-                      "cache_read_tokens",
-                      "cache_write_tokens", "reasoning_tokens", "cost_nanousd", "unpriced_requests",
-                      "estimated_usage_requests", "estimated_usage_cost_nanousd")
+STATS_TOTAL_FIELDS = ("requests", "other_calls", "attempts", "retries", "fallbacks", "errors", "request_tokens",
+                      "response_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_nanousd",
+                      "unpriced_requests", "estimated_usage_requests", "estimated_usage_cost_nanousd")
 
 #: The request log: usage rows with their key's project and labels.
 LOG_COLUMNS = ("id", "request_id", "started_at", "virtual_key_id", "project_name", "metadata", "endpoint",
@@ -2137,6 +2181,12 @@ class Store:
             return 0
         return self._write(finish)
 
+    def response_origin(self, response_id):
+        """(key id, provider, deployment, model) of the usage row that made
+        response ``response_id``, or None."""
+        rows = self._read(RESPONSE_ORIGIN, (response_id,))
+        return rows[0] if rows else None
+
     def claim_alerts(self, now, lease):
         """Alerts due for delivery, as (id, payload, attempts so far), held
         for ``lease`` seconds so no other process sends them meanwhile."""
@@ -2521,7 +2571,8 @@ LABEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _PERIOD_NOUNS = {"daily": "day", "weekly": "week", "monthly": "month"}
 DEFAULT_POLICY = {"tier": "default", "rpm": None, "tpm": None, "max_parallel": None, "max_budget_nanousd": None,
                   "budget_period": "monthly", "expires_at": None, "models": None, "metadata": None,
-                  "log_bodies": False, "alert_thresholds": None}
+                  "log_bodies": False, "alert_thresholds": None,
+                  "budget_admission": None}
 
 
 def budget_period_bounds(now, period):
@@ -2623,6 +2674,7 @@ class VirtualKey:
     metadata: Tuple[Tuple[str, str], ...]
     log_bodies: bool                            # its requests' bodies are kept (usage_bodies)
     alert_thresholds: Optional[Tuple[int, ...]]  # None: the config's alerts.thresholds
+    budget_admission: Optional[str]             # BUDGET_ADMISSIONS; None: budgets.admission
     previous_secret_until: Optional[float] = None  # set when found by a rotated-out secret
 
     @classmethod
@@ -2650,7 +2702,7 @@ class VirtualKey:
                 "models": list(self.models) if self.models is not None else None,
                 "metadata": dict(self.metadata), "log_bodies": self.log_bodies,
                 "alert_thresholds": None if self.alert_thresholds is None else list(self.alert_thresholds),
-                "is_active": self.is_active,
+                "budget_admission": self.budget_admission, "is_active": self.is_active,
                 "created_at": iso_time(self.created_at), "revoked_at": iso_time(self.revoked_at),
                 "key_hint": self.key_hint}
 
@@ -3558,7 +3610,7 @@ def upstream_body(route, raw, body, upstream_model, streamed, dropped=()):
     model lost its provider prefix, the stream needs usage switched on or
     fields are ``dropped``."""
     if raw is None:
-        return None, False
+        return b"", False  # Content-Length: 0 (a GET is sent without)
     options = body.get("stream_options")
     asked_for_usage = isinstance(options, dict) and options.get("include_usage") is True
     needs_usage = streamed and route.injects_stream_usage and not asked_for_usage
@@ -4448,8 +4500,9 @@ class KeyLimits:
         self._lock = threading.Lock()
         self.syncs = 0  # finished syncs: one begun after a publication has read it
 
-    def acquire(self, key_id, rpm, tpm, max_parallel):
-        """Count one request in flight, or raise RateLimitError."""
+    def acquire(self, key_id, rpm, tpm, max_parallel, per_minute=True):
+        """Count one request in flight, or raise RateLimitError. A call
+        that costs nothing (``per_minute`` false) counts in flight only."""
         now = self._clock()
         window, into = divmod(now, 60.0)
         window = int(window)
@@ -4459,14 +4512,14 @@ class KeyLimits:
                 counters = self._counters[key_id] = _KeyCounters(window)
             counters.roll(window)
             requests, tokens, in_flight = self._totals(key_id, counters, window, into / 60.0)
-            if rpm is not None and requests + 1 > rpm:
+            if per_minute and rpm is not None and requests + 1 > rpm:
                 self._refuse("requests", rpm, "requests per minute", counters, into)
-            if tpm is not None and tokens >= tpm:
+            if per_minute and tpm is not None and tokens >= tpm:
                 self._refuse("tokens", tpm, "tokens per minute", counters, into)
             if max_parallel is not None and in_flight >= max_parallel:
                 raise RateLimitError("Limit of %d requests in flight reached; retry when one finishes"
                                      % max_parallel, headers=[("retry-after", "1")])
-            counters.requests += 1
+            counters.requests += per_minute
             counters.in_flight += 1
             counters.dirty = True
 
@@ -4974,7 +5027,7 @@ _NEVER_EXPIRES_FROM = datetime.datetime(9999, 1, 1, tzinfo=datetime.timezone.utc
 _DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: The fields a key's policy is set with, from the CLI or the admin API.
 POLICY_FIELDS = ("tier", "rpm", "tpm", "max_parallel", "max_budget", "budget_period", "expires_at", "expires_in",
-                 "models", "metadata", "log_bodies", "alert_thresholds")
+                 "models", "metadata", "log_bodies", "alert_thresholds", "budget_admission")
 
 
 def parse_duration(text, name="duration"):
@@ -5002,9 +5055,11 @@ def parse_key_policy(fields, config, now):
     if unknown:
         raise BadRequestError("unknown field(s): %s" % ", ".join(sorted(unknown)))
     policy = {}
-    for name, choices in (("tier", tuple(config.rate_limits)), ("budget_period", BUDGET_PERIODS)):
+    # budget_admission may be cleared (None): the key then follows budgets.admission.
+    for name, choices, clears in (("tier", tuple(config.rate_limits), False), ("budget_period", BUDGET_PERIODS, False),
+                                  ("budget_admission", BUDGET_ADMISSIONS, True)):
         if name in fields:
-            if not isinstance(fields[name], str) or fields[name] not in choices:
+            if not (isinstance(fields[name], str) and fields[name] in choices or clears and fields[name] is None):
                 raise BadRequestError("%s: %s is not one of %s" % (name, shown(fields[name]), ", ".join(choices)),
                                       param=name)
             policy[name] = fields[name]
@@ -5680,28 +5735,68 @@ document.addEventListener("click", function (event) {
 @dataclasses.dataclass(frozen=True)
 class Route:
     """A proxied endpoint and what the gateway knows about it."""
-    method: str
+    methods: Tuple[str, ...]
     dialect: Optional[str]               # None: Anthropic if anthropic-version is sent
-    usage_parser: Optional[object] = None  # None: nothing billable
+    usage_parser: Optional[object] = None  # None: nothing billable (NON_BILLABLE_ENDPOINTS)
     stream_meter: Optional[type] = None
     injects_stream_usage: bool = False   # ask OpenAI for usage on streams
     generates: bool = True               # produces output tokens (embeddings do not)
+    names_model: bool = True             # a POST body must name its model (else: the default provider's)
 
 
+#: The proxied endpoints; ``{model}`` and ``{response_id}`` stand for a path
+#: segment (a model may carry its ``provider/`` prefix). A retrieval of a
+#: response goes to the deployment that made it (``Store.response_origin``).
 ROUTES = {
-    "/v1/chat/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
-    "/v1/completions": Route("POST", OPENAI, openai_usage, ChatStreamMeter, True),
-    "/v1/embeddings": Route("POST", OPENAI, openai_usage, generates=False),
-    "/v1/responses": Route("POST", OPENAI, responses_usage, ResponsesStreamMeter),
-    "/v1/messages": Route("POST", ANTHROPIC, anthropic_usage, MessagesStreamMeter),
-    "/v1/messages/count_tokens": Route("POST", ANTHROPIC),
-    "/v1/models": Route("GET", None),
-    "/v1/key/info": Route("GET", OPENAI),
+    "/v1/chat/completions": Route(("POST",), OPENAI, openai_usage, ChatStreamMeter, True),
+    "/v1/completions": Route(("POST",), OPENAI, openai_usage, ChatStreamMeter, True),
+    "/v1/embeddings": Route(("POST",), OPENAI, openai_usage, generates=False),
+    "/v1/responses": Route(("POST",), OPENAI, responses_usage, ResponsesStreamMeter),
+    "/v1/responses/input_tokens": Route(("POST",), OPENAI, names_model=False),
+    "/v1/responses/{response_id}": Route(("GET", "DELETE"), OPENAI),
+    "/v1/responses/{response_id}/cancel": Route(("POST",), OPENAI, names_model=False),
+    "/v1/responses/{response_id}/input_items": Route(("GET",), OPENAI),
+    "/v1/moderations": Route(("POST",), OPENAI, names_model=False),
+    "/v1/messages": Route(("POST",), ANTHROPIC, anthropic_usage, MessagesStreamMeter),
+    "/v1/messages/count_tokens": Route(("POST",), ANTHROPIC),
+    "/v1/models": Route(("GET",), None),
+    "/v1/models/{model}": Route(("GET",), None),
+    "/v1/key/info": Route(("GET",), OPENAI),
 }
 #: A key asks about itself; answered by the gateway, never forwarded.
 KEY_INFO_ROUTE = ROUTES["/v1/key/info"]
 #: The provider's model list, with the configured aliases added.
 MODELS_ROUTE = ROUTES["/v1/models"]
+#: Makes responses: their ids are recorded, for retrievals.
+RESPONSES_ROUTE = ROUTES["/v1/responses"]
+#: What a path parameter may hold: a model id (``ft:...``, ``name@version``,
+#: one ``provider/`` prefix; no segment of dots) or a response id (``resp_...``).
+_MODEL_SEGMENT = r"(?!\.\.?(?:/|\Z))[A-Za-z0-9._:@+-]{1,256}"
+_PATH_PARAMETERS = {"model": "%s(?:/%s)?" % (_MODEL_SEGMENT, _MODEL_SEGMENT), "response_id": r"[A-Za-z0-9_-]{1,256}"}
+
+
+def _path_pattern(template):
+    parts = re.split(r"\{(\w+)\}", template)  # text, parameter name, text, ...
+    return re.compile("".join(re.escape(part) if index % 2 == 0 else "(?P<%s>%s)" % (part, _PATH_PARAMETERS[part])
+                              for index, part in enumerate(parts)) + r"\Z")
+
+
+_ROUTE_PATTERNS = tuple((_path_pattern(template), template) for template in ROUTES if "{" in template)
+
+
+def find_route(path):
+    """(template, Route, path parameters) of a proxied path, an exact path
+    before a template; (None, None, {}) for any other path."""
+    route = ROUTES.get(path)
+    if route is not None:
+        return path, route, {}
+    for pattern, template in _ROUTE_PATTERNS:
+        match = pattern.match(path)
+        if match:
+            return template, ROUTES[template], match.groupdict()
+    return None, None, {}
+
+
 #: Admin API bodies are small JSON objects.
 ADMIN_BODY_BYTES = 64 * 1024
 #: How many distinct unpriced models a process logs (one line each).
@@ -6128,12 +6223,15 @@ class LogicalRequest:
     (``x-llmgw-request-id``, every attempt's ``logical_request_id``), one
     place among the gateway's calls in flight and one slot of the key's
     rate limits, one deadline."""
-    __slots__ = ("gateway", "request", "key", "route", "dialect", "raw", "body", "streamed", "id", "started",
-                 "deadline", "last_attempt_at", "affinity_key", "attempts", "tokens", "_slot_held")
+    __slots__ = ("gateway", "request", "key", "route", "dialect", "raw", "body", "streamed", "endpoint",
+                 "upstream_path", "id", "started", "deadline", "last_attempt_at", "affinity_key", "attempts", "tokens",
+                 "_slot_held")
 
-    def __init__(self, gateway, request, key, route, dialect, raw, body, streamed):
+    def __init__(self, gateway, request, key, route, dialect, raw, body, streamed, endpoint, upstream_path):
         self.gateway, self.request, self.key = gateway, request, key
         self.route, self.dialect, self.raw, self.body, self.streamed = route, dialect, raw, body, streamed
+        self.endpoint = endpoint              # the route's path (template), as usage rows record it
+        self.upstream_path = upstream_path    # the path sent to the provider
         self.id = gateway.next_request_id()
         self.started = time.monotonic()
         self.deadline = self.started + gateway.config.server.request_deadline
@@ -6152,7 +6250,7 @@ class LogicalRequest:
         gateway.enter_flight(self.request)
         try:
             if admission is None or not admission.hand_over(key.id):
-                gateway.take_rate_slot(key)
+                gateway.take_rate_slot(key, self.route)
         except BaseException:
             gateway.leave_flight()
             raise
@@ -6177,8 +6275,8 @@ class Attempt:
     twice is a no-op, so every path may settle on its way out.
     """
     __slots__ = ("logical", "gateway", "deployment", "provider", "upstream_model", "model", "kind", "number",
-                 "request_id", "reservation", "row_id", "period_start", "started", "sent", "first_byte", "settled",
-                 "answer", "answer_bytes")
+                 "request_id", "reservation", "row_id", "period_start", "response_id", "started", "sent", "first_byte",
+                 "settled", "answer", "answer_bytes")
 
     def __init__(self, logical, deployment, upstream_model, model, kind):
         self.logical, self.gateway = logical, logical.gateway
@@ -6187,6 +6285,7 @@ class Attempt:
         self.number = logical.attempts + 1
         self.request_id = logical.id if self.number == 1 else "%s.%d" % (logical.id, self.number)
         self.reservation = self.row_id = self.period_start = None
+        self.response_id = None             # the Responses API's id of what this attempt made
         self.started = time.monotonic()
         self.sent = self.first_byte = None  # monotonic times: request forwarded, answer's head read
         self.settled = True  # until begun
@@ -6201,7 +6300,7 @@ class Attempt:
         logical, gateway = self.logical, self.gateway
         self.reservation = reservation
         self.row_id, self.period_start = gateway.store.begin_usage(
-            self.request_id, gateway.owner, logical.key.id, self.provider.name, logical.request.path, self.model,
+            self.request_id, gateway.owner, logical.key.id, self.provider.name, logical.endpoint, self.model,
             logical.streamed, gateway.clock(), reservation, gateway.budget_admission(logical.key) == "estimate",
             logical.id, self.number, self.kind, self.deployment.name)
         logical.attempts = self.number
@@ -6255,7 +6354,7 @@ class Attempt:
                 "cache_write_tokens": usage.cache_write_tokens,
                 "cache_write_1h_tokens": usage.cache_write_1h_tokens, "output_tokens": usage.output_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
-                "cost_nanousd": cost, "priced": priced, "finished_at": gateway.clock(),
+                "cost_nanousd": cost, "priced": priced, "finished_at": gateway.clock(), "response_id": self.response_id,
                 "latency_ms": _milliseconds(self.started, time.monotonic()),
                 "first_byte_ms": _milliseconds(self.sent, self.first_byte),
                 "overhead_ms": _milliseconds(logical.request.received, self.sent),
@@ -6576,6 +6675,13 @@ def _login_cookie(value, max_age=600):
     return "%s=%s; Path=/ui/login; Max-Age=%d; HttpOnly; SameSite=Strict" % (UI_LOGIN_COOKIE, value, max_age)
 
 
+#: What admission ``estimate`` lets a budget's spend pass it by (key info).
+ESTIMATE_OVERSHOOT = ("A call reserves its body's bytes/4 input tokens and at most %d output tokens, and is "
+                      "admitted while any budget is left: spend may pass the budget by less than the real cost of "
+                      "the last call admitted, plus, for each other call then in flight, its real cost beyond its "
+                      "reservation; then calls are refused until the period resets or a top-up.")
+
+
 class Gateway:
     """Authenticates, routes, limits, forwards and accounts for requests."""
 
@@ -6805,8 +6911,7 @@ class Gateway:
             dialect = OPENAI
             handler = self.dashboard.handle
         else:
-            route = ROUTES.get(path)
-            dialect = dialect_for(route, request)
+            dialect = dialect_for(find_route(path)[1], request)
             handler = None  # the proxy, whose waits are passed on
         try:
             if handler is None:
@@ -6826,11 +6931,11 @@ class Gateway:
         """The request path, step by step; each step raises a GatewayError
         to refuse. Nothing reaches a provider before its usage row exists.
         A generator: it yields while the provider is silent (section 5)."""
-        route = ROUTES.get(request.path)
+        endpoint, route, parameters = find_route(request.path)
         if route is None:
             raise unknown_path_error(request.path)
         refuse_websocket(request)
-        if request.method != route.method:
+        if request.method not in route.methods:
             raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
         dialect = dialect_for(route, request)
         self.refresh()
@@ -6839,13 +6944,26 @@ class Gateway:
         if route is KEY_INFO_ROUTE:
             return json_reply(200, self.key_info(key))
         raw, body, model = read_request_body(route, request, self.config.server.max_body_bytes)
-        targets = self._targets(dialect, request.path, model)
-        request.log.update(provider=targets[0][0].name, model=model)
-        check_model_allowed(key, model, model if model in self.config.models
-                            else "%s/%s" % (targets[0][0].name, targets[0][1]))
+        upstream_path, plan = request.path, None
+        if "response_id" in parameters:
+            plan = [self.response_origin(key, parameters["response_id"])]
+            provider, model = plan[0][0].provider, plan[0][2]
+        else:
+            model = parameters.get("model", model)
+            if "model" in parameters and model in self.config.models:
+                check_model_allowed(key, model, model)
+                return json_reply(200, alias_model(model, dialect))
+            targets = self._targets(dialect, request.path, model)
+            provider = targets[0][0]
+            check_model_allowed(key, model, model if model in self.config.models
+                                else "%s/%s" % (provider.name, targets[0][1]))
+            if "model" in parameters:
+                upstream_path = "/v1/models/" + targets[0][1]
+        request.log.update(provider=provider.name, model=model)
         check_passthrough_headers(request.headers)
-        logical = LogicalRequest(self, request, key, route, dialect, raw, body, body.get("stream") is True)
-        plan = self._plan(logical, targets)
+        logical = LogicalRequest(self, request, key, route, dialect, raw, body, body.get("stream") is True,
+                                 endpoint, upstream_path)
+        plan = plan or self._plan(logical, targets)
         first_reservation = self._worst_case_cost(key, route, plan[0][2], raw, body)
         logical.hold_slot()
         try:
@@ -6917,6 +7035,23 @@ class Gateway:
         raise ServiceUnavailableError(
             "No API key is configured for provider %s (python cli.py config set-key %s KEY)"
             % (provider.name, provider.name), code="provider_key_missing")
+
+    def response_origin(self, key, response_id):
+        """The (deployment, upstream model, model) that made response
+        ``response_id`` for ``key`` (a retrieval, cancel or deletion goes
+        there: no other deployment knows it); NotFoundError if this key made
+        no such response through the gateway, or that deployment is gone."""
+        origin = self.store.response_origin(response_id)
+        if origin is None or origin[0] != key.id:
+            raise NotFoundError("No response %s was made with this key through the gateway" % response_id,
+                                code="response_not_found")
+        _, provider_name, deployment_name, model = origin
+        deployment = next((deployment for deployment in self.router.deployments()
+                           if (deployment.provider.name, deployment.name) == (provider_name, deployment_name)), None)
+        if deployment is None:
+            raise NotFoundError("Response %s was made by %s/%s, which the gateway no longer has"
+                                % (response_id, provider_name, deployment_name), code="response_not_found")
+        return deployment, model, model
 
     def _forward(self, logical, plan, first_reservation):
         """Try the plan until an attempt answers the client: a failure on
@@ -7007,7 +7142,7 @@ class Gateway:
         try:
             try:
                 data, hide_usage_chunk = provider.prepare(
-                    request.method, request.path, attempt.upstream_model, logical.dialect, attempt.deployment.api_key,
+                    request.method, logical.upstream_path, attempt.upstream_model, logical.dialect, attempt.deployment.api_key,
                     request.headers, route, logical.raw, logical.body, logical.streamed)
                 attempt.sent = time.monotonic()
                 upstream = yield from provider.send(request.method, data, head_timeout)
@@ -7036,8 +7171,8 @@ class Gateway:
         that no body is waited for on behalf of a key that may not send it.
         Returns an Admission; None for other requests (nothing to check
         ahead). Raises GatewayError to refuse."""
-        route = ROUTES.get(request.path)
-        if route is None or route.method != "POST" or request.method != "POST":
+        route = find_route(request.path)[1]
+        if route is None or request.method != "POST" or request.method not in route.methods:
             return None
         self.refresh()
         key = self.authenticate(request.headers)
@@ -7048,14 +7183,16 @@ class Gateway:
                 raise BudgetExceededError("Budget exceeded: USD %.6f of USD %.6f spent or reserved" % (
                     nanousd_to_usd(spend["spent_nanousd"] + spend["reserved_nanousd"]),
                     nanousd_to_usd(spend["allowance_nanousd"])))
-        self.take_rate_slot(key)
+        self.take_rate_slot(key, route)
         return Admission(self.limits, key.id, request.content_length or 0)
 
-    def take_rate_slot(self, key):
-        """Count a call against the key's requests, tokens and parallel
-        calls; a refusal is counted in /metrics."""
+    def take_rate_slot(self, key, route):
+        """Count a call against the key's parallel calls and, unless it
+        costs nothing (NON_BILLABLE_ENDPOINTS), its requests and tokens per
+        minute; a refusal is counted in /metrics."""
         try:
-            self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel)
+            self.limits.acquire(key.id, self.requests_per_minute(key), key.tpm, key.max_parallel,
+                                per_minute=route.usage_parser is not None)
         except RateLimitError as exc:
             self.metrics.refused(key.id, exc.code)
             raise
@@ -7093,9 +7230,9 @@ class Gateway:
         return key.rpm or self.config.rate_limits.get(key.tier, self.config.rate_limits["default"])
 
     def budget_admission(self, key):
-        """How a budgeted call of ``key`` is admitted (BUDGET_ADMISSIONS)."""
-        budgets = self.config.budgets
-        return budgets.admission_by_key.get(key.id, budgets.admission)
+        """How a budgeted call of ``key`` is admitted (BUDGET_ADMISSIONS):
+        the key's own policy, else ``budgets.admission``."""
+        return key.budget_admission or self.config.budgets.admission
 
     def _worst_case_cost(self, key, route, model, raw, body):
         """For a key with a budget: what this call reserves (nano-dollars)
@@ -7151,6 +7288,8 @@ class Gateway:
             "remaining": None if allowance is None else nanousd_to_usd(
                 max(allowance - spend["spent_nanousd"] - spend["reserved_nanousd"], 0)),
             "budget_admission": self.budget_admission(key),
+            "budget_overshoot": None if allowance is None or self.budget_admission(key) == "strict" else (
+                ESTIMATE_OVERSHOOT % self.config.budgets.typical_output_tokens),
         })
         return info
 
@@ -7223,6 +7362,8 @@ class Gateway:
             elif ok:
                 generated = {k: payload.get(k) for k in ("choices", "content", "output")}
                 usage = attempt.estimate(None, text_characters(generated))
+        if ok and attempt.logical.route is RESPONSES_ROUTE and isinstance(payload.get("id"), str):
+            attempt.response_id = payload["id"][:256]
         attempt.settle(OUTCOME_OK if ok else OUTCOME_UPSTREAM_ERROR, status, usage)
         reply = Reply(status, headers + [("content-type", response.getheader("content-type", "application/json"))],
                       body)
@@ -7296,6 +7437,7 @@ class Gateway:
             finally:
                 try:
                     usage = meter.usage if meter.usage_final else attempt.estimate(meter.usage, meter.text_bytes)
+                    attempt.response_id = meter.response_id and meter.response_id[:256]
                     attempt.settle(outcome, upstream.response.status, usage)
                 finally:
                     attempt.logical.release()
@@ -7453,11 +7595,14 @@ _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 
 def read_request_body(route, request, max_bytes):
     """(raw bytes, parsed body, model) of a proxied request; a POST must
-    name its model. GET requests have no body."""
-    if route.method != "POST":
+    name its model where the route says so. GET and DELETE requests, and a
+    POST without a body where no model is needed (a cancel), have none."""
+    if request.method != "POST" or (not route.names_model and not request.content_length):
         return None, {}, None
     raw, body = parse_json_body(request, max_bytes)
     model = body.get("model")
+    if model is None and not route.names_model:
+        return raw, body, None
     if not isinstance(model, str) or not model:
         raise BadRequestError("The request body must name a model (\"model\": \"...\")")
     if len(model) > MAX_MODEL_CHARS:
@@ -7577,14 +7722,19 @@ def with_aliases(body, dialect, aliases):
     for alias in aliases:
         if alias in known:
             continue
+        listing["data"].append(alias_model(alias, dialect))
         if dialect == ANTHROPIC:
-            listing["data"].append({"type": "model", "id": alias, "display_name": alias,
-                                    "created_at": "1970-01-01T00:00:00Z"})
             listing["last_id"] = alias
             listing["first_id"] = listing.get("first_id") or alias
-        else:
-            listing["data"].append({"id": alias, "object": "model", "created": 0, "owned_by": "llmgw"})
     return json.dumps(listing).encode()
+
+
+def alias_model(alias, dialect):
+    """An alias as a model object of the API called (``GET /v1/models/{id}``
+    and the entries ``with_aliases`` adds)."""
+    if dialect == ANTHROPIC:
+        return {"type": "model", "id": alias, "display_name": alias, "created_at": "1970-01-01T00:00:00Z"}
+    return {"id": alias, "object": "model", "created": 0, "owned_by": "llmgw"}
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -8232,7 +8382,7 @@ class WorkerPool:
                 admission.release()
                 raise
         except GatewayError as exc:
-            self._reject(connection, exc, dialect_for(ROUTES.get(request.path), request))
+            self._reject(connection, exc, dialect_for(find_route(request.path)[1], request))
             return False
         connection.admission = admission
         if head.expects_continue:
@@ -8433,7 +8583,7 @@ class WorkerPool:
             except GatewayError:
                 return head_dialect(data)
         path = head.target.partition("?")[0]
-        return dialect_for(ROUTES.get(path), Request(head.method, path, head.headers, None, None))
+        return dialect_for(find_route(path)[1], Request(head.method, path, head.headers, None, None))
 
     def in_flight(self):
         """Requests being served, running or parked."""

@@ -39,6 +39,12 @@ publishers/anthropic/models/<model>:      in the URL; ``anthropic_version:
 rawPredict`` (``:streamRawPredict``)      vertex-2023-10-16`` required,
                                           ``model`` refused; ``fail429``
                                           answers in Google's error shape
+``GET|DELETE /v1/responses/resp_<x>``     the response (completed, no output),
+``POST /v1/responses/resp_<x>/cancel``    its deletion, cancelled, its input
+``GET  /v1/responses/resp_<x>/input_items`` items (an empty list); any id
+``POST /v1/responses/input_tokens``       ``{"object": "response.input_tokens",
+                                          "input_tokens": N}`` (not metered)
+``POST /v1/moderations``                  one unflagged result per request
 anything else                             404, OpenAI-shaped JSON error
 ========================================  =====================================
 
@@ -263,6 +269,8 @@ _ROUTES = {
     ("POST", "/v1/messages"): "messages",
     ("POST", "/v1/messages/count_tokens"): "count_tokens",
     ("GET", "/v1/models"): "models",
+    ("POST", "/v1/responses/input_tokens"): "input_tokens",
+    ("POST", "/v1/moderations"): "moderations",
 }
 #: Claude on the clouds (the Messages API): Bedrock's bedrock-runtime and
 #: Vertex AI's publisher model endpoints.
@@ -270,6 +278,10 @@ _BEDROCK_PATH = re.compile(r"/model/(?P<model>[^/]+)/(invoke|invoke-with-respons
 _VERTEX_PATH = re.compile(r"/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
                           r"(?P<model>[^/:]+):(rawPredict|streamRawPredict)\Z")
 _CLOUD_VERSIONS = {"bedrock": "bedrock-2023-05-31", "vertex": "vertex-2023-10-16"}
+#: A stored response's routes: (method, what follows its id) -> route.
+_RESPONSE_PATH = re.compile(r"^/v1/responses/(resp_[A-Za-z0-9_]+)(/cancel|/input_items)?$")
+_RESPONSE_ROUTES = {("GET", None): "response", ("DELETE", None): "response_delete",
+                    ("POST", "/cancel"): "response_cancel", ("GET", "/input_items"): "input_items"}
 _ANTHROPIC_ROUTES = {"messages", "count_tokens"}
 #: Azure's classic API serves these under /deployments/<deployment>/ only.
 _DEPLOYMENT_ROUTES = {"chat", "completions", "embeddings"}
@@ -491,6 +503,11 @@ class _Call:
                 len(api_path) > len("/v1/models/"):
             self.route = "model"
             self.model_id = api_path[len("/v1/models/"):]
+        self.response_id = None
+        stored = _RESPONSE_PATH.match(api_path) if self.route is None else None
+        if stored and (method, stored.group(2)) in _RESPONSE_ROUTES:
+            self.route = _RESPONSE_ROUTES[(method, stored.group(2))]
+            self.response_id = stored.group(1)
         if azure and (self.deployment is None) == \
                 (self.route in _DEPLOYMENT_ROUTES):
             self.route = None       # Azure: deployment routes and no others
@@ -682,6 +699,17 @@ def _responses_body(call, usage):
     return _responses_object(call, status,
                              [_responses_message(call, "completed")],
                              usage, with_usage=not call.has("nousage"))
+
+
+def _stored_response_body(call):
+    """What the routes of a stored response answer, for any id."""
+    if call.route == "response_delete":
+        return {"id": call.response_id, "object": "response.deleted", "deleted": True}
+    if call.route == "input_items":
+        return {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    body = _responses_object(call, "cancelled" if call.route == "response_cancel" else "completed", [])
+    body["id"] = call.response_id
+    return body
 
 
 def _messages_body(call, usage):
@@ -1176,6 +1204,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = _models_body(call) if call.route == "models" \
                 else _model_entry(call, call.model_id)
             return self._send_json(call, 200, body)
+        if call.response_id is not None:
+            return self._send_json(call, 200, _stored_response_body(call))
         if not isinstance(call.json, dict):
             body = _error_body(call, "invalid_request_error",
                                "invalid_request_error", None,
@@ -1185,6 +1215,13 @@ class _Handler(BaseHTTPRequestHandler):
         if call.route == "count_tokens":
             return self._send_json(call, 200,
                                    {"input_tokens": call.usage.prompt})
+        if call.route == "input_tokens":
+            return self._send_json(call, 200, {"object": "response.input_tokens",
+                                               "input_tokens": call.usage.prompt})
+        if call.route == "moderations":
+            return self._send_json(call, 200, {
+                "id": f"modr-fake{call.seq}", "model": call.model or "omni-moderation-latest",
+                "results": [{"flagged": False, "categories": {}, "category_scores": {}}]})
         if call.stream:
             plan = _STREAM_PLANS[call.route](call)
             if call.cloud == "bedrock":

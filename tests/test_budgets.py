@@ -871,7 +871,7 @@ def test_key_info_reports_own_limits_and_spend_only(make_gateway, upstream):
                 "alert_thresholds": None, "is_active": True,
                 "created_at": record["created_at"], "revoked_at": None, "period_start": llmgw.iso_time(start),
                 "period_end": llmgw.iso_time(end), "spent": usd(cost), "reserved": 0.0, "budget": usd(budget),
-                "remaining": usd(budget - cost), "budget_admission": "strict"}
+                "remaining": usd(budget - cost), "budget_admission": "strict", "budget_overshoot": None}
     assert abs(llmgw.parse_time_bound(record["expires_at"]) - (time.time() + 30 * 86400)) < 5
     for headers in (None, {"x-api-key": secret}):
         reply = key_info(gateway, None if headers else secret, headers=headers)
@@ -1187,33 +1187,59 @@ def test_estimate_admits_one_call_of_concurrent_ones_on_a_nearly_spent_budget(ma
     assert spend_rows(gateway.db_path, key_id)[0][1:] == (real_cost(entry), 0, 0)
 
 
-def test_admission_per_key_overrides_the_global_one(make_gateway, upstream):
+def test_admission_per_key_overrides_the_global_one(make_gateway, upstream, cli_main):
+    """A key's admission is a policy field (``keys create/update --admission``,
+    the admin API); without one the key follows ``budgets.admission``."""
     raw = chat_raw(max_tokens=100)
     budget = estimate(raw, 30) // 2
-    gateway = make_gateway(pricing=PRICES)  # strict
+    gateway = make_gateway(pricing=PRICES, budgets={"typical_output_tokens": 30},
+                           environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})  # strict
     strict_id, strict_secret = new_key(gateway, budget_nanousd=budget)
-    estimate_id, estimate_secret = new_key(gateway, budget_nanousd=budget)
-    gateway.stop()
-    gateway = make_gateway(pricing=PRICES, budgets={"admission_by_key": {estimate_id: "estimate"},
-                                                    "typical_output_tokens": 30})
-    assert [key_info(gateway, secret).json()["budget_admission"] for secret in (strict_secret, estimate_secret)] == [
-        "strict", "estimate"]
+    estimate_id, estimate_secret = new_key(gateway, budget_nanousd=budget, budget_admission="estimate")
+    infos = [key_info(gateway, secret).json() for secret in (strict_secret, estimate_secret)]
+    assert [(info["budget_admission"], info["budget_overshoot"]) for info in infos] == [
+        ("strict", None), ("estimate", llmgw.ESTIMATE_OVERSHOOT % 30)]
+    assert "at most 30 output tokens" in infos[1]["budget_overshoot"]
+    assert gateway.store.get_key(estimate_id)["budget_admission"] == "estimate"
     assert_budget_refusal(send(gateway, raw, strict_secret))
     assert send(gateway, raw, estimate_secret).status == 200
     [row] = gateway.rows()
     assert (row["virtual_key_id"], row["reserved_nanousd"]) == (estimate_id, estimate(raw, 30))
-    # Globally estimate, one key strict.
+    # The admin API sets it, and clears it (then the key follows the config).
+    reply = admin(gateway, "PATCH", "/admin/virtual-keys/" + strict_id, {"budget_admission": "estimate"})
+    assert reply.status == 200 and reply.json()["budget_admission"] == "estimate"
+    assert key_info(gateway, strict_secret).json()["budget_admission"] == "estimate"
+    assert admin(gateway, "PATCH", "/admin/virtual-keys/" + strict_id, {"budget_admission": None}).json()[
+        "budget_admission"] is None
+    assert key_info(gateway, strict_secret).json()["budget_admission"] == "strict"
+    # So does the CLI; globally estimate, one key strict.
     gateway.stop()
-    gateway = make_gateway(pricing=PRICES, budgets={"admission": "estimate",
-                                                    "admission_by_key": {strict_id: "strict"}})
+    gateway = make_gateway(pricing=PRICES, budgets={"admission": "estimate"})
+    code, out, _ = cli_main("keys", "update", strict_id, "--admission", "strict")
+    assert (code, json.loads(out)["budget_admission"]) == (0, "strict")
     assert_budget_refusal(send(gateway, raw, strict_secret))
     assert key_info(gateway, strict_secret).json()["budget_admission"] == "strict"
+    assert key_info(gateway, estimate_secret).json()["budget_admission"] == "estimate"
+    assert cli_main("keys", "update", strict_id, "--admission", "none")[0] == 0
+    assert key_info(gateway, strict_secret).json()["budget_admission"] == "estimate"
+    code, out, _ = cli_main("keys", "create", "agent", "--budget", "5", "--admission", "estimate", "--output", "json")
+    assert (code, json.loads(out)["budget_admission"]) == (0, "estimate")
+    code, _, err = cli_main("keys", "update", strict_id, "--admission", "loose")
+    assert code == 1 and "budget_admission: 'loose' is not one of strict, estimate" in err
+
+
+@pytest.mark.parametrize("value", ["optimistic", "", 1, True, ["estimate"], "Estimate"])
+def test_bad_key_admissions_are_refused(gateway, value):
+    record, _ = gateway.create_key("k")
+    with pytest.raises(llmgw.BadRequestError) as caught:
+        llmgw.update_key(gateway.store, gateway.config, record["id"], {"budget_admission": value})
+    assert str(caught.value).startswith("budget_admission: ") and "strict, estimate" in str(caught.value)
+    assert gateway.store.get_key(record["id"])["budget_admission"] is None
 
 
 @pytest.mark.parametrize("budgets, message", [
     ({"admission": "optimistic"}, "budgets.admission: 'optimistic' is not one of strict, estimate"),
-    ({"admission_by_key": {"vk_1": "loose"}}, "budgets.admission_by_key.vk_1: 'loose' is not one of strict, estimate"),
-    ({"admission_by_key": ["vk_1"]}, "budgets.admission_by_key: expected a mapping"),
+    ({"admission_by_key": {"vk_1": "estimate"}}, "budgets: unknown key 'admission_by_key'"),  # a key policy now
     ({"typical_output_tokens": 0}, "budgets.typical_output_tokens: expected an integer from 1"),
 ])
 def test_bad_admission_settings_are_named(budgets, message):

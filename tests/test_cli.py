@@ -159,7 +159,7 @@ def test_readme_sequence(tmp_path, upstream):
         key_id = listed[0]["id"]
 
         table = run_cli(["stats"], tmp_path, check=True).stdout
-        assert re.search(r"^%s\s+My Project\s+2\s+0\s+%d\s+%d\s+%.6f$"
+        assert re.search(r"^%s\s+My Project\s+2\s+0\s+0\s+%d\s+%d\s+%.6f$"
                          % (key_id, chat_in + msg_in, chat_out + msg_out, cost_nanousd / 1e9),
                          table, re.M), table
         stats = json.loads(run_cli(["stats", "--output", "json"], tmp_path, check=True).stdout)
@@ -562,10 +562,11 @@ def test_stats_table_output(usage, capsys, monkeypatch):
     assert cli.main(["stats", "--by", "project"]) == 0
     out = capsys.readouterr().out
     (a1_in, a1_out), (a2_in, a2_out), (b_in, b_out) = usage["tokens"]
-    assert out.splitlines()[0].split() == ["PROJECT", "REQUESTS", "ERRORS", "REQUEST", "TOKENS", "RESPONSE",
-                                           "TOKENS", "COST", "(USD)"]
-    assert re.search(r"^alpha\s+2\s+0\s+%d\s+%d\s+\d+\.\d{6}$" % (a1_in + a2_in, a1_out + a2_out), out, re.M), out
-    assert re.search(r"^beta\s+1\s+0\s+%d\s+%d\s+\d+\.\d{6}$" % (b_in, b_out), out, re.M), out
+    assert out.splitlines()[0].split() == ["PROJECT", "REQUESTS", "OTHER", "CALLS", "ERRORS", "REQUEST", "TOKENS",
+                                           "RESPONSE", "TOKENS", "COST", "(USD)"]
+    assert re.search(r"^alpha\s+2\s+0\s+0\s+%d\s+%d\s+\d+\.\d{6}$" % (a1_in + a2_in, a1_out + a2_out), out,
+                     re.M), out
+    assert re.search(r"^beta\s+1\s+0\s+0\s+%d\s+%d\s+\d+\.\d{6}$" % (b_in, b_out), out, re.M), out
 
 
 def test_stats_without_usage(tmp_path, cli_main, database):

@@ -815,13 +815,16 @@ def test_key_rpm_limit_anthropic_shape(gateway, upstream):
     assert len(upstream.requests) == 2
 
 
-def test_rpm_limit_counts_across_paths(gateway, upstream):
+def test_rpm_limit_counts_billable_calls_across_paths(gateway, upstream):
     key = gateway.create_key("limited", rpm=2)[1]
     assert post(gateway, CHAT, body_for(CHAT, "gpt-4o-mini"), key).status == 200
+    assert post(gateway, MESSAGES, body_for(MESSAGES, "claude-haiku-4-5"), key).status == 200
+    # Calls that cost nothing neither count nor are refused (test_agents).
     assert call(gateway, "GET", MODELS, key=key).status == 200
-    response = post(gateway, COUNT_TOKENS, body_for(COUNT_TOKENS, "claude-haiku-4-5"), key, headers={})
-    assert_json_error(response, 429, "anthropic", error_type="rate_limit_error")
-    assert len(upstream.requests) == 2
+    assert post(gateway, COUNT_TOKENS, body_for(COUNT_TOKENS, "claude-haiku-4-5"), key).status == 200
+    response = post(gateway, RESPONSES, body_for(RESPONSES, "gpt-4o-mini"), key)
+    assert_json_error(response, 429, "openai", error_type="rate_limit_error")
+    assert len(upstream.requests) == 4
 
 
 def test_tier_limits_from_config(make_gateway, upstream):

@@ -14,7 +14,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ADMIN_TOKEN, CHAT, MESSAGES, admin, post
+from conftest import ADMIN_TOKEN, CHAT, COUNT_TOKENS, MESSAGES, MODELS, admin, call, post
 
 import cli
 import llmgw
@@ -26,11 +26,17 @@ DAY = 86400
 #: 2026-11-02T00:00:00Z, a Monday: the first request lands 10 minutes after.
 T0 = 1793577600
 
-ORACLE_TOTALS = """SUM(u.attempt = 1), COUNT(*), SUM(u.attempt_kind = 'retry'), SUM(u.attempt_kind = 'fallback'),
+#: The endpoints whose calls cost nothing: ``other_calls``, not ``requests``.
+FREE_ENDPOINTS = ("'/v1/messages/count_tokens', '/v1/models', '/v1/models/{model}', '/v1/moderations', "
+                  "'/v1/responses/input_tokens', '/v1/responses/{response_id}', "
+                  "'/v1/responses/{response_id}/cancel', '/v1/responses/{response_id}/input_items'")
+ORACLE_TOTALS = """SUM(u.attempt = 1 AND u.endpoint NOT IN (%s)), SUM(u.attempt = 1 AND u.endpoint IN (%s)),
+    COUNT(*), SUM(u.attempt_kind = 'retry'), SUM(u.attempt_kind = 'fallback'),
     SUM(u.status NOT IN ('ok', 'pending')), SUM(u.request_tokens), SUM(u.response_tokens),
     SUM(u.cache_read_tokens), SUM(u.cache_write_tokens + u.cache_write_1h_tokens), SUM(u.reasoning_tokens),
     SUM(u.cost_nanousd), SUM(u.priced = 0 AND u.request_tokens + u.response_tokens > 0),
-    SUM(u.usage_source = 'estimated'), SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)"""
+    SUM(u.usage_source = 'estimated'), SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)
+    """ % (FREE_ENDPOINTS, FREE_ENDPOINTS)
 ORACLE_GROUPS = {
     "key": "u.virtual_key_id, k.project_name", "project": "k.project_name", "model": "u.model",
     "provider": "u.provider", "day": "date(u.started_at, 'unixepoch')",
@@ -126,6 +132,11 @@ def logged(make_gateway, clock):
             assert post(gateway, CHAT, {"model": models[index], "messages": [{"role": "user", "content": "d%d" % count}]},
                         key=key).status == 200
             count += 1
+        # Calls that cost nothing: other_calls, apart from requests.
+        counted = {"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "n"}]}
+        assert post(gateway, COUNT_TOKENS, counted, key=search_key).status == 200
+        assert call(gateway, "GET", MODELS, key=ads_key).status == 200
+        count += 2
     clock.now = T0 + 4 * HOUR + 60
     gateway.store.begin_usage("pending-1", gateway.gateway.owner, search["id"], "openai", CHAT, "gpt-4o-mini",
                               False, T0 + 2 * HOUR + 5)
@@ -210,9 +221,9 @@ def test_rollups_are_written_when_rows_settle(logged):
     """Rollups exist for the settled rows only (stats did not just read rows)."""
     conn = sqlite3.connect(logged["gateway"].db_path)
     try:
-        rolled = [conn.execute("SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests) FROM %s"
-                               % table).fetchone() for table in ("usage_hours", "usage_days", "usage_weeks",
-                                                                  "usage_totals")]
+        rolled = [conn.execute("SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests + other_calls) "
+                               "FROM %s" % table).fetchone() for table in ("usage_hours", "usage_days", "usage_weeks",
+                                                                           "usage_totals")]
         settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens), SUM(attempt = 1) FROM usage "
                                "WHERE status != 'pending'").fetchone()
     finally:
@@ -268,7 +279,8 @@ def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
     gateway = logged["gateway"]
     conn = sqlite3.connect(gateway.db_path)
     script = "".join("UPDATE %s SET requests = attempts; ALTER TABLE %s DROP COLUMN attempts; ALTER TABLE %s DROP "
-                     "COLUMN retries; ALTER TABLE %s DROP COLUMN fallbacks;" % ((table,) * 4)
+                     "COLUMN retries; ALTER TABLE %s DROP COLUMN fallbacks; ALTER TABLE %s DROP COLUMN other_calls;"
+                     % ((table,) * 5)
                      for table in ("usage_hours", "usage_days", "usage_totals"))  # schema 4: a row was a request
     conn.executescript(script + DROP_ATTEMPT_COLUMNS + "PRAGMA user_version = 4;")
     conn.close()
@@ -277,11 +289,11 @@ def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
         for group in ("key", "day"):
             assert rollup_stats(store, group) == oracle_stats(gateway.db_path, group)
         for row in store.usage_stats("key"):
-            assert (row["attempts"], row["retries"], row["fallbacks"]) == (row["requests"], 0, 0)
+            assert (row["attempts"], row["retries"], row["fallbacks"]) == (row["requests"] + row["other_calls"], 0, 0)
         names = [name for name, _ in llmgw.ROLLUP_MEASURES]
         for row in store.usage_totals():
             counted = dict(zip(names, row[5:]))
-            assert counted["attempts"] == counted["requests"]
+            assert counted["attempts"] == counted["requests"] + counted["other_calls"]
         entry = store.usage_log({})[0][0]
         assert (entry["attempt"], entry["attempt_kind"], entry["logical_request_id"]) == (1, "first", None)
     finally:
@@ -380,7 +392,7 @@ def test_log_entries_carry_what_a_log_needs(logged):
         assert entry["project_name"] == "search" and entry["labels"] == {"team": "blue"}
         assert entry["time"] == llmgw.iso_time(row["started_at"])
         assert entry["cost"] == llmgw.nanousd_to_usd(row["cost_nanousd"])
-        assert entry["endpoint"] in (CHAT, MESSAGES) and entry["http_status"] == 200
+        assert entry["endpoint"] in (CHAT, MESSAGES, COUNT_TOKENS) and entry["http_status"] == 200
         for field in ("model", "provider", "request_tokens", "response_tokens", "cache_read_tokens",
                       "output_tokens", "latency_ms"):
             assert entry[field] == row[field], field
@@ -463,8 +475,9 @@ def test_stats_csv_from_the_api_and_the_cli(logged, monkeypatch, capsys):
     reply = admin(gateway, "GET", "/admin/usage-stats?by=model&format=csv")
     assert reply.status == 200 and reply.header("content-type").startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(reply.body.decode("utf-8"))))
-    assert [row["model"] for row in table] == [row["model"] for row in rows]
+    assert [row["model"] for row in table] == [row["model"] or "" for row in rows]  # a model list names none
     assert [int(row["requests"]) for row in table] == [row["requests"] for row in rows]
+    assert [int(row["other_calls"]) for row in table] == [row["other_calls"] for row in rows]
     assert [float(row["estimated_cost"]) for row in table] == [row["estimated_cost"] for row in rows]
     monkeypatch.setenv("DB_PATH", gateway.db_path)
     assert cli.main(["stats", "--by", "model", "--output", "csv"]) == 0
