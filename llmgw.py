@@ -5770,9 +5770,11 @@ MODELS_ROUTE = ROUTES["/v1/models"]
 #: Makes responses: their ids are recorded, for retrievals.
 RESPONSES_ROUTE = ROUTES["/v1/responses"]
 #: What a path parameter may hold: a model id (``ft:...``, ``name@version``,
-#: one ``provider/`` prefix; no segment of dots) or a response id (``resp_...``).
-_MODEL_SEGMENT = r"(?!\.\.?(?:/|\Z))[A-Za-z0-9._:@+-]{1,256}"
-_PATH_PARAMETERS = {"model": "%s(?:/%s)?" % (_MODEL_SEGMENT, _MODEL_SEGMENT), "response_id": r"[A-Za-z0-9_-]{1,256}"}
+#: up to four segments: a ``provider/`` prefix, ``org/model``; no segment of
+#: dots; the SDKs send ``/`` as ``%2F``) or a response id (``resp_...``).
+_MODEL_SEGMENT = r"(?!\.\.?(?:/|%2[Ff]|\Z))[A-Za-z0-9._:@+-]{1,256}"
+_PATH_PARAMETERS = {"model": r"%s(?:(?:/|%%2[Ff])%s){0,3}" % (_MODEL_SEGMENT, _MODEL_SEGMENT),
+                    "response_id": r"[A-Za-z0-9_-]{1,256}"}
 
 
 def _path_pattern(template):
@@ -5793,7 +5795,8 @@ def find_route(path):
     for pattern, template in _ROUTE_PATTERNS:
         match = pattern.match(path)
         if match:
-            return template, ROUTES[template], match.groupdict()
+            return template, ROUTES[template], {name: urllib.parse.unquote(value)  # %2F, the only escape matched
+                                                for name, value in match.groupdict().items()}
     return None, None, {}
 
 

@@ -126,8 +126,9 @@ def test_model_retrieval_answers_in_the_shape_asked_for(make_gateway, upstream):
     assert reply.status == 200 and reply.json()["id"] == "gpt-4o" and reply.json()["object"] == "model"
     assert (upstream.requests[-1]["path"], upstream.requests[-1]["headers"]["authorization"]) == (
         MODELS + "/gpt-4o", "Bearer " + OPENAI_KEY)
-    reply = call(gateway, "GET", MODELS + "/openai/gpt-4o-mini", key=key)  # a provider prefix is stripped
-    assert reply.status == 200 and upstream.requests[-1]["path"] == MODELS + "/gpt-4o-mini"
+    for path in (MODELS + "/openai/gpt-4o-mini", MODELS + "/openai%2Fgpt-4o-mini"):  # the SDKs send %2F
+        reply = call(gateway, "GET", path, key=key)  # a provider prefix is stripped
+        assert reply.status == 200 and upstream.requests[-1]["path"] == MODELS + "/gpt-4o-mini"
     reply = call(gateway, "GET", MODELS + "/claude-haiku-4-5", key=key, headers={"anthropic-version": "2023-06-01"})
     assert reply.status == 200 and reply.json()["type"] == "model" and reply.json()["id"] == "claude-haiku-4-5"
     assert upstream.requests[-1]["headers"]["x-api-key"] == ANTHROPIC_KEY
@@ -138,9 +139,9 @@ def test_model_retrieval_answers_in_the_shape_asked_for(make_gateway, upstream):
     assert call(gateway, "GET", MODELS + "/fast", key=key, headers={"anthropic-version": "2023-06-01"}).json() == {
         "type": "model", "id": "fast", "display_name": "fast", "created_at": "1970-01-01T00:00:00Z"}
     assert len(upstream.requests) == forwarded
-    rows = settled_rows(gateway, 3)
+    rows = settled_rows(gateway, 4)
     assert [(row["endpoint"], row["model"], row["request_tokens"], row["cost_nanousd"]) for row in rows] == [
-        ("/v1/models/{model}", "gpt-4o", 0, 0), ("/v1/models/{model}", "openai/gpt-4o-mini", 0, 0),
+        ("/v1/models/{model}", "gpt-4o", 0, 0)] + [("/v1/models/{model}", "openai/gpt-4o-mini", 0, 0)] * 2 + [
         ("/v1/models/{model}", "claude-haiku-4-5", 0, 0)]
 
 
@@ -151,7 +152,8 @@ def test_model_retrieval_keeps_to_the_key_allowlist(gateway, upstream):
     assert len(upstream.requests) == 1
 
 
-@pytest.mark.parametrize("path", [MODELS + "/", MODELS + "/..", MODELS + "/a/..", MODELS + "/a/b/c",
+@pytest.mark.parametrize("path", [MODELS + "/", MODELS + "/..", MODELS + "/a/..", MODELS + "/a%2F..",
+                                  MODELS + "/a/b/c/d/e", MODELS + "/a%20b",
                                   RESPONSES + "/", RESPONSES + "/resp_1/", RESPONSES + "/resp_1/items",
                                   RESPONSES + "/resp.1"])
 def test_malformed_ids_are_unknown_paths(gateway, vkey, upstream, path):
