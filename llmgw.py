@@ -6938,8 +6938,8 @@ class Gateway:
         if route is None:
             raise unknown_path_error(request.path)
         refuse_websocket(request)
-        if request.method not in route.methods:
-            raise MethodNotAllowedError("%s does not accept %s" % (request.path, request.method))
+        if request.method not in route.methods:  # the template: a path with an id may hold anything pasted
+            raise MethodNotAllowedError("%s does not accept %s" % (endpoint, request.method))
         dialect = dialect_for(route, request)
         self.refresh()
         key = self.authenticate(request.headers)
@@ -7045,15 +7045,15 @@ class Gateway:
         there: no other deployment knows it); NotFoundError if this key made
         no such response through the gateway, or that deployment is gone."""
         origin = self.store.response_origin(response_id)
-        if origin is None or origin[0] != key.id:
-            raise NotFoundError("No response %s was made with this key through the gateway" % response_id,
+        if origin is None or origin[0] != key.id:  # the id is not repeated: a client may paste anything there
+            raise NotFoundError("No response of that id was made with this key through the gateway",
                                 code="response_not_found")
         _, provider_name, deployment_name, model = origin
         deployment = next((deployment for deployment in self.router.deployments()
                            if (deployment.provider.name, deployment.name) == (provider_name, deployment_name)), None)
         if deployment is None:
-            raise NotFoundError("Response %s was made by %s/%s, which the gateway no longer has"
-                                % (response_id, provider_name, deployment_name), code="response_not_found")
+            raise NotFoundError("That response was made by %s/%s, which the gateway no longer has"
+                                % (provider_name, deployment_name), code="response_not_found")
         return deployment, model, model
 
     def _forward(self, logical, plan, first_reservation):
@@ -7654,7 +7654,7 @@ def refuse_websocket(request):
     request is ignored, as HTTP allows."""
     if (request.method == "GET" and "websocket" in _tokens(request.headers, "upgrade")
             and "upgrade" in _tokens(request.headers, "connection")):
-        raise UpgradeRequiredError("The gateway does not serve WebSocket; call %s over HTTP" % request.path,
+        raise UpgradeRequiredError("The gateway does not serve WebSocket; call the same path over HTTP",
                                    headers=[("upgrade", "HTTP/1.1")])
 
 

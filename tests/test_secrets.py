@@ -112,15 +112,28 @@ def test_secrets_never_appear_in_logs_responses_or_admin_api(gw, key, upstream, 
 
 
 def test_secrets_in_the_path_are_not_echoed(gw, key, upstream, gwlog, capfd):
-    """[T01 T03] A key pasted into the URL path (404) is neither echoed in
-    the error body nor written to the access log."""
+    """[T01 T03] A key pasted into the URL path (404; 405 where the path
+    takes an id, which a POST does not: a retrieval's id, a model's) is
+    neither echoed in the error body nor written to the access log."""
     outputs = []
-    for target in ("%s/%s" % (CHAT, key), "/v1/%s" % OPENAI_KEY, "/%s" % ANTHROPIC_KEY,
-                   "/v1/models/%s/x" % key):
+    for target, status in (("%s/%s" % (CHAT, key), 404), ("/v1/%s" % OPENAI_KEY, 404), ("/%s" % ANTHROPIC_KEY, 404),
+                           ("/v1/models/%s/x" % key, 405), ("/v1/models/%s" % OPENAI_KEY, 405),
+                           ("/v1/responses/%s/input_items" % key, 405)):
         response, client = exchange(gw, json_request(target, key, chat_body()))
         client.close()
-        assert_json_error(response, 404)
+        assert_json_error(response, status)
         outputs.append(client.received)
+    for data in (request_bytes("GET", "/v1/responses/%s" % key, [("Authorization", "Bearer " + key)]),
+                 json_request("/v1/responses/%s/cancel" % OPENAI_KEY, key, {})):  # no such response
+        response, client = exchange(gw, data)
+        client.close()
+        assert_json_error(response, 404, code="response_not_found")
+        outputs.append(client.received)
+    response, client = exchange(gw, request_bytes("GET", "/v1/models/%s" % key, [
+        ("Authorization", "Bearer " + key), ("Upgrade", "websocket"), ("Connection", "Upgrade")]))
+    client.close()
+    assert_json_error(response, 426)
+    outputs.append(client.received)
     assert_secrets_absent(gather_outputs(outputs, gwlog, capfd), {
         "the OpenAI key": OPENAI_KEY, "the Anthropic key": ANTHROPIC_KEY, "the virtual key": key})
     assert_alive(gw, key)
