@@ -53,7 +53,7 @@ def _store(create=False):
     path = llmgw.db_path_from_env()
     if not create and not os.path.exists(path):
         raise llmgw.ConfigError("database %s not found (run: python cli.py init)" % path)
-    return llmgw.Store(path)
+    return llmgw.SQLiteStore(path)
 
 
 def _print_json(value):

@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "Store", "Usage", "load_config", "make_server", "serve",
+    "PriceTable", "SQLiteStore", "Store", "Usage", "load_config", "make_server", "serve",
     # files, settings, secrets
     "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
     "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
@@ -1210,7 +1210,7 @@ CREATE TABLE IF NOT EXISTS key_spend (
 CREATE TABLE IF NOT EXISTS key_activity (
     key_id        TEXT NOT NULL,
     owner         TEXT NOT NULL,
-    window        INTEGER NOT NULL,
+    "window"      INTEGER NOT NULL,
     requests      INTEGER NOT NULL,
     tokens        INTEGER NOT NULL,
     previous_requests INTEGER NOT NULL,
@@ -1346,8 +1346,16 @@ ROTATE_KEY = """UPDATE virtual_keys SET previous_key_hash = key_hash, previous_k
                                         key_hash = ?, key_hint = ? WHERE id = ? AND is_active = 1"""
 KEY_BUDGET = "SELECT max_budget_nanousd, budget_period FROM virtual_keys WHERE id = ?"
 GET_SPEND = "SELECT spent_nanousd, reserved_nanousd, topup_nanousd FROM key_spend WHERE key_id = ? AND period_start = ?"
-ENSURE_SPEND = "INSERT OR IGNORE INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?, ?, ?)"
-RESERVE_SPEND = "UPDATE key_spend SET reserved_nanousd = reserved_nanousd + ? WHERE key_id = ? AND period_start = ?"
+ENSURE_SPEND = """INSERT INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?, ?, ?)
+                  ON CONFLICT (key_id, period_start) DO NOTHING"""
+#: Admission: reserve ?1 only if the period's spend, reservations and ?1 fit
+#: the allowance (the key's budget ?4 plus top-ups), or, for an estimate
+#: (?5 = 1), if anything is left. One conditional update: two processes
+#: cannot both admit on what they read before the other's reservation.
+RESERVE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd + ?1
+                   WHERE key_id = ?2 AND period_start = ?3
+                     AND spent_nanousd + reserved_nanousd < ?4 + topup_nanousd
+                     AND (?5 = 1 OR spent_nanousd + reserved_nanousd + ?1 <= ?4 + topup_nanousd)"""
 SETTLE_SPEND = """UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ?
                   WHERE key_id = ? AND period_start = ?"""
 TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_id = ? AND period_start = ?"
@@ -1355,21 +1363,21 @@ TOPUP_SPEND = "UPDATE key_spend SET topup_nanousd = topup_nanousd + ? WHERE key_
 #: daily rollups: periods start at midnight UTC, and pruned rows stay counted.
 SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_days
                   WHERE virtual_key_id = ?1 AND day >= ?2"""
-#: A row's reservation counts while it is pending; its cost once settled.
-PERIOD_COST = """SELECT (%s) + (SELECT COALESCE(SUM(reserved_nanousd), 0) FROM usage
-                                INDEXED BY usage_pending
-                                WHERE virtual_key_id = ?1 AND started_at >= ?2 AND status = 'pending')""" % SETTLED_COST
+#: A row's reservation counts while it is pending; its cost once settled
+#: (``%s``: how the backend names the pending rows' index, if it must).
+_PERIOD_COST = """SELECT (%s) + (SELECT COALESCE(SUM(reserved_nanousd), 0) FROM usage%%s
+                                 WHERE virtual_key_id = ?1 AND started_at >= ?2 AND status = 'pending')""" % SETTLED_COST
 RECOUNT_SPEND = """INSERT INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?1, ?2, ?3)
                    ON CONFLICT (key_id, period_start) DO UPDATE SET spent_nanousd = ?3"""
-PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, window, requests, tokens, previous_requests,
+PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, "window", requests, tokens, previous_requests,
                                                 previous_tokens, in_flight, updated_at)
                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                      ON CONFLICT (key_id, owner) DO UPDATE SET window = excluded.window,
+                      ON CONFLICT (key_id, owner) DO UPDATE SET "window" = excluded."window",
                           requests = excluded.requests, tokens = excluded.tokens,
                           previous_requests = excluded.previous_requests,
                           previous_tokens = excluded.previous_tokens, in_flight = excluded.in_flight,
                           updated_at = excluded.updated_at"""
-OTHERS_ACTIVITY = """SELECT key_id, window, requests, tokens, previous_requests, previous_tokens, in_flight, updated_at
+OTHERS_ACTIVITY = """SELECT key_id, "window", requests, tokens, previous_requests, previous_tokens, in_flight, updated_at
                      FROM key_activity WHERE owner != ? AND updated_at >= ?"""
 FORGET_ACTIVITY = "DELETE FROM key_activity WHERE updated_at < ?"
 REVOKE_KEY = "UPDATE virtual_keys SET is_active = 0, revoked_at = ? WHERE id = ? AND is_active = 1"
@@ -1383,8 +1391,10 @@ UPSERT_DEPLOYMENT_KEY = """INSERT INTO deployment_keys (provider, name, api_key,
                                                                       updated_at = excluded.updated_at"""
 ALL_DEPLOYMENT_KEYS = "SELECT provider, name, api_key FROM deployment_keys ORDER BY provider, name"
 GET_COOLDOWN = "SELECT failures, updated_at FROM deployment_cooldowns WHERE deployment = ?"
-PUT_COOLDOWN = """INSERT OR REPLACE INTO deployment_cooldowns (deployment, until, failures, reason, updated_at)
-                  VALUES (?, ?, ?, ?, ?)"""
+PUT_COOLDOWN = """INSERT INTO deployment_cooldowns (deployment, until, failures, reason, updated_at)
+                  VALUES (?, ?, ?, ?, ?)
+                  ON CONFLICT (deployment) DO UPDATE SET until = excluded.until, failures = excluded.failures,
+                      reason = excluded.reason, updated_at = excluded.updated_at"""
 CLEAR_COOLDOWN = "DELETE FROM deployment_cooldowns WHERE deployment = ?"
 ALL_COOLDOWNS = "SELECT deployment, until, failures, reason FROM deployment_cooldowns"
 INSERT_AUDIT = "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
@@ -1393,8 +1403,8 @@ GET_SETTING = "SELECT value FROM settings WHERE name = ?"
 PUT_SETTING = """INSERT INTO settings (name, value) VALUES (?, ?)
                  ON CONFLICT (name) DO UPDATE SET value = excluded.value"""
 BUMP_GENERATION = """INSERT INTO settings (name, value) VALUES ('generation', '1')
-                     ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"""
-INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
+                     ON CONFLICT (name) DO UPDATE SET value = CAST(CAST(settings.value AS INTEGER) + 1 AS TEXT)"""
+_INSERT_USAGE = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed,
                                      status, started_at, owner, reserved_nanousd, budget_period_start,
                                      logical_request_id, attempt, attempt_kind, deployment)
                   VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)"""
@@ -1422,14 +1432,16 @@ USAGE_COSTS = """SELECT u.id, u.model, u.input_tokens, u.cache_read_tokens, u.ca
                         u.cache_write_1h_tokens, u.output_tokens, u.cost_nanousd
                  FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id"""
 SET_COST = "UPDATE usage SET cost_nanousd = ?, priced = ? WHERE id = ?"
-REGISTER_PROCESS = """INSERT OR REPLACE INTO gateway_processes (owner, host, pid, started_at, heartbeat_at)
-                      VALUES (?, ?, ?, ?, ?)"""
+REGISTER_PROCESS = """INSERT INTO gateway_processes (owner, host, pid, started_at, heartbeat_at)
+                      VALUES (?, ?, ?, ?, ?)
+                      ON CONFLICT (owner) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                          started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at"""
 HEARTBEAT = "UPDATE gateway_processes SET heartbeat_at = ? WHERE owner = ?"
 RETIRE_PROCESS = "DELETE FROM gateway_processes WHERE owner = ?"
 PENDING_OWNERS = """SELECT DISTINCT u.owner, p.host, p.pid, p.heartbeat_at FROM usage u
                     LEFT JOIN gateway_processes p ON p.owner = u.owner WHERE u.status = 'pending'"""
-ABANDONED_ROWS = """SELECT id, virtual_key_id, reserved_nanousd, budget_period_start FROM usage
-                    WHERE status = 'pending' AND owner IS ?"""
+_ABANDONED_ROWS = """SELECT id, virtual_key_id, reserved_nanousd, budget_period_start FROM usage
+                    WHERE status = 'pending' AND owner %s ?"""
 #: A reservation left by a dead process is charged in full: the provider may
 #: have done the work, and a budget must never be overshot.
 INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cost_nanousd = reserved_nanousd,
@@ -1453,14 +1465,21 @@ NON_BILLABLE_ENDPOINTS = ("/v1/messages/count_tokens", "/v1/models", "/v1/models
                           "/v1/responses/{response_id}/cancel", "/v1/responses/{response_id}/input_items")
 _NON_BILLABLE = ", ".join("'%s'" % path for path in NON_BILLABLE_ENDPOINTS)
 
+
+def _counted(condition):
+    """1 where ``condition`` holds, else 0 (a comparison is an integer in
+    SQLite, a boolean in PostgreSQL)."""
+    return "CASE WHEN %s THEN 1 ELSE 0 END" % condition
+
+
 #: What a rollup sums: (column, expression over one usage row).
 ROLLUP_MEASURES = (
-    ("requests", "attempt = 1 AND endpoint NOT IN (%s)" % _NON_BILLABLE),  # billable calls clients asked for
-    ("other_calls", "attempt = 1 AND endpoint IN (%s)" % _NON_BILLABLE),    # the calls that cost nothing
+    ("requests", _counted("attempt = 1 AND endpoint NOT IN (%s)" % _NON_BILLABLE)),  # billable calls clients asked for
+    ("other_calls", _counted("attempt = 1 AND endpoint IN (%s)" % _NON_BILLABLE)),    # the calls that cost nothing
     ("attempts", "1"),                     # upstream calls, retries and fallbacks included
-    ("retries", "attempt_kind = 'retry'"),
-    ("fallbacks", "attempt_kind = 'fallback'"),
-    ("errors", "status NOT IN ('ok', 'pending')"),
+    ("retries", _counted("attempt_kind = 'retry'")),
+    ("fallbacks", _counted("attempt_kind = 'fallback'")),
+    ("errors", _counted("status NOT IN ('ok', 'pending')")),
     ("request_tokens", "request_tokens"),
     ("response_tokens", "response_tokens"),
     ("input_tokens", "input_tokens"),
@@ -1469,10 +1488,10 @@ ROLLUP_MEASURES = (
     ("cache_write_tokens", "cache_write_tokens + cache_write_1h_tokens"),
     ("reasoning_tokens", "reasoning_tokens"),
     ("cost_nanousd", "cost_nanousd"),
-    ("unpriced_requests", "priced = 0 AND request_tokens + response_tokens > 0"),
-    ("estimated_usage_requests", "usage_source = 'estimated'"),
+    ("unpriced_requests", _counted("priced = 0 AND request_tokens + response_tokens > 0")),
+    ("estimated_usage_requests", _counted("usage_source = 'estimated'")),
     ("estimated_usage_cost_nanousd", "CASE WHEN usage_source = 'estimated' THEN cost_nanousd ELSE 0 END"),
-    ("latency_us", "CAST(ROUND(COALESCE(latency_ms, 0) * 1000) AS INTEGER)"),
+    ("latency_us", "CAST(ROUND(COALESCE(latency_ms, 0) * 1000) AS BIGINT)"),
 )
 _MEASURE_NAMES = ", ".join(m for m, _ in ROLLUP_MEASURES)
 #: Measures added to rollup tables that already held rows: ALTER TABLE
@@ -1487,13 +1506,23 @@ _MEASURE_COLUMNS = "".join("    %s INTEGER NOT NULL%s,\n" % (m, " DEFAULT 0" if 
 #: weeks reads a seventh of the rows its days would be.
 ROLLUP_LEVELS = (("usage_weeks", "week", 7 * 86400), ("usage_days", "day", 86400), ("usage_hours", "hour", 3600))
 _KEY_MODEL = (("virtual_key_id", "virtual_key_id"), ("model", "COALESCE(model, '')"), ("provider", "provider"))
-#: Each rollup table and what it is kept per: (column, a usage row's value).
-#: By time, per key, model and provider (a row's unit of time reckoned in
-#: integers, so a row and its rollup never disagree); all-time totals also
-#: per status, for /metrics.
-_ROLLUP_TABLES = tuple(
-    (table, ((column, "CAST(started_at AS INTEGER) / %d * %d" % (size, size)),) + _KEY_MODEL)
-    for table, column, size in ROLLUP_LEVELS) + (("usage_totals", _KEY_MODEL + (("status", "status"),)),)
+#: Whole seconds of an epoch time, truncated: SQLite's CAST truncates,
+#: PostgreSQL's rounds.
+SQLITE_WHOLE_SECONDS = "CAST(%s AS INTEGER)"
+POSTGRES_WHOLE_SECONDS = "CAST(FLOOR(%s) AS BIGINT)"
+
+
+def _rollup_tables(whole_seconds):
+    """Each rollup table and what it is kept per: (column, a usage row's
+    value). By time, per key, model and provider (a row's unit of time
+    reckoned in integers, so a row and its rollup never disagree); all-time
+    totals also per status, for /metrics."""
+    return tuple(
+        (table, ((column, "%s / %d * %d" % (whole_seconds % "started_at", size, size)),) + _KEY_MODEL)
+        for table, column, size in ROLLUP_LEVELS) + (("usage_totals", _KEY_MODEL + (("status", "status"),)),)
+
+
+_ROLLUP_TABLES = _rollup_tables(SQLITE_WHOLE_SECONDS)
 #: The rollup tables, created with SCHEMA.
 ROLLUP_SCHEMA = "".join("""
 CREATE TABLE IF NOT EXISTS %s (
@@ -1511,15 +1540,18 @@ def _roll_up(table, dimensions, select):
     names = ", ".join(name for name, _ in dimensions)
     return "INSERT INTO %s (%s, %s) %s ON CONFLICT (%s) DO UPDATE SET %s" % (
         table, names, _MEASURE_NAMES, select, names,
-        ", ".join("%s = %s + excluded.%s" % (m, m, m) for m, _ in ROLLUP_MEASURES))
+        ", ".join("%s = %s.%s + excluded.%s" % (m, table, m, m) for m, _ in ROLLUP_MEASURES))
 
 
-#: Add (?1 = 1) or take back (?1 = -1) one usage row (?2) to every rollup.
-ROLL_UP_ROW = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE id = ?2" % (
-    ", ".join(expression for _, expression in dimensions),
-    ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
-    for table, dimensions in _ROLLUP_TABLES)
-#: Roll up every settled row (a migration step).
+def _roll_up_row_statements(whole_seconds):
+    """Add (?1 = 1) or take back (?1 = -1) one usage row (?2) to every rollup."""
+    return tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE id = ?2" % (
+        ", ".join(expression for _, expression in dimensions),
+        ", ".join("?1 * (%s)" % expression for _, expression in ROLLUP_MEASURES)))
+        for table, dimensions in _rollup_tables(whole_seconds))
+
+
+#: Roll up every settled row (a SQLite migration step).
 ROLL_UP_ALL = tuple(_roll_up(table, dimensions, "SELECT %s, %s FROM usage WHERE status != 'pending' GROUP BY %s" % (
     ", ".join(expression for _, expression in dimensions),
     ", ".join("SUM(%s)" % expression for _, expression in ROLLUP_MEASURES),
@@ -1544,7 +1576,6 @@ USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), 
 #: ragged ends, and pending rows (not rolled up yet).
 STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM usage" % (
     ", ".join(expression for _, expression in ROLLUP_MEASURES))
-STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
 STATS_FROM_TOTALS = "SELECT virtual_key_id, NULLIF(model, ''), provider, NULL, %s FROM usage_totals" % _MEASURE_NAMES
 
 #: A usage row's routing columns (schema 5): the attempt it records.
@@ -1642,13 +1673,14 @@ MIGRATIONS = (
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
 
+_EPOCH_DAY = datetime.date(1970, 1, 1)
 #: How ``stats`` may group rows: name -> (key columns, SQL expressions).
 STATS_GROUPS = {
     "key": (("virtual_key_id", "project_name"), ("u.virtual_key_id", "k.project_name")),
     "project": (("project_name",), ("k.project_name",)),
     "model": (("model",), ("u.model",)),
     "provider": (("provider",), ("u.provider",)),
-    "day": (("day",), ("date(u.day * 86400, 'unixepoch')",)),
+    "day": (("day",), ("u.day",)),  # days since the epoch, shown as dates
 }
 STATS_TOTAL_FIELDS = ("requests", "other_calls", "attempts", "retries", "fallbacks", "errors", "request_tokens",
                       "response_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_nanousd",
@@ -1718,10 +1750,6 @@ def _pid_alive(pid):
     except OSError:  # alive, owned by someone else
         return True
     return True
-
-
-def _columns(conn, table):
-    return {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table)}
 
 
 def _process_gone(host, pid, heartbeat_at, now, stale_after):
@@ -1822,105 +1850,32 @@ class _GroupCommit:
 
 
 class Store:
-    """The gateway's SQLite database: keys, settings, usage rows, stats.
+    """The gateway's database: keys, settings, usage rows, stats. One
+    interface, two backends: SQLiteStore (the default: one file) and
+    PostgresStore (``database.url``). The algorithms are written once, here:
+    each write is an operation on a connection, run in a transaction of its
+    own (``_write``, through the backend's ``_commits``); each read is one
+    statement (``_read``, and ``_read_apart`` for a long one that must not
+    hold up the hot path). A backend supplies ``_commits``, the two reads,
+    its migrations, ``data_version`` and ``close``; its connections carry the statements it spells its own way
+    as ``conn.sql`` (SQLiteSQL, PostgresSQL), and so does the store."""
 
-    Thread-safe. Writes go through one group-committed connection; hot-path
-    reads use a second connection behind a lock, so a long stats query (on
-    its own short-lived connection) never stalls a request.
-    """
-
+    sql = None
     busy_timeout_s = 10.0
 
-    def __init__(self, path, synchronous="NORMAL"):
-        self.path = str(path)
-        self._synchronous = synchronous
-        if not os.path.exists(self.path):
-            # Create it private before SQLite does; -wal and -shm inherit the mode.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._writer = self._connect()
-        self._migrate()
-        self._reader = self._connect()
-        self._read_lock = threading.Lock()
-        self._commits = _GroupCommit(self._writer)
-
-    def _connect(self):
-        try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = %s" % self._synchronous)
-        except sqlite3.Error as exc:
-            raise StorageError("cannot open database %s: %s" % (self.path, exc)) from None
-        return conn
-
-    def _migrate(self):
-        """Bring the database to SCHEMA_VERSION (see MIGRATIONS), in one transaction."""
-        conn = self._writer
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                conn.execute("ROLLBACK")
-                raise StorageError("database %s was written by a newer llmgw" % self.path)
-            statements = [statement for statement in (SCHEMA + ROLLUP_SCHEMA).split(";") if statement.strip()]
-            tables = [statement for statement in statements if "CREATE TABLE" in statement]
-            for statement in tables:
-                conn.execute(statement)
-            for step in MIGRATIONS[version - 1:] if version else ():
-                for statement in step:
-                    added = _ADD_COLUMN.match(statement)
-                    if added and added.group(2) in _columns(conn, added.group(1)):
-                        continue
-                    conn.execute(statement)
-            for statement in statements:
-                if statement not in tables:
-                    conn.execute(statement)
-            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
-            conn.execute("COMMIT")
-            if 0 < version < SCHEMA_VERSION:
-                logger.info("database %s migrated from schema version %d to %d", self.path, version,
-                            SCHEMA_VERSION)
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StorageError("cannot prepare database %s: %s" % (self.path, exc)) from None
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.chmod(self.path + suffix, 0o600)
-            except OSError:
-                pass
-
-    def close(self):
-        for conn in (self._reader, self._writer):
-            conn.close()
-
-    # -- reads on the hot path ----------------------------------------------
-
     def _read(self, sql, params=()):
-        try:
-            with self._read_lock:
-                return self._reader.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageError("the gateway's database is unavailable: %s" % exc) from None
+        raise NotImplementedError
 
     def _read_apart(self, sql, params=()):
-        """A long read (stats, re-pricing) on a connection of its own, so it
-        never holds the hot path's reader."""
-        conn = self._connect()
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageError("cannot read usage: %s" % exc) from None
-        finally:
-            conn.close()
+        raise NotImplementedError
 
     def data_version(self):
-        """A cheap 'anything new?': changes whenever another connection (the
-        CLI, another gateway process) commits, or this process commits a
-        change to what gateways cache. Read on the writing connection,
-        whose own usage rows do not move its ``PRAGMA data_version``."""
-        version = self._commits.read(lambda conn: conn.execute("PRAGMA data_version").fetchone()[0])
-        return version, self._commits.state_changes
+        """A cheap 'anything new?' the gateway asks before each request:
+        changes when cached state (keys, settings, prices) may have."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
 
     def generation(self):
         rows = self._read(GET_SETTING, ("generation",))
@@ -2038,7 +1993,7 @@ class Store:
         if rows:
             spent, reserved, topup = rows[0]
         else:
-            spent, reserved, topup = self._read(PERIOD_COST, (key.id, start))[0][0], 0, 0
+            spent, reserved, topup = self._read(self.sql.PERIOD_COST, (key.id, start))[0][0], 0, 0
         allowance = None if key.max_budget_nanousd is None else key.max_budget_nanousd + topup
         return {"period_start": start, "period_end": end, "spent_nanousd": spent, "reserved_nanousd": reserved,
                 "topup_nanousd": topup, "allowance_nanousd": allowance}
@@ -2152,7 +2107,7 @@ class Store:
             values = (request_id, key_id, provider, endpoint, model, int(streamed), started_at, owner,
                       reservation if period_start is not None else 0, period_start,
                       logical_request_id or request_id, attempt, attempt_kind, deployment)
-            return conn.execute(INSERT_USAGE, values).lastrowid, period_start
+            return conn.execute(conn.sql.INSERT_USAGE, values).lastrowid, period_start
         return self._write(begin)
 
     def finish_usage(self, row_id, result, key_id=None, reserved=0, period_start=None, alert_thresholds=(),
@@ -2237,12 +2192,14 @@ class Store:
         container sharing the database).
         """
         def recover(conn):
+            if not conn.try_lock(RECOVERY_LOCK):
+                return 0  # another instance is sweeping
             count = 0
             for other, other_host, other_pid, heartbeat_at in conn.execute(PENDING_OWNERS).fetchall():
                 if other == owner or not _process_gone(other_host, other_pid, heartbeat_at, now, stale_after):
                     continue
                 for row_id, key_id, reserved, period_start in conn.execute(
-                        ABANDONED_ROWS, (other,)).fetchall():
+                        conn.sql.ABANDONED_ROWS, (other,)).fetchall():
                     conn.execute(INTERRUPT_ROW, (time.time(), row_id))
                     _roll_up_row(conn, row_id, 1)
                     if period_start is not None:
@@ -2279,7 +2236,7 @@ class Store:
         label = group_by[len("label:"):] if group_by.startswith("label:") else None
         if label is not None and LABEL_NAME.match(label):
             # A validated name, so the JSON path is safe to write into the SQL.
-            names, expressions = ("label",), ("json_extract(k.metadata, '$.\"%s\"')" % label,)
+            names, expressions = ("label",), (self.sql.LABEL % label,)
         elif group_by in STATS_GROUPS:
             names, expressions = STATS_GROUPS[group_by]
         else:
@@ -2287,7 +2244,7 @@ class Store:
                                   % (shown(group_by), ", ".join(STATS_GROUPS)), param="by")
         if step is not None:
             names, expressions = names + ("at",), expressions + ("u.step",)
-        sources, params = _stats_sources(since, until, group_by == "day" or step is not None, step)
+        sources, params = _stats_sources(self.sql, since, until, group_by == "day" or step is not None, step)
         where = ""
         if project is not None:
             where = " WHERE k.project_name = ?"
@@ -2298,8 +2255,8 @@ class Store:
         # (most of a long range's cost) keys on no more than it needs.
         needs = {"virtual_key_id": group_by not in ("model", "provider", "day") or project is not None,
                  "model": group_by == "model", "provider": group_by == "provider",
-                 "CAST(at AS INTEGER) / 86400": group_by == "day",
-                 "CAST(at AS INTEGER) / %d * %d" % (step or 1, step or 1): step is not None}
+                 self.sql.WHOLE_SECONDS % "at" + " / 86400": group_by == "day",
+                 self.sql.WHOLE_SECONDS % "at" + " / %d * %d" % (step or 1, step or 1): step is not None}
         sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s), "
                "g (virtual_key_id, model, provider, day, step, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4, 5) "
                "SELECT %s, %s FROM g u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
@@ -2312,6 +2269,8 @@ class Store:
         result = []
         for row in self._read_apart(sql, params):
             entry = dict(zip(names, row[:len(names)]))
+            if group_by == "day":
+                entry["day"] = (_EPOCH_DAY + datetime.timedelta(days=entry["day"])).isoformat()
             entry.update(zip(STATS_TOTAL_FIELDS, (value or 0 for value in row[len(names):])))
             entry["estimated_cost"] = nanousd_to_usd(entry.pop("cost_nanousd"))
             entry["estimated_usage_cost"] = nanousd_to_usd(entry.pop("estimated_usage_cost_nanousd"))
@@ -2386,6 +2345,183 @@ class Store:
                 break
         return deleted
 
+
+def _postgres_ddl(ddl):
+    """SQLite's CREATE and ALTER statements in PostgreSQL's types: integers
+    of 64 bits (nano-dollars outgrow 32), doubles (REAL is 32 bits there),
+    identity row ids, and a column added only where it is missing."""
+    ddl = ddl.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    ddl = re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl))
+    return ddl.replace(" WITHOUT ROWID", "").replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS")
+
+
+class SQLiteSQL:
+    """The statements SQLite spells its own way (PostgresSQL has the same
+    names); every other statement above is written once for both."""
+    SCHEMA = SCHEMA + ROLLUP_SCHEMA
+    PERIOD_COST = _PERIOD_COST % " INDEXED BY usage_pending"
+    STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
+    INSERT_USAGE = _INSERT_USAGE  # the row id is the cursor's lastrowid
+    ABANDONED_ROWS = _ABANDONED_ROWS % "IS"
+    WHOLE_SECONDS = SQLITE_WHOLE_SECONDS
+    ROLL_UP_ROW = _roll_up_row_statements(SQLITE_WHOLE_SECONDS)
+    #: A key's label by name (a validated LABEL_NAME).
+    LABEL = "json_extract(k.metadata, '$.\"%s\"')"
+
+    @staticmethod
+    def ddl(statement):
+        return statement
+
+
+class PostgresSQL:
+    """The statements PostgreSQL spells its own way (see SQLiteSQL)."""
+    SCHEMA = _postgres_ddl(SCHEMA + ROLLUP_SCHEMA)
+    PERIOD_COST = _PERIOD_COST % ""
+    STATS_FROM_PENDING = STATS_FROM_ROWS
+    INSERT_USAGE = _INSERT_USAGE + " RETURNING id"
+    ABANDONED_ROWS = _ABANDONED_ROWS % "IS NOT DISTINCT FROM"
+    WHOLE_SECONDS = POSTGRES_WHOLE_SECONDS
+    ROLL_UP_ROW = _roll_up_row_statements(POSTGRES_WHOLE_SECONDS)
+    LABEL = "(k.metadata::jsonb ->> '%s')"
+    ddl = staticmethod(_postgres_ddl)
+    #: The schema version: a settings row (SQLite keeps it in a pragma).
+    SCHEMA_VERSION_OF = "SELECT value FROM settings WHERE name = 'schema_version'"
+    COLUMNS_OF = "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = CURRENT_SCHEMA"
+    #: Advisory locks (transaction-scoped): one migration at a time; one
+    #: recovery sweep at a time across every instance.
+    TAKE_LOCK = "SELECT pg_advisory_xact_lock(?)"
+    TRY_LOCK = "SELECT pg_try_advisory_xact_lock(?)"
+
+
+#: Advisory lock numbers (PostgreSQL), arbitrary but fixed.
+MIGRATION_LOCK = 0x6C6C6D01
+RECOVERY_LOCK = 0x6C6C6D02
+
+
+def _bring_schema_up(conn, version):
+    """From schema ``version`` (0: an empty database) to SCHEMA_VERSION
+    inside the caller's transaction: the missing tables created whole, each
+    later MIGRATIONS step, then the indexes."""
+    statements = [statement for statement in conn.sql.SCHEMA.split(";") if statement.strip()]
+    tables = [statement for statement in statements if "CREATE TABLE" in statement]
+    for statement in tables:
+        conn.execute(statement)
+    for step in MIGRATIONS[version - 1:] if version else ():
+        for statement in step:
+            added = _ADD_COLUMN.match(statement)
+            if added and added.group(2) in conn.columns(added.group(1)):
+                continue
+            conn.execute(conn.sql.ddl(statement))
+    for statement in statements:
+        if statement not in tables:
+            conn.execute(statement)
+
+
+def _newer_schema(where, version):
+    return StorageError("database %s was written by a newer llmgw (schema version %d; this llmgw knows %d): "
+                        "upgrade llmgw" % (where, version, SCHEMA_VERSION))
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """A sqlite3 connection that knows its backend's statements."""
+    sql = SQLiteSQL
+
+    def columns(self, table):
+        return {row[1] for row in self.execute("PRAGMA table_info(%s)" % table)}
+
+    def try_lock(self, number):
+        """True: a write transaction (BEGIN IMMEDIATE) already excludes
+        every other writer."""
+        return True
+
+
+class SQLiteStore(Store):
+    """The database in one SQLite file (the default).
+
+    Thread-safe. Writes go through one group-committed connection; hot-path
+    reads use a second connection behind a lock, so a long stats query (on
+    its own short-lived connection) never stalls a request.
+    """
+
+    sql = SQLiteSQL
+
+    def __init__(self, path, synchronous="NORMAL"):
+        self.path = str(path)
+        self._synchronous = synchronous
+        if not os.path.exists(self.path):
+            # Create it private before SQLite does; -wal and -shm inherit the mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._writer = self._connect()
+        self._migrate()
+        self._reader = self._connect()
+        self._read_lock = threading.Lock()
+        self._commits = _GroupCommit(self._writer)
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False, factory=_SQLiteConnection)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = %s" % self._synchronous)
+        except sqlite3.Error as exc:
+            raise StorageError("cannot open database %s: %s" % (self.path, exc)) from None
+        return conn
+
+    def _migrate(self):
+        """Bring the database to SCHEMA_VERSION (see MIGRATIONS), in one transaction."""
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise _newer_schema(self.path, version)
+            _bring_schema_up(conn, version)
+            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            conn.execute("COMMIT")
+            if 0 < version < SCHEMA_VERSION:
+                logger.info("database %s migrated from schema version %d to %d", self.path, version,
+                            SCHEMA_VERSION)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError("cannot prepare database %s: %s" % (self.path, exc)) from None
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chmod(self.path + suffix, 0o600)
+            except OSError:
+                pass
+
+    def close(self):
+        for conn in (self._reader, self._writer):
+            conn.close()
+
+    def _read(self, sql, params=()):
+        try:
+            with self._read_lock:
+                return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("the gateway's database is unavailable: %s" % exc) from None
+
+    def _read_apart(self, sql, params=()):
+        """A long read (stats, re-pricing) on a connection of its own, so it
+        never holds the hot path's reader."""
+        conn = self._connect()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("cannot read usage: %s" % exc) from None
+        finally:
+            conn.close()
+
+    def data_version(self):
+        """Changes whenever another connection (the CLI, another gateway
+        process) commits, or this process commits a change to what gateways
+        cache. Read on the writing connection, whose own usage rows do not
+        move its ``PRAGMA data_version``; costs microseconds."""
+        version = self._commits.read(lambda conn: conn.execute("PRAGMA data_version").fetchone()[0])
+        return version, self._commits.state_changes
+
     # -- upkeep: backup and restore ------------------------------------------
 
     def backup(self, target):
@@ -2439,14 +2575,14 @@ class Store:
             source.close()
 
 
-def _stats_sources(since, until, by_time, step=None):
+def _stats_sources(sql, since, until, by_time, step=None):
     """The SELECTs (in STATS_FROM_ROWS' shape) and parameters that cover
     [since, until) exactly: rollups for the whole weeks (not when grouped
     by day), then days, then hours, inside it, settled rows for the ragged
     ends, and every pending row in it. All time, unless grouped by time,
     is the totals. With ``step``, only the rollups whose units it is made
     of (days go for 6-hour steps, weeks for any step shorter than a week)."""
-    pending = (STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
+    pending = (sql.STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
                                     ("started_at < ?", until)])
     if since is None and until is None and not by_time:
         parts = [(STATS_FROM_TOTALS, [])]
@@ -2540,7 +2676,7 @@ def _queue_alerts(conn, key_id, period_start, thresholds, now):
 
 
 def _roll_up_row(conn, row_id, sign):
-    for statement in ROLL_UP_ROW:
+    for statement in conn.sql.ROLL_UP_ROW:
         conn.execute(statement, (sign, row_id))
 
 
@@ -2602,22 +2738,22 @@ def _reserve(conn, key_id, amount, now, estimated=False):
     """Reserve ``amount`` against the key's budget inside the caller's
     transaction; returns the period start, or None for a key without one.
     A worst case must fit in what is left; an ``estimated`` amount only
-    needs something left."""
+    needs something left. The check is the update's own condition
+    (RESERVE_SPEND), so it holds against every concurrent admission."""
     budget, period = conn.execute(KEY_BUDGET, (key_id,)).fetchone()
     if budget is None:
         return None
     start, end = budget_period_bounds(now, period)
-    spent, reserved, topup = _period_spend(conn, key_id, start)
-    allowance = budget + topup
-    if spent + reserved >= allowance or (not estimated and spent + reserved + amount > allowance):
-        when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
-        raise BudgetExceededError(
-            "Budget exceeded: USD %.6f of USD %.6f %s spent or reserved, this request may cost up to USD %.6f; "
-            "the budget %s" % (nanousd_to_usd(spent + reserved), nanousd_to_usd(allowance),
-                               "in total" if end is None else "this " + _PERIOD_NOUNS[period],
-                               nanousd_to_usd(amount), when))
-    conn.execute(RESERVE_SPEND, (amount, key_id, start))
-    return start
+    _period_spend(conn, key_id, start)
+    if conn.execute(RESERVE_SPEND, (amount, key_id, start, budget, int(estimated))).rowcount:
+        return start
+    spent, reserved, topup = conn.execute(GET_SPEND, (key_id, start)).fetchone()
+    when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
+    raise BudgetExceededError(
+        "Budget exceeded: USD %.6f of USD %.6f %s spent or reserved, this request may cost up to USD %.6f; "
+        "the budget %s" % (nanousd_to_usd(spent + reserved), nanousd_to_usd(budget + topup),
+                           "in total" if end is None else "this " + _PERIOD_NOUNS[period],
+                           nanousd_to_usd(amount), when))
 
 
 def _charge_new_budget(conn, key_id, cost, now):
@@ -2635,7 +2771,7 @@ def _period_spend(conn, key_id, start):
     period's row (from the usage rows already in it) on first use."""
     row = conn.execute(GET_SPEND, (key_id, start)).fetchone()
     if row is None:
-        spent = conn.execute(PERIOD_COST, (key_id, start)).fetchone()[0]
+        spent = conn.execute(conn.sql.PERIOD_COST, (key_id, start)).fetchone()[0]
         conn.execute(ENSURE_SPEND, (key_id, start, spent))
         row = (spent, 0, 0)
     return row
@@ -8940,7 +9076,7 @@ def make_server(config, store=None, host=None, port=None, environ=None, reuse_po
     """A listening GatewayServer (not yet serving). Port 0 picks a free port;
     ``clock`` (wall time) is injectable for budget periods and limits."""
     if store is None:
-        store = Store(db_path_from_env(os.environ if environ is None else environ),
+        store = SQLiteStore(db_path_from_env(os.environ if environ is None else environ),
                       synchronous=config.database.synchronous.upper())
     gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,

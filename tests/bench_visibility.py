@@ -60,8 +60,8 @@ INSERT = """INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, m
 
 def seed(path, rows, now):
     """Write ``rows`` usage rows, their keys, rollups and totals into a new database."""
-    llmgw.Store(path).close()
-    store = llmgw.Store(path)
+    llmgw.SQLiteStore(path).close()
+    store = llmgw.SQLiteStore(path)
     keys = []
     for number in range(100):
         policy = {"max_budget_nanousd": 1000 * 10 ** 9} if number % 3 == 0 else {}
@@ -182,7 +182,7 @@ def main():
                                   "anthropic": {"base_url": "http://127.0.0.1:9"},
                                   "mistral": {"base_url": "http://127.0.0.1:9"}},
                     "logging": {"level": "WARNING"}}
-        server = llmgw.make_server(llmgw.parse_config(document), llmgw.Store(path),
+        server = llmgw.make_server(llmgw.parse_config(document), llmgw.SQLiteStore(path),
                                    environ={llmgw.ADMIN_TOKEN_ENV: ADMIN_TOKEN})
         port = server.server_address[1]
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)

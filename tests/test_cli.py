@@ -42,7 +42,7 @@ def cli_run(tmp_path, *args, env=None, check=False):
 @pytest.fixture
 def database(tmp_path):
     """An empty database where DB_PATH points, as ``init`` leaves it."""
-    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
 
 
 def write_config(path, upstream_url, providers=None, **sections):
@@ -251,7 +251,7 @@ def test_admin_token_command_prints_a_new_token_once(tmp_path):
     assert len(tokens) == 1 and tokens[0] != first
     assert result.stdout.count(tokens[0]) == 1
     assert tokens[0].startswith(llmgw.ADMIN_TOKEN_PREFIX)
-    store = llmgw.Store(str(tmp_path / "gateway.db"))
+    store = llmgw.SQLiteStore(str(tmp_path / "gateway.db"))
     try:
         assert store.get_setting(llmgw.ADMIN_TOKEN_SETTING) == hashlib.sha256(tokens[0].encode()).hexdigest()
     finally:
@@ -678,7 +678,7 @@ def test_set_key_reads_the_key_from_stdin(tmp_path, database):
                             text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout
-    assert llmgw.Store(str(tmp_path / "gateway.db")).provider_keys() == {"openai": secret}
+    assert llmgw.SQLiteStore(str(tmp_path / "gateway.db")).provider_keys() == {"openai": secret}
 
 
 def test_cli_uses_only_the_names_llmgw_exports():

@@ -647,7 +647,7 @@ def test_writer_lock_held_elsewhere_delays_but_never_fails(tmp_path, upstream, p
 
 # ---- A10 / Z05: fail closed when the usage row cannot be written -----------------------
 
-class QuickStore(llmgw.Store):
+class QuickStore(llmgw.SQLiteStore):
     """The real Store with a short busy timeout, so a held lock outlasts it quickly."""
     busy_timeout_s = 0.3
 

@@ -478,7 +478,7 @@ def config_with(path, value):
 
 @pytest.fixture
 def database(tmp_path):
-    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
 
 
 def test_config_keys_fuzzed(tmp_path, cli_main, database):

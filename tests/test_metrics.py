@@ -183,7 +183,7 @@ def test_version_2_database_gains_totals_equal_to_its_rows(scraped):
     conn.executescript("DROP TABLE usage_days; DROP TABLE usage_hours; DROP TABLE usage_totals;"
                        "PRAGMA user_version = 2;")
     conn.close()
-    store = llmgw.Store(gateway.db_path)
+    store = llmgw.SQLiteStore(gateway.db_path)
     try:
         rows = store.usage_totals()
     finally:

@@ -134,7 +134,7 @@ def test_backup_under_load_is_consistent_private_and_restores_with_equal_totals(
 
 
 def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_main):
-    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
     existing = tmp_path / "existing.db"
     existing.write_bytes(b"keep me")
     result = cli_main("backup", existing)
@@ -156,7 +156,7 @@ def doctor_install(tmp_path, upstream_url):
     config.write_text(json.dumps({"providers": {"openai": {"base_url": upstream_url},
                                                 "anthropic": {"base_url": upstream_url}}}))
     config.chmod(0o600)
-    store = llmgw.Store(str(tmp_path / "gateway.db"))
+    store = llmgw.SQLiteStore(str(tmp_path / "gateway.db"))
     store.set_provider_key("openai", OPENAI_KEY)
     store.close()
 
@@ -300,7 +300,7 @@ def test_a_database_of_every_earlier_schema_migrates_to_todays(tmp_path, make_ga
     gateway = make_gateway()  # opening migrates
     assert query(gateway.db_path, "PRAGMA user_version") == [(llmgw.SCHEMA_VERSION,)]
     fresh = str(tmp_path / "fresh.db")
-    llmgw.Store(fresh).close()
+    llmgw.SQLiteStore(fresh).close()
     (migrated_tables, migrated_indexes), (fresh_tables, fresh_indexes) = schema_of(gateway.db_path), schema_of(fresh)
     assert migrated_indexes == fresh_indexes
     assert set(migrated_tables) == set(fresh_tables)
@@ -324,12 +324,12 @@ def test_a_database_of_every_earlier_schema_migrates_to_todays(tmp_path, make_ga
 
 def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     path = str(tmp_path / "gateway.db")
-    llmgw.Store(path).close()
+    llmgw.SQLiteStore(path).close()
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = %d" % (llmgw.SCHEMA_VERSION + 1))
     conn.close()
     with pytest.raises(llmgw.StorageError, match="newer llmgw"):
-        llmgw.Store(path)
+        llmgw.SQLiteStore(path)
     assert query(path, "PRAGMA user_version") == [(llmgw.SCHEMA_VERSION + 1,)]
 
 
@@ -352,7 +352,7 @@ def test_pyproject_installs_the_two_files_as_they_are_with_both_commands():
 def test_python_dash_m_llmgw_serves(tmp_path, upstream):
     (tmp_path / "config.yaml").write_text(json.dumps({
         "server": {"host": "127.0.0.1", "port": 0}, "providers": {"openai": {"base_url": upstream.url}}}))
-    llmgw.Store(str(tmp_path / "gateway.db")).close()
+    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
     log = tmp_path / "serve.log"
     with open(str(log), "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "llmgw"], cwd=str(tmp_path), stdout=out,

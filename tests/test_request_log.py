@@ -255,7 +255,7 @@ def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
                        "ALTER TABLE usage DROP COLUMN first_byte_ms; ALTER TABLE usage DROP COLUMN overhead_ms;"
                        + DROP_ATTEMPT_COLUMNS + "PRAGMA user_version = 1;")
     conn.close()
-    store = llmgw.Store(gateway.db_path)
+    store = llmgw.SQLiteStore(gateway.db_path)
     try:
         expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
         for group in ("key", "day"):
@@ -284,7 +284,7 @@ def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
                      for table in ("usage_hours", "usage_days", "usage_totals"))  # schema 4: a row was a request
     conn.executescript(script + DROP_ATTEMPT_COLUMNS + "PRAGMA user_version = 4;")
     conn.close()
-    store = llmgw.Store(gateway.db_path)
+    store = llmgw.SQLiteStore(gateway.db_path)
     try:
         for group in ("key", "day"):
             assert rollup_stats(store, group) == oracle_stats(gateway.db_path, group)
@@ -487,7 +487,7 @@ def test_stats_csv_from_the_api_and_the_cli(logged, monkeypatch, capsys):
 def test_log_pages_read_an_index_in_order(tmp_path):
     """A filtered log page walks an index newest first and stops at the page's
     end: no sort of the matching rows (what makes it fast at 10M rows)."""
-    llmgw.Store(tmp_path / "plan.db").close()
+    llmgw.SQLiteStore(tmp_path / "plan.db").close()
     conn = sqlite3.connect(str(tmp_path / "plan.db"))
     try:
         for filters in ({}, {"key": "vk_1"}, {"key": "vk_1", "since": 1.0}, {"since": 1.0, "until": 2.0},
