@@ -49,11 +49,10 @@ import llmgw
 
 
 def _store(create=False):
-    """The database at DB_PATH; only ``init`` may create it."""
-    path = llmgw.db_path_from_env()
-    if not create and not os.path.exists(path):
-        raise llmgw.ConfigError("database %s not found (run: python cli.py init)" % path)
-    return llmgw.SQLiteStore(path)
+    """The configured database (config.yaml's database.url, else the file
+    at DB_PATH); only ``init`` may create the file."""
+    config = llmgw.load_config() if os.path.exists(llmgw.config_path_from_env()) else llmgw.parse_config({})
+    return llmgw.open_store(config, create=create)
 
 
 def _print_json(value):

@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "SQLiteStore", "Store", "Usage", "load_config", "make_server", "serve",
+    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "open_store", "load_config", "make_server", "serve",
     # files, settings, secrets
     "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
     "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
@@ -439,7 +439,10 @@ class BudgetsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DatabaseConfig:
-    synchronous: str = "normal"         # normal: survives a crash; full: also power loss
+    synchronous: str = "normal"         # normal: survives a crash; full: also power loss (SQLite)
+    url: Optional[str] = None           # postgresql://USER@HOST:PORT/DB[?sslmode=...]: PostgreSQL, not the file
+    password: Optional[str] = None      # PostgreSQL's password: a ${ENV_VAR} reference (else PGPASSWORD)
+    pool_size: int = 10                 # PostgreSQL connections per process, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,7 +572,7 @@ MAX_PRICE_USD_PER_MTOK = 10 ** 6
 _SETTING_RANGES = {int: (1, 2 ** 31 - 1), float: (0.001, 10 ** 6)}
 #: Settings with a range of their own; a retention past 100 years would
 #: reach before year 1.
-_SETTING_RANGE_OF = {"server.port": (0, 65535), "logging.retention_days": (1, 36600),
+_SETTING_RANGE_OF = {"server.port": (0, 65535), "database.pool_size": (1, 1000), "logging.retention_days": (1, 36600),
                      "logging.body_retention_days": (1, 36600), "routing.retries": (0, 10),
                      "server.max_memory_mb": (0, 1 << 24)}
 
@@ -614,6 +617,8 @@ def parse_config(document, path=None):
     database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
     if database.synchronous not in ("normal", "full"):
         raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
+    if database.url is not None:
+        _check_postgres_url(database)
     budgets = _parse_budgets(document.get("budgets"))
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
@@ -685,6 +690,31 @@ def _expect(value, kind, where):
         names = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false"}
         raise ConfigError("%s: expected %s, got %s" % (where, names.get(kind, kind.__name__), shown(value)))
     return value
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _check_postgres_url(database):
+    """``database.url`` must be a PostgreSQL URL without a password
+    (config.yaml is tracked in git: the password comes from
+    ``database.password: ${ENV}`` or PGPASSWORD)."""
+    try:
+        url = urllib.parse.urlsplit(database.url)
+        url.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ConfigError("database.url: not a URL: %s" % exc) from None
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("database.url: %s is not a postgresql:// URL (SQLite needs no url: DB_PATH names its file)"
+                          % shown(url.scheme))
+    if url.password is not None:
+        raise ConfigError("database.url: holds a password; keep it out of config.yaml "
+                          "(database.password: ${ENV_VAR}, or PGPASSWORD)")
+    if database.password is not None and not _ENV_REFERENCE.match(database.password):
+        raise ConfigError("database.password: expected a ${ENV_VAR} reference (secrets stay out of config.yaml)")
+    sslmode = urllib.parse.parse_qs(url.query).get("sslmode", ["prefer"])[-1]
+    if sslmode not in _SSLMODES:
+        raise ConfigError("database.url: sslmode %s is not one of %s" % (shown(sslmode), ", ".join(_SSLMODES)))
 
 
 def _parse_dataclass(cls, section, where):
@@ -2265,7 +2295,7 @@ class Store:
             ", ".join(column if needed else "NULL" for column, needed in needs.items()),
             ", ".join("SUM(%s)" % name for name in STATS_TOTAL_FIELDS), ", ".join(expressions),
             ", ".join("SUM(u.%s)" % name for name in STATS_TOTAL_FIELDS), where, ", ".join(expressions),
-            ", ".join(expressions))
+            ", ".join(expression + " NULLS FIRST" for expression in expressions))  # as SQLite, unlike PostgreSQL
         result = []
         for row in self._read_apart(sql, params):
             entry = dict(zip(names, row[:len(names)]))
@@ -2573,6 +2603,310 @@ class SQLiteStore(Store):
             raise StorageError("restore from %s failed: %s" % (source_path, exc)) from None
         finally:
             source.close()
+
+
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+#: Statements translated so far (a bounded cache: statements are built from
+#: a few templates).
+_POSTGRES_STATEMENTS = {}
+
+
+def _postgres_statement(statement):
+    """The one place placeholders are translated: SQLite's ``?`` and ``?N``
+    as pg8000's ``%s`` (a literal ``%`` doubled), and which parameter each
+    ``%s`` takes."""
+    translated = _POSTGRES_STATEMENTS.get(statement)
+    if translated is None:
+        order, positions = [], itertools.count()
+
+        def placeholder(match):
+            order.append(int(match.group(1)) - 1 if match.group(1) else next(positions))
+            return "%s"
+        text = _PLACEHOLDER.sub(placeholder, statement.replace("%", "%%"))
+        if len(_POSTGRES_STATEMENTS) > 4096:
+            _POSTGRES_STATEMENTS.clear()
+        translated = _POSTGRES_STATEMENTS[statement] = (text, tuple(order)) if order else (statement, ())
+    return translated
+
+
+def _postgres_value(value):
+    """A parameter as PostgreSQL infers its type from text: a flag as 0 or
+    1, a whole float as an integer (so it also meets a BIGINT column)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _from_postgres(value):
+    """A SUM of BIGINTs arrives as a Decimal; the ledgers are integers."""
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+class _PostgresCursor:
+    """A statement's outcome, read at once: rows, rowcount, and (for a
+    statement ending RETURNING id) lastrowid."""
+
+    def __init__(self, cursor):
+        self.rowcount = cursor.rowcount
+        self._rows = [tuple(_from_postgres(value) for value in row) for row in cursor.fetchall()] \
+            if cursor.description else []
+
+    @property
+    def lastrowid(self):
+        return self._rows[0][0]
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self):
+        return self._rows
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
+class _PostgresConnection:
+    """A pg8000 connection as the storage algorithms use a sqlite3 one:
+    ``execute`` (SQLite's placeholders), ``executemany``, ``columns``,
+    ``try_lock``. Autocommit, but for the transactions ``_PostgresPool``
+    begins."""
+    sql = PostgresSQL
+
+    def __init__(self, raw):
+        self.raw = raw
+        raw.autocommit = True
+
+    def execute(self, statement, params=()):
+        text, order = _postgres_statement(statement)
+        cursor = self.raw.cursor()
+        if order:
+            cursor.execute(text, tuple(_postgres_value(params[index]) for index in order))
+        else:
+            cursor.execute(text)
+        return _PostgresCursor(cursor)
+
+    def executemany(self, statement, rows):
+        for params in rows:
+            self.execute(statement, params)
+
+    def columns(self, table):
+        return {row[0] for row in self.execute(PostgresSQL.COLUMNS_OF, (table,))}
+
+    def try_lock(self, number):
+        """Take advisory lock ``number`` until the transaction ends, unless
+        another session holds it."""
+        return bool(self.execute(PostgresSQL.TRY_LOCK, (number,)).fetchone()[0])
+
+    def close(self):
+        try:
+            self.raw.close()
+        except Exception:  # a broken connection may fail to say goodbye
+            pass
+
+
+#: SQLSTATEs of a transaction PostgreSQL aborted to let another through:
+#: serialization failure, deadlock. Run again, it succeeds.
+_RETRYABLE = ("40001", "40P01")
+
+
+class _PostgresPool:
+    """This process's connections to PostgreSQL: at most ``size``, opened
+    when first needed and kept; a thread waits up to ``wait_s`` for a free
+    one, then the request fails closed (503). ``run`` is a write: the
+    operation in a transaction of its own (PostgreSQL's row locks make a
+    shared transaction across processes deadlock-prone), run again if
+    PostgreSQL aborted it for a deadlock; ``read`` runs in autocommit. A
+    connection that failed is closed, not reused."""
+
+    attempts = 3
+
+    def __init__(self, connect, errors, size, wait_s):
+        self._connect, self._errors, self._wait_s = connect, errors, wait_s
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle = []
+        self._lock = threading.Lock()
+
+    def _take(self):
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise StorageError("the gateway's database connections are all busy")
+        try:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop()
+            return _PostgresConnection(self._connect())
+        except BaseException as exc:
+            self._slots.release()
+            if isinstance(exc, self._errors):
+                logger.error("cannot connect to the database: %s", exc)
+                raise StorageError("the gateway's database is unavailable") from None
+            raise
+
+    def _give(self, conn, broken=False):
+        if broken:
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append(conn)
+        self._slots.release()
+
+    def read(self, query):
+        conn = self._take()
+        try:
+            result = query(conn)
+        except self._errors as exc:
+            self._give(conn, broken=True)
+            raise StorageError("the gateway's database is unavailable: %s" % _postgres_message(exc)) from None
+        except BaseException:
+            self._give(conn, broken=True)
+            raise
+        self._give(conn)
+        return result
+
+    def run(self, operation, changes_state=False):
+        for attempt in range(1, self.attempts + 1):
+            conn = self._take()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    result = operation(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except self._errors as exc:
+                self._give(conn, broken=True)
+                if _sqlstate(exc) in _RETRYABLE and attempt < self.attempts:
+                    continue
+                logger.error("database write failed: %s", _postgres_message(exc))
+                raise StorageError("the gateway's database is unavailable") from None
+            except BaseException:
+                self._give(conn)  # rolled back: a refusal (budget exceeded), not a broken connection
+                raise
+            self._give(conn)
+            return result
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _sqlstate(exc):
+    detail = exc.args[0] if exc.args else None
+    return detail.get("C") if isinstance(detail, dict) else None
+
+
+def _postgres_message(exc):
+    """pg8000 reports a server error as a dict; its message is field M."""
+    detail = exc.args[0] if exc.args else None
+    return detail.get("M", str(detail)) if isinstance(detail, dict) else str(exc)
+
+
+def _import_pg8000():
+    try:
+        import pg8000.dbapi
+    except ImportError:
+        raise ConfigError("database.url names PostgreSQL, which needs pg8000: pip install pg8000") from None
+    return pg8000.dbapi
+
+
+def postgres_connect_args(database, environ):
+    """pg8000's connect() arguments for ``database`` (a DatabaseConfig with
+    a url): the password from its ``${ENV}`` reference or PGPASSWORD;
+    ``sslmode`` require (encrypted), verify-ca (and the server's
+    certificate checked), verify-full (and its name); otherwise plain."""
+    url = urllib.parse.urlsplit(database.url)
+    user = urllib.parse.unquote(url.username or "") or environ.get("PGUSER") or "postgres"
+    args = {"user": user, "host": url.hostname or "localhost", "port": url.port or 5432,
+            "database": urllib.parse.unquote(url.path.lstrip("/")) or user, "timeout": Store.busy_timeout_s,
+            "application_name": "llmgw"}
+    reference = _ENV_REFERENCE.match(database.password or "")
+    password = environ.get(reference.group(1)) if reference else environ.get("PGPASSWORD")
+    if password:
+        args["password"] = password
+    sslmode = urllib.parse.parse_qs(url.query).get("sslmode", ["prefer"])[-1]
+    if sslmode in ("require", "verify-ca", "verify-full"):
+        context = ssl.create_default_context()
+        context.check_hostname = sslmode == "verify-full"
+        if sslmode == "require":
+            context.verify_mode = ssl.CERT_NONE
+        args["ssl_context"] = context
+    return args
+
+
+class PostgresStore(Store):
+    """The database in PostgreSQL (``database.url``), shared by gateways on
+    any number of hosts. Each process keeps a pool of at most
+    ``database.pool_size`` connections (_PostgresPool); every write is its
+    own transaction. Migrations run under an advisory lock; the schema
+    version is the ``schema_version`` setting."""
+
+    sql = PostgresSQL
+
+    def __init__(self, database, environ=os.environ):
+        dbapi = _import_pg8000()
+        args = postgres_connect_args(database, environ)
+        #: Where it is, for messages (never the password).
+        self.path = "postgresql://%s@%s:%d/%s" % (args["user"], args["host"], args["port"], args["database"])
+        self._commits = _PostgresPool(lambda: dbapi.connect(**args), (dbapi.Error, OSError),
+                                      database.pool_size, self.busy_timeout_s)
+        self._migrate()
+
+    def _migrate(self):
+        """Bring the database to SCHEMA_VERSION in one transaction, one
+        process at a time (an advisory lock: gateways starting together
+        wait for the first one's migration, then find nothing to do)."""
+        def migrate(conn):
+            conn.execute(PostgresSQL.TAKE_LOCK, (MIGRATION_LOCK,))
+            exists = conn.execute("SELECT to_regclass('settings') IS NOT NULL").fetchone()[0]
+            rows = conn.execute(PostgresSQL.SCHEMA_VERSION_OF).fetchall() if exists else []
+            version = int(rows[0][0]) if rows else 0
+            if version > SCHEMA_VERSION:
+                raise _newer_schema(self.path, version)
+            if version < SCHEMA_VERSION:
+                _bring_schema_up(conn, version)
+                conn.execute(PUT_SETTING, ("schema_version", str(SCHEMA_VERSION)))
+            return version
+        version = self._commits.run(migrate)
+        if 0 < version < SCHEMA_VERSION:
+            logger.info("database %s migrated from schema version %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def close(self):
+        self._commits.close()
+
+    def _read(self, sql, params=()):
+        return self._commits.read(lambda conn: conn.execute(sql, params).fetchall())
+
+    #: A long read holds one pooled connection, not the others.
+    _read_apart = _read
+
+    def data_version(self):
+        """The generation itself: one primary-key read per request, so a
+        change committed through any instance holds on every other from its
+        next request."""
+        return self.generation(), 0
+
+    def backup(self, target):
+        raise ConfigError("the database is PostgreSQL (%s): back it up with pg_dump" % self.path)
+
+    def restore(self, source_path, now, stale_after=30.0):
+        raise ConfigError("the database is PostgreSQL (%s): restore it with pg_restore" % self.path)
+
+
+def open_store(config, environ=os.environ, create=True):
+    """The configured database: PostgreSQL at ``database.url``, else the
+    SQLite file at DB_PATH (created only if ``create``)."""
+    if config.database.url is not None:
+        return PostgresStore(config.database, environ)
+    path = db_path_from_env(environ)
+    if not create and not os.path.exists(path):
+        raise ConfigError("database %s not found (run: python cli.py init)" % path)
+    return SQLiteStore(path, synchronous=config.database.synchronous.upper())
 
 
 def _stats_sources(sql, since, until, by_time, step=None):
@@ -9076,8 +9410,7 @@ def make_server(config, store=None, host=None, port=None, environ=None, reuse_po
     """A listening GatewayServer (not yet serving). Port 0 picks a free port;
     ``clock`` (wall time) is injectable for budget periods and limits."""
     if store is None:
-        store = SQLiteStore(db_path_from_env(os.environ if environ is None else environ),
-                      synchronous=config.database.synchronous.upper())
+        store = open_store(config, os.environ if environ is None else environ)
     gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,
                port if port is not None else config.server.port)

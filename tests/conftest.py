@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import cli  # noqa: E402
 import llmgw  # noqa: E402
+import pg_cluster  # noqa: E402
 from fake_upstream import CONNECTION_THREAD_NAME, FakeUpstream, ScriptedUpstream  # noqa: E402
 
 
@@ -76,6 +77,145 @@ def clean_environment(monkeypatch):
             monkeypatch.delenv(name)
 
 
+# ---- the database backend ------------------------------------------------------------
+#
+# Gateways store in SQLite (a file under tmp_path) unless the test runs on
+# PostgreSQL: every test of a module marked ``both_backends`` runs once per
+# backend (the ``backend`` parameter), and LLMGW_TEST_BACKEND=postgresql
+# moves the rest too. PostgreSQL is a throwaway cluster the session starts
+# (tests/pg_cluster.py); where none can start, those cases skip saying why.
+
+BACKENDS = ("sqlite", "postgresql")
+DEFAULT_BACKEND = os.environ.get("LLMGW_TEST_BACKEND", "sqlite")
+assert DEFAULT_BACKEND in BACKENDS, "LLMGW_TEST_BACKEND: sqlite or postgresql"
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_backends: run each test on SQLite and on PostgreSQL")
+    config.addinivalue_line("markers", "sqlite_only(reason): the test is about the SQLite file; skipped on PostgreSQL")
+
+
+class PostgresDatabases:
+    """Databases of the session's cluster, reused: a test leases one per
+    gateway database it names, and gives it back emptied."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.free = []
+
+    def lease(self):
+        return self.free.pop() if self.free else self.cluster.create_database()
+
+    def give_back(self, url):
+        conn = self.cluster.connect(url.rsplit("/", 1)[1])
+        try:
+            cursor = conn.cursor()
+            cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            tables = [row[0] for row in cursor.fetchall()]
+            cursor.execute("TRUNCATE %s RESTART IDENTITY" % ", ".join(tables))
+            cursor.execute("INSERT INTO settings (name, value) VALUES ('schema_version', '%d')" % llmgw.SCHEMA_VERSION)
+        finally:
+            conn.close()
+        self.free.append(url)
+
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    reason = pg_cluster.unavailable()
+    if reason is not None:
+        pytest.skip("PostgreSQL backend not tested: %s" % reason)
+    cluster = pg_cluster.Cluster().start()
+    try:
+        yield PostgresDatabases(cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def backend(request):
+    """The test's storage backend: its parameter, else LLMGW_TEST_BACKEND."""
+    name = getattr(request, "param", DEFAULT_BACKEND)
+    marker = request.node.get_closest_marker("sqlite_only")
+    if name == "postgresql" and marker is not None:
+        pytest.skip("SQLite only: %s" % (marker.args[0] if marker.args else "about the SQLite file"))
+    return name
+
+
+@pytest.fixture
+def databases(request, backend):
+    """``url(db_path)``: the PostgreSQL database standing for ``db_path``
+    (the same for the same path within a test), or None on SQLite."""
+    if backend == "sqlite":
+        yield lambda db_path: None
+        return
+    pool = request.getfixturevalue("postgres_databases")
+    leased = {}
+
+    def url(db_path):
+        if str(db_path) not in leased:
+            leased[str(db_path)] = pool.lease()
+        return leased[str(db_path)]
+    yield url
+    for url in leased.values():
+        pool.give_back(url)
+
+
+def database_section(url):
+    return {} if url is None else {"database": {"url": url}}
+
+
+def connect_database(target):
+    """A connection of its own to ``target``'s database (a RunningGateway,
+    or a SQLite file's path), as another process would open it: (connection,
+    translate) where ``translate(sql)`` gives (statement, parameter order)."""
+    url = getattr(target, "database_url", None)
+    if url is None:
+        return sqlite3.connect(getattr(target, "db_path", target), timeout=10, isolation_level=None), \
+            lambda sql: (sql, None)
+    import pg8000.dbapi
+    args = llmgw.postgres_connect_args(llmgw.parse_config(database_section(url)).database, {})
+    conn = pg8000.dbapi.connect(**args)
+    conn.autocommit = True
+    return conn, llmgw._postgres_statement
+
+
+def query(target, sql, params=()):
+    """Rows (tuples) of one statement (SQLite placeholders) on ``target``'s
+    database, read on a connection of its own."""
+    conn, translate = connect_database(target)
+    try:
+        statement, order = translate(sql)
+        if order is not None:
+            params = tuple(params[index] for index in order)
+        cursor = conn.cursor()
+        if params:
+            cursor.execute(statement, params)
+        else:
+            cursor.execute(statement)
+        rows = cursor.fetchall() if cursor.description else []
+        names = [column[0] for column in cursor.description] if cursor.description else []
+        return [QueryRow(names, [llmgw._from_postgres(value) for value in row]) for row in rows]
+    finally:
+        conn.close()
+
+
+class QueryRow(tuple):
+    """A row as a tuple that also knows its column names (``as_dict()``)."""
+
+    def __new__(cls, names, values):
+        row = super().__new__(cls, values)
+        row.names = names
+        return row
+
+    def as_dict(self):
+        return dict(zip(self.names, self))
+
+
 # ---- the in-process gateway ----------------------------------------------------------
 
 @pytest.fixture
@@ -108,7 +248,8 @@ class RunningGateway:
 
     def __init__(self, document, db_path, environ=None, clock=time.time):
         self.config = llmgw.parse_config(document)
-        self.store = llmgw.SQLiteStore(db_path)
+        self.database_url = self.config.database.url  # None: SQLite at db_path
+        self.store = llmgw.open_store(self.config, {"DB_PATH": str(db_path)})
         self.db_path = str(db_path)
         self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
         self.port = self.server.server_address[1]
@@ -129,12 +270,8 @@ class RunningGateway:
     def assert_books_balanced(self):
         """Once stopped: no usage row pending, no budget reserved, no request
         of any key counted in flight (whatever the requests did)."""
-        conn = sqlite3.connect(self.db_path)
-        try:
-            pending = conn.execute("SELECT request_id, endpoint, model FROM usage WHERE status = 'pending'").fetchall()
-            reserved = conn.execute("SELECT COALESCE(SUM(reserved_nanousd), 0) FROM key_spend").fetchone()[0]
-        finally:
-            conn.close()
+        pending = query(self, "SELECT request_id, endpoint, model FROM usage WHERE status = 'pending'")
+        reserved = query(self, "SELECT COALESCE(SUM(reserved_nanousd), 0) FROM key_spend")[0][0]
         assert pending == [], "usage rows left pending: %r" % pending[:5]
         assert reserved == 0, "budget still reserved: %d nano-USD" % reserved
         in_flight = {key: count for key, count in self.gateway.limits.in_flight().items() if count}
@@ -148,13 +285,8 @@ class RunningGateway:
         return llmgw.create_virtual_key(self.store, self.config, project, fields, now=self.gateway.clock())
 
     def rows(self):
-        """Usage rows read from the database file, as another process would."""
-        conn = sqlite3.connect(self.db_path)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(row) for row in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        """Usage rows read from the database, as another process would."""
+        return [row.as_dict() for row in query(self, "SELECT * FROM usage ORDER BY id")]
 
     def wait_for_rows(self, predicate=lambda rows: bool(rows), timeout=5.0):
         deadline = time.monotonic() + timeout
@@ -166,13 +298,16 @@ class RunningGateway:
 
 
 @pytest.fixture
-def make_gateway(request, tmp_path, upstream):
+def make_gateway(request, tmp_path, upstream, databases):
     """Start gateways with custom config sections: ``make_gateway(server={...})``;
-    ``clock=`` injects a wall clock. A module that uses the ``balanced_books``
-    fixture has every gateway's books checked once it stopped."""
+    ``clock=`` injects a wall clock; on the test's backend, where gateways
+    started with the same ``db_name`` share the database. A module that
+    uses the ``balanced_books`` fixture has every gateway's books checked
+    once it stopped."""
     started = []
 
     def start(environ=None, db_name="gateway.db", clock=time.time, **sections):
+        sections = dict(database_section(databases(tmp_path / db_name)), **sections)
         gateway = RunningGateway(base_config(upstream.url, **sections), tmp_path / db_name, environ, clock)
         started.append(gateway)
         return gateway
@@ -953,12 +1088,8 @@ def answer(target, path, body, key, timeout=2.0, **kwargs):
 
 def ledger(gateway, key_id):
     """(spent, reserved) nano-dollars of the key's budget period rows, summed."""
-    conn = sqlite3.connect(gateway.db_path, timeout=10)
-    try:
-        return conn.execute("SELECT COALESCE(SUM(spent_nanousd), 0), COALESCE(SUM(reserved_nanousd), 0) "
-                            "FROM key_spend WHERE key_id = ?", (key_id,)).fetchone()
-    finally:
-        conn.close()
+    return tuple(query(gateway, "SELECT COALESCE(SUM(spent_nanousd), 0), COALESCE(SUM(reserved_nanousd), 0) "
+                                "FROM key_spend WHERE key_id = ?", (key_id,))[0])
 
 
 def health_recovers(gateway, timeout=2.0):
@@ -972,11 +1103,7 @@ def health_recovers(gateway, timeout=2.0):
     return wait_until(probe, timeout)
 
 
-def execute_sql(db_path, *statements):
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        for statement in statements:
-            conn.execute(statement)
-        conn.commit()
-    finally:
-        conn.close()
+def execute_sql(target, *statements):
+    """Run ``statements`` on ``target``'s database (a gateway, or a SQLite file's path)."""
+    for statement in statements:
+        query(target, statement)

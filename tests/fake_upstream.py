@@ -147,6 +147,8 @@ Timing
   ``hang``        read the request, then send nothing until the client
                   disconnects, ``stop()`` or 60 s; then close without a reply
   ``slow``        sleep 0.5 s before the status line
+  ``held``        wait before the status line until the test calls
+                  ``release()`` (or ``stop()``, or 60 s)
   ``slowstream``  0.2 s between stream events
   ``halting``     stream: every chunk in three writes 0.1 s apart, cut
                   after its size (before the size line's CRLF) and halfway
@@ -1191,6 +1193,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Aborted
         if call.has("slow"):
             self._sleep(SLOW_S)
+        if call.has("held"):
+            self.fake.released.wait(HANG_MAX_S)
         if call.route is None:
             body = _openai_error(
                 f"Unknown request URL: {call.method} {call.path}. "
@@ -1590,6 +1594,8 @@ class FakeUpstream:
         self.resume = threading.Event()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
+        #: ``held`` calls wait for this (release(); reset() clears it)
+        self.released = threading.Event()
         self._sockets = set()
         self._seq = 0
         self._server = None
@@ -1629,6 +1635,7 @@ class FakeUpstream:
         if server is None:
             return
         self._stopping.set()        # wakes slow/hang/drip loops
+        self.released.set()
         server.shutdown()
         server.server_close()
         with self._cond:
@@ -1649,6 +1656,11 @@ class FakeUpstream:
         with self._cond:
             self.requests.clear()
             self.reported.clear()
+        self.released.clear()
+
+    def release(self):
+        """Let every ``held`` call answer, now and from now on."""
+        self.released.set()
 
     def wait_for_requests(self, n, timeout=5.0):
         """Wait until at least ``n`` requests were recorded; True if so."""

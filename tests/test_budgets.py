@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,8 +24,8 @@ import time
 import pytest
 import yaml
 
-from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call,
-                      post, reported_tokens, run_cli, wait_until)
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, GatewayProcess, admin, base_config, call, database_section,
+                      post, query, reported_tokens, run_cli, wait_until)
 
 import llmgw
 
@@ -36,6 +35,7 @@ IN, OUT = 1000, 3000
 PRICES = {
     "acme-1": {"input": IN, "output": OUT},
     "acme-1-slow": {"input": IN, "output": OUT},
+    "acme-1-held": {"input": IN, "output": OUT},
     # Output far dearer than input: a reply longer than max_tokens overshoots.
     "acme-2": {"input": 1, "output": 100000},
 }
@@ -46,7 +46,7 @@ REVOKED_ANTHROPIC = {"type": "error", "error": {"type": "authentication_error",
                                                 "message": "Invalid, revoked or expired virtual key"}}
 INVALID_ONE_LINE = re.compile(r"\Aerror: [^\n]+\n\Z")
 
-pytestmark = pytest.mark.usefixtures("clean_environment")
+pytestmark = [pytest.mark.usefixtures("clean_environment"), pytest.mark.both_backends]
 
 
 # ---- helpers ----------------------------------------------------------------
@@ -100,25 +100,17 @@ def new_key(gateway, project="budget project", **policy):
         policy["max_budget"] = usd(budget)
     record, secret = gateway.create_key(project, **policy)
     if budget is not None:
-        assert column(gateway.db_path, record["id"], "max_budget_nanousd") == budget
+        assert column(gateway, record["id"], "max_budget_nanousd") == budget
     return record["id"], secret
 
 
-def query(db_path, sql, params=()):
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+def column(gateway, key_id, name):
+    return query(gateway, "SELECT %s FROM virtual_keys WHERE id = ?" % name, (key_id,))[0][0]
 
 
-def column(db_path, key_id, name):
-    return query(db_path, "SELECT %s FROM virtual_keys WHERE id = ?" % name, (key_id,))[0][0]
-
-
-def spend_rows(db_path, key_id):
+def spend_rows(gateway, key_id):
     """key_spend rows: (period_start, spent, reserved, topup), oldest first."""
-    return query(db_path, "SELECT period_start, spent_nanousd, reserved_nanousd, topup_nanousd FROM key_spend "
+    return query(gateway, "SELECT period_start, spent_nanousd, reserved_nanousd, topup_nanousd FROM key_spend "
                           "WHERE key_id = ? ORDER BY period_start", (key_id,))
 
 
@@ -156,13 +148,13 @@ def wait_synced(*gateways):
         assert wait_until(lambda: limits.syncs >= done, timeout=10), "no sync"
 
 
-def wait_published(db_path, key_id, field, value, reader):
+def wait_published(gateway, key_id, field, value, reader):
     """Wait until some gateway published ``field`` >= value for the key in
     key_activity (this minute's count plus the previous one's, as a minute
     may turn between the call and the publication), then until ``reader``
     read it."""
     assert wait_until(lambda: any(row[0] >= value for row in query(
-        db_path, "SELECT {0} + previous_{0} FROM key_activity WHERE key_id = ?".format(field), (key_id,)))), \
+        gateway, "SELECT {0} + previous_{0} FROM key_activity WHERE key_id = ?".format(field), (key_id,)))), \
         "never published"
     wait_synced(reader)
 
@@ -199,17 +191,20 @@ def assert_rate_refusal(reply, unit, limit):
     assert reply.header("x-ratelimit-reset-%s" % unit) == "%ds" % retry_after
 
 
-def write_cli_config(tmp_path, upstream, **sections):
+def write_cli_config(tmp_path, upstream, database_url=None, **sections):
+    """config.yaml in tmp_path: the fake upstream, and the database at
+    ``database_url`` (None: SQLite at DB_PATH)."""
     path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(base_config(upstream.url, **sections)))  # JSON is YAML
+    path.write_text(json.dumps(base_config(upstream.url, **database_section(database_url), **sections)))  # JSON is YAML
     return path
 
 
 @pytest.fixture
-def cli_main(cli_main, tmp_path, upstream):
+def cli_main(cli_main, tmp_path, upstream, databases):
     """The shared in-process ``cli.main(ARGS)`` with a config.yaml pricing
-    PRICES next to gateway.db; returns (exit code, stdout, stderr)."""
-    write_cli_config(tmp_path, upstream, pricing=PRICES)
+    PRICES next to gateway.db (on the test's backend); returns (exit code,
+    stdout, stderr)."""
+    write_cli_config(tmp_path, upstream, databases(tmp_path / "gateway.db"), pricing=PRICES)
 
     def run(*args):
         result = cli_main(*args)
@@ -254,7 +249,7 @@ def test_reservation_is_the_worst_case_and_settles_to_the_real_cost(make_gateway
     assert row["cost_nanousd"] == real_cost(entry)
     month_start = llmgw.budget_period_bounds(time.time(), "monthly")[0]
     assert row["budget_period_start"] == month_start
-    assert spend_rows(gateway.db_path, key_id) == [(month_start, real_cost(entry), 0, 0)]
+    assert spend_rows(gateway, key_id) == [(month_start, real_cost(entry), 0, 0)]
 
 
 def test_count_tokens_reserves_nothing_but_an_exhausted_budget_stops_it(make_gateway, upstream):
@@ -300,13 +295,25 @@ def test_worst_case_reaches_the_long_context_tier(make_gateway, upstream, above_
 
 def budget_burst(targets, gateway, upstream, count=50, admits=10):
     """``count`` concurrent calls spread over ``targets`` with a key whose
-    budget admits ``admits`` worst cases (plus half of one)."""
-    raw = chat_raw("acme-1-slow", max_tokens=100)
+    budget admits ``admits`` worst cases (plus half of one). The provider
+    holds every call it receives until the others were refused (or one too
+    many reached it), so no settlement frees budget during the burst."""
+    raw = chat_raw("acme-1-held", max_tokens=100)
     reservation = worst(raw, 100)
     budget = admits * reservation + reservation // 2
     key_id, secret = new_key(gateway, budget_nanousd=budget)
     upstream.reset()
-    replies = concurrently(count, lambda i: send(targets[i % len(targets)], raw, secret))
+    answered = []
+
+    def one(i):
+        reply = send(targets[i % len(targets)], raw, secret)
+        answered.append(reply)
+        return reply
+    releaser = threading.Thread(target=lambda: (wait_until(
+        lambda: len(answered) >= count - admits or len(upstream.requests) > admits, timeout=20), upstream.release()))
+    releaser.start()
+    replies = concurrently(count, one)
+    releaser.join()
     ok = [reply for reply in replies if reply.status == 200]
     refused = [reply for reply in replies if reply.status != 200]
     assert len(ok) == admits, [reply.status for reply in replies]
@@ -319,7 +326,7 @@ def budget_burst(targets, gateway, upstream, count=50, admits=10):
     assert {row["reserved_nanousd"] for row in rows} == {reservation}
     costs = sorted(real_cost(entry) for entry in upstream.reported)
     assert sorted(row["cost_nanousd"] for row in rows) == costs
-    [(_, spent, reserved, topup)] = spend_rows(gateway.db_path, key_id)
+    [(_, spent, reserved, topup)] = spend_rows(gateway, key_id)
     assert (spent, reserved, topup) == (sum(costs), 0, 0)
     assert spent <= budget
     return key_id
@@ -337,10 +344,11 @@ def test_budget_holds_across_two_gateways_on_one_database(make_gateway, upstream
     budget_burst([first, second], first, upstream)
 
 
-def start_child_gateway(tmp_path, upstream, **sections):
-    """``python llmgw.py`` on the test's database and a config.yaml of its own
-    (the provider keys are in it; clean_environment keeps the shell's out)."""
-    document = base_config(upstream.url, **sections)
+def start_child_gateway(tmp_path, upstream, database_url=None, **sections):
+    """``python llmgw.py`` on the test's database (SQLite's gateway.db, or
+    ``database_url``) and a config.yaml of its own (the provider keys are in
+    it; clean_environment keeps the shell's out)."""
+    document = base_config(upstream.url, **database_section(database_url), **sections)
     document["server"] = dict(document["server"], port=0)
     document["logging"] = {"level": "INFO"}  # the start-up line names the port
     config = tmp_path / "child-config.yaml"
@@ -351,7 +359,7 @@ def start_child_gateway(tmp_path, upstream, **sections):
 
 def test_budget_holds_across_two_gateway_processes(make_gateway, upstream, tmp_path):
     here = make_gateway(pricing=PRICES)
-    child = start_child_gateway(tmp_path, upstream, pricing=PRICES)
+    child = start_child_gateway(tmp_path, upstream, here.database_url, pricing=PRICES)
     try:
         budget_burst([here, child], here, upstream)
     finally:
@@ -372,7 +380,7 @@ def test_provider_reporting_more_than_the_bound_is_recorded_and_stops_the_key(ma
     assert cost > reservation
     [row] = gateway.rows()
     assert (row["reserved_nanousd"], row["cost_nanousd"]) == (reservation, cost)
-    assert [spend[1:] for spend in spend_rows(gateway.db_path, key_id)] == [(cost, 0, 0)]
+    assert [spend[1:] for spend in spend_rows(gateway, key_id)] == [(cost, 0, 0)]
     assert_budget_refusal(send(gateway, raw, secret))
     info = key_info(gateway, secret).json()
     assert (info["spent"], info["remaining"]) == (usd(cost), 0.0)
@@ -425,26 +433,21 @@ def test_reservation_of_a_killed_process_is_settled_at_the_next_start(make_gatew
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(10)
     start = llmgw.budget_period_bounds(time.time(), "daily")[0]
-    conn = sqlite3.connect(first.db_path, timeout=10)
-    with conn:
-        conn.execute("INSERT INTO key_spend (key_id, period_start, spent_nanousd, reserved_nanousd) "
-                     "VALUES (?, ?, 0, ?)", (key_id, start, reservation))
-        conn.execute("INSERT INTO gateway_processes (owner, host, pid, started_at, heartbeat_at) "
-                     "VALUES ('killed-gateway', ?, ?, ?, ?)",
-                     (socket.gethostname(), dead.pid, time.time() - 5, time.time()))
-        conn.execute("INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed, status, "
-                     "started_at, owner, reserved_nanousd, budget_period_start) "
-                     "VALUES ('killed-1', ?, 'openai', '/v1/chat/completions', 'acme-1', 0, 'pending', ?, "
-                     "'killed-gateway', ?, ?)",
-                     (key_id, time.time() - 1, reservation, start))
-    conn.close()
+    query(first, "INSERT INTO key_spend (key_id, period_start, spent_nanousd, reserved_nanousd) "
+                 "VALUES (?, ?, 0, ?)", (key_id, start, reservation))
+    query(first, "INSERT INTO gateway_processes (owner, host, pid, started_at, heartbeat_at) "
+                 "VALUES ('killed-gateway', ?, ?, ?, ?)", (socket.gethostname(), dead.pid, time.time() - 5, time.time()))
+    query(first, "INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, model, streamed, status, "
+                 "started_at, owner, reserved_nanousd, budget_period_start) "
+                 "VALUES ('killed-1', ?, 'openai', '/v1/chat/completions', 'acme-1', 0, 'pending', ?, "
+                 "'killed-gateway', ?, ?)", (key_id, time.time() - 1, reservation, start))
     assert key_info(first, secret).json()["reserved"] == usd(reservation)
     second = make_gateway(pricing=PRICES)  # make_server recovers rows of dead owners
     [row] = second.rows()
     assert (row["status"], row["cost_nanousd"], row["reserved_nanousd"], row["usage_source"]) == (
         "interrupted", reservation, 0, "estimated")
     assert row["finished_at"] is not None
-    assert spend_rows(second.db_path, key_id) == [(start, reservation, 0, 0)]
+    assert spend_rows(second, key_id) == [(start, reservation, 0, 0)]
     info = key_info(second, secret).json()
     assert (info["spent"], info["reserved"], info["remaining"]) == (
         usd(reservation), 0.0, usd(budget - reservation))
@@ -461,11 +464,11 @@ def test_rpm_is_shared_by_two_gateways_on_one_database(make_gateway, upstream):
     key_id, secret = new_key(first, rpm=10)
     raw = chat_raw("gpt-4o-mini")
     assert [send(first, raw, secret).status for _ in range(5)] == [200] * 5
-    wait_published(first.db_path, key_id, "requests", 5, second)
+    wait_published(first, key_id, "requests", 5, second)
     assert [send(second, raw, secret).status for _ in range(5)] == [200] * 5
     assert_rate_refusal(send(second, raw, secret), "requests", 10)  # second knows all ten
     assert wait_until(lambda: sorted(row[0] for row in query(
-        first.db_path, "SELECT requests FROM key_activity WHERE key_id = ?", (key_id,))) == [5, 5])
+        first, "SELECT requests FROM key_activity WHERE key_id = ?", (key_id,))) == [5, 5])
     wait_synced(first)
     assert_rate_refusal(send(first, raw, secret), "requests", 10)  # first learnt of second's
     assert len(upstream.requests) == 10
@@ -492,7 +495,7 @@ def test_tpm_is_shared_by_two_gateways(make_gateway, upstream):
     key_id, secret = new_key(first, tpm=10)
     raw = chat_raw("gpt-4o-mini")
     assert send(first, raw, secret).status == 200
-    wait_published(first.db_path, key_id, "tokens", sum(reported_tokens(upstream.reported[0])), second)
+    wait_published(first, key_id, "tokens", sum(reported_tokens(upstream.reported[0])), second)
     assert_rate_refusal(send(second, raw, secret), "tokens", 10)
     assert len(upstream.requests) == 1
 
@@ -732,7 +735,7 @@ def test_budget_resets_at_the_period_boundary(make_gateway, upstream, period, fi
     clock.now = at(next_start)
     assert send(gateway, raw, secret).status == 200
     second_cost = real_cost(upstream.reported[1])
-    assert spend_rows(gateway.db_path, key_id) == [
+    assert spend_rows(gateway, key_id) == [
         (llmgw.budget_period_bounds(at(first), period)[0], first_cost, 0, 0), (at(next_start), second_cost, 0, 0)]
     info = key_info(gateway, secret).json()
     assert (info["period_start"], info["spent"], info["remaining"]) == (
@@ -758,7 +761,7 @@ def test_never_period_is_a_prepaid_balance_topped_up_by_the_admin_api(make_gatew
     assert reply.json()["max_budget"] == usd(reservation)  # the key's budget; the top-up is on top
     assert send(gateway, raw, secret).status == 200
     second_cost = real_cost(upstream.reported[1])
-    assert spend_rows(gateway.db_path, key_id) == [(0.0, first_cost + second_cost, 0, reservation)]
+    assert spend_rows(gateway, key_id) == [(0.0, first_cost + second_cost, 0, reservation)]
     info = key_info(gateway, secret).json()
     assert (info["budget"], info["spent"], info["remaining"]) == (
         usd(2 * reservation), usd(first_cost + second_cost), usd(2 * reservation - first_cost - second_cost))
@@ -789,7 +792,7 @@ def test_admin_topup_refuses_bad_amounts(make_gateway, body):
     key_id, _ = new_key(gateway, max_budget=1)
     reply = admin(gateway, "POST", "/admin/virtual-keys/%s/topup" % key_id, body)
     assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_request")
-    assert spend_rows(gateway.db_path, key_id) == [] or spend_rows(gateway.db_path, key_id)[0][3] == 0
+    assert spend_rows(gateway, key_id) == [] or spend_rows(gateway, key_id)[0][3] == 0
 
 
 def test_admin_topup_needs_a_budgeted_key(make_gateway):
@@ -813,13 +816,13 @@ def test_cli_topup(make_gateway, upstream, cli_main):
     code, out, err = cli_main("keys", "topup", key_id, usd(reservation))
     assert (code, err) == (0, "") and key_id in out
     assert send(gateway, raw, secret).status == 200
-    [(start, spent, reserved, topup)] = spend_rows(gateway.db_path, key_id)
+    [(start, spent, reserved, topup)] = spend_rows(gateway, key_id)
     assert (start, reserved, topup) == (llmgw.budget_period_bounds(time.time(), "daily")[0], 0, reservation)
     unbudgeted_id, _ = new_key(gateway)
     for args in ((unbudgeted_id, "1"), ("vk_000000000000", "1"), (key_id, "0"), (key_id, "-1"), (key_id, "nan")):
         code, out, err = cli_main("keys", "topup", *args)
         assert code == 1 and INVALID_ONE_LINE.match(err), (args, err)
-    assert spend_rows(gateway.db_path, key_id)[0][3] == reservation
+    assert spend_rows(gateway, key_id)[0][3] == reservation
 
 
 def test_budget_added_later_counts_what_was_spent_meanwhile(make_gateway, upstream):
@@ -950,7 +953,7 @@ def test_stats_by_label_and_budget_use_per_key(make_gateway, upstream, cli_main)
 
 def test_cli_create_and_update_with_every_policy_flag(make_gateway, upstream, tmp_path):
     gateway = make_gateway(pricing=PRICES)
-    config = write_cli_config(tmp_path, upstream, pricing=PRICES)
+    config = write_cli_config(tmp_path, upstream, gateway.database_url, pricing=PRICES)
     env = {"CONFIG_PATH": str(config), "DB_PATH": gateway.db_path}
     result = run_cli(
         ["keys", "create", "Alpha team", "--tier", "premium", "--rpm", "5", "--tpm", "1000", "--max-parallel", "3",
@@ -968,7 +971,7 @@ def test_cli_create_and_update_with_every_policy_flag(make_gateway, upstream, tm
         "max_budget": 2.5, "budget_period": "weekly", "models": ["gpt-4o*", "claude-*"],
         "metadata": {"team": "search", "owner": "ana"}, "is_active": True}
     key_id = created["id"]
-    assert column(gateway.db_path, key_id, "max_budget_nanousd") == 2500000000
+    assert column(gateway, key_id, "max_budget_nanousd") == 2500000000
     # The running gateway enforces what the CLI stored.
     assert send(gateway, chat_raw("o3"), secret).status == 403
     assert send(gateway, chat_raw("gpt-4o-mini"), secret).status == 200
@@ -1144,7 +1147,7 @@ def test_estimate_reserves_bytes_over_four_and_typical_output(make_gateway, upst
     [row] = gateway.rows()
     assert row["reserved_nanousd"] == estimate(raw, output_tokens)
     assert row["cost_nanousd"] == real_cost(entry)
-    assert spend_rows(gateway.db_path, key_id)[0][1:] == (real_cost(entry), 0, 0)
+    assert spend_rows(gateway, key_id)[0][1:] == (real_cost(entry), 0, 0)
 
 
 def test_estimate_admits_while_any_budget_is_left_then_stops(make_gateway, upstream):
@@ -1163,7 +1166,7 @@ def test_estimate_admits_while_any_budget_is_left_then_stops(make_gateway, upstr
     assert send(gateway, raw, secret).status == 200
     [entry] = upstream.reported
     spent = real_cost(entry)
-    assert spend_rows(gateway.db_path, key_id)[0][1:] == (spent, 0, 0)
+    assert spend_rows(gateway, key_id)[0][1:] == (spent, 0, 0)
     assert spent > budget  # admitted on what was left: the overshoot is this call's cost beyond it
     info = key_info(gateway, secret).json()
     assert (info["spent"], info["remaining"]) == (usd(spent), 0.0)
@@ -1184,7 +1187,7 @@ def test_estimate_admits_one_call_of_concurrent_ones_on_a_nearly_spent_budget(ma
         if reply.status != 200:
             assert_budget_refusal(reply)
     [entry] = upstream.reported
-    assert spend_rows(gateway.db_path, key_id)[0][1:] == (real_cost(entry), 0, 0)
+    assert spend_rows(gateway, key_id)[0][1:] == (real_cost(entry), 0, 0)
 
 
 def test_admission_per_key_overrides_the_global_one(make_gateway, upstream, cli_main):
