@@ -171,9 +171,10 @@ def database_section(url):
 
 def connect_database(target):
     """A connection of its own to ``target``'s database (a RunningGateway,
-    or a SQLite file's path), as another process would open it: (connection,
-    translate) where ``translate(sql)`` gives (statement, parameter order)."""
-    url = getattr(target, "database_url", None)
+    a postgresql:// URL or a SQLite file's path), as another process would
+    open it: (connection, translate) where ``translate(sql)`` gives
+    (statement, parameter order)."""
+    url = target if str(target).startswith("postgresql://") else getattr(target, "database_url", None)
     if url is None:
         return sqlite3.connect(getattr(target, "db_path", target), timeout=10, isolation_level=None), \
             lambda sql: (sql, None)

@@ -1,7 +1,8 @@
 """The books under storage faults and odd timing, regression tests of the
 review of llmgw.py (one test per finding, named after it):
 
-* B4  a database that refuses writes (SQLite trigger) at settle and at begin.
+* B4  a database that refuses writes (SQLite trigger) at settle and at begin;
+      on PostgreSQL, a database that cannot be reached.
 * B7  ``stats --reprice --apply`` on an ``interrupted`` row.
 * B8  a budget set while a call is in flight.
 * B9  a row marked ``interrupted`` while its owner still runs.
@@ -12,7 +13,6 @@ not checked after they stop.
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 
@@ -20,11 +20,14 @@ import pytest
 
 import llmgw
 from conftest import (ADMIN_TOKEN, CHAT, GatewayProcess, admin, answer, assert_json_error, base_config, body_for, call,
-                      execute_sql, expected_columns, expected_cost, health_recovers, ledger, paths_env, post,
-                      settled_rows, sse_events, wait_until)
+                      database_section, execute_sql, expected_columns, expected_cost, health_recovers, ledger,
+                      paths_env, post, query, settled_rows, sse_events, wait_until)
+
+pytestmark = pytest.mark.both_backends
 
 # ---- B4: the database refuses writes -------------------------------------------------
 
+@pytest.mark.sqlite_only("a SQLite trigger refuses the writes; test_b4_unreachable_postgresql_fails_closed")
 def test_b4_failing_settle_still_answers_and_failing_begin_is_503_storage_unavailable(make_gateway, upstream,
                                                                                       caplog):
     caplog.set_level(logging.ERROR, logger="llmgw")
@@ -60,11 +63,40 @@ def test_b4_failing_settle_still_answers_and_failing_begin_is_503_storage_unavai
     assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
 
 
+def test_b4_unreachable_postgresql_fails_closed(make_gateway, upstream, backend):
+    """Every connection to the database cut, and no new one allowed: a
+    request is refused 503 before anything reaches the provider, the
+    server keeps serving, and it recovers once the database is back."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only (SQLite: the test above)")
+    gateway = make_gateway()
+    record, key = gateway.create_key(max_budget=5)
+    assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
+    database = gateway.database_url.rsplit("/", 1)[1]
+    admin_url = gateway.database_url.rsplit("/", 1)[0] + "/postgres"
+    query(admin_url, "ALTER DATABASE %s ALLOW_CONNECTIONS false" % database)
+    try:
+        query(admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?", (database,))
+        for path in (CHAT, CHAT):  # the first finds its pooled connection dead, the next cannot connect
+            refused = answer(gateway, path, body_for(path), key)
+            assert_json_error(refused, 503, code="storage_unavailable")
+        assert len(upstream.requests) == 1
+        assert health_recovers(gateway), "connection slots leaked: /health is refused"
+    finally:
+        query(admin_url, "ALTER DATABASE %s ALLOW_CONNECTIONS true" % database)
+    assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
+    assert len(upstream.requests) == 2
+    assert ledger(gateway, record["id"])[1] == 0
+
+
 # ---- B7: re-pricing an interrupted row -----------------------------------------------
 
-def test_b7_reprice_apply_leaves_an_interrupted_rows_charge_alone(tmp_path, make_gateway, upstream, cli_main):
+def test_b7_reprice_apply_leaves_an_interrupted_rows_charge_alone(tmp_path, make_gateway, upstream, cli_main,
+                                                                  databases):
     pricing = {"default": {"input": 1, "output": 2}}
-    (tmp_path / "config.yaml").write_text(json.dumps(base_config(upstream.url, pricing=pricing)))
+    url = databases(tmp_path / "gateway.db")
+    (tmp_path / "config.yaml").write_text(json.dumps(base_config(upstream.url, pricing=pricing,
+                                                                 **database_section(url))))
     cli_main("init", check=True)
     created = json.loads(cli_main("keys", "create", "interrupted", "--budget", "5", "--output", "json",
                                   check=True).stdout)
@@ -74,7 +106,8 @@ def test_b7_reprice_apply_leaves_an_interrupted_rows_charge_alone(tmp_path, make
         hanging = threading.Thread(target=lambda: _ignore_errors(
             post, child, CHAT, body_for(CHAT, model="gpt-4o-mini-hang", max_tokens=100), created["key"], timeout=5))
         hanging.start()
-        assert wait_until(lambda: [r for r in _rows(tmp_path) if r["status"] == "pending"]), "no pending row"
+        assert wait_until(lambda: [r for r in query(url or tmp_path / "gateway.db", "SELECT status FROM usage")
+                                   if r[0] == "pending"]), "no pending row"
         child.kill9()
         hanging.join(5)
     finally:
@@ -100,17 +133,6 @@ def _ignore_errors(function, *args, **kwargs):
         function(*args, **kwargs)
     except OSError:
         pass
-
-
-def _rows(tmp_path):
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"), timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in conn.execute("SELECT * FROM usage ORDER BY id")]
-    except sqlite3.OperationalError:  # no table yet
-        return []
-    finally:
-        conn.close()
 
 
 # ---- B8: a budget set while a call is in flight --------------------------------------
@@ -157,20 +179,13 @@ def test_b9_a_row_interrupted_under_its_running_owner_is_not_settled_twice(make_
     assert reserved > 0
     # What recovery does to a row it believes abandoned (say another
     # container with the same pid): charge the reservation in full.
-    conn = sqlite3.connect(gateway.db_path, timeout=10, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        marked = conn.execute("UPDATE usage SET status = 'interrupted', finished_at = ?, "
-                              "cost_nanousd = reserved_nanousd, usage_source = 'estimated', reserved_nanousd = 0 "
-                              "WHERE id = ? AND status = 'pending'",
-                              (time.time(), pending["id"])).rowcount
-        conn.execute("UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ? "
-                     "WHERE key_id = ? AND period_start = ?",
-                     (reserved, reserved, record["id"], pending["budget_period_start"]))
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    assert marked == 1, "the call finished before the test could interrupt its row"
+    marked = query(gateway, "UPDATE usage SET status = 'interrupted', finished_at = ?, "
+                            "cost_nanousd = reserved_nanousd, usage_source = 'estimated', reserved_nanousd = 0 "
+                            "WHERE id = ? AND status = 'pending' RETURNING id", (time.time(), pending["id"]))
+    assert marked, "the call finished before the test could interrupt its row"
+    query(gateway, "UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ? "
+                   "WHERE key_id = ? AND period_start = ?",
+                   (reserved, reserved, record["id"], pending["budget_period_start"]))
     flight.join(5)
     assert results and results[0].status == 200, results
 
