@@ -346,6 +346,9 @@ providers:
 
 database:                          # the file itself: DB_PATH (default gateway.db)
   synchronous: normal              # normal: commits survive a crash; full: also power loss
+  # url: postgresql://llmgw@db.internal/llmgw   # PostgreSQL instead (pip install pg8000; see README)
+  # password: ${LLMGW_DB_PASSWORD}             # or PGPASSWORD; never in the URL
+  # pool_size: 10                              # PostgreSQL connections per process, at most
 
 logging:
   level: INFO
@@ -1473,11 +1476,13 @@ PENDING_OWNERS = """SELECT DISTINCT u.owner, p.host, p.pid, p.heartbeat_at FROM 
 _ABANDONED_ROWS = """SELECT id, virtual_key_id, reserved_nanousd, budget_period_start FROM usage
                     WHERE status = 'pending' AND owner %s ?"""
 #: A reservation left by a dead process is charged in full: the provider may
-#: have done the work, and a budget must never be overshot.
+#: have done the work, and a budget must never be overshot. Only a row still
+#: pending: its owner may have settled it since the sweep read it (PostgreSQL
+#: reads committed rows; SQLite's sweep holds the only write lock).
 INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cost_nanousd = reserved_nanousd,
                           usage_source = CASE WHEN reserved_nanousd > 0 THEN 'estimated' ELSE 'none' END,
                           reserved_nanousd = 0
-                   WHERE id = ?"""
+                   WHERE id = ? AND status = 'pending'"""
 
 # Hourly rollups: one row per (hour, key, model, provider, status) summing
 # ROLLUP_MEASURES over the usage rows it covers. A row is rolled up in the
@@ -2230,7 +2235,8 @@ class Store:
                     continue
                 for row_id, key_id, reserved, period_start in conn.execute(
                         conn.sql.ABANDONED_ROWS, (other,)).fetchall():
-                    conn.execute(INTERRUPT_ROW, (time.time(), row_id))
+                    if not conn.execute(INTERRUPT_ROW, (time.time(), row_id)).rowcount:
+                        continue
                     _roll_up_row(conn, row_id, 1)
                     if period_start is not None:
                         conn.execute(SETTLE_SPEND, (reserved, reserved, key_id, period_start))

@@ -1,0 +1,217 @@
+"""The PostgreSQL backend as several hosts use it: gateway processes on one
+database (each stands for a host), started together, killed with -9, one
+revoking a key the others serve; migrations and a newer schema. The rest of
+the storage behaviour runs on both backends in the modules marked
+``both_backends`` (test_budgets, test_books, ...). Skipped, saying why,
+where no PostgreSQL cluster can start.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+
+import llmgw
+from conftest import (ADMIN_TOKEN, CHAT, GatewayProcess, RawClient, admin, answer, assert_json_error, base_config,
+                      body_for, chat_body, json_request, ledger, post, query, wait_until)
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+PRICING = {"default": {"input": 1000, "output": 1000}}
+
+
+@pytest.fixture
+def database(postgres_databases):
+    url = postgres_databases.lease()
+    yield url
+    postgres_databases.give_back(url)
+
+
+@pytest.fixture
+def instances(tmp_path, upstream, database):
+    """``start(n)``: n gateway processes (``python llmgw.py``) on ``database``,
+    each as another host would run it; all stopped at the end."""
+    started = []
+    config = tmp_path / "config.yaml"
+    document = base_config(upstream.url, database={"url": database}, pricing=PRICING,
+                           server={"host": "127.0.0.1", "port": 0}, logging={"level": "INFO"})
+    config.write_text(json.dumps(document))  # JSON is YAML
+    env = {"CONFIG_PATH": str(config), "DB_PATH": str(tmp_path / "unused.db"), "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN}
+
+    def start(count):
+        processes = [GatewayProcess(tmp_path, env, entry="llmgw", name="host%d" % (len(started) + i)).spawn()
+                     for i in range(count)]
+        started.extend(processes)
+        return [process.wait_ready(30) for process in processes]
+    yield start
+    for process in started:
+        process.cleanup()
+    assert not (tmp_path / "unused.db").exists(), "a PostgreSQL gateway opened the SQLite file"
+
+
+def test_three_instances_admit_exactly_what_the_budget_allows(make_gateway, upstream, instances, database):
+    """50 concurrent requests over three processes, a budget that admits 10
+    worst cases: exactly 10 reach the provider, the rest are refused 429.
+    The provider holds the admitted calls until the others were refused, so
+    no settlement frees budget during the burst."""
+    here = make_gateway(database={"url": database}, pricing=PRICING)  # creates the keys
+    hosts = instances(3)
+    body = chat_body(model="gpt-4o-mini-held", max_tokens=100)
+    _, probe_key = here.create_key(max_budget=100)
+    upstream.release()
+    assert answer(hosts[0], CHAT, body, probe_key).status == 200
+    reservation = here.rows()[0]["reserved_nanousd"]
+    assert reservation > 0
+    budget = 10 * reservation + reservation // 2
+    record, key = here.create_key(max_budget=budget / 1e9)
+    assert query(here, "SELECT max_budget_nanousd FROM virtual_keys WHERE id = ?", (record["id"],)) == [(budget,)]
+    upstream.reset()
+    replies = []
+
+    def one(index):
+        replies.append(post(hosts[index % 3], CHAT, body, key, timeout=30))
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(50)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(replies) >= 40 or len(upstream.requests) > 10, timeout=30)
+    upstream.release()
+    for thread in threads:
+        thread.join(30)
+    statuses = sorted(reply.status for reply in replies)
+    assert statuses == [200] * 10 + [429] * 40, statuses
+    assert len(upstream.requests) == 10
+    for reply in replies:
+        if reply.status == 429:
+            assert_json_error(reply, 429, code="budget_exceeded")
+    rows = [row for row in here.rows() if row["virtual_key_id"] == record["id"]]
+    assert len(rows) == 10 and {row["status"] for row in rows} == {"ok"}
+    assert ledger(here, record["id"]) == (sum(row["cost_nanousd"] for row in rows), 0)
+
+
+def test_kill9_mid_stream_is_recovered_once_by_a_live_instance(make_gateway, upstream, instances, database,
+                                                                monkeypatch):
+    """An instance killed (-9) while it streams: a live instance's recovery
+    sweep marks its row interrupted and charges the reservation, once; the
+    other instances' calls are all on the books, none twice."""
+    monkeypatch.setattr(llmgw.Gateway, "janitor_interval", 0.2)
+    hosts = instances(3)
+    survivor = make_gateway(database={"url": database}, pricing=PRICING)
+    record, key = survivor.create_key(max_budget=5)
+    for host in hosts[1:]:
+        assert answer(host, CHAT, chat_body(max_tokens=50), key).status == 200
+    victim = hosts[0]
+    client = RawClient(victim, timeout=10)
+    client.send(json_request(CHAT, key, chat_body(model="gpt-4o-mini-slowstream-events50", stream=True,
+                                                   max_tokens=50)))
+    status, _ = client.read_head(10)
+    assert status == 200
+    assert client.next_chunk(10), "no first event"
+    pending = [row for row in survivor.rows() if row["status"] == "pending"]
+    assert len(pending) == 1, pending
+    victim.kill9()
+    rows = survivor.wait_for_rows(lambda rows: all(row["status"] != "pending" for row in rows), timeout=10)
+    [interrupted] = [row for row in rows if row["id"] == pending[0]["id"]]
+    assert (interrupted["status"], interrupted["cost_nanousd"], interrupted["reserved_nanousd"]) == (
+        "interrupted", pending[0]["reserved_nanousd"], 0)
+    assert len(rows) == 3 and len({row["request_id"] for row in rows}) == 3
+    # Another sweep (and the other instances' own, at their start) changes nothing.
+    survivor.store.recover_interrupted(survivor.gateway.owner, time.time())
+    assert survivor.rows() == rows
+    assert ledger(survivor, record["id"]) == (sum(row["cost_nanousd"] for row in rows), 0)
+    client.sock.close()
+
+
+def test_a_revoke_through_one_instance_holds_on_the_others_from_the_next_request(instances, upstream, make_gateway,
+                                                                                  database):
+    hosts = instances(3)
+    here = make_gateway(database={"url": database})
+    record, key = here.create_key()
+    for host in hosts:  # every instance has the key cached
+        assert answer(host, CHAT, body_for(CHAT), key).status == 200
+    revoked = admin(hosts[0], "DELETE", "/admin/virtual-keys/" + record["id"])
+    assert revoked.status == 200, revoked
+    for host in hosts[1:] + hosts[:1]:
+        assert_json_error(answer(host, CHAT, body_for(CHAT), key), 401)
+    assert len(upstream.requests) == 3
+
+
+def test_parallel_slots_are_shared_and_a_dead_instances_slots_return(instances, upstream, make_gateway, database):
+    """max_parallel 1 over two instances: while one holds the slot the
+    other refuses (once it has synced, a quarter second); when the holder
+    is killed, its lease lapses (KeyLimits.heartbeat) and the slot returns."""
+    first, second = instances(2)
+    here = make_gateway(database={"url": database})
+    record, key = here.create_key(max_parallel=1)
+    held = threading.Thread(target=lambda: _ignore(post, first, CHAT, body_for(CHAT, model="gpt-4o-mini-held"), key,
+                                                   timeout=30))
+    held.start()
+    assert upstream.wait_for_requests(1, timeout=10)
+
+    def refused():
+        reply = post(second, CHAT, body_for(CHAT), key)
+        return reply if reply.status == 429 else None
+    reply = wait_until(refused, timeout=5, interval=0.1)
+    assert reply is not None, "the other instance never counted the slot in use"
+    assert "in flight" in reply.json()["error"]["message"]
+    first.kill9()
+    upstream.release()
+    started = time.monotonic()
+    assert wait_until(lambda: post(second, CHAT, body_for(CHAT), key).status == 200, timeout=15, interval=0.2)
+    assert time.monotonic() - started < llmgw.KeyLimits.heartbeat + 5
+    held.join(5)
+
+
+def _ignore(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except OSError:
+        pass
+
+
+# ---- migrations ------------------------------------------------------------------------
+
+def test_instances_starting_together_migrate_once(postgres_databases):
+    url = postgres_databases.cluster.create_database("m")
+    database = llmgw.parse_config({"database": {"url": url}}).database
+    stores, errors = [], []
+
+    def open_one():
+        try:
+            stores.append(llmgw.PostgresStore(database))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(stores) == 4
+    assert query(url, "SELECT value FROM settings WHERE name = 'schema_version'") == [(str(llmgw.SCHEMA_VERSION),)]
+    stores[0].create_key("works", {})
+    for store in stores:
+        store.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(postgres_databases, tmp_path):
+    url = postgres_databases.lease()
+    try:
+        query(url, "UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(llmgw.SCHEMA_VERSION + 1),))
+        database = llmgw.parse_config({"database": {"url": url}}).database
+        with pytest.raises(llmgw.StorageError, match="newer llmgw .schema version %d; this llmgw knows %d.: upgrade"
+                                                     % (llmgw.SCHEMA_VERSION + 1, llmgw.SCHEMA_VERSION)):
+            llmgw.PostgresStore(database)
+    finally:
+        query(url, "UPDATE settings SET value = ? WHERE name = 'schema_version'", (str(llmgw.SCHEMA_VERSION),))
+        postgres_databases.give_back(url)
+
+
+def test_a_password_in_the_url_is_refused_and_pg8000_is_named_when_missing(monkeypatch):
+    with pytest.raises(llmgw.ConfigError, match="keep it out of config.yaml"):
+        llmgw.parse_config({"database": {"url": "postgresql://llmgw:secret@db/llmgw"}})
+    with pytest.raises(llmgw.ConfigError, match=r"\$\{ENV_VAR\}"):
+        llmgw.parse_config({"database": {"url": "postgresql://llmgw@db/llmgw", "password": "literal"}})
+    monkeypatch.setitem(__import__("sys").modules, "pg8000", None)  # an import of it fails
+    config = llmgw.parse_config({"database": {"url": "postgresql://llmgw@127.0.0.1:1/llmgw"}})
+    with pytest.raises(llmgw.ConfigError, match="needs pg8000: pip install pg8000"):
+        llmgw.open_store(config)
