@@ -79,7 +79,7 @@ def cmd_init(args):
         print("Created %s (mode 0600)." % config_path)
     llmgw.load_config(config_path)  # a broken file is reported now, not at serve
     store = _store(create=True)
-    print("Database ready at %s (mode 0600)." % store.path)
+    print("Database ready at %s%s." % (store.path, " (mode 0600)" if isinstance(store, llmgw.SQLiteStore) else ""))
     if os.environ.get(llmgw.ADMIN_TOKEN_ENV):
         print("The admin token comes from %s in the environment; none generated." % llmgw.ADMIN_TOKEN_ENV)
     elif store.get_setting(llmgw.ADMIN_TOKEN_SETTING):

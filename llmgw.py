@@ -9489,7 +9489,10 @@ def check_installation(config_path, db_path, environ=os.environ, reach=False, no
         note("FAIL", "files", "%s has mode %o: others may read it; run: chmod 600 %s" % (path, mode, path))
     if not exposed:
         note("ok", "files", "config, database and log files are private to their owner")
-    stored_keys = _check_database(db_path, now, note)
+    if config is not None and config.database.url is not None:
+        stored_keys = _check_postgres(config.database, environ, now, note)
+    else:
+        stored_keys = _check_database(db_path, now, note)
     if config is None:
         return findings
     for name, provider in config.providers.items():
@@ -9526,6 +9529,36 @@ def _check_database(path, now, note):
         note("FAIL", "database", "cannot read %s: %s" % (path, exc))
         return {}
     note("ok" if integrity == "ok" else "FAIL", "database", "%s: quick_check %s" % (path, integrity))
+    _check_schema_and_clock(version, newest, now, note)
+    return stored_keys
+
+
+def _check_postgres(database, environ, now, note):
+    """The PostgreSQL database's schema version and the clock, read only;
+    returns the stored provider keys."""
+    try:
+        conn = _PostgresConnection(_import_pg8000().connect(**postgres_connect_args(database, environ)))
+    except ConfigError as exc:
+        note("FAIL", "database", exc.message)
+        return {}
+    except Exception as exc:  # pg8000's errors, or the network's
+        note("FAIL", "database", "cannot connect to %s: %s" % (database.url, _postgres_message(exc)))
+        return {}
+    try:
+        rows = conn.execute(PostgresSQL.SCHEMA_VERSION_OF).fetchall()
+        newest = conn.execute("SELECT MAX(started_at) FROM usage").fetchone()[0]
+        stored_keys = dict(conn.execute(ALL_PROVIDER_KEYS).fetchall())
+    except Exception as exc:
+        note("FAIL", "database", "cannot read %s: %s (run: python cli.py init)" % (database.url, _postgres_message(exc)))
+        return {}
+    finally:
+        conn.close()
+    note("ok", "database", "%s: reachable" % database.url)
+    _check_schema_and_clock(int(rows[0][0]) if rows else 0, newest, now, note)
+    return stored_keys
+
+
+def _check_schema_and_clock(version, newest, now, note):
     if version == SCHEMA_VERSION:
         note("ok", "schema", "version %d, current" % version)
     elif version > SCHEMA_VERSION:
@@ -9539,7 +9572,6 @@ def _check_database(path, now, note):
              % (iso_time(now), iso_time(newest)))
     else:
         note("ok", "clock", "%s, after the newest usage row" % iso_time(now))
-    return stored_keys
 
 
 def _check_reach(name, provider, now, note, environ=os.environ):

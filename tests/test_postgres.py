@@ -7,6 +7,7 @@ where no PostgreSQL cluster can start.
 """
 
 import json
+import os
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 
 import llmgw
 from conftest import (ADMIN_TOKEN, CHAT, GatewayProcess, RawClient, admin, answer, assert_json_error, base_config,
-                      body_for, chat_body, json_request, ledger, post, query, wait_until)
+                      body_for, chat_body, json_request, ledger, post, query, run_cli, wait_until)
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
@@ -215,3 +216,21 @@ def test_a_password_in_the_url_is_refused_and_pg8000_is_named_when_missing(monke
     config = llmgw.parse_config({"database": {"url": "postgresql://llmgw@127.0.0.1:1/llmgw"}})
     with pytest.raises(llmgw.ConfigError, match="needs pg8000: pip install pg8000"):
         llmgw.open_store(config)
+
+
+def test_the_cli_and_doctor_work_on_postgresql(tmp_path, database):
+    (tmp_path / "config.yaml").write_text(json.dumps({"database": {"url": database}}))
+    env = {"CONFIG_PATH": str(tmp_path / "config.yaml"), "DB_PATH": str(tmp_path / "unused.db")}
+    os.chmod(tmp_path / "config.yaml", 0o600)
+    init = run_cli(["init"], tmp_path, env, check=True)
+    assert "Database ready at %s." % database in init.stdout
+    created = json.loads(run_cli(["keys", "create", "cli", "--budget", "2", "--output", "json"], tmp_path, env,
+                                 check=True).stdout)
+    listed = json.loads(run_cli(["keys", "list", "--output", "json"], tmp_path, env, check=True).stdout)
+    assert [key["id"] for key in listed] == [created["id"]]
+    doctor = run_cli(["doctor"], tmp_path, env)
+    assert "ok      database  %s: reachable" % database in doctor.stdout, doctor.stdout
+    assert "ok      schema    version %d, current" % llmgw.SCHEMA_VERSION in doctor.stdout, doctor.stdout
+    backup = run_cli(["backup", str(tmp_path / "copy.db")], tmp_path, env)
+    assert backup.returncode == 1 and "pg_dump" in backup.stderr
+    assert not (tmp_path / "unused.db").exists()
