@@ -7,6 +7,7 @@ why, and callers skip.
 """
 
 import glob
+import importlib.util
 import itertools
 import os
 import shutil
@@ -35,9 +36,7 @@ def find_bin_dir():
 
 def unavailable():
     """Why no cluster can be started here, or None."""
-    try:
-        import pg8000.dbapi  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pg8000") is None:
         return "pg8000 is not installed (pip install pg8000)"
     if find_bin_dir() is None:
         return ("no PostgreSQL binaries (initdb, pg_ctl) in /usr/lib/postgresql/*/bin, on PATH "
