@@ -34,6 +34,7 @@
     python cli.py doctor [--reach]              check config, files, database, clock, keys (and providers)
     python cli.py backup PATH                   a consistent copy of the database (0600), gateways running
     python cli.py restore PATH                  replace the database with a backup (gateways stopped)
+    python cli.py migrate-db --from URL --to URL   copy a database into an empty one (sqlite:///PATH, postgresql://...)
 
 Files: config.yaml (CONFIG_PATH) and gateway.db (DB_PATH). Each command is a
 few lines over one call into llmgw; errors print one line and exit 1.
@@ -439,6 +440,28 @@ def cmd_restore(args):
     return 0
 
 
+def _database_url(url):
+    """(DatabaseConfig, None) for a postgresql:// URL (its password from
+    PGPASSWORD), (None, PATH) for ``sqlite:///PATH``."""
+    if url.startswith("sqlite:///"):
+        return None, url[len("sqlite:///"):]
+    return llmgw.parse_config({"database": {"url": url}}).database, None
+
+
+def cmd_migrate_db(args):
+    stores = []
+    for url, create in ((args.source, False), (args.target, True)):
+        database, path = _database_url(url)
+        if path is not None and not create and not os.path.exists(path):
+            raise llmgw.ConfigError("database %s not found" % path)
+        stores.append(llmgw.SQLiteStore(path) if path is not None else llmgw.PostgresStore(database))
+    source, target = stores
+    totals = llmgw.copy_database(source, target, time.time())
+    print("Copied %s to %s; the totals agree:" % (source.path, target.path))
+    _print_table([{"what": what, "total": total} for what, total in totals], [("what", "WHAT"), ("total", "TOTAL")])
+    return 0
+
+
 def _add_policy_flags(parser):
     parser.add_argument("--tier", help="rate-limit tier from config.yaml (default: default)")
     parser.add_argument("--rpm", help="requests per minute, overriding the tier")
@@ -571,6 +594,11 @@ def build_parser():
     restore = commands.add_parser("restore", help="replace the database with a backup (stop the gateways first)")
     restore.add_argument("path", help="a file made by backup")
     restore.set_defaults(run=cmd_restore)
+    migrate = commands.add_parser("migrate-db", help="copy every key, usage row, price, setting and audit entry into "
+                                                     "an empty database (stop the gateways first)")
+    migrate.add_argument("--from", dest="source", required=True, help="sqlite:///PATH or postgresql://...")
+    migrate.add_argument("--to", dest="target", required=True, help="postgresql://... or sqlite:///PATH (empty)")
+    migrate.set_defaults(run=cmd_migrate_db)
     return parser
 
 

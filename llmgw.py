@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "open_store", "load_config", "make_server", "serve",
+    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "copy_database", "open_store", "load_config", "make_server", "serve",
     # files, settings, secrets
     "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
     "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
@@ -2403,6 +2403,8 @@ class SQLiteSQL:
     ROLL_UP_ROW = _roll_up_row_statements(SQLITE_WHOLE_SECONDS)
     #: A key's label by name (a validated LABEL_NAME).
     LABEL = "json_extract(k.metadata, '$.\"%s\"')"
+    #: After rows were copied in with their ids: SQLite's next id is the largest plus one already.
+    NEXT_ID = None
 
     @staticmethod
     def ddl(statement):
@@ -2419,6 +2421,7 @@ class PostgresSQL:
     WHOLE_SECONDS = POSTGRES_WHOLE_SECONDS
     ROLL_UP_ROW = _roll_up_row_statements(POSTGRES_WHOLE_SECONDS)
     LABEL = "(k.metadata::jsonb ->> '%s')"
+    NEXT_ID = "SELECT setval(pg_get_serial_sequence('%s', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM %s"
     ddl = staticmethod(_postgres_ddl)
     #: The schema version: a settings row (SQLite keeps it in a pragma).
     SCHEMA_VERSION_OF = "SELECT value FROM settings WHERE name = 'schema_version'"
@@ -2618,20 +2621,21 @@ _POSTGRES_STATEMENTS = {}
 
 
 def _postgres_statement(statement):
-    """The one place placeholders are translated: SQLite's ``?`` and ``?N``
-    as pg8000's ``%s`` (a literal ``%`` doubled), and which parameter each
-    ``%s`` takes."""
+    """The one place placeholders are translated: SQLite's ``?N`` as
+    PostgreSQL's ``$N``, and a bare ``?`` as the next number (as SQLite
+    counts it); returns the statement and how many parameters it takes."""
     translated = _POSTGRES_STATEMENTS.get(statement)
     if translated is None:
-        order, positions = [], itertools.count()
+        highest = [0]
 
         def placeholder(match):
-            order.append(int(match.group(1)) - 1 if match.group(1) else next(positions))
-            return "%s"
-        text = _PLACEHOLDER.sub(placeholder, statement.replace("%", "%%"))
+            number = int(match.group(1)) if match.group(1) else highest[0] + 1
+            highest[0] = max(highest[0], number)
+            return "$%d" % number
+        text = _PLACEHOLDER.sub(placeholder, statement)
         if len(_POSTGRES_STATEMENTS) > 4096:
             _POSTGRES_STATEMENTS.clear()
-        translated = _POSTGRES_STATEMENTS[statement] = (text, tuple(order)) if order else (statement, ())
+        translated = _POSTGRES_STATEMENTS[statement] = (text, highest[0])
     return translated
 
 
@@ -2653,13 +2657,13 @@ def _from_postgres(value):
 
 
 class _PostgresCursor:
-    """A statement's outcome, read at once: rows, rowcount, and (for a
-    statement ending RETURNING id) lastrowid."""
+    """A statement's outcome, read at once: rows, column names, rowcount,
+    and (for a statement ending RETURNING id) lastrowid."""
 
-    def __init__(self, cursor):
-        self.rowcount = cursor.rowcount
-        self._rows = [tuple(_from_postgres(value) for value in row) for row in cursor.fetchall()] \
-            if cursor.description else []
+    def __init__(self, rowcount, rows, names):
+        self.rowcount = rowcount
+        self._rows = [tuple(_from_postgres(value) for value in row) for row in rows]
+        self.names = names
 
     @property
     def lastrowid(self):
@@ -2679,21 +2683,37 @@ class _PostgresConnection:
     """A pg8000 connection as the storage algorithms use a sqlite3 one:
     ``execute`` (SQLite's placeholders), ``executemany``, ``columns``,
     ``try_lock``. Autocommit, but for the transactions ``_PostgresPool``
-    begins."""
+    begins. A statement with parameters is prepared once per connection
+    (up to ``prepared_at_most``), then costs one round trip (pg8000's
+    unnamed statements cost three)."""
     sql = PostgresSQL
+    prepared_at_most = 256
 
     def __init__(self, raw):
         self.raw = raw
         raw.autocommit = True
+        self._prepared = {}
+        from pg8000.converters import make_params
+        self._make_params = make_params
 
     def execute(self, statement, params=()):
-        text, order = _postgres_statement(statement)
-        cursor = self.raw.cursor()
-        if order:
-            cursor.execute(text, tuple(_postgres_value(params[index]) for index in order))
-        else:
+        text, count = _postgres_statement(statement)
+        if not count:
+            cursor = self.raw.cursor()
             cursor.execute(text)
-        return _PostgresCursor(cursor)
+            return _PostgresCursor(cursor.rowcount, cursor.fetchall() if cursor.description else (),
+                                   [column[0] for column in cursor.description or ()])
+        prepared = self._prepared.get(text)
+        if prepared is None:
+            prepared = self.raw.prepare_statement(text, ())
+            if len(self._prepared) < self.prepared_at_most:
+                self._prepared[text] = prepared
+        name, columns, input_funcs = prepared
+        values = self._make_params(self.raw.py_types, [_postgres_value(value) for value in params[:count]])
+        context = self.raw.execute_named(name, values, columns, input_funcs, text)
+        if text not in self._prepared:
+            self.raw.close_prepared_statement(name)
+        return _PostgresCursor(context.row_count, context.rows or (), [column["name"] for column in columns or ()])
 
     def executemany(self, statement, rows):
         for params in rows:
@@ -2788,7 +2808,7 @@ class _PostgresPool:
                 if _sqlstate(exc) in _RETRYABLE and attempt < self.attempts:
                     continue
                 logger.error("database write failed: %s", _postgres_message(exc))
-                raise StorageError("the gateway's database is unavailable") from None
+                raise StorageError("the gateway's database is unavailable: %s" % _postgres_message(exc)) from None
             except BaseException:
                 self._give(conn)  # rolled back: a refusal (budget exceeded), not a broken connection
                 raise
@@ -2913,6 +2933,83 @@ def open_store(config, environ=os.environ, create=True):
     if not create and not os.path.exists(path):
         raise ConfigError("database %s not found (run: python cli.py init)" % path)
     return SQLiteStore(path, synchronous=config.database.synchronous.upper())
+
+
+#: What ``migrate-db`` copies, in order; the rest (the process registry,
+#: rate-limit counters, cooldowns) belongs to running processes and starts
+#: afresh.
+COPIED_TABLES = ("settings", "provider_keys", "deployment_keys", "prices", "virtual_keys", "key_spend", "audit_log",
+                 "budget_alerts", "usage") + tuple(table for table, _ in _ROLLUP_TABLES)
+#: Tables whose rows migrate-db moves in pages by id (they grow without bound).
+_PAGED_TABLES = ("usage", "audit_log")
+#: Rows a copy leaves where they are: the schema version is each database's own.
+_COPY_WHERE = {"settings": " WHERE name != 'schema_version'"}
+#: What a copy is verified by: (what, table, SQL expression), equal on both sides.
+COPY_TOTALS = tuple(("%s rows" % table, table + _COPY_WHERE.get(table, ""), "COUNT(*)")
+                    for table in COPIED_TABLES) + (
+    ("usage cost (nano-USD)", "usage", "COALESCE(SUM(cost_nanousd), 0)"),
+    ("usage tokens", "usage", "COALESCE(SUM(request_tokens + response_tokens), 0)"),
+    ("spent (nano-USD)", "key_spend", "COALESCE(SUM(spent_nanousd), 0)"),
+    ("reserved (nano-USD)", "key_spend", "COALESCE(SUM(reserved_nanousd), 0)"),
+    ("top-ups (nano-USD)", "key_spend", "COALESCE(SUM(topup_nanousd), 0)"),
+    ("all-time cost (nano-USD)", "usage_totals", "COALESCE(SUM(cost_nanousd), 0)"))
+_COPY_PAGE = 500
+#: Tables whose id is a row number the database hands out.
+_NUMBERED_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(\s*id\s+INTEGER PRIMARY KEY", SCHEMA))
+
+
+def copy_database(source, target, now, stale_after=30.0):
+    """Copy ``source``'s keys, usage, rollups, prices, settings and audit
+    into ``target``, an empty database of the same schema (either backend),
+    in one transaction of the target's; verified by COPY_TOTALS before it
+    commits. Refused while a gateway uses the source. Returns [(what,
+    total)]."""
+    running = [row for row in source._read("SELECT host, pid, heartbeat_at FROM gateway_processes")
+               if not _process_gone(row[0], row[1], row[2], now, stale_after)]
+    if running:
+        raise ConfigError("%d gateway process(es) use %s: stop them before copying it" % (len(running), source.path))
+    expected = [source._read_apart("SELECT %s FROM %s" % (expression, table))[0][0]
+                for _, table, expression in COPY_TOTALS]
+
+    def copy(conn):
+        if any(conn.execute("SELECT 1 FROM %s LIMIT 1" % table).fetchone() for table in ("virtual_keys", "usage")):
+            raise ConfigError("%s already holds keys or usage: copy into an empty database" % target.path)
+        conn.execute("DELETE FROM settings" + _COPY_WHERE["settings"])  # the target's own generation gives way
+        for table in COPIED_TABLES:
+            columns = sorted(source._commits.read(lambda source_conn: source_conn.columns(table)))
+            insert = "INSERT INTO %s (%s) VALUES " % (table, ", ".join(columns))
+            row_values = "(%s)" % ", ".join("?" * len(columns))
+            for rows in _pages(source, table, columns):
+                conn.execute(insert + ", ".join([row_values] * len(rows)), [value for row in rows for value in row])
+            if conn.sql.NEXT_ID is not None and table in _NUMBERED_TABLES:
+                conn.execute(conn.sql.NEXT_ID % (table, table))
+        copied = [conn.execute("SELECT %s FROM %s" % (expression, table)).fetchone()[0]
+                  for _, table, expression in COPY_TOTALS]
+        differing = ["%s: %s here, %s copied" % (what, there, here) for (what, _, _), there, here
+                     in zip(COPY_TOTALS, expected, copied) if there != here]
+        if differing:
+            raise StorageError("the copy does not add up, nothing kept: " + "; ".join(differing))
+        conn.execute(BUMP_GENERATION)
+    target._write(copy)
+    return [(what, total) for (what, _, _), total in zip(COPY_TOTALS, expected)]
+
+
+def _pages(store, table, columns):
+    """A table's rows in pages of _COPY_PAGE (by id where it has one)."""
+    select = "SELECT %s FROM %s%s" % (", ".join(columns), table, _COPY_WHERE.get(table, ""))
+    if table not in _PAGED_TABLES:
+        rows = store._read_apart(select)
+        for start in range(0, len(rows), _COPY_PAGE):
+            yield rows[start:start + _COPY_PAGE]
+        return
+    last = -1
+    id_index = columns.index("id")
+    while True:
+        rows = store._read_apart(select + " WHERE id > ? ORDER BY id LIMIT %d" % _COPY_PAGE, (last,))
+        if not rows:
+            return
+        yield rows
+        last = rows[-1][id_index]
 
 
 def _stats_sources(sql, since, until, by_time, step=None):

@@ -169,40 +169,29 @@ def database_section(url):
     return {} if url is None else {"database": {"url": url}}
 
 
-def connect_database(target):
-    """A connection of its own to ``target``'s database (a RunningGateway,
-    a postgresql:// URL or a SQLite file's path), as another process would
-    open it: (connection, translate) where ``translate(sql)`` gives
-    (statement, parameter order)."""
+def query(target, sql, params=()):
+    """Rows (tuples that know their column names) of one statement (SQLite
+    placeholders) on ``target``'s database (a RunningGateway, a
+    postgresql:// URL or a SQLite file's path), on a connection of its own,
+    as another process would open it."""
     url = target if str(target).startswith("postgresql://") else getattr(target, "database_url", None)
     if url is None:
-        return sqlite3.connect(getattr(target, "db_path", target), timeout=10, isolation_level=None), \
-            lambda sql: (sql, None)
-    import pg8000.dbapi
-    args = llmgw.postgres_connect_args(llmgw.parse_config(database_section(url)).database, {})
-    conn = pg8000.dbapi.connect(**args)
-    conn.autocommit = True
-    return conn, llmgw._postgres_statement
-
-
-def query(target, sql, params=()):
-    """Rows (tuples) of one statement (SQLite placeholders) on ``target``'s
-    database, read on a connection of its own."""
-    conn, translate = connect_database(target)
-    try:
-        statement, order = translate(sql)
-        if order is not None:
-            params = tuple(params[index] for index in order)
-        cursor = conn.cursor()
-        if params:
-            cursor.execute(statement, params)
-        else:
-            cursor.execute(statement)
-        rows = cursor.fetchall() if cursor.description else []
-        names = [column[0] for column in cursor.description] if cursor.description else []
-        return [QueryRow(names, [llmgw._from_postgres(value) for value in row]) for row in rows]
-    finally:
-        conn.close()
+        conn = sqlite3.connect(getattr(target, "db_path", target), timeout=10, isolation_level=None)
+        try:
+            cursor = conn.execute(sql, params)
+            rows, names = cursor.fetchall(), [column[0] for column in cursor.description or ()]
+        finally:
+            conn.close()
+    else:
+        import pg8000.dbapi
+        args = llmgw.postgres_connect_args(llmgw.parse_config(database_section(url)).database, {})
+        conn = llmgw._PostgresConnection(pg8000.dbapi.connect(**args))
+        try:
+            cursor = conn.execute(sql, params)
+            rows, names = cursor.fetchall(), cursor.names
+        finally:
+            conn.close()
+    return [QueryRow(names, row) for row in rows]
 
 
 class QueryRow(tuple):
@@ -263,6 +252,8 @@ class RunningGateway:
         return self.server.gateway
 
     def stop(self):
+        if not self._thread.is_alive():
+            return  # stopped already (a test may stop a gateway before the fixture does)
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)

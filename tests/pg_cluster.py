@@ -116,4 +116,5 @@ class Cluster:
                 self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
             except RuntimeError:
                 pass
+            self.port = None
         shutil.rmtree(self.root, ignore_errors=True)

@@ -647,19 +647,32 @@ def test_import_is_silent_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("name", ["llmgw.py", "cli.py"])
 def test_imports_only_stdlib_and_yaml(name):
+    """The standard library and PyYAML; pg8000 only inside a function (the
+    PostgreSQL backend's, run only when a postgresql:// URL is configured),
+    so importing llmgw and cli loads no pg8000."""
     if not hasattr(sys, "stdlib_module_names"):
         pytest.skip("sys.stdlib_module_names is Python 3.10+")
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:
         tree = ast.parse(f.read())
     allowed = set(sys.stdlib_module_names) | {"yaml", "llmgw"}
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in %s" % name
-            imported.add(node.module.split(".")[0])
-    assert imported and imported <= allowed, imported - allowed
+
+    def imports(nodes):
+        found = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, "relative import in %s" % name
+                found.add(node.module.split(".")[0])
+        return found
+    lazy = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) for inner in ast.walk(node)}
+    at_import_time = imports(node for node in ast.walk(tree) if id(node) not in lazy)
+    in_functions = imports(node for node in ast.walk(tree) if id(node) in lazy)
+    assert at_import_time and at_import_time <= allowed, at_import_time - allowed
+    assert in_functions <= allowed | {"pg8000"}, in_functions - allowed
+    loaded = subprocess.run([sys.executable, "-c", "import sys, llmgw, cli; print('pg8000' in sys.modules)"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert loaded.stdout.strip() == "False", loaded
 
 
 def test_commands_other_than_init_never_create_the_database(tmp_path):

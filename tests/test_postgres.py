@@ -234,3 +234,39 @@ def test_the_cli_and_doctor_work_on_postgresql(tmp_path, database):
     backup = run_cli(["backup", str(tmp_path / "copy.db")], tmp_path, env)
     assert backup.returncode == 1 and "pg_dump" in backup.stderr
     assert not (tmp_path / "unused.db").exists()
+
+
+def test_migrate_db_copies_sqlite_into_postgresql_verified_by_totals(make_gateway, upstream, tmp_path, database):
+    """A SQLite database with keys, budgets, usage, prices and audit, copied
+    by ``cli.py migrate-db``: the totals agree, and a gateway on PostgreSQL
+    goes on from there (the key works, its spend continues, rows keep ids)."""
+    pricing = {"default": {"input": 1000, "output": 1000}}
+    old = make_gateway(database={}, pricing=pricing, db_name="old.db")  # SQLite, whatever the test's backend
+    assert old.database_url is None
+    record, key = old.create_key(max_budget=5)
+    for text in ("one", "two", "three"):
+        assert answer(old, CHAT, chat_body(text=text), key).status == 200
+    old.store.import_prices({"acme-9": {"input": 1, "output": 2}}, "pack")
+    old.store.topup(record["id"], 10 ** 9, time.time())
+    spent_before = ledger(old, record["id"])
+    rows_before = old.rows()
+    old.stop()
+    query(old.db_path, "DELETE FROM gateway_processes")  # stopped: its registration is gone
+    result = run_cli(["migrate-db", "--from", "sqlite:///" + old.db_path, "--to", database], tmp_path, {})
+    assert result.returncode == 0, result.stderr
+    assert "the totals agree" in result.stdout
+    assert "usage rows                3" in result.stdout or "usage rows" in result.stdout
+    new = make_gateway(database={"url": database}, pricing=pricing)
+    assert ledger(new, record["id"]) == spent_before
+    assert [(r["id"], r["request_id"], r["cost_nanousd"]) for r in new.rows()] == [
+        (r["id"], r["request_id"], r["cost_nanousd"]) for r in rows_before]
+    assert answer(new, CHAT, chat_body(text="four"), key).status == 200
+    rows = new.rows()
+    assert rows[-1]["id"] == rows_before[-1]["id"] + 1
+    assert ledger(new, record["id"])[0] == spent_before[0] + rows[-1]["cost_nanousd"]
+    assert new.store.imported_prices()["acme-9"][1] == "pack"
+    assert [entry["action"] for entry in new.store.audit_log()][:2] == ["key_topped_up", "prices_imported"]
+    # Into a database that is no longer empty: refused, nothing changed.
+    again = run_cli(["migrate-db", "--from", "sqlite:///" + old.db_path, "--to", database], tmp_path, {})
+    assert again.returncode == 1 and "already holds keys or usage" in again.stderr
+    assert len(new.rows()) == 4
