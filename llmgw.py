@@ -1736,8 +1736,8 @@ LOG_FILTERS = {"key": "u.virtual_key_id = ?", "project": "k.project_name = ?", "
                "until": "u.started_at < ?"}
 _LOG_CURSOR = re.compile(r"^([0-9]{1,12}(?:\.[0-9]{1,20})?):([0-9]{1,19})\Z")
 #: A budget alert, once per key, period and threshold; due until delivered or given up.
-QUEUE_ALERT = """INSERT OR IGNORE INTO budget_alerts (key_id, period_start, threshold, payload, created_at,
-                                                     next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)"""
+QUEUE_ALERT = """INSERT INTO budget_alerts (key_id, period_start, threshold, payload, created_at, next_attempt_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, period_start, threshold) DO NOTHING"""
 DUE_ALERTS = "SELECT id, payload, attempts FROM budget_alerts WHERE next_attempt_at <= ? ORDER BY id LIMIT 20"
 LEASE_ALERT = "UPDATE budget_alerts SET next_attempt_at = ? WHERE id = ?"
 ALERT_TRIED = """UPDATE budget_alerts SET attempts = attempts + 1, next_attempt_at = ?,

@@ -19,7 +19,7 @@ from conftest import ADMIN_TOKEN, CHAT, admin, base_config, post, wait_until
 
 import llmgw
 
-pytestmark = pytest.mark.usefixtures("clean_environment")
+pytestmark = [pytest.mark.usefixtures("clean_environment"), pytest.mark.both_backends]
 
 SECRET = "whsec-CANARY-0123456789"
 DAY = 86400

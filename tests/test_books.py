@@ -144,7 +144,7 @@ def test_b8_a_call_in_flight_when_a_budget_is_set_counts_towards_it(make_gateway
     record, key = gateway.create_key()  # no budget yet
     results = []
     flight = threading.Thread(target=lambda: results.append(
-        answer(gateway, CHAT, body_for(CHAT, model="gpt-4o-mini-slow"), key, timeout=5)))
+        answer(gateway, CHAT, body_for(CHAT, model="gpt-4o-mini-held"), key, timeout=10)))
     flight.start()
     assert gateway.wait_for_rows(lambda rows: rows and rows[0]["status"] == "pending", timeout=2)
     if how == "admin-patch":
@@ -152,6 +152,7 @@ def test_b8_a_call_in_flight_when_a_budget_is_set_counts_towards_it(make_gateway
         assert patched.status == 200, patched
     else:
         assert gateway.store.update_key(record["id"], {"max_budget_nanousd": 10 * 10 ** 9}, time.time())
+    upstream.release()  # the call ends only after the budget was set
     flight.join(5)
     assert results and results[0].status == 200, results
 
@@ -170,7 +171,7 @@ def test_b9_a_row_interrupted_under_its_running_owner_is_not_settled_twice(make_
     record, key = gateway.create_key(max_budget=5)
     results = []
     flight = threading.Thread(target=lambda: results.append(
-        answer(gateway, CHAT, body_for(CHAT, model="gpt-4o-mini-slow", max_tokens=10), key, timeout=5)))
+        answer(gateway, CHAT, body_for(CHAT, model="gpt-4o-mini-held", max_tokens=10), key, timeout=10)))
     flight.start()
     rows = gateway.wait_for_rows(lambda rows: rows and rows[0]["status"] == "pending", timeout=2)
     assert rows and rows[0]["status"] == "pending", rows
@@ -182,10 +183,11 @@ def test_b9_a_row_interrupted_under_its_running_owner_is_not_settled_twice(make_
     marked = query(gateway, "UPDATE usage SET status = 'interrupted', finished_at = ?, "
                             "cost_nanousd = reserved_nanousd, usage_source = 'estimated', reserved_nanousd = 0 "
                             "WHERE id = ? AND status = 'pending' RETURNING id", (time.time(), pending["id"]))
-    assert marked, "the call finished before the test could interrupt its row"
+    assert marked, "the held call finished before the test could interrupt its row"
     query(gateway, "UPDATE key_spend SET reserved_nanousd = reserved_nanousd - ?, spent_nanousd = spent_nanousd + ? "
                    "WHERE key_id = ? AND period_start = ?",
                    (reserved, reserved, record["id"], pending["budget_period_start"]))
+    upstream.release()  # the provider answers only now: the owner settles after the interruption
     flight.join(5)
     assert results and results[0].status == 200, results
 
