@@ -1655,6 +1655,10 @@ def other_calls_apart(table, dimensions):
 #: anew, a backfill. To change the schema, edit SCHEMA and append one step
 #: (``()`` if only tables or indexes were added); tests/test_operations.py
 #: migrates a fixture database of every earlier version (tests/schemas/).
+#: PostgreSQL databases began at version 5, so steps from 6 on run on both
+#: backends: write them in SQL both accept (PostgreSQL's column types come
+#: from _postgres_ddl), and give a differing statement a SQLiteSQL and a
+#: PostgresSQL spelling.
 MIGRATIONS = (
     # 2: every schema stamped 1 (it grew five times before versions were
     # counted: prices, audit log, spend control, process owners), then the
@@ -1892,8 +1896,9 @@ class Store:
     own (``_write``, through the backend's ``_commits``); each read is one
     statement (``_read``, and ``_read_apart`` for a long one that must not
     hold up the hot path). A backend supplies ``_commits``, the two reads,
-    its migrations, ``data_version`` and ``close``; its connections carry the statements it spells its own way
-    as ``conn.sql`` (SQLiteSQL, PostgresSQL), and so does the store."""
+    its migrations, ``data_version`` and ``close``; its connections carry
+    the statements it spells its own way as ``conn.sql`` (SQLiteSQL,
+    PostgresSQL), and so does the store."""
 
     sql = None
     busy_timeout_s = 10.0

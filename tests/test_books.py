@@ -197,3 +197,20 @@ def test_b9_a_row_interrupted_under_its_running_owner_is_not_settled_twice(make_
     spent, still_reserved = ledger(gateway, record["id"])
     assert still_reserved == 0 and spent >= 0, (spent, still_reserved)
     assert spent == row["cost_nanousd"], "charged %d for a row of cost %d" % (spent, row["cost_nanousd"])
+
+
+# ---- settlement is idempotent --------------------------------------------------------
+
+def test_a_replayed_settlement_changes_nothing(make_gateway, upstream):
+    """Settling a row that is settled already (a retried commit, a second
+    process) changes neither the row, its rollups nor the key's spend."""
+    gateway = make_gateway(pricing={"default": {"input": 1000, "output": 1000}})
+    record, key = gateway.create_key(max_budget=5)
+    assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
+    row, = settled_rows(gateway)
+    books = (gateway.rows(), ledger(gateway, record["id"]), gateway.store.usage_stats("key"))
+    result = {column: row[column] for column in llmgw.USAGE_RESULT_COLUMNS}
+    replayed = dict(result, cost_nanousd=row["cost_nanousd"] * 3, status="ok")
+    assert gateway.store.finish_usage(row["id"], replayed, record["id"], row["reserved_nanousd"],
+                                      row["budget_period_start"], alert_thresholds=(1,)) == 0
+    assert (gateway.rows(), ledger(gateway, record["id"]), gateway.store.usage_stats("key")) == books
