@@ -26,13 +26,13 @@ KEY_ID = "vk_fixture0001"
 USAGE_ROWS = [("req-fixture-1", "gpt-4o-mini", 120, 30, 36000),
               ("req-fixture-2", "claude-haiku-4-5", 200, 50, 450000)]
 
-#: Run by the old llmgw's interpreter: its Store makes the schema; these
-#: columns exist in every version.
+#: Run by the old llmgw's interpreter: its Store (SQLiteStore since the
+#: PostgreSQL backend) makes the schema; these columns exist in every version.
 WRITE = r"""
 import sqlite3, sys
 import llmgw
 path, key_hash, key_id, rows = sys.argv[1], sys.argv[2], sys.argv[3], eval(sys.argv[4])
-llmgw.Store(path).close()
+getattr(llmgw, "SQLiteStore", llmgw.Store)(path).close()
 conn = sqlite3.connect(path)
 with conn:
     conn.execute("INSERT INTO virtual_keys (id, key_hash, key_hint, project_name, tier, rpm, is_active, created_at)"
