@@ -2884,6 +2884,10 @@ class PostgresStore(Store):
         args = postgres_connect_args(database, environ)
         #: Where it is, for messages (never the password).
         self.path = "postgresql://%s@%s:%d/%s" % (args["user"], args["host"], args["port"], args["database"])
+        try:  # once with the reason, for the operator starting it (a request's 503 never names the host)
+            dbapi.connect(**args).close()
+        except (dbapi.Error, OSError) as exc:
+            raise StorageError("cannot connect to database %s: %s" % (self.path, _postgres_message(exc))) from None
         self._commits = _PostgresPool(lambda: dbapi.connect(**args), (dbapi.Error, OSError),
                                       database.pool_size, self.busy_timeout_s)
         self._migrate()

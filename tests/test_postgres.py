@@ -270,3 +270,14 @@ def test_migrate_db_copies_sqlite_into_postgresql_verified_by_totals(make_gatewa
     again = run_cli(["migrate-db", "--from", "sqlite:///" + old.db_path, "--to", database], tmp_path, {})
     assert again.returncode == 1 and "already holds keys or usage" in again.stderr
     assert len(new.rows()) == 4
+
+
+def test_an_unreachable_database_at_start_is_one_line_naming_it(tmp_path):
+    pytest.importorskip("pg8000", reason="pg8000 is not installed")
+    (tmp_path / "config.yaml").write_text(json.dumps({"database": {"url": "postgresql://llmgw@127.0.0.1:9/none"}}))
+    env = {"CONFIG_PATH": str(tmp_path / "config.yaml"), "DB_PATH": str(tmp_path / "unused.db")}
+    for args in (["keys", "list"], ["serve", "--port", "0"]):
+        result = run_cli(args, tmp_path, env, timeout=60)
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: cannot connect to database postgresql://llmgw@127.0.0.1:9/none: "), lines
