@@ -92,9 +92,11 @@ def test_three_instances_admit_exactly_what_the_budget_allows(make_gateway, upst
 
 def test_kill9_mid_stream_is_recovered_once_by_a_live_instance(make_gateway, upstream, instances, database,
                                                                 monkeypatch):
-    """An instance killed (-9) while it streams: a live instance's recovery
-    sweep marks its row interrupted and charges the reservation, once; the
-    other instances' calls are all on the books, none twice."""
+    """An instance killed (-9) while it streams, registered as on another
+    host (so only its heartbeat tells): while the heartbeat is fresh no
+    sweep touches its row; once it lapsed, a live instance's sweep marks the
+    row interrupted and charges the reservation, once; the other instances'
+    calls are all on the books, none twice."""
     monkeypatch.setattr(llmgw.Gateway, "janitor_interval", 0.2)
     hosts = instances(3)
     survivor = make_gateway(database={"url": database}, pricing=PRICING)
@@ -110,7 +112,12 @@ def test_kill9_mid_stream_is_recovered_once_by_a_live_instance(make_gateway, ups
     assert client.next_chunk(10), "no first event"
     pending = [row for row in survivor.rows() if row["status"] == "pending"]
     assert len(pending) == 1, pending
+    query(survivor, "UPDATE gateway_processes SET host = 'another-host' WHERE owner = ?", (pending[0]["owner"],))
     victim.kill9()
+    assert survivor.store.recover_interrupted(survivor.gateway.owner, time.time()) == 0  # heartbeat still fresh
+    assert [row["status"] for row in survivor.rows() if row["id"] == pending[0]["id"]] == ["pending"]
+    query(survivor, "UPDATE gateway_processes SET heartbeat_at = heartbeat_at - 31 WHERE owner = ?",
+          (pending[0]["owner"],))  # 30 s of silence: the heartbeat lapsed
     rows = survivor.wait_for_rows(lambda rows: all(row["status"] != "pending" for row in rows), timeout=10)
     [interrupted] = [row for row in rows if row["id"] == pending[0]["id"]]
     assert (interrupted["status"], interrupted["cost_nanousd"], interrupted["reserved_nanousd"]) == (
