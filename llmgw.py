@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "copy_database", "open_store", "load_config", "make_server", "serve",
+    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "copy_database", "open_store", "parse_config", "load_config", "make_server", "serve",
     # files, settings, secrets
     "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
     "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
