@@ -81,7 +81,9 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "PostgresStore", "SQLiteStore", "Store", "Usage", "copy_database", "open_store", "parse_config", "load_config", "make_server", "serve",
+    "PriceTable", "Usage", "load_config", "make_server", "parse_config", "serve",
+    # storage: the interface, its two backends, the one the config names, a copy between them
+    "Store", "SQLiteStore", "PostgresStore", "open_store", "copy_database",
     # files, settings, secrets
     "ADMIN_TOKEN_ENV", "ADMIN_TOKEN_SETTING", "CONFIG_TEMPLATE", "METRICS_TOKEN_ENV", "check_installation",
     "check_number", "check_provider_key", "config_path_from_env", "db_path_from_env", "issue_admin_token",
@@ -1399,7 +1401,7 @@ SETTLED_COST = """SELECT COALESCE(SUM(cost_nanousd), 0) FROM usage_days
 #: A row's reservation counts while it is pending; its cost once settled
 #: (``%s``: how the backend names the pending rows' index, if it must).
 _PERIOD_COST = """SELECT (%s) + (SELECT COALESCE(SUM(reserved_nanousd), 0) FROM usage%%s
-                                 WHERE virtual_key_id = ?1 AND started_at >= ?2 AND status = 'pending')""" % SETTLED_COST
+                      WHERE virtual_key_id = ?1 AND started_at >= ?2 AND status = 'pending')""" % SETTLED_COST
 RECOUNT_SPEND = """INSERT INTO key_spend (key_id, period_start, spent_nanousd) VALUES (?1, ?2, ?3)
                    ON CONFLICT (key_id, period_start) DO UPDATE SET spent_nanousd = ?3"""
 PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, "window", requests, tokens, previous_requests,
@@ -1410,7 +1412,8 @@ PUBLISH_ACTIVITY = """INSERT INTO key_activity (key_id, owner, "window", request
                           previous_requests = excluded.previous_requests,
                           previous_tokens = excluded.previous_tokens, in_flight = excluded.in_flight,
                           updated_at = excluded.updated_at"""
-OTHERS_ACTIVITY = """SELECT key_id, "window", requests, tokens, previous_requests, previous_tokens, in_flight, updated_at
+OTHERS_ACTIVITY = """SELECT key_id, "window", requests, tokens, previous_requests, previous_tokens, in_flight,
+                            updated_at
                      FROM key_activity WHERE owner != ? AND updated_at >= ?"""
 FORGET_ACTIVITY = "DELETE FROM key_activity WHERE updated_at < ?"
 REVOKE_KEY = "UPDATE virtual_keys SET is_active = 0, revoked_at = ? WHERE id = ? AND is_active = 1"
@@ -2431,7 +2434,8 @@ class PostgresSQL:
     ddl = staticmethod(_postgres_ddl)
     #: The schema version: a settings row (SQLite keeps it in a pragma).
     SCHEMA_VERSION_OF = "SELECT value FROM settings WHERE name = 'schema_version'"
-    COLUMNS_OF = "SELECT column_name FROM information_schema.columns WHERE table_name = ? AND table_schema = CURRENT_SCHEMA"
+    COLUMNS_OF = ("SELECT column_name FROM information_schema.columns "
+                  "WHERE table_name = ? AND table_schema = CURRENT_SCHEMA")
     #: Advisory locks (transaction-scoped): one migration at a time; one
     #: recovery sweep at a time across every instance.
     TAKE_LOCK = "SELECT pg_advisory_xact_lock(?)"
