@@ -8,14 +8,13 @@ import hashlib
 import hmac
 import http.server
 import json
-import sqlite3
 import threading
 import time
 
 import pytest
 import yaml
 
-from conftest import ADMIN_TOKEN, CHAT, admin, base_config, post, wait_until
+from conftest import ADMIN_TOKEN, CHAT, admin, base_config, post, query, wait_until
 
 import llmgw
 
@@ -92,11 +91,7 @@ def spend_until(gateway, key, record, percent, clock=None):
 def outbox_settled(gateway):
     """True once every queued alert was delivered or given up: none is due
     or being sent (the outbox, as another process would read it)."""
-    conn = sqlite3.connect(gateway.db_path)
-    try:
-        return conn.execute("SELECT count(*) FROM budget_alerts WHERE next_attempt_at IS NOT NULL").fetchone()[0] == 0
-    finally:
-        conn.close()
+    return query(gateway, "SELECT count(*) FROM budget_alerts WHERE next_attempt_at IS NOT NULL")[0][0] == 0
 
 
 def audit(gateway, action):
