@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ADMIN_TOKEN, CHAT, admin, base_config, post, query, wait_until
+from conftest import ADMIN_TOKEN, CHAT, admin, base_config, database_section, post, query, wait_until
 
 import llmgw
 
@@ -212,7 +212,8 @@ def test_a_key_may_have_thresholds_of_its_own(make_gateway, receiver, cli_main, 
     assert wait_until(lambda: outbox_settled(gateway) and len(receiver.received) == 3)
     assert (receiver.payloads()[2]["key_id"], receiver.payloads()[2]["threshold_pct"]) == (fallback["id"], 50)
     # The CLI sets and clears them; a cleared key uses the config's again.
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base_config("http://127.0.0.1:9",
+                                                                     **database_section(gateway.database_url))))
     updated = json.loads(cli_main("keys", "update", record["id"], "--alert-thresholds", "30, 100", check=True).stdout)
     assert updated["alert_thresholds"] == [30, 100]
     spend_until(gateway, key, record, 35)
