@@ -52,8 +52,7 @@ import llmgw
 def _store(create=False):
     """The configured database (config.yaml's database.url, else the file
     at DB_PATH); only ``init`` may create the file."""
-    config = llmgw.load_config() if os.path.exists(llmgw.config_path_from_env()) else llmgw.parse_config({})
-    return llmgw.open_store(config, create=create)
+    return llmgw.open_store(llmgw.load_database_config(), create=create)
 
 
 def _print_json(value):

@@ -81,7 +81,7 @@ __version__ = "0.1.0"
 #: that cli.py reaches for nothing else).
 __all__ = [
     "Config", "ConfigError", "Gateway", "GatewayError", "GatewayServer",
-    "PriceTable", "Usage", "load_config", "make_server", "parse_config", "serve",
+    "PriceTable", "Usage", "load_config", "load_database_config", "make_server", "parse_config", "serve",
     # storage: the interface, its two backends, the one the config names, a copy between them
     "Store", "SQLiteStore", "PostgresStore", "open_store", "copy_database",
     # files, settings, secrets
@@ -593,6 +593,21 @@ def db_path_from_env(environ=os.environ):
 def load_config(path=None):
     """Read and validate config.yaml. Raises ConfigError naming the problem."""
     path = path or config_path_from_env()
+    return parse_config(_read_config_document(path), path)
+
+
+def load_database_config(path=None):
+    """Only config.yaml's ``database`` section (the defaults when there is
+    no file): what the CLI needs to open the store, so a mistake elsewhere
+    in the file never locks the operator out of the CLI."""
+    path = path or config_path_from_env()
+    if not os.path.exists(path):
+        return DatabaseConfig()
+    document = _read_config_document(path)
+    return _parse_database(document.get("database") if isinstance(document, dict) else None)
+
+
+def _read_config_document(path):
     if yaml is None:
         raise ConfigError("PyYAML is required to read %s: pip install -r requirements.txt" % path)
     try:
@@ -606,7 +621,7 @@ def load_config(path=None):
         raise ConfigError("%s is not valid YAML: %s" % (path, str(exc).splitlines()[0])) from None
     except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
         raise ConfigError("%s: a value PyYAML cannot read: %s" % (path, str(exc).splitlines()[0])) from None
-    return parse_config(document if document is not None else {}, path)
+    return document if document is not None else {}
 
 
 def parse_config(document, path=None):
@@ -619,11 +634,7 @@ def parse_config(document, path=None):
     check_text(server.host, "server.host", max_length=253, blank_ok=True)  # "" listens on every address
     if server.body_buffer_bytes < server.max_body_bytes:
         raise ConfigError("server.body_buffer_bytes: must be at least server.max_body_bytes")
-    database = _parse_dataclass(DatabaseConfig, document.get("database"), "database")
-    if database.synchronous not in ("normal", "full"):
-        raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
-    if database.url is not None:
-        _check_postgres_url(database)
+    database = _parse_database(document.get("database"))
     budgets = _parse_budgets(document.get("budgets"))
     log = _parse_dataclass(LoggingConfig, document.get("logging"), "logging")
     if log.level.upper() not in _LOG_LEVELS:
@@ -698,6 +709,15 @@ def _expect(value, kind, where):
 
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _parse_database(section):
+    database = _parse_dataclass(DatabaseConfig, section, "database")
+    if database.synchronous not in ("normal", "full"):
+        raise ConfigError("database.synchronous: %r is not normal or full" % database.synchronous)
+    if database.url is not None:
+        _check_postgres_url(database)
+    return database
 
 
 def _check_postgres_url(database):
@@ -2938,15 +2958,15 @@ class PostgresStore(Store):
         raise ConfigError("the database is PostgreSQL (%s): restore it with pg_restore" % self.path)
 
 
-def open_store(config, environ=os.environ, create=True):
-    """The configured database: PostgreSQL at ``database.url``, else the
+def open_store(database, environ=os.environ, create=True):
+    """The database a DatabaseConfig names: PostgreSQL at ``url``, else the
     SQLite file at DB_PATH (created only if ``create``)."""
-    if config.database.url is not None:
-        return PostgresStore(config.database, environ)
+    if database.url is not None:
+        return PostgresStore(database, environ)
     path = db_path_from_env(environ)
     if not create and not os.path.exists(path):
         raise ConfigError("database %s not found (run: python cli.py init)" % path)
-    return SQLiteStore(path, synchronous=config.database.synchronous.upper())
+    return SQLiteStore(path, synchronous=database.synchronous.upper())
 
 
 #: What ``migrate-db`` copies, in order; the rest (the process registry,
@@ -9527,7 +9547,7 @@ def make_server(config, store=None, host=None, port=None, environ=None, reuse_po
     """A listening GatewayServer (not yet serving). Port 0 picks a free port;
     ``clock`` (wall time) is injectable for budget periods and limits."""
     if store is None:
-        store = open_store(config, os.environ if environ is None else environ)
+        store = open_store(config.database, os.environ if environ is None else environ)
     gateway = Gateway(config, store, environ=environ, clock=clock)
     address = (host if host is not None else config.server.host,
                port if port is not None else config.server.port)

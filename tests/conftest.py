@@ -239,7 +239,7 @@ class RunningGateway:
     def __init__(self, document, db_path, environ=None, clock=time.time):
         self.config = llmgw.parse_config(document)
         self.database_url = self.config.database.url  # None: SQLite at db_path
-        self.store = llmgw.open_store(self.config, {"DB_PATH": str(db_path)})
+        self.store = llmgw.open_store(self.config.database, {"DB_PATH": str(db_path)})
         self.db_path = str(db_path)
         self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
         self.port = self.server.server_address[1]

@@ -222,7 +222,7 @@ def test_a_password_in_the_url_is_refused_and_pg8000_is_named_when_missing(monke
     monkeypatch.setitem(__import__("sys").modules, "pg8000", None)  # an import of it fails
     config = llmgw.parse_config({"database": {"url": "postgresql://llmgw@127.0.0.1:1/llmgw"}})
     with pytest.raises(llmgw.ConfigError, match="needs pg8000: pip install pg8000"):
-        llmgw.open_store(config)
+        llmgw.open_store(config.database)
 
 
 def test_the_cli_and_doctor_work_on_postgresql(tmp_path, database):
