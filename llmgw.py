@@ -1787,6 +1787,10 @@ METRICS_TOKEN_SETTING = "metrics_token_hash"
 BUDGETED_KEYS = "SELECT %s FROM virtual_keys WHERE max_budget_nanousd IS NOT NULL AND is_active = 1" % _KEY_SELECT
 
 
+#: The largest integer either database stores (SQLite's INTEGER, PostgreSQL's BIGINT).
+LARGEST_INTEGER = 2 ** 63 - 1
+
+
 class StorageError(ServiceUnavailableError):
     code = "storage_unavailable"
 
@@ -3216,7 +3220,9 @@ def _reserve(conn, key_id, amount, now, estimated=False):
         return None
     start, end = budget_period_bounds(now, period)
     _period_spend(conn, key_id, start)
-    if conn.execute(RESERVE_SPEND, (amount, key_id, start, budget, int(estimated))).rowcount:
+    # A worst case past the largest integer a database stores fits no budget.
+    if amount <= LARGEST_INTEGER and conn.execute(RESERVE_SPEND, (amount, key_id, start, budget,
+                                                                   int(estimated))).rowcount:
         return start
     spent, reserved, topup = conn.execute(GET_SPEND, (key_id, start)).fetchone()
     when = "never resets (top it up)" if end is None else "resets at %s" % iso_time(end)
