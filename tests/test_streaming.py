@@ -232,8 +232,11 @@ def test_events_arrive_as_produced(gateway, vkey, upstream, path):
     assert first - stream.sent_at < 0.2 * preamble + 0.3, "first content event held back"
     assert all(arrived - first < 0.1 for arrived, _ in chunks[:preamble + 1])
     # Each event after it left when it was produced: arrivals are spread out.
+    # Events buffered to the end would arrive together (gaps near 0); a gap
+    # of a quarter of the provider's 0.2 s tells them apart, while a machine
+    # under load that delays one event (shortening the gap after it) does not.
     gaps = [b[0] - a[0] for a, b in zip(chunks[preamble:], chunks[preamble + 1:])]
-    assert sum(1 for gap in gaps if gap >= 0.12) >= (2 if path == CHAT else 3), gaps
+    assert sum(1 for gap in gaps if gap >= 0.05) >= (2 if path == CHAT else 3), gaps
 
 
 # ---- broken upstream streams -----------------------------------------------
