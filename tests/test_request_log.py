@@ -239,9 +239,9 @@ def test_stats_over_weeks_equal_the_rows(make_gateway, clock):
     first_week = -(-T0 // week) * week
     ranges = [(first_week, first_week + 2 * week), (T0 + 1000.5, T0 + 26 * DAY + 5 * HOUR + 17.25),
               (first_week - 3 * HOUR - 5, first_week + 3 * week + DAY + 2 * HOUR + 9)]
-    sources = [llmgw._stats_sources(since, until, False)[0] for since, until in ranges]
+    sources = [llmgw._stats_sources(llmgw.SQLiteSQL, since, until, False)[0] for since, until in ranges]
     assert all(any("FROM usage_weeks" in source for source in part) for part in sources)
-    assert not any("usage_weeks" in source for source in llmgw._stats_sources(*ranges[0], True)[0])
+    assert not any("usage_weeks" in source for source in llmgw._stats_sources(llmgw.SQLiteSQL, *ranges[0], True)[0])
     for group_by in sorted(ORACLE_GROUPS):
         for since, until in ranges:
             expected = oracle_stats(gateway.db_path, group_by, since, until)
