@@ -189,7 +189,7 @@ def test_postgresql_stats_and_log_equal_sqlites(make_gateway, postgres_databases
         log = [{k: named(v) for k, v in entry.items() if k not in timing}
                for entry in gateway.store.usage_log({}, limit=1000)[0]]
         assert [name for name, _ in llmgw.ROLLUP_MEASURES][-1] == "latency_us"  # timing: left out
-        totals = sorted((named(row[0]),) + tuple(row[1:-1]) for row in gateway.store.usage_totals())
+        totals = sorted(((named(row[0]),) + tuple(row[1:-1]) for row in gateway.store.usage_totals()), key=repr)
         backends[name] = (stats, log, totals)
     assert backends["postgresql"][0] == backends["sqlite"][0]
     assert backends["postgresql"][1] == backends["sqlite"][1]
