@@ -2,7 +2,11 @@
 # volume and is created when the container starts, never baked into the image.
 # Provider keys and the admin token come from the environment:
 #   OPENAI_API_KEY, ANTHROPIC_API_KEY, <NAME>_API_KEY, LLMGW_ADMIN_TOKEN
-FROM python:3.12-slim
+# On an air-gapped network, point PYTHON_IMAGE at a mirror's copy of the same
+# image (any image with python and pip on PATH works):
+#   docker build --build-arg PYTHON_IMAGE=registry.internal/python:3.12-slim .
+ARG PYTHON_IMAGE=python:3.12-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     CONFIG_PATH=/app/config.yaml \

@@ -72,8 +72,11 @@ def _print_table(rows, columns):
 def cmd_init(args):
     config_path = llmgw.config_path_from_env()
     if os.path.exists(config_path):
-        os.chmod(config_path, 0o600)
-        print("Kept existing %s (mode 0600)." % config_path)
+        try:
+            os.chmod(config_path, 0o600)
+            print("Kept existing %s (mode 0600)." % config_path)
+        except OSError as error:  # a read-only mount (a container's config) or another user's file
+            print("Kept existing %s (mode left as it is: %s)." % (config_path, error.strerror))
     else:
         llmgw.write_private_file(config_path, llmgw.CONFIG_TEMPLATE)
         print("Created %s (mode 0600)." % config_path)

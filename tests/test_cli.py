@@ -8,6 +8,7 @@ process, or the in-process ``gateway`` fixture sharing the database file.
 
 import ast
 import datetime
+import errno
 import hashlib
 import http.client
 import json
@@ -235,6 +236,25 @@ def test_init_keeps_existing_config_and_keys(tmp_path, upstream, cli_main):
     assert (tmp_path / "config.yaml").read_bytes() == before
     listed = json.loads(cli_main("keys", "list", "--output", "json", check=True).stdout)
     assert [(k["id"], k["is_active"]) for k in listed] == [(created["id"], True)]
+
+
+def test_init_keeps_a_config_it_may_not_change(tmp_path, upstream, cli_main, monkeypatch):
+    """Found by tests/check_docker.py: a config mounted read-only into the container
+    (``-v config.yaml:/app/config.yaml:ro``) made ``init`` crash on its chmod, so the
+    image's ``init && serve`` never served."""
+    write_config(tmp_path / "config.yaml", upstream.url)
+    os.chmod(str(tmp_path / "config.yaml"), 0o644)
+    config_path, chmod = str(tmp_path / "config.yaml"), os.chmod
+
+    def read_only_config(path, *args, **kwargs):
+        if str(path) == config_path:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), config_path)
+        return chmod(path, *args, **kwargs)
+    monkeypatch.setattr(os, "chmod", read_only_config)
+    result = cli_main("init", check=True)
+    assert "Kept existing %s (mode left as it is: Read-only file system)" % config_path in result.stdout
+    assert "Admin token:" in result.stdout
+    assert mode(tmp_path / "gateway.db") == 0o600
 
 
 def test_init_reports_a_broken_existing_config(tmp_path):
