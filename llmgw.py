@@ -708,7 +708,17 @@ def _expect(value, kind, where):
     return value
 
 
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: libpq's sslmode values that pg8000 can honour. ``allow`` (plain text,
+#: TLS only if the server insists) it cannot: pg8000 tries TLS first or
+#: never, so ``allow`` is refused rather than quietly made ``prefer``.
+_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+#: database.url's query parameters, as libpq names them.
+_URL_PARAMETERS = ("sslmode", "sslrootcert")
+
+
+def _url_parameters(url):
+    """The query parameters of a split database.url, the last of each name."""
+    return {name: values[-1] for name, values in urllib.parse.parse_qs(url.query).items()}
 
 
 def _parse_database(section):
@@ -737,9 +747,21 @@ def _check_postgres_url(database):
                           "(database.password: ${ENV_VAR}, or PGPASSWORD)")
     if database.password is not None and not _ENV_REFERENCE.match(database.password):
         raise ConfigError("database.password: expected a ${ENV_VAR} reference (secrets stay out of config.yaml)")
-    sslmode = urllib.parse.parse_qs(url.query).get("sslmode", ["prefer"])[-1]
+    parameters = _url_parameters(url)
+    unknown = sorted(set(parameters) - set(_URL_PARAMETERS))
+    if unknown:
+        raise ConfigError("database.url: unknown parameter %s (known: %s)"
+                          % (shown(unknown[0]), ", ".join(_URL_PARAMETERS)))
+    sslmode = parameters.get("sslmode", "prefer")
+    if sslmode == "allow":
+        raise ConfigError("database.url: sslmode allow (plain text, TLS only if the server insists) is not possible "
+                          "with pg8000: use prefer (TLS if the server offers it), require, verify-ca, verify-full "
+                          "or disable")
     if sslmode not in _SSLMODES:
         raise ConfigError("database.url: sslmode %s is not one of %s" % (shown(sslmode), ", ".join(_SSLMODES)))
+    if "sslrootcert" in parameters and sslmode not in ("require", "verify-ca", "verify-full"):
+        raise ConfigError("database.url: sslrootcert needs sslmode require, verify-ca or verify-full (%s checks "
+                          "no certificate)" % sslmode)
 
 
 def _parse_dataclass(cls, section, where):
@@ -2863,6 +2885,9 @@ def _sqlstate(exc):
 
 def _postgres_message(exc):
     """pg8000 reports a server error as a dict; its message is field M."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ("the server's TLS certificate is not trusted (%s): sslrootcert names the CA that signed it"
+                % exc.verify_message)
     detail = exc.args[0] if exc.args else None
     return detail.get("M", str(detail)) if isinstance(detail, dict) else str(exc)
 
@@ -2878,8 +2903,11 @@ def _import_pg8000():
 def postgres_connect_args(database, environ):
     """pg8000's connect() arguments for ``database`` (a DatabaseConfig with
     a url): the password from its ``${ENV}`` reference or PGPASSWORD;
-    ``sslmode`` require (encrypted), verify-ca (and the server's
-    certificate checked), verify-full (and its name); otherwise plain."""
+    ``sslmode`` as libpq reads it: disable (plain text), prefer (the
+    default: TLS if the server offers it, unchecked), require (TLS),
+    verify-ca (and the server's certificate checked against
+    ``sslrootcert``, else the system's CAs), verify-full (and its name).
+    As in libpq, require with an sslrootcert checks the certificate too."""
     url = urllib.parse.urlsplit(database.url)
     user = urllib.parse.unquote(url.username or "") or environ.get("PGUSER") or "postgres"
     args = {"user": user, "host": url.hostname or "localhost", "port": url.port or 5432,
@@ -2889,11 +2917,17 @@ def postgres_connect_args(database, environ):
     password = environ.get(reference.group(1)) if reference else environ.get("PGPASSWORD")
     if password:
         args["password"] = password
-    sslmode = urllib.parse.parse_qs(url.query).get("sslmode", ["prefer"])[-1]
-    if sslmode in ("require", "verify-ca", "verify-full"):
-        context = ssl.create_default_context()
+    parameters = _url_parameters(url)
+    sslmode, root_certificate = parameters.get("sslmode", "prefer"), parameters.get("sslrootcert")
+    if sslmode == "disable":
+        args["ssl_context"] = False  # pg8000's default (None) would take TLS where the server offers it
+    elif sslmode != "prefer":  # prefer is pg8000's default: TLS when offered, plain text when not
+        try:
+            context = ssl.create_default_context(cafile=root_certificate)
+        except OSError as exc:  # ssl.SSLError too
+            raise ConfigError("database.url: sslrootcert %s: %s" % (root_certificate, exc.strerror or exc)) from None
         context.check_hostname = sslmode == "verify-full"
-        if sslmode == "require":
+        if sslmode == "require" and root_certificate is None:
             context.verify_mode = ssl.CERT_NONE
         args["ssl_context"] = context
     return args

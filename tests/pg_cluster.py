@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 
 #: Debian's layout first (/usr/lib/postgresql/15/bin), then PATH; LLMGW_PG_BIN overrides.
 SEARCH = ("/usr/lib/postgresql/*/bin",)
@@ -109,6 +110,44 @@ class Cluster:
         finally:
             conn.close()
         return self.url(name)
+
+    def serve_tls(self, certificate, key):
+        """Offer TLS from now on with ``certificate`` and ``key`` (PEM files,
+        copied into the cluster's directory: the server reads them as its own
+        user, the key private to it); ``serve_tls(None, None)`` stops offering
+        it. New connections see the change once ``SHOW ssl`` does."""
+        settings = {"ssl": "off"}
+        if certificate is not None:
+            for source, name in ((certificate, "server.crt"), (key, "server.key")):
+                target = os.path.join(self.root, name)
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o600)
+                if os.geteuid() == 0:
+                    shutil.chown(target, "nobody", "nogroup")
+            settings = {"ssl_cert_file": os.path.join(self.root, "server.crt"),
+                        "ssl_key_file": os.path.join(self.root, "server.key"), "ssl": "on"}
+        conn = self.connect()
+        try:
+            cursor = conn.cursor()
+            for name, value in settings.items():
+                cursor.execute("ALTER SYSTEM SET %s = '%s'" % (name, value))
+            cursor.execute("SELECT pg_reload_conf()")
+        finally:
+            conn.close()
+        deadline = time.monotonic() + 30
+        while self._setting("ssl") != settings["ssl"]:  # the postmaster reloads asynchronously
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not take ssl = %s (see %s/server.log)" % (settings["ssl"], self.root))
+            time.sleep(0.05)
+
+    def _setting(self, name):
+        conn = self.connect()
+        try:
+            cursor = conn.cursor()
+            cursor.execute("SHOW %s" % name)
+            return cursor.fetchone()[0]
+        finally:
+            conn.close()
 
     def stop(self):
         if self.port is not None:

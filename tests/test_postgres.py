@@ -8,6 +8,8 @@ where no PostgreSQL cluster can start.
 
 import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -288,3 +290,69 @@ def test_an_unreachable_database_at_start_is_one_line_naming_it(tmp_path):
         assert result.returncode == 1, result
         lines = result.stderr.strip().splitlines()
         assert lines[-1].startswith("error: cannot connect to database postgresql://llmgw@127.0.0.1:9/none: "), lines
+
+
+# ---- TLS: sslmode ------------------------------------------------------------------------
+
+def _self_signed(directory, name):
+    """A self-signed certificate for 127.0.0.1 made by openssl: (certificate, key) paths."""
+    certificate, key = directory / (name + ".crt"), directory / (name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True, timeout=60)
+    return str(certificate), str(key)
+
+
+@pytest.fixture
+def tls_certificate(postgres_databases, tmp_path):
+    """The session's cluster offers TLS for this test, with a self-signed
+    certificate for 127.0.0.1 (the path returned: the CA to trust)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    certificate, key = _self_signed(tmp_path, "server")
+    postgres_databases.cluster.serve_tls(certificate, key)
+    yield certificate
+    postgres_databases.cluster.serve_tls(None, None)
+
+
+#: The TLS of a gateway's own connections to the test's database (not this query's).
+GATEWAY_TLS = ("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid WHERE a.datname = "
+               "current_database() AND a.application_name = 'llmgw' AND a.pid != pg_backend_pid()")
+
+
+def test_sslmode_is_honoured_against_a_tls_server(tls_certificate, make_gateway, database, tmp_path):
+    """require: the gateway's connections are encrypted; disable: they are
+    not, though the server offers TLS; verify-full trusts only the CA
+    sslrootcert names, and checks the name; a refusal says why."""
+    for sslmode, encrypted in (("require", True), ("disable", False)):
+        gateway = make_gateway(database={"url": database + "?sslmode=" + sslmode})
+        _, key = gateway.create_key()
+        assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
+        assert {row[0] for row in query(database, GATEWAY_TLS)} == {encrypted}, sslmode
+        gateway.stop()
+        wait_until(lambda: not query(database, GATEWAY_TLS))  # its connections closed
+    own_ca = "?sslmode=verify-full&sslrootcert=" + tls_certificate
+    assert query(database + own_ca, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [(True,)]
+    other_ca, _ = _self_signed(tmp_path, "other")
+    by_name = database.replace("@127.0.0.1:", "@localhost:")  # the certificate names 127.0.0.1 only
+    for url, why in ((database + "?sslmode=verify-full&sslrootcert=" + other_ca, "self-signed certificate"),
+                     (database + "?sslmode=verify-ca", "self-signed certificate"),  # the system's CAs
+                     (by_name + own_ca, "mismatch")):
+        with pytest.raises(llmgw.StorageError) as refused:
+            llmgw.open_store(llmgw.parse_config({"database": {"url": url}}).database, {})
+        assert refused.value.message.startswith("cannot connect to database %s: the server's TLS certificate is not "
+                                                "trusted (" % url.split("?")[0])
+        assert why in refused.value.message
+    assert query(by_name + own_ca.replace("verify-full", "verify-ca"), "SELECT 1") == [(1,)]  # verify-ca: no name
+
+
+def test_sslmode_settings_pg8000_cannot_honour_are_refused():
+    for url, message in (("?sslmode=allow", "sslmode allow .* is not possible with pg8000"),
+                         ("?sslmode=sure", "sslmode 'sure' is not one of disable, prefer, require"),
+                         ("?sslmode=prefer&sslrootcert=ca.pem", "sslrootcert needs sslmode require"),
+                         ("?connect_timeout=5", "unknown parameter 'connect_timeout'")):
+        with pytest.raises(llmgw.ConfigError, match=message):
+            llmgw.parse_config({"database": {"url": "postgresql://llmgw@db/llmgw" + url}})
+    missing = llmgw.parse_config({"database": {"url": "postgresql://llmgw@db/llmgw?sslmode=require&sslrootcert=/no"}})
+    with pytest.raises(llmgw.ConfigError, match="sslrootcert /no: No such file"):
+        llmgw.postgres_connect_args(missing.database, {})
