@@ -351,6 +351,7 @@ database:                          # the file itself: DB_PATH (default gateway.d
   # url: postgresql://llmgw@db.internal/llmgw   # PostgreSQL instead (pip install pg8000; see README)
   # password: ${LLMGW_DB_PASSWORD}             # or PGPASSWORD; never in the URL
   # pool_size: 10                              # PostgreSQL connections per process, at most
+  # pool_timeout: 10                           # seconds a request waits for one, then 503
 
 logging:
   level: INFO
@@ -448,6 +449,7 @@ class DatabaseConfig:
     url: Optional[str] = None           # postgresql://USER@HOST:PORT/DB[?sslmode=...]: PostgreSQL, not the file
     password: Optional[str] = None      # PostgreSQL's password: a ${ENV_VAR} reference (else PGPASSWORD)
     pool_size: int = 10                 # PostgreSQL connections per process, at most
+    pool_timeout: float = 10.0          # seconds a request waits for one of them, then 503
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2888,6 +2890,11 @@ def _postgres_message(exc):
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ("the server's TLS certificate is not trusted (%s): sslrootcert names the CA that signed it"
                 % exc.verify_message)
+    cause = exc
+    while cause is not None:  # a timed-out read surfaces as pg8000's later error on the dead socket
+        if isinstance(cause, socket.timeout):
+            return "no answer within %g s" % Store.busy_timeout_s
+        cause = cause.__cause__ or cause.__context__
     detail = exc.args[0] if exc.args else None
     return detail.get("M", str(detail)) if isinstance(detail, dict) else str(exc)
 
@@ -2952,7 +2959,7 @@ class PostgresStore(Store):
         except (dbapi.Error, OSError) as exc:
             raise StorageError("cannot connect to database %s: %s" % (self.path, _postgres_message(exc))) from None
         self._commits = _PostgresPool(lambda: dbapi.connect(**args), (dbapi.Error, OSError),
-                                      database.pool_size, self.busy_timeout_s)
+                                      database.pool_size, database.pool_timeout)
         self._migrate()
 
     def _migrate(self):

@@ -292,6 +292,52 @@ def test_an_unreachable_database_at_start_is_one_line_naming_it(tmp_path):
         assert lines[-1].startswith("error: cannot connect to database postgresql://llmgw@127.0.0.1:9/none: "), lines
 
 
+# ---- the connection pool -----------------------------------------------------------------
+
+#: The gateway's connections to the test's database (not this query's).
+GATEWAY_CONNECTIONS = ("SELECT wait_event_type FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND application_name = 'llmgw' AND pid != pg_backend_pid()")
+
+
+def test_a_full_pool_bounds_connections_and_the_wait_for_one(make_gateway, postgres_databases, database):
+    """pool_size 2: while PostgreSQL holds both connections (the usage
+    table locked by another session, so admission waits there), the
+    process opens no third; the other requests wait pool_timeout for one
+    and get a 503 in the API's shape while the lock is still held; the two
+    waiting at the lock finish once it goes."""
+    gateway = make_gateway(database={"url": database, "pool_size": 2, "pool_timeout": 0.5})
+    _, key = gateway.create_key()
+    assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
+    locker = postgres_databases.cluster.connect(database.rsplit("/", 1)[1])
+    locker.cursor().execute("BEGIN")
+    locker.cursor().execute("LOCK TABLE usage IN ACCESS EXCLUSIVE MODE")
+    replies, seen = [], []
+
+    def one():
+        replies.append(post(gateway, CHAT, body_for(CHAT), key, timeout=30))
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+
+        def four_refused():
+            seen.append([row[0] for row in query(database, GATEWAY_CONNECTIONS)])
+            return len(replies) >= 4
+        assert wait_until(four_refused, timeout=20), replies
+        assert max(len(connections) for connections in seen) <= 2, seen
+        assert seen[-1] == ["Lock", "Lock"], seen  # both held by PostgreSQL the whole time
+        assert len(replies) == 4
+        for reply in replies:
+            body = assert_json_error(reply, 503, code="storage_unavailable")
+            assert "connections are all busy" in body["error"]["message"]
+    finally:
+        locker.cursor().execute("ROLLBACK")
+        locker.close()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(reply.status for reply in replies) == [200, 200, 503, 503, 503, 503]
+    assert len(query(database, GATEWAY_CONNECTIONS)) <= 2
+
 # ---- TLS: sslmode ------------------------------------------------------------------------
 
 def _self_signed(directory, name):
