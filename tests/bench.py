@@ -23,6 +23,17 @@ file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
     python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
     python tests/bench.py --streams 10000 --baseline ../main   # the same for concurrent streams
 
+    python tests/bench.py --postgresql          # also the gateway on a throwaway PostgreSQL cluster
+    python tests/bench.py --postgresql postgresql://llmgw@db/bench   # ... or on that (empty) database
+
+``--postgresql [URL]`` adds the gateway on PostgreSQL (``database.url``; pg8000 needed) beside the
+one on SQLite: started from this tree in the same way, on the same core, measured at the same
+levels and streams in the same run, right after it. Without a URL it starts a throwaway cluster
+(tests/pg_cluster.py: initdb in a temporary directory, on the load core, stopped at the end).
+It also times the read a PostgreSQL gateway makes before every request (the ``generation``
+row: ``PostgresStore.data_version``), from this script on the load core, and reports its
+median and p99 and the client CPU it takes against the gateway's own per-request figures.
+
 ``--baseline DIR`` adds a before/after section: the gateway of DIR (before) and of this tree
 (after), on the same core, measured back to back at each level and for the streams in
 ``--rounds`` (6) rounds, the one measured first alternating from round to round; it reports
@@ -73,6 +84,8 @@ The numbers:
                   ``--requests`` (100,000) further requests; "growth" is the last minus the
                   after-levels value (both have already seen 64 connections), i.e. a leak check.
 * usage rows: rows the gateway wrote to its database, by status, against the requests sent.
+* with ``--postgresql``: ``overhead p50``/``p99`` at each level, each gateway's p50/p99 minus the
+                  direct one's at the same level, for SQLite and PostgreSQL side by side.
 
 Exit code 0 when the run completed (problems are listed, not fatal); 1 when the run could not
 complete (setup failure, gateway died); 130 on Ctrl-C or SIGTERM. Linux only (/proc, affinity).
@@ -666,16 +679,18 @@ def cpu_seconds(leader):
     return total / CLK_TCK
 
 
-def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None, root=ROOT):
+def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None, root=ROOT, database_url=None):
     """The gateway of tree ``root`` (``python llmgw.py``, or ``cli.py serve --workers N``) with a
-    fresh config and database in ``workdir`` and one virtual key; returns (process, port, key,
-    database path)."""
+    fresh config and database in ``workdir`` (or the PostgreSQL database ``database_url``) and one
+    virtual key; returns (process, port, key, database path)."""
     gw_port = free_port()
     config_path = os.path.join(workdir, "config.yaml")
     db_path = os.path.join(workdir, "gateway.db")
     config = {"server": dict(server or {}, host="127.0.0.1", port=gw_port),
               "providers": {"openai": {"base_url": "http://127.0.0.1:%d" % up_port}},
               "logging": {"level": "WARNING", "file": os.path.join(workdir, "gateway.log")}}
+    if database_url is not None:
+        config["database"] = {"url": database_url}
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)  # JSON is YAML
     os.chmod(config_path, 0o600)
@@ -863,6 +878,85 @@ def one_request(port, key, body, timeout=10):
             parsed = parse_response(buf)
             if parsed:
                 return parsed[1], parsed[2]
+
+
+# ==== PostgreSQL (``--postgresql``) =========================================================
+
+#: ``--postgresql`` without a URL: start a throwaway cluster.
+THROWAWAY = "throwaway"
+
+
+def start_cluster():
+    """A throwaway PostgreSQL cluster (tests/pg_cluster.py), or RuntimeError saying why none can start."""
+    import pg_cluster
+    reason = pg_cluster.unavailable()
+    if reason is not None:
+        raise RuntimeError("--postgresql: %s" % reason)
+    return pg_cluster.Cluster().start()
+
+
+def pg8000_version():
+    try:
+        import pg8000
+    except ImportError:
+        return "not installed"
+    return pg8000.__version__
+
+
+def generation_reads(url, count, cpu):
+    """The read a PostgreSQL gateway makes before every request (``PostgresStore.data_version``:
+    the ``generation`` row), ``count`` times from this process on core ``cpu`` (the gateway's),
+    after one that opens the pooled connection and prepares the statement. Returns the median and
+    p99 in ms, the client CPU per read in ms, and the usage rows by status (the gateway's books)."""
+    sys.path.insert(0, ROOT)
+    import llmgw
+    store = llmgw.PostgresStore(llmgw.parse_config({"database": {"url": url}}).database)
+    before = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        store.data_version()
+        times = []
+        cpu0 = time.process_time()
+        for _ in range(count):
+            t0 = time.perf_counter()
+            store.data_version()
+            times.append(time.perf_counter() - t0)
+        cpu_ms = (time.process_time() - cpu0) * 1000 / count
+        by_status = dict(store._read("SELECT status, COUNT(*) FROM usage GROUP BY 1"))
+    finally:
+        os.sched_setaffinity(0, before)
+        store.close()
+    times.sort()
+    return {"median_ms": statistics.median(times) * 1000, "p99_ms": times[int(len(times) * 0.99)] * 1000,
+            "cpu_ms": cpu_ms, "count": count, "by_status": by_status}
+
+
+def print_postgresql(levels, results, reads):
+    """SQLite and PostgreSQL side by side (overhead: each gateway's percentile minus the direct
+    one's at the same level), then what the per-request generation read costs."""
+    print("The gateway on SQLite and on PostgreSQL (same run, level by level; overhead = gateway minus "
+          "direct at the same level)")
+    header = "| %5s | %12s | %16s | %9s | %26s | %30s | %17s | %21s |" % (
+        "conns", "SQLite req/s", "PostgreSQL req/s", "PG/SQLite", "SQLite overhead p50/p99 ms",
+        "PostgreSQL overhead p50/p99 ms", "SQLite CPU ms/req", "PostgreSQL CPU ms/req")
+    print(header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    for conns in levels:
+        direct, lite, pg = (results[target][conns] for target in ("direct", "gateway", "gw-pg"))
+        print("| %5d | %12.0f | %16.0f | %8.0f%% | %26s | %30s | %17.3f | %21.3f |" % (
+            conns, lite["rps"], pg["rps"], 100.0 * pg["rps"] / lite["rps"] if lite["rps"] else float("nan"),
+            "%s / %s" % (fmt_ms(lite["p50_ms"] - direct["p50_ms"]), fmt_ms(lite["p99_ms"] - direct["p99_ms"])),
+            "%s / %s" % (fmt_ms(pg["p50_ms"] - direct["p50_ms"]), fmt_ms(pg["p99_ms"] - direct["p99_ms"])),
+            lite["cpu_ms_per_req"], pg["cpu_ms_per_req"]))
+    one = results["gw-pg"][levels[0]]
+    print("Generation read before each request on PostgreSQL (%d reads from this script on the gateway's core): "
+          "median %.3f ms, p99 %.3f ms, client CPU %.3f ms per read; against the PostgreSQL gateway at %d "
+          "connection(s): %.0f%% of its p50 (%.3f ms), %.0f%% of its CPU per request (%.3f ms)"
+          % (reads["count"], reads["median_ms"], reads["p99_ms"], reads["cpu_ms"], levels[0],
+             100.0 * reads["median_ms"] / one["p50_ms"], one["p50_ms"],
+             100.0 * reads["cpu_ms"] / one["cpu_ms_per_req"], one["cpu_ms_per_req"]))
+    print("PostgreSQL gateway usage rows by status: %s" % reads["by_status"])
 
 
 # ==== Before vs after (``--baseline``) =======================================================
@@ -1105,6 +1199,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=6,
                         help="with --baseline: alternating rounds (6; even, so each gateway goes first "
                              "equally often)")
+    parser.add_argument("--postgresql", nargs="?", const=THROWAWAY, metavar="URL",
+                        help="also the gateway on PostgreSQL (pg8000 needed), same levels and streams in the same "
+                             "run: on a throwaway cluster (tests/pg_cluster.py), or on the empty database at URL")
     parser.add_argument("--workers", type=int, default=1,
                         help="gateway processes (cli.py serve --workers N); with more than one, the gateway "
                              "may run on every core")
@@ -1156,10 +1253,15 @@ def main():
               % ("found but not used: it cannot stream SSE on its own" if shutil.which("nginx") else "not installed"))
         print("settings:  %.1f s per level, connections %s, %d stream runs of %d events, %d requests for memory"
               % (args.duration, levels, args.stream_runs, args.stream_events, args.requests))
+        if args.postgresql:
+            print("postgres:  the gateway also on %s, pg8000 %s" % (
+                "a throwaway cluster (tests/pg_cluster.py) on the load core" if args.postgresql == THROWAWAY
+                else args.postgresql, pg8000_version()))
         print("load:      %s (load average before the run)" % load_average())
         print(flush=True)
 
     procs = Processes()
+    cluster = None
     workdir = tempfile.mkdtemp(prefix="llmgw-bench-")
     problems = []
     started = time.monotonic()
@@ -1186,6 +1288,17 @@ def main():
             os.mkdir(baseline_dir)
             base, base_port, base_vkey, _ = start_gateway(procs, baseline_dir, up_port, gw_cpu, args.workers,
                                                           root=os.path.abspath(args.baseline))
+        if args.postgresql:  # the same gateway on PostgreSQL, same core
+            pg_url = args.postgresql
+            if pg_url == THROWAWAY:
+                cluster = start_cluster()
+                pg_url = cluster.create_database("bench")
+            pg_dir = os.path.join(workdir, "postgresql")
+            os.mkdir(pg_dir)
+            pg, pg_port, pg_vkey, _ = start_gateway(procs, pg_dir, up_port, gw_cpu, args.workers, database_url=pg_url)
+            status, body = one_request(pg_port, pg_vkey, CHAT_BODY)
+            if status != 200:
+                raise RuntimeError("PostgreSQL gateway sanity request: HTTP %d %r" % (status, body[:300]))
         rss_idle = rss_kb(gw.pid)
         gw_sent = 0  # requests sent to the gateway, for the usage-row check
 
@@ -1200,7 +1313,7 @@ def main():
 
         # -- non-streamed levels ---------------------------------------------------------------
         warm = 1.0
-        results = {"direct": {}, "gateway": {}, "naive": {}}
+        results = {"direct": {}, "gateway": {}, "gw-pg": {}, "naive": {}}
         peak = {"rss": 0}
 
         def track_peak():
@@ -1212,12 +1325,16 @@ def main():
 
         servers = {"gateway": gw, "naive": naive}
         targets = [("direct", up_port, PROVIDER_KEY), ("gateway", gw_port, vkey), ("naive", naive_port, "-")]
+        if args.postgresql:
+            servers["gw-pg"] = pg
+            targets.insert(2, ("gw-pg", pg_port, pg_vkey))
         for target, port, key in targets:
             r = loadgen.run(port, key, 16, warm)  # warm-up: pools, caches, threads
             if target == "gateway":
                 gw_sent += r["requests"]
-            server = servers.get(target)
-            for conns in levels:
+        for conns in levels:  # level by level, so that load drifting apart hits every target alike
+            for target, port, key in targets:
+                server = servers.get(target)
                 on_tick = None
                 if server is not None:
                     if server.poll() is not None:
@@ -1256,6 +1373,11 @@ def main():
             for p in streams[target]["problems"]:
                 problems.append("%s %s" % (target, p))
         print("  streams measured", flush=True)
+        if args.postgresql:
+            reads = generation_reads(pg_url, 2000, gw_cpu)
+            procs.stop(pg)
+            if any(status != "ok" for status in reads["by_status"]):
+                problems.append("PostgreSQL gateway usage rows not all ok: %s" % reads["by_status"])
 
         # -- memory growth ---------------------------------------------------------------------
         time.sleep(0.5)
@@ -1317,7 +1439,7 @@ def main():
             "target", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors")
         print(header)
         print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
-        for target in ("gateway", "naive", "direct"):
+        for target in ("gateway", "gw-pg", "naive", "direct") if args.postgresql else ("gateway", "naive", "direct"):
             for conns in levels:
                 r = results[target][conns]
                 cpu = "%.3f" % r["cpu_ms_per_req"] if "cpu_ms_per_req" in r else "-"
@@ -1345,6 +1467,9 @@ def main():
               % (streams["gateway"]["first_ms"] - streams["direct"]["first_ms"],
                  streams["gateway"]["total_ms"] - streams["direct"]["total_ms"]))
         print()
+        if args.postgresql:
+            print_postgresql(levels, results, reads)
+            print()
         if args.baseline:
             print_comparison(args, levels, comparison)
             print()
@@ -1396,6 +1521,8 @@ def main():
         return 1
     finally:
         procs.stop_all()
+        if cluster is not None:
+            cluster.stop()
         signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(workdir, ignore_errors=True)
 
