@@ -137,7 +137,8 @@ class Cluster:
         deadline = time.monotonic() + 30
         while self._setting("ssl") != settings["ssl"]:  # the postmaster reloads asynchronously
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not take ssl = %s (see %s/server.log)" % (settings["ssl"], self.root))
+                raise RuntimeError("the server did not take ssl = %s (see %s/server.log)"
+                                   % (settings["ssl"], self.root))
             time.sleep(0.05)
 
     def _setting(self, name):

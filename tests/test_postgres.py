@@ -300,11 +300,11 @@ GATEWAY_CONNECTIONS = ("SELECT wait_event_type FROM pg_stat_activity WHERE datna
 
 
 def test_a_full_pool_bounds_connections_and_the_wait_for_one(make_gateway, postgres_databases, database):
-    """pool_size 2: while PostgreSQL holds both connections (the usage
-    table locked by another session, so admission waits there), the
-    process opens no third; the other requests wait pool_timeout for one
-    and get a 503 in the API's shape while the lock is still held; the two
-    waiting at the lock finish once it goes."""
+    """pool_size 2: once PostgreSQL holds both connections (two requests
+    wait at the usage table, locked by another session), four more requests
+    open no third: each waits pool_timeout for one and gets a 503 in the
+    API's shape while the lock is still held; the two at the lock finish
+    once it goes."""
     gateway = make_gateway(database={"url": database, "pool_size": 2, "pool_timeout": 0.5})
     _, key = gateway.create_key()
     assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
@@ -315,18 +315,24 @@ def test_a_full_pool_bounds_connections_and_the_wait_for_one(make_gateway, postg
 
     def one():
         replies.append(post(gateway, CHAT, body_for(CHAT), key, timeout=30))
+
+    def connections():
+        seen.append(sorted(row[0] or "" for row in query(database, GATEWAY_CONNECTIONS)))
+        return seen[-1]
+
+    def four_refused():
+        connections()
+        return len(replies) >= 4
     threads = [threading.Thread(target=one) for _ in range(6)]
     try:
-        for thread in threads:
+        for thread in threads[:2]:
             thread.start()
-
-        def four_refused():
-            seen.append([row[0] for row in query(database, GATEWAY_CONNECTIONS)])
-            return len(replies) >= 4
-        assert wait_until(four_refused, timeout=20), replies
-        assert max(len(connections) for connections in seen) <= 2, seen
-        assert seen[-1] == ["Lock", "Lock"], seen  # both held by PostgreSQL the whole time
-        assert len(replies) == 4
+        assert wait_until(lambda: connections() == ["Lock", "Lock"], timeout=20), seen
+        for thread in threads[2:]:
+            thread.start()
+        assert wait_until(four_refused, timeout=20), (replies, seen)
+        assert max(len(sample) for sample in seen) == 2, seen
+        assert connections() == ["Lock", "Lock"] and len(replies) == 4, (replies, seen)  # the lock still holds
         for reply in replies:
             body = assert_json_error(reply, 503, code="storage_unavailable")
             assert "connections are all busy" in body["error"]["message"]
@@ -337,6 +343,7 @@ def test_a_full_pool_bounds_connections_and_the_wait_for_one(make_gateway, postg
         thread.join(30)
     assert sorted(reply.status for reply in replies) == [200, 200, 503, 503, 503, 503]
     assert len(query(database, GATEWAY_CONNECTIONS)) <= 2
+
 
 # ---- TLS: sslmode ------------------------------------------------------------------------
 
@@ -376,7 +383,7 @@ def test_sslmode_is_honoured_against_a_tls_server(tls_certificate, make_gateway,
         assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
         assert {row[0] for row in query(database, GATEWAY_TLS)} == {encrypted}, sslmode
         gateway.stop()
-        wait_until(lambda: not query(database, GATEWAY_TLS))  # its connections closed
+        assert wait_until(lambda: not query(database, GATEWAY_TLS), timeout=20)  # its connections closed
     own_ca = "?sslmode=verify-full&sslrootcert=" + tls_certificate
     assert query(database + own_ca, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [(True,)]
     other_ca, _ = _self_signed(tmp_path, "other")
