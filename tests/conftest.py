@@ -98,6 +98,17 @@ def pytest_generate_tests(metafunc):
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_backends: run each test on SQLite and on PostgreSQL")
     config.addinivalue_line("markers", "sqlite_only(reason): the test is about the SQLite file; skipped on PostgreSQL")
+    config.addinivalue_line("markers", "xdist_group(name): in a parallel run (pytest-xdist), one worker runs the group")
+    write_bytecode_for_children()
+
+
+def write_bytecode_for_children():
+    """Tests start Python a few hundred times (the CLI, gateway processes,
+    the egress guard; xdist's workers), and each would compile llmgw.py's
+    ten thousand lines again where PYTHONDONTWRITEBYTECODE is set: a third
+    of a second of CPU each. The processes the suite starts write and reuse
+    Python's usual bytecode cache (``__pycache__``, ignored by git)."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 class PostgresDatabases:

@@ -21,6 +21,10 @@ from conftest import ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, RunningGateway, bas
 import llmgw
 from fake_upstream import FakeUpstream
 
+#: One worker runs the whole module when the suite runs in parallel (pytest-xdist
+#: ``--dist loadgroup``): one browser, and the screenshots test runs last.
+pytestmark = pytest.mark.xdist_group("dashboard")
+
 CHROMIUM = os.environ.get("LLMGW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
