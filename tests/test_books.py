@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -72,8 +73,8 @@ def test_b4_unreachable_postgresql_fails_closed(make_gateway, upstream, backend)
     gateway = make_gateway()
     record, key = gateway.create_key(max_budget=5)
     assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
-    database = gateway.database_url.rsplit("/", 1)[1]
-    admin_url = gateway.database_url.rsplit("/", 1)[0] + "/postgres"
+    url = urllib.parse.urlsplit(gateway.database_url)
+    database, admin_url = url.path.lstrip("/"), url._replace(path="/postgres").geturl()
     query(admin_url, "ALTER DATABASE %s ALLOW_CONNECTIONS false" % database)
     try:
         query(admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ?", (database,))
