@@ -1494,9 +1494,9 @@ USAGE_RESULT_COLUMNS = (
     "reasoning_tokens", "cost_nanousd", "priced", "finished_at", "latency_ms", "first_byte_ms", "overhead_ms",
     "response_id")
 #: Who made a response (the Responses API's id): its key, provider,
-#: deployment and model, kept as long as its usage row.
-RESPONSE_ORIGIN = """SELECT virtual_key_id, provider, deployment, model FROM usage INDEXED BY usage_by_response
-                     WHERE response_id = ? ORDER BY id DESC LIMIT 1"""
+#: deployment and model, kept as long as its usage row (%s: SQLite's index hint).
+_RESPONSE_ORIGIN = """SELECT virtual_key_id, provider, deployment, model FROM usage%s
+                      WHERE response_id = ? ORDER BY id DESC LIMIT 1"""
 #: Only a pending row is settled: one already marked interrupted was charged.
 FINISH_USAGE = "UPDATE usage SET %s WHERE id = ? AND status = 'pending'" % ", ".join(
     "%s = ?" % c for c in USAGE_RESULT_COLUMNS)
@@ -2230,7 +2230,7 @@ class Store:
     def response_origin(self, response_id):
         """(key id, provider, deployment, model) of the usage row that made
         response ``response_id``, or None."""
-        rows = self._read(RESPONSE_ORIGIN, (response_id,))
+        rows = self._read(self.sql.RESPONSE_ORIGIN, (response_id,))
         return rows[0] if rows else None
 
     def claim_alerts(self, now, lease):
@@ -2454,6 +2454,7 @@ class SQLiteSQL:
     SCHEMA = SCHEMA + ROLLUP_SCHEMA
     PERIOD_COST = _PERIOD_COST % " INDEXED BY usage_pending"
     STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
+    RESPONSE_ORIGIN = _RESPONSE_ORIGIN % " INDEXED BY usage_by_response"
     INSERT_USAGE = _INSERT_USAGE  # the row id is the cursor's lastrowid
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS"
     WHOLE_SECONDS = SQLITE_WHOLE_SECONDS
@@ -2473,6 +2474,7 @@ class PostgresSQL:
     SCHEMA = _postgres_ddl(SCHEMA + ROLLUP_SCHEMA)
     PERIOD_COST = _PERIOD_COST % ""
     STATS_FROM_PENDING = STATS_FROM_ROWS
+    RESPONSE_ORIGIN = _RESPONSE_ORIGIN % ""
     INSERT_USAGE = _INSERT_USAGE + " RETURNING id"
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS NOT DISTINCT FROM"
     WHOLE_SECONDS = POSTGRES_WHOLE_SECONDS
