@@ -111,6 +111,22 @@ def write_bytecode_for_children():
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
+def item_backend(item):
+    """The backend a collected test runs on: its ``backend`` parameter, else LLMGW_TEST_BACKEND."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend", DEFAULT_BACKEND) if callspec is not None else DEFAULT_BACKEND
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests about the SQLite file itself skip on PostgreSQL, saying why
+    (whether or not they ask for the ``backend`` fixture)."""
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None and item_backend(item) == "postgresql":
+            item.add_marker(pytest.mark.skip(
+                reason="SQLite only: %s" % (marker.args[0] if marker.args else "about the SQLite file")))
+
+
 class PostgresDatabases:
     """Databases of the session's cluster, reused: a test leases one per
     gateway database it names, and gives it back emptied."""
@@ -128,8 +144,10 @@ class PostgresDatabases:
             cursor = conn.cursor()
             cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
             tables = [row[0] for row in cursor.fetchall()]
-            cursor.execute("TRUNCATE %s RESTART IDENTITY" % ", ".join(tables))
-            cursor.execute("INSERT INTO settings (name, value) VALUES ('schema_version', '%d')" % llmgw.SCHEMA_VERSION)
+            if tables:  # else nothing ever opened it: still empty
+                cursor.execute("TRUNCATE %s RESTART IDENTITY" % ", ".join(tables))
+                cursor.execute("INSERT INTO settings (name, value) VALUES ('schema_version', '%d')"
+                               % llmgw.SCHEMA_VERSION)
         finally:
             conn.close()
         self.free.append(url)
@@ -150,30 +168,44 @@ def postgres_databases():
 @pytest.fixture
 def backend(request):
     """The test's storage backend: its parameter, else LLMGW_TEST_BACKEND."""
-    name = getattr(request, "param", DEFAULT_BACKEND)
-    marker = request.node.get_closest_marker("sqlite_only")
-    if name == "postgresql" and marker is not None:
-        pytest.skip("SQLite only: %s" % (marker.args[0] if marker.args else "about the SQLite file"))
-    return name
+    return getattr(request, "param", DEFAULT_BACKEND)
+
+
+class DatabaseLeases:
+    """``url(db_path)``: the PostgreSQL database standing for ``db_path``
+    (the same for the same path until ``give_back()``), or None on SQLite."""
+
+    def __init__(self, request, backend):
+        self.pool = None if backend == "sqlite" else request.getfixturevalue("postgres_databases")
+        self.leased = {}
+
+    def __call__(self, db_path):
+        if self.pool is None:
+            return None
+        if str(db_path) not in self.leased:
+            self.leased[str(db_path)] = self.pool.lease()
+        return self.leased[str(db_path)]
+
+    def give_back(self):
+        for url in self.leased.values():
+            self.pool.give_back(url)
+        self.leased.clear()
 
 
 @pytest.fixture
 def databases(request, backend):
-    """``url(db_path)``: the PostgreSQL database standing for ``db_path``
-    (the same for the same path within a test), or None on SQLite."""
-    if backend == "sqlite":
-        yield lambda db_path: None
-        return
-    pool = request.getfixturevalue("postgres_databases")
-    leased = {}
+    """The test's databases on its backend (DatabaseLeases)."""
+    leases = DatabaseLeases(request, backend)
+    yield leases
+    leases.give_back()
 
-    def url(db_path):
-        if str(db_path) not in leased:
-            leased[str(db_path)] = pool.lease()
-        return leased[str(db_path)]
-    yield url
-    for url in leased.values():
-        pool.give_back(url)
+
+@pytest.fixture(scope="module")
+def module_databases(request):
+    """DatabaseLeases for module-scoped gateways, on LLMGW_TEST_BACKEND's backend."""
+    leases = DatabaseLeases(request, DEFAULT_BACKEND)
+    yield leases
+    leases.give_back()
 
 
 def database_section(url):
@@ -184,6 +216,38 @@ def database_section(url):
     if url is None:
         return {}
     return {"database": {"url": url if "?" in url else url + "?sslmode=disable"}}
+
+
+class GatewayDatabase:
+    """A gateway database of the test, on its backend, for whatever opens it
+    beside the in-process gateways (the CLI, gateway child processes, a
+    direct read): the SQLite file ``db_path`` (DB_PATH; unused on
+    PostgreSQL), or the PostgreSQL database ``database_url``.
+    ``query(database, sql)`` reads it, as for a RunningGateway."""
+
+    def __init__(self, db_path, database_url):
+        self.db_path, self.database_url = str(db_path), database_url
+
+    def config(self, document=None):
+        """``document`` (a config.yaml dict) naming this database."""
+        return dict(document or {}, **database_section(self.database_url))
+
+    def write_config(self, path, document=None):
+        """Write ``config(document)`` to ``path`` (JSON, which is YAML); returns ``path``."""
+        with open(str(path), "w", encoding="utf-8") as f:
+            json.dump(self.config(document), f)
+        return path
+
+    def open_store(self):
+        """The store, as the CLI opens it (creating the SQLite file if missing)."""
+        return llmgw.open_store(llmgw.parse_config(self.config()).database, {"DB_PATH": self.db_path})
+
+
+@pytest.fixture
+def db(tmp_path, databases):
+    """tmp_path's gateway.db on the test's backend (GatewayDatabase): what
+    ``make_gateway()``, ``paths_env(tmp_path)`` and ``cli_main`` name."""
+    return GatewayDatabase(tmp_path / "gateway.db", databases(tmp_path / "gateway.db"))
 
 
 def query(target, sql, params=()):
@@ -759,6 +823,15 @@ def paths_env(tmp_path, **extra):
     return env
 
 
+def cli_env(target, directory, document=None, name="cli-config.yaml"):
+    """CONFIG_PATH and DB_PATH for the CLI on ``target``'s database (a
+    RunningGateway or a GatewayDatabase), on its backend: writes ``name`` in
+    ``directory``, ``document`` (default: empty) naming that database."""
+    path = os.path.join(str(directory), name)
+    GatewayDatabase(target.db_path, target.database_url).write_config(path, document)
+    return {"CONFIG_PATH": path, "DB_PATH": target.db_path}
+
+
 def run_cli(args, cwd, env=None, timeout=30, check=False):
     """Run ``python cli.py ARGS`` as a subprocess in ``cwd``."""
     full_env = dict(os.environ, **(env or {}))
@@ -937,10 +1010,11 @@ class Shared:
 
 
 @pytest.fixture(scope="module")
-def shared_env(tmp_path_factory):
+def shared_env(tmp_path_factory, module_databases):
     fake = FakeUpstream().start()
-    gw = RunningGateway(base_config(fake.url, server=dict(SERVER), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT),
-                        tmp_path_factory.mktemp("shared") / "gateway.db")
+    db_path = tmp_path_factory.mktemp("shared") / "gateway.db"
+    gw = RunningGateway(base_config(fake.url, server=dict(SERVER), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
+                                    **database_section(module_databases(db_path))), db_path)
     try:
         yield gw, gw.create_key("shared project")[1], fake
     finally:
@@ -1069,15 +1143,16 @@ SCRIPTED_KEY = "sk-CANARY-SCRIPTED-0123456789abcdef"
 
 
 @pytest.fixture
-def scripted_gateway(tmp_path):
+def scripted_gateway(tmp_path, databases):
     """``start(script, idle_timeout=None, **sections)`` -> (ScriptedUpstream,
-    RunningGateway pointed at it); both stopped at the end."""
+    RunningGateway pointed at it, on the test's backend); both stopped at the end."""
     started = []
 
     def start(script, idle_timeout=None, **sections):
         upstream = ScriptedUpstream(script, idle_timeout)
-        gateway = RunningGateway(base_config(upstream.url, **sections),
-                                 tmp_path / ("scripted%d.db" % len(started)), {})
+        db_path = tmp_path / ("scripted%d.db" % len(started))
+        gateway = RunningGateway(base_config(upstream.url, **database_section(databases(db_path)), **sections),
+                                 db_path, {})
         started.append((upstream, gateway))
         return upstream, gateway
     yield start

@@ -10,12 +10,11 @@ import datetime
 import hashlib
 import json
 import re
-import sqlite3
 
 import pytest
 
-from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, admin, call, post, reported_tokens, run_cli,
-                      two_projects_usage, wait_until)
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, admin, call, cli_env, post, query, reported_tokens,
+                      run_cli, two_projects_usage, wait_until)
 
 import cli
 import llmgw
@@ -280,9 +279,10 @@ STATS_QUERIES = [
 ]
 
 
-def test_usage_stats_match_the_cli(admin_gateway, usage, capsys, monkeypatch):
+def test_usage_stats_match_the_cli(admin_gateway, usage, capsys, monkeypatch, tmp_path):
     dates = {"DAY": usage["day"], "BEFORE": usage["before"], "AFTER": usage["after"]}
-    monkeypatch.setenv("DB_PATH", admin_gateway.db_path)
+    for name, value in cli_env(admin_gateway, tmp_path).items():
+        monkeypatch.setenv(name, value)
     sizes = []
     for query, argv in STATS_QUERIES:
         query = {name: dates.get(value, value) for name, value in query.items()}
@@ -299,7 +299,7 @@ def test_usage_stats_match_the_cli(admin_gateway, usage, capsys, monkeypatch):
 
 def test_usage_stats_match_the_cli_process(admin_gateway, usage, tmp_path):
     reply = admin(admin_gateway, "GET", "/admin/usage-stats")
-    result = run_cli(["stats", "--output", "json"], tmp_path, {"DB_PATH": admin_gateway.db_path}, check=True)
+    result = run_cli(["stats", "--output", "json"], tmp_path, cli_env(admin_gateway, tmp_path), check=True)
     assert reply.json() == json.loads(result.stdout)
     assert len(reply.json()) == 2
 
@@ -328,7 +328,7 @@ def test_issued_token_works_and_rotation_retires_the_old_one(gateway, tmp_path):
     first = llmgw.issue_admin_token(gateway.store)
     assert admin(gateway, "GET", "/admin/virtual-keys", token=first).status == 200
 
-    result = run_cli(["admin-token"], tmp_path, {"DB_PATH": gateway.db_path}, check=True)
+    result = run_cli(["admin-token"], tmp_path, cli_env(gateway, tmp_path), check=True)
     second = re.findall(r"^Admin token: (\S+)$", result.stdout, re.M)
     assert len(second) == 1 and second[0] != first
     second = second[0]
@@ -339,8 +339,7 @@ def test_issued_token_works_and_rotation_retires_the_old_one(gateway, tmp_path):
 
 def test_token_printed_by_init_turns_the_api_on(gateway, tmp_path):
     assert admin(gateway, "GET", "/admin/virtual-keys").status == 403
-    result = run_cli(["init"], tmp_path, {"DB_PATH": gateway.db_path, "CONFIG_PATH": str(tmp_path / "c.yaml")},
-                     check=True)
+    result = run_cli(["init"], tmp_path, cli_env(gateway, tmp_path), check=True)
     token = re.findall(r"^Admin token: (\S+)$", result.stdout, re.M)[0]
     assert wait_until(lambda: admin(gateway, "GET", "/admin/virtual-keys", token=token).status == 200, timeout=1.0)
 
@@ -380,11 +379,7 @@ def test_no_admin_response_leaks_secrets(admin_gateway, upstream):
         record(admin(admin_gateway, method, path, body))
     record(call(admin_gateway, "GET", "/admin/virtual-keys", key="llmgw-admin-wrong"))
 
-    conn = sqlite3.connect(admin_gateway.db_path)
-    try:
-        hashes = [row[0] for row in conn.execute("SELECT key_hash FROM virtual_keys")]
-    finally:
-        conn.close()
+    hashes = [row[0] for row in query(admin_gateway, "SELECT key_hash FROM virtual_keys")]
     assert len(hashes) == 2
     secrets_ = [OPENAI_KEY, ANTHROPIC_KEY, "sk-DB-CANARY-0123456789abcdef", ADMIN_TOKEN, other_secret,
                 hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()] + hashes

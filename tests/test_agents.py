@@ -83,8 +83,9 @@ def test_count_tokens_bursts_do_not_count_against_rpm(gateway, upstream):
     assert len(upstream.requests) == 20
 
 
-def test_stats_count_other_calls_apart_from_requests(make_gateway, upstream, cli_main, tmp_path):
+def test_stats_count_other_calls_apart_from_requests(make_gateway, upstream, cli_main, tmp_path, db):
     gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    db.write_config(tmp_path / "config.yaml")  # the CLI's, naming the gateway's database
     record, key = gateway.create_key("agents")
     for path in (CHAT, RESPONSES, MESSAGES):
         assert post(gateway, path, body_for(path, "claude-haiku-4-5" if path == MESSAGES else "gpt-4o-mini"),
@@ -226,6 +227,7 @@ def test_input_tokens_and_moderations_are_forwarded_free(make_gateway, upstream)
             for row in rows] == [("/v1/responses/input_tokens", "gpt-4o", 0, 0, 0), ("/v1/moderations", None, 0, 0, 0)]
 
 
+@pytest.mark.sqlite_only("migrates a schema 8 fixture, a SQLite file (tests/schemas)")
 def test_schema_9_moves_the_free_calls_out_of_requests(tmp_path, make_gateway):
     """Before schema 9 a count_tokens call counted among a rollup's
     requests; migrated, it is an other call, as if rolled up today."""
