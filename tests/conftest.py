@@ -275,6 +275,21 @@ def query(target, sql, params=()):
     return [QueryRow(names, row) for row in rows]
 
 
+def stored_bytes(target):
+    """Everything ``target``'s database keeps, to search for a secret: every
+    byte of the SQLite file with its WAL and shared memory, or the text of
+    every row of every PostgreSQL table."""
+    if getattr(target, "database_url", None) is None:
+        data = b""
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(target.db_path + suffix):
+                with open(target.db_path + suffix, "rb") as f:
+                    data += f.read()
+        return data
+    tables = query(target, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename")
+    return "\n".join(repr(query(target, "SELECT * FROM %s" % table)) for (table,) in tables).encode()
+
+
 class QueryRow(tuple):
     """A row as a tuple that also knows its column names (``as_dict()``)."""
 

@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import re
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -22,8 +21,8 @@ import time
 
 import pytest
 
-from conftest import (ADMIN_TOKEN, ROOT, GatewayProcess, admin, call, paths_env, post, reported_tokens, run_cli,
-                      two_projects_usage)
+from conftest import (ADMIN_TOKEN, ROOT, GatewayProcess, admin, call, cli_env, paths_env, post, query,
+                      reported_tokens, run_cli, stored_bytes, two_projects_usage)
 
 import cli
 import llmgw
@@ -41,9 +40,11 @@ def cli_run(tmp_path, *args, env=None, check=False):
 
 
 @pytest.fixture
-def database(tmp_path):
-    """An empty database where DB_PATH points, as ``init`` leaves it."""
-    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
+def database(configured, db):
+    """An empty database where config.yaml and DB_PATH point (on the test's
+    backend), as ``init`` leaves it."""
+    db.open_store().close()
+    return db
 
 
 def write_config(path, upstream_url, providers=None, **sections):
@@ -79,31 +80,19 @@ def assert_one_line_error(result, *fragments):
     return lines[0]
 
 
-def db_bytes(db_path):
-    """Every byte SQLite keeps for the database: main file, WAL and shared memory."""
-    data = b""
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(db_path + suffix):
-            with open(db_path + suffix, "rb") as f:
-                data += f.read()
-    return data
-
-
 def mode(path):
     return stat.S_IMODE(os.stat(str(path)).st_mode)
 
 
-def stored_admin_token_hash(tmp_path):
-    """The admin token hash in tmp_path's gateway.db, as [(value,)]."""
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    try:
-        return conn.execute("SELECT value FROM settings WHERE name = ?", (llmgw.ADMIN_TOKEN_SETTING,)).fetchall()
-    finally:
-        conn.close()
+def stored_admin_token_hash(db):
+    """The admin token hash in the database, as [(value,)]."""
+    return query(db, "SELECT value FROM settings WHERE name = ?", (llmgw.ADMIN_TOKEN_SETTING,))
 
 
 # ---- the README, word for word ---------------------------------------------
 
+@pytest.mark.sqlite_only("the README's first session: init writes the template and creates gateway.db "
+                         "(on PostgreSQL: test_postgres test_the_cli_and_doctor_work_on_postgresql)")
 def test_readme_sequence(tmp_path, upstream):
     openai_key = "sk-README-openai-0123456789abcdef"
     anthropic_key = "sk-ant-README-anthropic-0123456789"
@@ -177,8 +166,8 @@ def test_readme_sequence(tmp_path, upstream):
         assert secret not in log
 
 
-def test_llmgw_py_serves(tmp_path, upstream):
-    write_config(tmp_path / "config.yaml", upstream.url, server={"host": "127.0.0.1", "port": 0})
+def test_llmgw_py_serves(tmp_path, upstream, db):
+    write_config(tmp_path / "config.yaml", upstream.url, server={"host": "127.0.0.1", "port": 0}, **db.config())
     server = GatewayProcess(tmp_path, paths_env(tmp_path), entry="llmgw", name="llmgw").start()
     port = server.port
     try:
@@ -195,7 +184,9 @@ def test_llmgw_py_serves(tmp_path, upstream):
 
 # ---- init ----------------------------------------------------------------------
 
-def test_init_creates_private_config_database_and_admin_token(tmp_path):
+@pytest.mark.sqlite_only("init without a config.yaml: the template (no database.url) and gateway.db's mode "
+                         "(on PostgreSQL: test_init_twice_keeps_config_and_token, test_postgres)")
+def test_init_creates_private_config_database_and_admin_token(tmp_path, db):
     result = cli_run(tmp_path, "init", check=True)
     assert (tmp_path / "config.yaml").read_text() == llmgw.CONFIG_TEMPLATE
     assert mode(tmp_path / "config.yaml") == 0o600
@@ -205,14 +196,16 @@ def test_init_creates_private_config_database_and_admin_token(tmp_path):
     token = tokens[0]
     assert token.startswith(llmgw.ADMIN_TOKEN_PREFIX) and len(token) >= 40
     assert result.stdout.count(token) == 1
-    assert stored_admin_token_hash(tmp_path) == [(hashlib.sha256(token.encode()).hexdigest(),)]
-    assert token.encode() not in db_bytes(str(tmp_path / "gateway.db"))
+    assert stored_admin_token_hash(db) == [(hashlib.sha256(token.encode()).hexdigest(),)]
+    assert token.encode() not in stored_bytes(db)
 
 
-def test_init_twice_keeps_config_and_token(tmp_path):
+def test_init_twice_keeps_config_and_token(tmp_path, db):
+    db.write_config(tmp_path / "config.yaml", {"server": {"port": 8000}})
     first = cli_run(tmp_path, "init", check=True)
     token = ADMIN_LINE.findall(first.stdout)[0]
-    custom = llmgw.CONFIG_TEMPLATE.replace("port: 8000", "port: 8123") + "# my own edit\n"
+    assert token.encode() not in stored_bytes(db)
+    custom = json.dumps(db.config({"server": {"port": 8123}})) + "\n# my own edit\n"
     (tmp_path / "config.yaml").write_text(custom)
     os.chmod(str(tmp_path / "config.yaml"), 0o644)
 
@@ -222,13 +215,13 @@ def test_init_twice_keeps_config_and_token(tmp_path):
     assert "admin token already exists" in second.stdout.lower()
     assert (tmp_path / "config.yaml").read_text() == custom
     assert mode(tmp_path / "config.yaml") == 0o600
-    assert stored_admin_token_hash(tmp_path) == [(hashlib.sha256(token.encode()).hexdigest(),)]
+    assert stored_admin_token_hash(db) == [(hashlib.sha256(token.encode()).hexdigest(),)]
     third = cli_run(tmp_path, "init", check=True)
     assert "Admin token:" not in third.stdout
 
 
-def test_init_keeps_existing_config_and_keys(tmp_path, upstream, cli_main):
-    write_config(tmp_path / "config.yaml", upstream.url)
+def test_init_keeps_existing_config_and_keys(tmp_path, upstream, cli_main, db):
+    write_config(tmp_path / "config.yaml", upstream.url, **db.config())
     before = (tmp_path / "config.yaml").read_bytes()
     cli_run(tmp_path, "init", check=True)
     created = json.loads(cli_main("keys", "create", "kept", "--output", "json", check=True).stdout)
@@ -264,14 +257,15 @@ def test_init_reports_a_broken_existing_config(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == "bogus_section: {}\n"
 
 
-def test_admin_token_command_prints_a_new_token_once(tmp_path):
+def test_admin_token_command_prints_a_new_token_once(tmp_path, db):
+    db.write_config(tmp_path / "config.yaml")
     first = ADMIN_LINE.findall(cli_run(tmp_path, "init", check=True).stdout)[0]
     result = cli_run(tmp_path, "admin-token", check=True)
     tokens = ADMIN_LINE.findall(result.stdout)
     assert len(tokens) == 1 and tokens[0] != first
     assert result.stdout.count(tokens[0]) == 1
     assert tokens[0].startswith(llmgw.ADMIN_TOKEN_PREFIX)
-    store = llmgw.SQLiteStore(str(tmp_path / "gateway.db"))
+    store = db.open_store()
     try:
         assert store.get_setting(llmgw.ADMIN_TOKEN_SETTING) == hashlib.sha256(tokens[0].encode()).hexdigest()
     finally:
@@ -281,9 +275,9 @@ def test_admin_token_command_prints_a_new_token_once(tmp_path):
 # ---- keys ------------------------------------------------------------------------
 
 @pytest.fixture
-def configured(tmp_path, upstream):
-    """config.yaml in tmp_path pointing at the fake upstream."""
-    write_config(tmp_path / "config.yaml", upstream.url)
+def configured(tmp_path, upstream, db):
+    """config.yaml in tmp_path pointing at the fake upstream and naming the test's database."""
+    write_config(tmp_path / "config.yaml", upstream.url, **db.config())
     return tmp_path
 
 
@@ -300,14 +294,10 @@ def test_keys_create_json_and_only_the_hash_is_stored(configured, database):
     assert secret.startswith(llmgw.VIRTUAL_KEY_PREFIX) and len(secret) >= 40
     assert KEY_SECRET.fullmatch(secret)
 
-    raw = db_bytes(str(tmp_path / "gateway.db"))
+    raw = stored_bytes(database)
     assert secret.encode() not in raw
     assert secret[len(llmgw.VIRTUAL_KEY_PREFIX):].encode() not in raw
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    try:
-        rows = conn.execute("SELECT id, key_hash FROM virtual_keys").fetchall()
-    finally:
-        conn.close()
+    rows = query(database, "SELECT id, key_hash FROM virtual_keys")
     assert rows == [(created["id"], hashlib.sha256(secret.encode()).hexdigest())]
 
 
@@ -383,7 +373,7 @@ def test_keys_revoke_unknown_id(tmp_path, database):
 def test_revoke_from_another_process_holds_at_once(tmp_path, gateway, upstream):
     record, secret = gateway.create_key("soon revoked")
     assert post(gateway, "/v1/chat/completions", CHAT, key=secret).status == 200  # now cached as valid
-    run_cli(["keys", "revoke", record["id"]], tmp_path, {"DB_PATH": gateway.db_path}, check=True)
+    run_cli(["keys", "revoke", record["id"]], tmp_path, cli_env(gateway, tmp_path), check=True)
     reply = post(gateway, "/v1/chat/completions", CHAT, key=secret)
     assert reply.status == 401
     assert reply.json()["error"]["type"] == "authentication_error"
@@ -399,11 +389,7 @@ def test_set_key_stores_in_database_not_config(configured, database):
     assert secret not in result.stdout
     assert "sk-...cdef" in result.stdout
     assert (configured / "config.yaml").read_bytes() == before
-    conn = sqlite3.connect(str(configured / "gateway.db"))
-    try:
-        assert conn.execute("SELECT provider, api_key FROM provider_keys").fetchall() == [("openai", secret)]
-    finally:
-        conn.close()
+    assert query(database, "SELECT provider, api_key FROM provider_keys") == [("openai", secret)]
 
 
 def test_set_key_unknown_provider(configured):
@@ -419,7 +405,7 @@ def test_set_key_rejects_whitespace(configured):
 
 
 def test_set_key_notes_config_precedence(tmp_path, upstream, database):
-    write_config(tmp_path / "config.yaml", upstream.url,
+    write_config(tmp_path / "config.yaml", upstream.url, **database.config(),
                  providers={"openai": {"base_url": upstream.url, "api_key": "sk-from-config-0123456789"}})
     result = cli_run(tmp_path, "config", "set-key", "openai", "sk-from-db-0123456789abcd", check=True)
     assert "takes precedence" in result.stdout
@@ -438,8 +424,7 @@ def test_set_key_reaches_a_running_gateway(tmp_path, upstream, make_gateway):
     assert post(gateway, "/v1/chat/completions", CHAT, key=key).status == 200
     assert upstream.requests[-1]["headers"]["authorization"] == "Bearer " + env_key
 
-    write_config(tmp_path / "cli-config.yaml", upstream.url, providers=providers)
-    env = {"CONFIG_PATH": str(tmp_path / "cli-config.yaml"), "DB_PATH": gateway.db_path}
+    env = cli_env(gateway, tmp_path, {"providers": providers})
     db_key, db_anthropic = "sk-from-database-0123456789", "sk-ant-from-database-0123456789"
     run_cli(["config", "set-key", "openai", db_key], tmp_path, env, check=True)
     run_cli(["config", "set-key", "anthropic", db_anthropic], tmp_path, env, check=True)
@@ -469,7 +454,7 @@ def test_list_keys_masks_and_names_the_source(tmp_path, upstream, database):
         "environment_loser": "sk-environment-loser-0123456789",
     }
     url = upstream.url
-    write_config(tmp_path / "config.yaml", url, providers={
+    write_config(tmp_path / "config.yaml", url, **database.config(), providers={
         "openai": {"base_url": url, "api_key": keys["config_literal"]},
         "anthropic": {"base_url": url, "api_key": "${MY_ANTHROPIC_KEY}"},
         "mistral": {"base_url": url, "format": "openai"},
@@ -516,18 +501,19 @@ def test_list_keys_environment_then_database(configured, cli_main, database):
 # ---- stats -----------------------------------------------------------------------
 
 @pytest.fixture
-def usage(gateway, upstream):
+def usage(gateway, upstream, tmp_path):
     """Two projects' usage on ``gateway``: alpha 2 OpenAI calls, beta 1 Anthropic call."""
     alpha, beta = two_projects_usage(gateway)
     tokens = [reported_tokens(entry) for entry in upstream.reported]
     assert len(tokens) == 3
-    return {"alpha": alpha, "beta": beta, "tokens": tokens, "db_path": gateway.db_path,
+    return {"alpha": alpha, "beta": beta, "tokens": tokens, "env": cli_env(gateway, tmp_path),
             "day": datetime.datetime.fromtimestamp(gateway.rows()[0]["started_at"],
                                                    datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
-def stats_json(capsys, monkeypatch, db_path, *args):
-    monkeypatch.setenv("DB_PATH", db_path)
+def stats_json(capsys, monkeypatch, env, *args):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["stats", "--output", "json"] + list(args)) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -539,20 +525,20 @@ def totals(rows, *fields):
 def test_stats_by_key_project_model_provider_day(usage, capsys, monkeypatch):
     (a1_in, a1_out), (a2_in, a2_out), (b_in, b_out) = usage["tokens"]
     fields = ("requests", "errors", "request_tokens", "response_tokens")
-    by_key = stats_json(capsys, monkeypatch, usage["db_path"])
+    by_key = stats_json(capsys, monkeypatch, usage["env"])
     assert sorted(totals(by_key, "virtual_key_id", "project_name", *fields)) == sorted([
         (usage["alpha"]["id"], "alpha", 2, 0, a1_in + a2_in, a1_out + a2_out),
         (usage["beta"]["id"], "beta", 1, 0, b_in, b_out)])
-    by_project = stats_json(capsys, monkeypatch, usage["db_path"], "--by", "project")
+    by_project = stats_json(capsys, monkeypatch, usage["env"], "--by", "project")
     assert totals(by_project, "project_name", *fields) == [
         ("alpha", 2, 0, a1_in + a2_in, a1_out + a2_out), ("beta", 1, 0, b_in, b_out)]
-    by_model = stats_json(capsys, monkeypatch, usage["db_path"], "--by", "model")
+    by_model = stats_json(capsys, monkeypatch, usage["env"], "--by", "model")
     assert totals(by_model, "model", *fields) == [
         ("claude-haiku-4-5", 1, 0, b_in, b_out), ("gpt-4o-mini", 2, 0, a1_in + a2_in, a1_out + a2_out)]
-    by_provider = stats_json(capsys, monkeypatch, usage["db_path"], "--by", "provider")
+    by_provider = stats_json(capsys, monkeypatch, usage["env"], "--by", "provider")
     assert totals(by_provider, "provider", *fields) == [
         ("anthropic", 1, 0, b_in, b_out), ("openai", 2, 0, a1_in + a2_in, a1_out + a2_out)]
-    by_day = stats_json(capsys, monkeypatch, usage["db_path"], "--by", "day")
+    by_day = stats_json(capsys, monkeypatch, usage["env"], "--by", "day")
     assert totals(by_day, "day", *fields) == [
         (usage["day"], 3, 0, a1_in + a2_in + b_in, a1_out + a2_out + b_out)]
     # gpt-4o-mini 0.15/0.6, claude-haiku-4-5 1/5 USD per million tokens
@@ -565,7 +551,7 @@ def test_stats_date_range_and_project_filter(usage, capsys, monkeypatch):
     day = datetime.datetime.strptime(usage["day"], "%Y-%m-%d")
     before = (day - datetime.timedelta(days=1)).strftime("%Y-%m-%d")
     after = (day + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
-    db = usage["db_path"]
+    db = usage["env"]
     everything = stats_json(capsys, monkeypatch, db, "--by", "project")
     assert stats_json(capsys, monkeypatch, db, "--by", "project", "--since", usage["day"],
                       "--until", usage["day"]) == everything
@@ -578,7 +564,8 @@ def test_stats_date_range_and_project_filter(usage, capsys, monkeypatch):
 
 
 def test_stats_table_output(usage, capsys, monkeypatch):
-    monkeypatch.setenv("DB_PATH", usage["db_path"])
+    for name, value in usage["env"].items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["stats", "--by", "project"]) == 0
     out = capsys.readouterr().out
     (a1_in, a1_out), (a2_in, a2_out), (b_in, b_out) = usage["tokens"]
@@ -695,6 +682,7 @@ def test_imports_only_stdlib_and_yaml(name):
     assert loaded.stdout.strip() == "False", loaded
 
 
+@pytest.mark.sqlite_only("whether the SQLite file is created (a PostgreSQL database is created by its operator)")
 def test_commands_other_than_init_never_create_the_database(tmp_path):
     write_config(tmp_path / "config.yaml", "http://127.0.0.1:9")
     for args in (("keys", "list"), ("stats",), ("admin-token",), ("keys", "revoke", "vk_x")):
@@ -704,14 +692,18 @@ def test_commands_other_than_init_never_create_the_database(tmp_path):
 
 def test_set_key_reads_the_key_from_stdin(tmp_path, database):
     """``config set-key PROVIDER -`` keeps the key out of argv (ps, shell history)."""
-    write_config(tmp_path / "config.yaml", "http://127.0.0.1:9")
+    write_config(tmp_path / "config.yaml", "http://127.0.0.1:9", **database.config())
     secret = "sk-from-stdin-0123456789abcdef"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "config", "set-key", "openai", "-"], input=secret + "\n",
                             cwd=str(tmp_path), env=dict(os.environ, **paths_env(tmp_path)), capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout
-    assert llmgw.SQLiteStore(str(tmp_path / "gateway.db")).provider_keys() == {"openai": secret}
+    store = database.open_store()
+    try:
+        assert store.provider_keys() == {"openai": secret}
+    finally:
+        store.close()
 
 
 def test_cli_uses_only_the_names_llmgw_exports():
@@ -725,15 +717,13 @@ def test_cli_uses_only_the_names_llmgw_exports():
     assert all(hasattr(llmgw, name) for name in llmgw.__all__)
 
 
-def test_cli_and_admin_api_refuse_alike(make_gateway, monkeypatch, capsys):
+def test_cli_and_admin_api_refuse_alike(make_gateway, monkeypatch, capsys, tmp_path):
     """One administration function per action: the same failure is the
     same message from the CLI (one line, exit 1) and the admin API."""
     gateway = make_gateway(environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     plain = gateway.create_key("plain")[0]["id"]
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
-    monkeypatch.setenv("CONFIG_PATH", gateway.db_path + ".yaml")
-    with open(gateway.db_path + ".yaml", "w") as f:
-        f.write("logging: {level: INFO}\n")
+    for name, value in cli_env(gateway, tmp_path, {"logging": {"level": "INFO"}}).items():
+        monkeypatch.setenv(name, value)
     cases = [(["keys", "revoke", "vk_000000000000"], "DELETE", "/admin/virtual-keys/vk_000000000000", None),
              (["keys", "rotate", "vk_000000000000"], "POST", "/admin/virtual-keys/vk_000000000000/rotate", {}),
              (["keys", "topup", plain, "5"], "POST", "/admin/virtual-keys/%s/topup" % plain, {"amount": 5}),
