@@ -6,8 +6,10 @@ test_streaming.py; these cover how prices reach the books.
 
 import json
 
+import yaml
+
 import llmgw
-from conftest import CHAT, expected_columns, expected_cost, post, run_cli
+from conftest import CHAT, cli_env, expected_columns, expected_cost, post, run_cli
 
 LITELLM_PACK = {
     "sample_spec": {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0, "mode": "chat"},
@@ -21,10 +23,9 @@ LITELLM_PACK = {
 }
 
 
-def cli_env(gateway, tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(llmgw.CONFIG_TEMPLATE)
-    return {"CONFIG_PATH": str(config), "DB_PATH": gateway.db_path}
+def template_env(gateway, tmp_path):
+    """The CLI on the gateway's database, with the shipped config.yaml's settings."""
+    return cli_env(gateway, tmp_path, yaml.safe_load(llmgw.CONFIG_TEMPLATE))
 
 
 def chat_cost(usage, input_price, output_price, cached_price):
@@ -54,7 +55,7 @@ def test_imported_litellm_prices_reach_a_running_gateway(gateway, upstream, vkey
     assert first.status == 200
     pack = tmp_path / "model_prices_and_context_window.json"
     pack.write_text(json.dumps(dict(LITELLM_PACK, **{"gpt-4o-cache": LITELLM_PACK["gpt-4o"]})))
-    result = run_cli(["prices", "import", str(pack)], tmp_path, env=cli_env(gateway, tmp_path))
+    result = run_cli(["prices", "import", str(pack)], tmp_path, env=template_env(gateway, tmp_path))
     assert result.returncode == 0, result.stderr
     second = post(gateway, "/v1/chat/completions", {"model": "gpt-4o-cache", "messages": [{"role": "user",
                                                                                          "content": "x"}]}, vkey)
@@ -64,7 +65,7 @@ def test_imported_litellm_prices_reach_a_running_gateway(gateway, upstream, vkey
     assert rows[-1]["cost_nanousd"] == chat_cost(usage, 2, 8, 0.5)
     assert rows[0]["cost_nanousd"] == chat_cost(upstream.reported[0]["usage"], 2.5, 10, 1.25)
 
-    listing = run_cli(["prices", "list", "--output", "json"], tmp_path, env=cli_env(gateway, tmp_path))
+    listing = run_cli(["prices", "list", "--output", "json"], tmp_path, env=template_env(gateway, tmp_path))
     by_model = {row["model"]: row for row in json.loads(listing.stdout)}
     assert by_model["gpt-4o"]["source"].startswith("imported model_prices_and_context_window.json")
     assert by_model["gpt-4o"]["input"] == 2.0
@@ -86,7 +87,7 @@ def test_reprice_shows_old_and_new_totals_and_applies(gateway, upstream, vkey, t
     old_total = sum(row["cost_nanousd"] for row in gateway.rows())
     new_list = {"input": 1, "output": 2, "cached_input": 0.5}
     gateway.store.import_prices({"gpt-4o": new_list, "gpt-4o-cache": new_list}, "new list")
-    env = cli_env(gateway, tmp_path)
+    env = template_env(gateway, tmp_path)
 
     dry = json.loads(run_cli(["stats", "--reprice", "--output", "json"], tmp_path, env=env).stdout)
     assert dry["rows"] == 3 and dry["changed_rows"] == 2 and not dry["applied"]
@@ -111,7 +112,7 @@ def test_unpriced_models_are_listed_with_their_tokens(gateway, vkey, tmp_path, c
         assert post(gateway, "/v1/chat/completions", {"model": "nopricemodel", "messages": []}, vkey).status == 200
     rows = gateway.rows()
     assert [row["priced"] for row in rows] == [0, 0] and [row["cost_nanousd"] for row in rows] == [0, 0]
-    output = run_cli(["stats"], tmp_path, env=cli_env(gateway, tmp_path)).stdout
+    output = run_cli(["stats"], tmp_path, env=template_env(gateway, tmp_path)).stdout
     section = output.split("Unpriced models")[1]
     assert "nopricemodel" in section
     assert str(sum(row["request_tokens"] for row in rows)) in section

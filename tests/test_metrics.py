@@ -13,7 +13,7 @@ import pytest
 text_string_to_metric_families = pytest.importorskip(
     "prometheus_client.parser", reason="prometheus_client (test-only) is not installed").text_string_to_metric_families
 
-from conftest import ADMIN_TOKEN, CHAT, MESSAGES, admin, call, post, wait_until
+from conftest import ADMIN_TOKEN, CHAT, MESSAGES, admin, call, cli_env, post, wait_until
 
 import cli
 import llmgw
@@ -155,7 +155,8 @@ def test_who_may_scrape(make_gateway, tmp_path, monkeypatch, capsys):
     # No token of either kind: off, and says how to turn it on.
     reply = call(gateway, "GET", "/metrics", key="anything")
     assert reply.status == 403 and "metrics-token" in reply.json()["error"]["message"]
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    for name, value in cli_env(gateway, tmp_path).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["metrics-token"]) == 0
     token = capsys.readouterr().out.split("Metrics token: ")[1].split()[0]
     assert token.startswith("llmgw-metrics-")
@@ -176,6 +177,7 @@ def test_who_may_scrape(make_gateway, tmp_path, monkeypatch, capsys):
     assert call(gateway, "GET", "/metrics", key=token).status == 401
 
 
+@pytest.mark.sqlite_only("rewinds the SQLite file to schema 2 (PRAGMA user_version)")
 def test_version_2_database_gains_totals_equal_to_its_rows(scraped):
     gateway = scraped["gateway"]
     before = scrape(gateway)
