@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import (ADMIN_TOKEN, CHAT, MESSAGES, MODELS, RESPONSES, OPENAI_KEY, admin, body_for, call, post,
-                      settled_rows, sse_events, wait_until)
+                      execute_sql, settled_rows, sse_events, wait_until)
 from fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -89,11 +89,7 @@ def until_first_attempt_on(gateway, fakes, name, send, tries=8):
 
 
 def clear_cooldowns(gateway):
-    import sqlite3
-    conn = sqlite3.connect(gateway.db_path)
-    with conn:
-        conn.execute("DELETE FROM deployment_cooldowns")
-    conn.close()
+    execute_sql(gateway, "DELETE FROM deployment_cooldowns")
 
 
 def deployments(gateway):
@@ -357,10 +353,10 @@ def test_session_affinity_sticks_to_one_deployment(make_gateway, upstream):
     assert len({request["headers"]["authorization"] for request in upstream.requests}) == 1
 
 
-def test_cli_named_keys_and_deployments_listing(tmp_path, cli_main, upstream):
+def test_cli_named_keys_and_deployments_listing(tmp_path, cli_main, upstream, db):
     """``config set-key PROVIDER KEY --name NAME`` stores one more key; ``deployments`` lists them masked."""
+    db.write_config(tmp_path / "config.yaml", {"providers": {"openai": {"base_url": upstream.url}}})
     cli_main("init", check=True)
-    (tmp_path / "config.yaml").write_text("providers:\n  openai: {base_url: %s}\n" % upstream.url)
     cli_main("config", "set-key", "openai", "sk-first-0123456789aaaa", check=True)
     result = cli_main("config", "set-key", "openai", "sk-second-0123456789bbbb", "--name", "team-b", check=True)
     assert "0123456789bbbb" not in result.stdout

@@ -14,7 +14,7 @@ import pytest
 import llmgw
 from conftest import (ANTHROPIC_KEY, CHAT, EMBEDDINGS, MESSAGES, MODELS, OPENAI_KEY, RATE_LIMITS, RESPONSES, SERVER,
                       RawClient, answer, assert_alive, assert_json_error, base_config, body_for, call, chat_body,
-                      exchange, execute_sql, json_request, post, request_bytes)
+                      exchange, execute_sql, json_request, post, request_bytes, stored_bytes)
 
 #: Whatever a test did, its gateways end with no row pending, nothing reserved, nothing in flight.
 pytestmark = pytest.mark.usefixtures("balanced_books")
@@ -179,19 +179,31 @@ def test_provider_key_from_environment_with_newline_is_refused_at_use(make_gatew
     assert_alive(gw, key)
 
 
-def test_database_files_are_private_and_hold_no_secret(gw, key, upstream):
-    """[T05 T06] gateway.db, -wal and -shm are 0600; none of them holds a
-    virtual key or a provider key in plain text (only the key's hash)."""
+def calls_that_store_things(gw, key):
+    """A few calls (one the provider refuses with a leaked key) and an admin token: rows that could hold a secret."""
     admin = llmgw.issue_admin_token(gw.store)
     for model in ("gpt-4o-mini", "gpt-4o-mini-leak401"):
         post(gw, CHAT, chat_body(model, user=key), key)
     post(gw, MESSAGES, body_for(MESSAGES), key)
     assert_alive(gw, key)
-    paths = [gw.db_path + suffix for suffix in ("", "-wal", "-shm")]
-    for path in paths:
+    return admin
+
+
+@pytest.mark.sqlite_only("file modes of gateway.db, -wal and -shm")
+def test_database_files_are_private(gw, key, upstream):
+    """[T05] gateway.db, -wal and -shm are 0600."""
+    calls_that_store_things(gw, key)
+    for path in [gw.db_path + suffix for suffix in ("", "-wal", "-shm")]:
         assert os.path.exists(path), path
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, (path, oct(os.stat(path).st_mode))
-    data = b"".join(open(path, "rb").read() for path in paths)
+
+
+def test_the_database_holds_no_secret(gw, key, upstream):
+    """[T06] Nothing the database keeps (the SQLite file with its WAL, or
+    every PostgreSQL row) holds a virtual key, the admin token or a provider
+    key in plain text (only the key's hash)."""
+    admin = calls_that_store_things(gw, key)
+    data = stored_bytes(gw)
     for secret in (key, admin, OPENAI_KEY, ANTHROPIC_KEY):
         assert secret.encode() not in data
     assert llmgw.hash_secret(key).encode() in data
@@ -219,7 +231,7 @@ def test_b2_a_stored_non_ascii_provider_key_answers_503_without_pending_rows(mak
     except llmgw.ConfigError:
         # Refusing it at write time is fine too; a database written by an
         # older version can still hold one, so store it as that would have.
-        execute_sql(gateway.db_path, "INSERT INTO provider_keys (provider, api_key, updated_at) "
+        execute_sql(gateway, "INSERT INTO provider_keys (provider, api_key, updated_at) "
                                      "VALUES ('openai', '%s', 0)" % secret, llmgw.BUMP_GENERATION)
     record, key = gateway.create_key(max_parallel=2)
     for _ in range(3):  # more than max_parallel: no in-flight slot may leak
