@@ -337,6 +337,7 @@ class RunningGateway:
         self.database_url = self.config.database.url  # None: SQLite at db_path
         self.store = llmgw.open_store(self.config.database, {"DB_PATH": str(db_path)})
         self.db_path = str(db_path)
+        self.database = GatewayDatabase(db_path, self.database_url)  # for the CLI and child processes
         self.server = llmgw.make_server(self.config, self.store, environ=environ or {}, clock=clock)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port

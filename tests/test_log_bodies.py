@@ -6,13 +6,11 @@ header, virtual key or provider key is ever stored with them.
 """
 
 import json
-import sqlite3
 
 import pytest
-import yaml
 
-from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, CHAT, MESSAGES, OPENAI_KEY, admin, base_config, call, post,
-                      wait_idle, wait_until)
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, CHAT, MESSAGES, OPENAI_KEY, admin, base_config, call, post, query,
+                      stored_bytes, wait_idle, wait_until)
 
 import llmgw
 
@@ -35,18 +33,6 @@ def row_id_of(gateway, reply):
     rows = [row for row in gateway.rows() if row["request_id"] == reply.header("x-llmgw-request-id")]
     assert len(rows) == 1, rows
     return rows[0]["id"]
-
-
-def stored_bytes(gateway):
-    """Everything the database holds, as bytes: the file and its WAL."""
-    data = b""
-    for suffix in ("", "-wal"):
-        try:
-            with open(gateway.db_path + suffix, "rb") as f:
-                data += f.read()
-        except FileNotFoundError:
-            pass
-    return data
 
 
 def test_bodies_are_kept_for_opted_in_keys_and_shown_only_one_entry_at_a_time(make_gateway):
@@ -119,20 +105,13 @@ def test_log_bodies_must_be_true_or_false(make_gateway):
 
 
 def kept_bodies(gateway):
-    conn = sqlite3.connect(gateway.db_path)
-    try:
-        return [row[0] for row in conn.execute("SELECT usage_id FROM usage_bodies ORDER BY usage_id")]
-    finally:
-        conn.close()
+    return [row[0] for row in query(gateway, "SELECT usage_id FROM usage_bodies ORDER BY usage_id")]
 
 
 def age(gateway, row_id, days, table):
     """A row (``usage``) or its bodies (``usage_bodies``) as if written ``days`` ago."""
-    conn = sqlite3.connect(gateway.db_path)
-    with conn:
-        conn.execute("UPDATE %s SET started_at = started_at - ? WHERE %s = ?"
-                     % (table, "id" if table == "usage" else "usage_id"), (days * 86400, row_id))
-    conn.close()
+    query(gateway, "UPDATE %s SET started_at = started_at - ? WHERE %s = ?"
+          % (table, "id" if table == "usage" else "usage_id"), (days * 86400, row_id))
 
 
 def test_the_gateway_prunes_bodies_past_their_retention(make_gateway, monkeypatch):
@@ -157,14 +136,14 @@ def test_pruning_rows_prunes_their_bodies(make_gateway, cli_main, tmp_path):
     wait_idle(gateway)
     for table in ("usage", "usage_bodies"):
         age(gateway, ids[0], 10, table)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    gateway.database.write_config(tmp_path / "config.yaml", base_config("http://127.0.0.1:9"))
     assert cli_main("prune", "--older-than", "5d", check=True).stdout.startswith("Pruned 1 ")
     assert kept_bodies(gateway) == ids[1:]
 
 
 def test_cli_sets_log_bodies_and_shows_bodies_only_with_id_and_bodies(make_gateway, cli_main, tmp_path):
     gateway = make_gateway(environ=ADMIN_ENV)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base_config("http://127.0.0.1:9")))
+    gateway.database.write_config(tmp_path / "config.yaml", base_config("http://127.0.0.1:9"))
     created = json.loads(cli_main("keys", "create", "kept", "--log-bodies", "--output", "json", check=True).stdout)
     assert created["log_bodies"] is True
     reply = post(gateway, CHAT, chat("CLI-canary"), key=created["key"])
