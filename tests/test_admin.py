@@ -284,10 +284,11 @@ def test_usage_stats_match_the_cli(admin_gateway, usage, capsys, monkeypatch, tm
     for name, value in cli_env(admin_gateway, tmp_path).items():
         monkeypatch.setenv(name, value)
     sizes = []
-    for query, argv in STATS_QUERIES:
-        query = {name: dates.get(value, value) for name, value in query.items()}
+    for parameters, argv in STATS_QUERIES:
+        parameters = {name: dates.get(value, value) for name, value in parameters.items()}
         argv = [dates.get(arg, arg) for arg in argv]
-        path = "/admin/usage-stats" + ("?" + "&".join("%s=%s" % item for item in query.items()) if query else "")
+        path = "/admin/usage-stats" + ("?" + "&".join("%s=%s" % item for item in parameters.items())
+                                       if parameters else "")
         reply = admin(admin_gateway, "GET", path)
         assert reply.status == 200, path
         assert cli.main(["stats", "--output", "json"] + argv) == 0

@@ -16,7 +16,8 @@ import urllib.parse
 
 import pytest
 
-from conftest import ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, RunningGateway, base_config, two_projects_usage
+from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, OPENAI_KEY, RunningGateway, base_config, database_section,
+                      two_projects_usage)
 
 import llmgw
 from fake_upstream import FakeUpstream
@@ -31,12 +32,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="module")
-def dash(tmp_path_factory):
+def dash(tmp_path_factory, module_databases):
     """A gateway with an admin token and usage of two projects (alpha, beta)."""
     fake = FakeUpstream().start()
-    gateway = RunningGateway(base_config(fake.url, routing={"retries": 0}),
-                             tmp_path_factory.mktemp("dashboard") / "gateway.db",
-                             environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    db_path = tmp_path_factory.mktemp("dashboard") / "gateway.db"
+    gateway = RunningGateway(base_config(fake.url, routing={"retries": 0}, **database_section(module_databases(db_path))),
+                             db_path, environ={"LLMGW_ADMIN_TOKEN": ADMIN_TOKEN})
     try:
         gateway.alpha, gateway.beta = two_projects_usage(gateway)
         yield gateway
@@ -187,9 +188,9 @@ def test_pages_forbid_inline_script_and_show_no_secret(dash):
     assert client.request("GET", "/ui/app.js").getheader("content-type").startswith("text/javascript")
 
 
-def test_dashboard_is_off_without_an_admin_token(tmp_path):
+def test_dashboard_is_off_without_an_admin_token(db):
     fake = FakeUpstream().start()
-    gateway = RunningGateway(base_config(fake.url), tmp_path / "gateway.db")
+    gateway = RunningGateway(db.config(base_config(fake.url)), db.db_path)
     try:
         page = Browserless(gateway).request("GET", "/ui/overview")
         assert page.status == 403 and "admin-token" in page.text

@@ -3,12 +3,12 @@
 The gateway runs as real child processes (``python cli.py serve`` or
 ``python llmgw.py``) with CONFIG_PATH / DB_PATH under ``tmp_path``, provider
 keys in the environment and both providers pointed at the in-process fake
-upstream. Virtual keys are made with ``python cli.py keys create``. Usage rows
-are read back from the database file. Cases: RELIABILITY.md Z01, Z03, K02-K04,
+upstream, on the test's backend. Virtual keys are made with ``python cli.py
+keys create``. Usage rows are read back from the database. Cases: RELIABILITY.md Z01, Z03, K02-K04,
 A06, A10 and the "Nothing lost" section of the hardening issue.
 
 Local helpers (not in conftest): ``Workdir`` (config + init + CLI for one
-database) and ``send`` (one request on a fresh connection, recording whether
+database; the ``workdir`` fixture makes them on the test's backend) and ``send`` (one request on a fresh connection, recording whether
 the answer arrived in full). ``GatewayProcess`` (one child gateway),
 ``reported_tokens`` and ``wait_until`` come from conftest.
 """
@@ -27,8 +27,8 @@ import time
 
 import pytest
 
-from conftest import (ANTHROPIC_KEY, LLMGW_PY, OPENAI_KEY, GatewayProcess, base_config, free_port, reported_tokens,
-                      run_cli, wait_until)
+from conftest import (ANTHROPIC_KEY, LLMGW_PY, OPENAI_KEY, GatewayDatabase, GatewayProcess, base_config, free_port,
+                      query, reported_tokens, run_cli, wait_until)
 from fake_upstream import FakeUpstream
 
 import llmgw
@@ -40,13 +40,15 @@ FINAL_STATUSES = {"ok", "client_disconnected", "upstream_error", "upstream_trunc
 # ---- helpers ---------------------------------------------------------------
 
 class Workdir:
-    """config.yaml + gateway.db in one directory, set up with ``cli.py init``."""
+    """config.yaml + the database ``db`` (a GatewayDatabase: gateway.db in
+    the directory, or PostgreSQL) set up with ``cli.py init``."""
 
-    def __init__(self, path, upstream_url, **sections):
+    def __init__(self, path, upstream_url, db, **sections):
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
+        self.database = db
         self.config_path = str(path / "config.yaml")
-        self.db_path = str(path / "gateway.db")
+        self.db_path = db.db_path
         self.env = {"CONFIG_PATH": self.config_path, "DB_PATH": self.db_path,
                     "OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
         sections.setdefault("rate_limits", NO_RATE_LIMIT)
@@ -58,6 +60,7 @@ class Workdir:
         for provider in document["providers"].values():
             provider.pop("api_key", None)  # keys come from the environment unless a test sets one
         document["logging"] = dict(document["logging"], level="INFO")
+        document = self.database.config(document)
         self.write_document(document)
         return document
 
@@ -77,19 +80,21 @@ class Workdir:
         return created["id"], created["key"]
 
     def rows(self):
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(row) for row in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        return [row.as_dict() for row in query(self.database, "SELECT * FROM usage ORDER BY id")]
 
-    def integrity(self):
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        try:
-            return [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        finally:
-            conn.close()
+    def assert_file_intact(self):
+        """SQLite's integrity check of gateway.db (PostgreSQL keeps no file of ours to check)."""
+        if self.database.database_url is None:
+            assert [row[0] for row in query(self.database, "PRAGMA integrity_check")] == ["ok"]
+
+
+@pytest.fixture
+def workdir(databases):
+    """``workdir(path, upstream_url, **sections)``: a Workdir on the test's backend."""
+    def make(path, upstream_url, **sections):
+        return Workdir(path, upstream_url, GatewayDatabase(path / "gateway.db", databases(path / "gateway.db")),
+                       **sections)
+    return make
 
 
 def chat_body(nonce, model="gpt-4o-mini", stream=False):
@@ -229,9 +234,9 @@ FAST_MIX = [LOAD_MIX[i] for i in (0, 1, 3, 4)]
 
 
 @pytest.mark.parametrize("kill_after", [0.7, 1.2, 1.9])
-def test_kill9_under_load_loses_no_completed_answer(tmp_path, processes, kill_after):
+def test_kill9_under_load_loses_no_completed_answer(tmp_path, workdir, processes, kill_after):
     with FakeUpstream().start() as fake:
-        work = Workdir(tmp_path / "run", fake.url)
+        work = workdir(tmp_path / "run", fake.url)
         _, key = work.create_key()
         gateway = work.gateway()
         processes.append(gateway)
@@ -264,7 +269,7 @@ def test_kill9_under_load_loses_no_completed_answer(tmp_path, processes, kill_af
         gateway.start()
         assert gateway.terminate() == 0, gateway.log()
 
-        assert work.integrity() == ["ok"]
+        work.assert_file_intact()
         rows = work.rows()
         completed = [r for r in records if r["complete"]]
         assert completed, "no request completed before the kill: the test proves nothing"
@@ -287,8 +292,8 @@ def test_kill9_under_load_loses_no_completed_answer(tmp_path, processes, kill_af
 
 # ---- K02/K03: two gateway processes and the CLI on one database -----------------
 
-def test_two_processes_and_cli_share_one_database(tmp_path, upstream, processes):
-    work = Workdir(tmp_path, upstream.url)
+def test_two_processes_and_cli_share_one_database(tmp_path, workdir, upstream, processes):
+    work = workdir(tmp_path, upstream.url)
     _, key = work.create_key()
     gateways = start_pair(work, processes)
 
@@ -350,7 +355,7 @@ def test_two_processes_and_cli_share_one_database(tmp_path, upstream, processes)
     check_rows_match(records, rows, upstream)
     assert sum(row["request_tokens"] for row in rows) == sum(reported_tokens(e)[0] for e in upstream.reported)
     assert sum(row["response_tokens"] for row in rows) == sum(reported_tokens(e)[1] for e in upstream.reported)
-    assert work.integrity() == ["ok"]
+    work.assert_file_intact()
     keys = json.loads(work.cli("keys", "list", "--output", "json").stdout)
     throwaways = [k for k in keys if k["project_name"].startswith("throwaway-")]
     assert throwaways and not any(k["is_active"] for k in throwaways)
@@ -358,8 +363,8 @@ def test_two_processes_and_cli_share_one_database(tmp_path, upstream, processes)
 
 # ---- A06: revocation reaches every process --------------------------------------
 
-def test_cli_revocation_holds_in_every_gateway_process(tmp_path, upstream, processes):
-    work = Workdir(tmp_path, upstream.url)
+def test_cli_revocation_holds_in_every_gateway_process(tmp_path, workdir, upstream, processes):
+    work = workdir(tmp_path, upstream.url)
     key_id, key = work.create_key()
     gateways = start_pair(work, processes)
 
@@ -399,11 +404,11 @@ def test_cli_revocation_holds_in_every_gateway_process(tmp_path, upstream, proce
 
 # ---- Z03: SIGTERM drains -----------------------------------------------------------
 
-def test_sigterm_as_soon_as_the_port_opens_still_stops_cleanly(tmp_path, upstream, processes):
+def test_sigterm_as_soon_as_the_port_opens_still_stops_cleanly(tmp_path, workdir, upstream, processes):
     """Regression: the port accepted connections before the signal handlers
     were installed, so a SIGTERM sent the moment it opened killed the
     process undrained (exit -15; seen in test_kill9_under_load's restart)."""
-    work = Workdir(tmp_path, upstream.url)
+    work = workdir(tmp_path, upstream.url)
     for attempt in range(5):
         # A port known before it opens (so not read from the log, which
         # comes after the handlers): the test must connect the moment it opens.
@@ -423,8 +428,8 @@ def test_sigterm_as_soon_as_the_port_opens_still_stops_cleanly(tmp_path, upstrea
         assert "llmgw stopped" in gateway.log()
 
 
-def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processes):
-    work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 15})
+def test_sigterm_stops_accepting_and_drains_streams(tmp_path, workdir, upstream, processes):
+    work = workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 15})
     _, key = work.create_key()
     gateway = work.gateway()
     processes.append(gateway)
@@ -477,9 +482,9 @@ def test_sigterm_stops_accepting_and_drains_streams(tmp_path, upstream, processe
 
 # ---- SIGHUP reload ------------------------------------------------------------------
 
-def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_path, upstream, processes):
+def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_path, workdir, upstream, processes):
     pricing = {"reload-model": {"input": 1, "output": 2}}
-    work = Workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
+    work = workdir(tmp_path, upstream.url, server={"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                    pricing=pricing)
     _, key = work.create_key()
     gateway = work.gateway(entry="llmgw")
@@ -553,6 +558,7 @@ def test_sighup_reloads_upstream_key_and_price_and_refuses_a_broken_file(tmp_pat
 # ---- durability level -----------------------------------------------------------------
 
 @pytest.mark.parametrize("level, pragma", [("normal", 1), ("full", 2)])
+@pytest.mark.sqlite_only("database.synchronous is SQLite's PRAGMA synchronous")
 def test_database_synchronous_setting_reaches_the_connections(tmp_path, upstream, level, pragma):
     config = llmgw.parse_config(base_config(upstream.url, database={"synchronous": level}))
     server = llmgw.make_server(config, port=0, host="127.0.0.1", environ={"DB_PATH": str(tmp_path / "gw.db")})
@@ -566,8 +572,9 @@ def test_database_synchronous_setting_reaches_the_connections(tmp_path, upstream
         server.gateway.store.close()
 
 
-def test_synchronous_full_gateway_serves_and_records(tmp_path, upstream, processes):
-    work = Workdir(tmp_path, upstream.url, database={"synchronous": "full"})
+@pytest.mark.sqlite_only("database.synchronous is SQLite's PRAGMA synchronous")
+def test_synchronous_full_gateway_serves_and_records(tmp_path, workdir, upstream, processes):
+    work = workdir(tmp_path, upstream.url, database={"synchronous": "full"})
     _, key = work.create_key()
     gateway = work.gateway()
     processes.append(gateway)
@@ -579,7 +586,7 @@ def test_synchronous_full_gateway_serves_and_records(tmp_path, upstream, process
     rows = work.rows()
     assert [row["status"] for row in rows] == ["ok"] * 4
     check_rows_match(records, rows, upstream)
-    assert work.integrity() == ["ok"]
+    work.assert_file_intact()
 
 
 @pytest.mark.parametrize("value", ["off", "FULLY", 1])
@@ -597,8 +604,9 @@ def test_synchronous_setting_refuses_other_values(tmp_path, upstream, value):
 
 # ---- K04: lock contention never surfaces as a 500 ----------------------------------------
 
-def test_writer_lock_held_elsewhere_delays_but_never_fails(tmp_path, upstream, processes):
-    work = Workdir(tmp_path, upstream.url)
+@pytest.mark.sqlite_only("SQLite's one writer lock, held by another connection (BEGIN IMMEDIATE)")
+def test_writer_lock_held_elsewhere_delays_but_never_fails(tmp_path, workdir, upstream, processes):
+    work = workdir(tmp_path, upstream.url)
     _, key = work.create_key()
     gateway = work.gateway()
     processes.append(gateway)
@@ -652,6 +660,8 @@ class QuickStore(llmgw.SQLiteStore):
     busy_timeout_s = 0.3
 
 
+@pytest.mark.sqlite_only("a SQLite write lock outlasting the busy timeout (PostgreSQL: test_books "
+                         "test_b4_unreachable_postgresql_fails_closed)")
 def test_unwritable_database_fails_closed_with_503(tmp_path, upstream):
     db_path = str(tmp_path / "gw.db")
     config = llmgw.parse_config(base_config(upstream.url, rate_limits=NO_RATE_LIMIT))
@@ -689,14 +699,14 @@ def test_unwritable_database_fails_closed_with_503(tmp_path, upstream):
     assert len(upstream.requests) == 1
 
 
-def test_out_of_file_descriptors_new_connections_get_503(tmp_path, upstream):
+def test_out_of_file_descriptors_new_connections_get_503(tmp_path, workdir, upstream):
     """[capacity] A gateway process whose open-file limit is 64 warns at
     start that it holds fewer calls than server.max_in_flight. Connections
     past the limit are each answered 503 + Retry-After (JSON, gateway_full)
     at once, instead of waiting unanswered in the listen backlog; once they
     leave, it serves again."""
     import resource
-    work = Workdir(tmp_path, upstream.url)
+    work = workdir(tmp_path, upstream.url)
     key = work.create_key()[1]
     gateway = work.gateway(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))).start()
     clients = []

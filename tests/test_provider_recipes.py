@@ -74,7 +74,7 @@ def expected_columns(usage):
 
 
 @pytest.fixture(params=sorted(RECIPES))
-def recipe(request, tmp_path):
+def recipe(request, db):
     """(name, gateway, fake provider, model, key): the README recipe's
     provider pointed at a fake at the recipe's own path."""
     name = request.param
@@ -86,7 +86,7 @@ def recipe(request, tmp_path):
     key = entry.get("api_key") or "sk-%s-0123456789abcdef" % name
     document = {"server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                 "providers": {name: entry}, "pricing": {upstream_model(model): PRICE}}
-    gateway = RunningGateway(document, tmp_path / "gateway.db", environ={"%s_API_KEY" % name.upper(): key})
+    gateway = RunningGateway(db.config(document), db.db_path, environ={"%s_API_KEY" % name.upper(): key})
     try:
         yield name, gateway, fake, model, key
     finally:
@@ -165,7 +165,7 @@ def test_model_list_comes_from_the_recipes_path(recipe):
     assert fake.requests[-1]["path"] == root + "/models"
 
 
-def test_anthropic_format_base_path_is_followed_by_the_whole_path(tmp_path):
+def test_anthropic_format_base_path_is_followed_by_the_whole_path(db):
     """DeepSeek's Anthropic-format endpoint: base .../anthropic, and the
     Anthropic SDK's /v1/messages after it."""
     entry = dict(RECIPE_CONFIG["deepseek-anthropic"])
@@ -174,7 +174,7 @@ def test_anthropic_format_base_path_is_followed_by_the_whole_path(tmp_path):
         entry["base_url"] = fake.url + base_path
         document = {"server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                     "providers": {"deepseek-anthropic": entry}}
-        gateway = RunningGateway(document, tmp_path / "gateway.db",
+        gateway = RunningGateway(db.config(document), db.db_path,
                                  environ={"DEEPSEEK_ANTHROPIC_API_KEY": "sk-deepseek-0123456789"})
         try:
             vkey = gateway.create_key()[1]
@@ -190,11 +190,11 @@ def test_anthropic_format_base_path_is_followed_by_the_whole_path(tmp_path):
             gateway.stop()
 
 
-def test_host_only_base_url_still_means_v1(tmp_path):
+def test_host_only_base_url_still_means_v1(db):
     with FakeUpstream() as fake:
         document = {"server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                     "providers": {"openai": {"base_url": fake.url + "/", "api_key": "sk-plain-0123456789"}}}
-        gateway = RunningGateway(document, tmp_path / "gateway.db")
+        gateway = RunningGateway(db.config(document), db.db_path)
         try:
             vkey = gateway.create_key()[1]
             response = post(gateway, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
@@ -213,7 +213,7 @@ GPT_4O = (2.5, 10, 1.25)
 
 
 @pytest.fixture(params=["azure", "azure-v1"])
-def azure(request, tmp_path):
+def azure(request, db):
     """(name, gateway, fake, README entry): the README's Azure recipe against
     a fake Azure: the classic API's deployment paths and api-version, or
     the v1 API's root."""
@@ -224,7 +224,7 @@ def azure(request, tmp_path):
     fake = FakeUpstream(root=base_path, azure=classic).start()
     document = {"server": {"host": "127.0.0.1", "port": 0, "drain_timeout": 2},
                 "providers": {name: dict(entry, base_url=fake.url + base_path)}, "routing": {"retries": 0}}
-    gateway = RunningGateway(document, tmp_path / "gateway.db",
+    gateway = RunningGateway(db.config(document), db.db_path,
                              environ={"%s_API_KEY" % name.upper().replace("-", "_"): AZURE_KEY})
     try:
         yield name, gateway, fake, RECIPE_CONFIG[name]
