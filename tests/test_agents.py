@@ -15,8 +15,8 @@ import pytest
 
 from conftest import (ADMIN_TOKEN, ANTHROPIC_KEY, CHAT, COUNT_TOKENS, MESSAGES, MODELS, OPENAI_KEY, RESPONSES,
                       RawClient, admin, assert_json_error, assert_still_serving, body_for, call, json_request, post,
-                      request_bytes, settled_rows, sse_events)
-from test_operations import SCHEMAS, make_fixture, query
+                      query, request_bytes, settled_rows, sse_events)
+from test_operations import SCHEMAS, make_fixture
 
 import llmgw
 

@@ -26,8 +26,8 @@ try:
 except ImportError:  # Python before 3.11
     tomllib = None
 
-from conftest import (ANTHROPIC_KEY, CHAT, OPENAI_KEY, ROOT, body_for, call, paths_env, post, run_cli, settled_rows,
-                      wait_until)
+from conftest import (ANTHROPIC_KEY, CHAT, OPENAI_KEY, ROOT, body_for, call, execute_sql, paths_env, post, query,
+                      run_cli, settled_rows, wait_until)
 
 import cli
 import llmgw
@@ -37,14 +37,6 @@ pytestmark = pytest.mark.usefixtures("clean_environment")
 
 def cli_run(tmp_path, *args, env=None):
     return run_cli([str(arg) for arg in args], tmp_path, dict(paths_env(tmp_path), **(env or {})))
-
-
-def query(path, sql, params=()):
-    conn = sqlite3.connect(str(path))
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def stats_of(tmp_path, db_path):
@@ -90,6 +82,10 @@ class Load:
 
 # ---- backup and restore ---------------------------------------------------------------
 
+BACKUP_IS_SQLITES = "backup and restore are SQLite's (PostgreSQL: pg_dump and pg_restore)"
+
+
+@pytest.mark.sqlite_only(BACKUP_IS_SQLITES)
 def test_backup_under_load_is_consistent_private_and_restores_with_equal_totals(tmp_path, make_gateway):
     gateway = make_gateway()
     key, secret = gateway.create_key("alpha", rpm=100000, max_budget=1000000)
@@ -133,6 +129,7 @@ def test_backup_under_load_is_consistent_private_and_restores_with_equal_totals(
     assert post(restored, CHAT, body_for(CHAT), secret).status == 200
 
 
+@pytest.mark.sqlite_only(BACKUP_IS_SQLITES)
 def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_main):
     llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
     existing = tmp_path / "existing.db"
@@ -149,14 +146,14 @@ def test_backup_refuses_an_existing_file_and_restore_a_broken_one(tmp_path, cli_
 
 # ---- doctor ---------------------------------------------------------------------------
 
-def doctor_install(tmp_path, upstream_url):
-    """config.yaml with both providers at ``upstream_url`` and a database
-    holding an OpenAI key (the canary); no Anthropic key anywhere."""
-    config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({"providers": {"openai": {"base_url": upstream_url},
-                                                "anthropic": {"base_url": upstream_url}}}))
+def doctor_install(tmp_path, upstream_url, db):
+    """config.yaml with both providers at ``upstream_url`` and the database
+    ``db`` (tmp_path's, on the test's backend) holding an OpenAI key (the
+    canary); no Anthropic key anywhere."""
+    config = db.write_config(tmp_path / "config.yaml", {"providers": {"openai": {"base_url": upstream_url},
+                                                                      "anthropic": {"base_url": upstream_url}}})
     config.chmod(0o600)
-    store = llmgw.SQLiteStore(str(tmp_path / "gateway.db"))
+    store = db.open_store()
     store.set_provider_key("openai", OPENAI_KEY)
     store.close()
 
@@ -168,8 +165,8 @@ def findings(result):
     return [tuple(line.split(None, 2)) for line in lines[1:]]
 
 
-def test_doctor_reports_a_healthy_installation_and_reaches_providers_without_a_key(tmp_path, upstream):
-    doctor_install(tmp_path, upstream.url)
+def test_doctor_reports_a_healthy_installation_and_reaches_providers_without_a_key(tmp_path, upstream, db):
+    doctor_install(tmp_path, upstream.url, db)
     result = cli_run(tmp_path, "doctor", "--reach")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = findings(result)
@@ -183,7 +180,7 @@ def test_doctor_reports_a_healthy_installation_and_reaches_providers_without_a_k
     assert OPENAI_KEY[-4:] not in result.stdout  # not even masked
 
 
-def test_doctor_reach_sends_no_key_and_checks_the_clock_against_the_providers(tmp_path):
+def test_doctor_reach_sends_no_key_and_checks_the_clock_against_the_providers(tmp_path, db):
     """A provider whose Date header is an hour behind; every byte doctor sent is kept."""
     listener = socket.create_server(("127.0.0.1", 0))
     received = []
@@ -200,7 +197,7 @@ def test_doctor_reach_sends_no_key_and_checks_the_clock_against_the_providers(tm
                              % email.utils.formatdate(time.time() - 3600, usegmt=True).encode())
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
-    doctor_install(tmp_path, "http://127.0.0.1:%d/api" % listener.getsockname()[1])
+    doctor_install(tmp_path, "http://127.0.0.1:%d/api" % listener.getsockname()[1], db)
     result = cli_run(tmp_path, "doctor", "--reach", env={"ANTHROPIC_API_KEY": ANTHROPIC_KEY})
     thread.join(10)
     listener.close()
@@ -217,18 +214,14 @@ def test_doctor_reach_sends_no_key_and_checks_the_clock_against_the_providers(tm
         assert b"authorization" not in request.lower() and b"x-api-key" not in request.lower()
 
 
-def newer_schema(tmp_path):
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    conn.execute("PRAGMA user_version = %d" % (llmgw.SCHEMA_VERSION + 1))
-    conn.close()
+def newer_schema(tmp_path, db):
+    execute_sql(db, "PRAGMA user_version = %d" % (llmgw.SCHEMA_VERSION + 1) if db.database_url is None else
+                "UPDATE settings SET value = '%d' WHERE name = 'schema_version'" % (llmgw.SCHEMA_VERSION + 1))
 
 
-def usage_from_the_future(tmp_path):
-    conn = sqlite3.connect(str(tmp_path / "gateway.db"))
-    with conn:
-        conn.execute("INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, streamed, status, started_at)"
-                     " VALUES ('r1', 'vk_x', 'openai', '/v1/chat/completions', 0, 'ok', ?)", (time.time() + 3600,))
-    conn.close()
+def usage_from_the_future(tmp_path, db):
+    query(db, "INSERT INTO usage (request_id, virtual_key_id, provider, endpoint, streamed, status, started_at)"
+              " VALUES ('r1', 'vk_x', 'openai', '/v1/chat/completions', 0, 'ok', ?)", (time.time() + 3600,))
 
 
 def closed_port():
@@ -237,19 +230,26 @@ def closed_port():
         return sock.getsockname()[1]
 
 
+GATEWAY_DB_FILE = pytest.mark.sqlite_only("damages the file gateway.db")
+
+
 @pytest.mark.parametrize("damage, check, words", [
-    (lambda tmp_path: (tmp_path / "config.yaml").chmod(0o644), "files", "config.yaml has mode 644"),
-    (lambda tmp_path: (tmp_path / "gateway.db").chmod(0o640), "files", "gateway.db has mode 640"),
-    (lambda tmp_path: (tmp_path / "config.yaml").write_text("providers: [unclosed"), "config", "not valid YAML"),
-    (lambda tmp_path: (tmp_path / "gateway.db").unlink(), "database", "not found"),
-    (lambda tmp_path: (tmp_path / "gateway.db").write_bytes(b"x" * 4096), "database", "cannot read"),
-    (newer_schema, "schema", "newer than this llmgw"),
-    (usage_from_the_future, "clock", "the clock went back"),
-], ids=["config-mode", "database-mode", "config-yaml", "no-database", "not-a-database", "newer-schema",
-        "clock-back"])
-def test_doctor_fails_on_each_problem(tmp_path, upstream, damage, check, words):
-    doctor_install(tmp_path, upstream.url)
-    damage(tmp_path)
+    pytest.param(lambda tmp_path, db: (tmp_path / "config.yaml").chmod(0o644), "files", "config.yaml has mode 644",
+                 id="config-mode"),
+    pytest.param(lambda tmp_path, db: (tmp_path / "gateway.db").chmod(0o640), "files", "gateway.db has mode 640",
+                 id="database-mode", marks=GATEWAY_DB_FILE),
+    pytest.param(lambda tmp_path, db: (tmp_path / "config.yaml").write_text("providers: [unclosed"), "config",
+                 "not valid YAML", id="config-yaml"),
+    pytest.param(lambda tmp_path, db: (tmp_path / "gateway.db").unlink(), "database", "not found",
+                 id="no-database", marks=GATEWAY_DB_FILE),
+    pytest.param(lambda tmp_path, db: (tmp_path / "gateway.db").write_bytes(b"x" * 4096), "database", "cannot read",
+                 id="not-a-database", marks=GATEWAY_DB_FILE),
+    pytest.param(newer_schema, "schema", "newer than this llmgw", id="newer-schema"),
+    pytest.param(usage_from_the_future, "clock", "the clock went back", id="clock-back"),
+])
+def test_doctor_fails_on_each_problem(tmp_path, upstream, db, damage, check, words):
+    doctor_install(tmp_path, upstream.url, db)
+    damage(tmp_path, db)
     result = cli_run(tmp_path, "doctor")
     assert result.returncode == 1, result.stdout + result.stderr
     assert [detail for level, name, detail in findings(result) if level == "FAIL" and name == check
@@ -257,8 +257,8 @@ def test_doctor_fails_on_each_problem(tmp_path, upstream, damage, check, words):
     assert upstream.requests == []  # without --reach, no connection
 
 
-def test_doctor_reach_is_bounded_and_names_an_unreachable_provider(tmp_path, upstream):
-    doctor_install(tmp_path, "http://127.0.0.1:%d" % closed_port())
+def test_doctor_reach_is_bounded_and_names_an_unreachable_provider(tmp_path, upstream, db):
+    doctor_install(tmp_path, "http://127.0.0.1:%d" % closed_port(), db)
     started = time.monotonic()
     result = cli_run(tmp_path, "doctor", "--reach")
     assert time.monotonic() - started < 2 * llmgw.REACH_TIMEOUT + 5
@@ -294,6 +294,7 @@ def test_every_earlier_schema_version_has_a_fixture_database(version):
         "with REV the last revision at that version" % (version, version))
 
 
+@pytest.mark.sqlite_only("the fixture databases of tests/schemas are SQLite files")
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_a_database_of_every_earlier_schema_migrates_to_todays(tmp_path, make_gateway, fixture):
     shutil.copy(os.path.join(SCHEMAS, fixture), str(tmp_path / "gateway.db"))
@@ -322,6 +323,8 @@ def test_a_database_of_every_earlier_schema_migrates_to_todays(tmp_path, make_ga
         make_fixture.KEY_ID, "fixture project", 3)
 
 
+@pytest.mark.sqlite_only("PRAGMA user_version (PostgreSQL: test_postgres "
+                         "test_a_newer_schema_is_refused_with_a_clear_message)")
 def test_a_newer_schema_is_refused_and_left_alone(tmp_path):
     path = str(tmp_path / "gateway.db")
     llmgw.SQLiteStore(path).close()
@@ -349,10 +352,10 @@ def test_pyproject_installs_the_two_files_as_they_are_with_both_commands():
         assert project["project"]["dependencies"] == [line.strip() for line in f if line.strip()]
 
 
-def test_python_dash_m_llmgw_serves(tmp_path, upstream):
-    (tmp_path / "config.yaml").write_text(json.dumps({
-        "server": {"host": "127.0.0.1", "port": 0}, "providers": {"openai": {"base_url": upstream.url}}}))
-    llmgw.SQLiteStore(str(tmp_path / "gateway.db")).close()
+def test_python_dash_m_llmgw_serves(tmp_path, upstream, db):
+    db.write_config(tmp_path / "config.yaml", {
+        "server": {"host": "127.0.0.1", "port": 0}, "providers": {"openai": {"base_url": upstream.url}}})
+    db.open_store().close()
     log = tmp_path / "serve.log"
     with open(str(log), "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "llmgw"], cwd=str(tmp_path), stdout=out,
