@@ -19,7 +19,6 @@ import decimal
 import json
 import random
 import re
-import sqlite3
 import string
 import urllib.parse
 
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from conftest import (ADMIN_TOKEN, CHAT, admin, assert_still_serving, base_config, body_for, call, paths_env, post,
-                      run_cli)
+                      query, run_cli)
 
 import llmgw
 
@@ -250,12 +249,9 @@ def usd_is_positive(v):
 WRITTEN_TABLES = ("virtual_keys", "key_spend", "provider_keys", "settings", "audit_log", "prices", "usage")
 
 
-def snapshot(db_path):
-    conn = sqlite3.connect(str(db_path))
-    try:
-        return {table: conn.execute("SELECT * FROM %s ORDER BY 1" % table).fetchall() for table in WRITTEN_TABLES}
-    finally:
-        conn.close()
+def snapshot(gateway):
+    """The rows of WRITTEN_TABLES in ``gateway``'s database."""
+    return {table: query(gateway, "SELECT * FROM %s ORDER BY 1" % table) for table in WRITTEN_TABLES}
 
 
 def assert_admin_refusal(reply, field, value):
@@ -295,7 +291,7 @@ def test_admin_fields_fuzzed(admin_gateway, upstream):
     budgeted, _ = gateway.create_key("budgeted", max_budget=5)
     vkey = gateway.create_key("plain")[1]
     key_path = "/admin/virtual-keys/%s" % budgeted["id"]
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     checked = 0
     for value in invalid_values(rng, is_text, [{"t": "x"}, ["p"], 10 ** 400, "\ud800", NAN]):
         assert_admin_refusal(send_json(gateway, "POST", "/admin/virtual-keys", {"project_name": value}),
@@ -335,7 +331,7 @@ def test_admin_fields_fuzzed(admin_gateway, upstream):
             assert reply.status in (400, 404), (value, method, reply)
             checked += 1
     assert checked > 500, checked
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
     assert call(gateway, "GET", "/health").status == 200
     assert_still_serving(gateway, vkey, upstream)
 
@@ -351,7 +347,7 @@ def write_config_file(path, document):
 def cli_setup(tmp_path, make_gateway, upstream):
     """A database with one budgeted key and a config.yaml, for ``cli_main``."""
     gateway = make_gateway()
-    write_config_file(tmp_path / "config.yaml", base_config(upstream.url))
+    gateway.database.write_config(tmp_path / "config.yaml", base_config(upstream.url))
     return gateway, gateway.create_key("budgeted", max_budget=5)[0]["id"]
 
 
@@ -380,7 +376,7 @@ POLICY_FLAGS = {
 def test_cli_flags_fuzzed(cli_setup, cli_main, tmp_path):
     gateway, key_id = cli_setup
     rng = random.Random(SEED)
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     checked = 0
 
     def refused(names, valid, command, extra=()):
@@ -419,7 +415,7 @@ def test_cli_flags_fuzzed(cli_setup, cli_main, tmp_path):
     refused(("--workers", "workers"), spells(integer_in(1, 1024)), lambda t: ["serve", "--workers=" + t],
             ["0", "10000"])
     assert checked > 200, checked
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 # ---- config.yaml, fuzzed ------------------------------------------------------------------------
@@ -522,7 +518,7 @@ def test_price_pack_fields_fuzzed(cli_setup, cli_main, tmp_path):
     gateway, _ = cli_setup
     rng = random.Random(SEED)
     pack_path = tmp_path / "pack.json"
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     checked = 0
 
     def refused(pack, names, value):
@@ -549,7 +545,7 @@ def test_price_pack_fields_fuzzed(cli_setup, cli_main, tmp_path):
             refused({"models": dict(good, **{name: {"input_per_mtok": 1, "output_per_mtok": 2}})},
                     ("model name",), name)
     assert checked > 100, checked
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 # ---- regressions: one per case the fuzzing found ---------------------------------------------
@@ -571,22 +567,22 @@ def test_huge_integers_are_400_naming_the_range(admin_gateway):
     assert_admin_refusal(reply, "max_budget", 10 ** 400)
     assert "from 0 to 1000000000" in reply.json()["error"]["message"]
     key_id = admin_gateway.create_key("b", max_budget=1)[0]["id"]
-    before = snapshot(admin_gateway.db_path)
+    before = snapshot(admin_gateway)
     reply = admin(admin_gateway, "POST", "/admin/virtual-keys/%s/topup" % key_id, {"amount": 10 ** 400})
     assert_admin_refusal(reply, "amount", 10 ** 400)
-    assert snapshot(admin_gateway.db_path) == before
+    assert snapshot(admin_gateway) == before
 
 
 def test_huge_integer_in_a_price_pack_is_one_line_error(cli_setup, cli_main, tmp_path):
     # Was a traceback (OverflowError in _valid_prices).
     gateway, _ = cli_setup
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     pack = tmp_path / "pack.json"
     pack.write_text(json.dumps({"models": {"m": {"input_per_mtok": 10 ** 400, "output_per_mtok": 1}}}))
     result = cli_main("prices", "import", str(pack))
     assert_cli_refusal(result, ("models.m.input_per_mtok",), 10 ** 400)
     assert "from 0 to 1000000" in result.stderr
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 @pytest.mark.parametrize("text, named", [
@@ -619,24 +615,24 @@ def test_an_expiry_at_the_end_of_the_calendar_means_never(admin_gateway):
         assert reply.status == 201, reply
         assert reply.json()["expires_at"] is None
     assert admin(admin_gateway, "GET", "/admin/virtual-keys").status == 200
-    before = snapshot(admin_gateway.db_path)
+    before = snapshot(admin_gateway)
     for expires_at in ("10000-01-01T00:00:00Z", "9999-12-32", "+10000-01-01"):
         reply = admin(admin_gateway, "POST", "/admin/virtual-keys", {"project_name": "p", "expires_at": expires_at})
         assert_admin_refusal(reply, "expires_at", expires_at)
         assert "years 1 to 9999" in reply.json()["error"]["message"]
-    assert snapshot(admin_gateway.db_path) == before
+    assert snapshot(admin_gateway) == before
 
 
 def test_a_moment_before_year_1_utc_is_400(admin_gateway):
     # Year 1 with an offset east of UTC is before year 1 in UTC: it used to be
     # written, then the reply and every listing of the keys was a 500
     # (ValueError: year 0 is out of range, showing it).
-    before = snapshot(admin_gateway.db_path)
+    before = snapshot(admin_gateway)
     for expires_at in ("0001-01-01T00:00:00+14:00", "0001-01-01T05:00:00+05:01"):
         reply = admin(admin_gateway, "POST", "/admin/virtual-keys", {"project_name": "p", "expires_at": expires_at})
         assert_admin_refusal(reply, "expires_at", expires_at)
         assert "years 1 to 9999" in reply.json()["error"]["message"]
-    assert snapshot(admin_gateway.db_path) == before
+    assert snapshot(admin_gateway) == before
     assert admin(admin_gateway, "GET", "/admin/virtual-keys").status == 200
     reply = admin(admin_gateway, "GET", "/admin/logs?since=" + urllib.parse.quote("0001-01-01T00:00:00+14:00"))
     assert_admin_refusal(reply, "since", "0001-01-01T00:00:00+14:00")
@@ -669,13 +665,13 @@ def test_a_budget_period_at_the_end_of_year_9999(make_gateway, period, moment):
 def test_nan_and_infinity_in_a_price_pack_refuse_the_pack(cli_setup, cli_main, tmp_path):
     # Were skipped without a word: the rest of the pack was imported.
     gateway, _ = cli_setup
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     for literal in ("NaN", "Infinity", "1e999"):
         pack = tmp_path / "pack.json"
         pack.write_text('{"models": {"good": {"input_per_mtok": 1, "output_per_mtok": 2},'
                         ' "m": {"input_per_mtok": %s, "output_per_mtok": 1}}}' % literal)
         assert_cli_refusal(cli_main("prices", "import", str(pack)), ("models.m.input_per_mtok",), literal)
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 def test_infinity_in_admin_json_names_the_field_and_range(admin_gateway):
@@ -716,9 +712,9 @@ def test_cli_arguments_once_a_traceback(cli_setup, cli_main, args, named):
     # Were tracebacks (OverflowError in SQLite, AttributeError in server_close
     # after a failed bind, UnicodeEncodeError in SQLite) or argparse's usage.
     gateway, _ = cli_setup
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     assert_cli_refusal(cli_main(*args), (named,), args)
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 @pytest.mark.parametrize("limits", [{"max_tokens": 10 ** 400}, {"max_tokens": 5, "n": 10 ** 400},
@@ -744,11 +740,11 @@ def test_an_address_that_cannot_be_bound_is_one_line_error(cli_setup, tmp_path):
 def test_a_price_pack_nested_too_deep_is_one_line_error(cli_setup, cli_main, tmp_path):
     # Was a traceback (RecursionError from json.load).
     gateway, _ = cli_setup
-    before = snapshot(gateway.db_path)
+    before = snapshot(gateway)
     pack = tmp_path / "pack.json"
     pack.write_text("[" * 100000 + "]" * 100000)
     assert_cli_refusal(cli_main("prices", "import", str(pack)), ("price pack",), "deep")
-    assert snapshot(gateway.db_path) == before
+    assert snapshot(gateway) == before
 
 
 def test_a_host_with_a_nul_is_one_line_error(tmp_path, cli_main, database):

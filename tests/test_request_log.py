@@ -3,18 +3,20 @@ usage rows to the nano-dollar, however the range cuts the hours; pruning,
 migration, re-pricing and crash recovery keep them equal; the log pages by
 cursor, filters, and exports CSV (CLI and admin API alike).
 
-The oracle is the plain SUM over usage rows that stats ran before rollups,
-written out here, independently of llmgw's rollup SQL.
+The oracle is the plain sum over usage rows that stats ran before rollups,
+written out here in Python over the rows read back (either backend),
+independently of llmgw's rollup SQL.
 """
 
 import csv
+import datetime
 import io
 import json
 import sqlite3
 
 import pytest
 
-from conftest import ADMIN_TOKEN, CHAT, COUNT_TOKENS, MESSAGES, MODELS, admin, call, post
+from conftest import ADMIN_TOKEN, CHAT, COUNT_TOKENS, MESSAGES, MODELS, admin, call, cli_env, execute_sql, post, query
 
 import cli
 import llmgw
@@ -27,46 +29,48 @@ DAY = 86400
 T0 = 1793577600
 
 #: The endpoints whose calls cost nothing: ``other_calls``, not ``requests``.
-FREE_ENDPOINTS = ("'/v1/messages/count_tokens', '/v1/models', '/v1/models/{model}', '/v1/moderations', "
-                  "'/v1/responses/input_tokens', '/v1/responses/{response_id}', "
-                  "'/v1/responses/{response_id}/cancel', '/v1/responses/{response_id}/input_items'")
-ORACLE_TOTALS = """SUM(u.attempt = 1 AND u.endpoint NOT IN (%s)), SUM(u.attempt = 1 AND u.endpoint IN (%s)),
-    COUNT(*), SUM(u.attempt_kind = 'retry'), SUM(u.attempt_kind = 'fallback'),
-    SUM(u.status NOT IN ('ok', 'pending')), SUM(u.request_tokens), SUM(u.response_tokens),
-    SUM(u.cache_read_tokens), SUM(u.cache_write_tokens + u.cache_write_1h_tokens), SUM(u.reasoning_tokens),
-    SUM(u.cost_nanousd), SUM(u.priced = 0 AND u.request_tokens + u.response_tokens > 0),
-    SUM(u.usage_source = 'estimated'), SUM(CASE WHEN u.usage_source = 'estimated' THEN u.cost_nanousd ELSE 0 END)
-    """ % (FREE_ENDPOINTS, FREE_ENDPOINTS)
+FREE_ENDPOINTS = ("/v1/messages/count_tokens", "/v1/models", "/v1/models/{model}", "/v1/moderations",
+                  "/v1/responses/input_tokens", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+                  "/v1/responses/{response_id}/input_items")
+#: What each row adds to STATS_TOTAL_FIELDS (a missing number adds nothing, as SQL's SUM skips a NULL).
+ORACLE_TOTALS = (
+    lambda u: u["attempt"] == 1 and u["endpoint"] not in FREE_ENDPOINTS,
+    lambda u: u["attempt"] == 1 and u["endpoint"] in FREE_ENDPOINTS,
+    lambda u: 1, lambda u: u["attempt_kind"] == "retry", lambda u: u["attempt_kind"] == "fallback",
+    lambda u: u["status"] not in ("ok", "pending"), lambda u: u["request_tokens"], lambda u: u["response_tokens"],
+    lambda u: u["cache_read_tokens"],
+    lambda u: None if u["cache_write_tokens"] is None else u["cache_write_tokens"] + u["cache_write_1h_tokens"],
+    lambda u: u["reasoning_tokens"], lambda u: u["cost_nanousd"],
+    lambda u: u["priced"] == 0 and (u["request_tokens"] or 0) + (u["response_tokens"] or 0) > 0,
+    lambda u: u["usage_source"] == "estimated",
+    lambda u: u["cost_nanousd"] if u["usage_source"] == "estimated" else 0)
 ORACLE_GROUPS = {
-    "key": "u.virtual_key_id, k.project_name", "project": "k.project_name", "model": "u.model",
-    "provider": "u.provider", "day": "date(u.started_at, 'unixepoch')",
-    "label:team": "json_extract(k.metadata, '$.\"team\"')",
+    "key": lambda u: (u["virtual_key_id"], u["project_name"]), "project": lambda u: (u["project_name"],),
+    "model": lambda u: (u["model"],), "provider": lambda u: (u["provider"],),
+    "day": lambda u: (datetime.datetime.fromtimestamp(u["started_at"], datetime.timezone.utc).strftime("%Y-%m-%d"),),
+    "label:team": lambda u: (json.loads(u["key_metadata"] or "{}").get("team"),),
 }
 
 
-def oracle_stats(db_path, group_by, since=None, until=None, project=None):
-    """Stats summed straight from the usage rows, as store.usage_stats shapes them."""
-    clauses, params = [], []
-    for clause, value in (("u.started_at >= ?", since), ("u.started_at < ?", until),
-                          ("k.project_name = ?", project)):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    group = ORACLE_GROUPS[group_by]
-    sql = "SELECT %s, %s FROM usage u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id %s GROUP BY %s" % (
-        group, ORACLE_TOTALS, "WHERE " + " AND ".join(clauses) if clauses else "", group)
-    conn = sqlite3.connect(db_path)
-    try:
-        rows = conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-    width = 2 if group_by == "key" else 1
+def oracle_stats(target, group_by, since=None, until=None, project=None):
+    """Stats summed in Python straight from the usage rows of ``target``'s
+    database (either backend), as store.usage_stats shapes them."""
+    groups = {}
+    for u in query(target, "SELECT u.*, k.project_name, k.metadata AS key_metadata FROM usage u "
+                           "LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id"):
+        u = u.as_dict()
+        if ((since is not None and u["started_at"] < since) or (until is not None and u["started_at"] >= until)
+                or (project is not None and u["project_name"] != project)):
+            continue
+        sums = groups.setdefault(ORACLE_GROUPS[group_by](u), [0] * len(ORACLE_TOTALS))
+        for index, measure in enumerate(ORACLE_TOTALS):
+            sums[index] += measure(u) or 0
     result = []
-    for row in rows:
-        totals = dict(zip(llmgw.STATS_TOTAL_FIELDS, (value or 0 for value in row[width:])))
+    for group, sums in groups.items():
+        totals = dict(zip(llmgw.STATS_TOTAL_FIELDS, sums))
         totals["estimated_cost"] = llmgw.nanousd_to_usd(totals.pop("cost_nanousd"))
         totals["estimated_usage_cost"] = llmgw.nanousd_to_usd(totals.pop("estimated_usage_cost_nanousd"))
-        result.append((tuple(row[:width]), totals))
+        result.append((group, totals))
     return sorted(result, key=repr)
 
 
@@ -200,11 +204,11 @@ def test_postgresql_stats_and_log_equal_sqlites(make_gateway, postgres_databases
 def test_stats_from_rollups_equal_the_rows(logged, group_by):
     gateway = logged["gateway"]
     for since, until in RANGES:
-        expected = oracle_stats(gateway.db_path, group_by, since, until)
+        expected = oracle_stats(gateway, group_by, since, until)
         assert rollup_stats(gateway.store, group_by, since, until) == expected, (since, until)
     for project in ("ads", "search", "nobody"):
         assert (rollup_stats(gateway.store, group_by, T0 + 1000.5, None, project)
-                == oracle_stats(gateway.db_path, group_by, T0 + 1000.5, None, project))
+                == oracle_stats(gateway, group_by, T0 + 1000.5, None, project))
 
 
 @pytest.mark.parametrize("step", [HOUR, 6 * HOUR, DAY, 7 * DAY])
@@ -220,7 +224,7 @@ def test_chart_series_equal_the_rows_point_by_point(logged, step):
         assert [start for start, _ in series] == list(range(since, until, step))
         assert sum(len(rows) for _, rows in series) > 0
         for start, rows in series:
-            assert shaped_as_oracle(rows, group_by) == oracle_stats(gateway.db_path, group_by, start, start + step), (
+            assert shaped_as_oracle(rows, group_by) == oracle_stats(gateway, group_by, start, start + step), (
                 group_by, start)
 
 
@@ -239,26 +243,23 @@ def test_stats_over_weeks_equal_the_rows(make_gateway, clock):
     first_week = -(-T0 // week) * week
     ranges = [(first_week, first_week + 2 * week), (T0 + 1000.5, T0 + 26 * DAY + 5 * HOUR + 17.25),
               (first_week - 3 * HOUR - 5, first_week + 3 * week + DAY + 2 * HOUR + 9)]
-    sources = [llmgw._stats_sources(llmgw.SQLiteSQL, since, until, False)[0] for since, until in ranges]
+    sql = gateway.store.sql
+    sources = [llmgw._stats_sources(sql, since, until, False)[0] for since, until in ranges]
     assert all(any("FROM usage_weeks" in source for source in part) for part in sources)
-    assert not any("usage_weeks" in source for source in llmgw._stats_sources(llmgw.SQLiteSQL, *ranges[0], True)[0])
+    assert not any("usage_weeks" in source for source in llmgw._stats_sources(sql, *ranges[0], True)[0])
     for group_by in sorted(ORACLE_GROUPS):
         for since, until in ranges:
-            expected = oracle_stats(gateway.db_path, group_by, since, until)
+            expected = oracle_stats(gateway, group_by, since, until)
             assert expected and rollup_stats(gateway.store, group_by, since, until) == expected, (group_by, since)
 
 
 def test_rollups_are_written_when_rows_settle(logged):
     """Rollups exist for the settled rows only (stats did not just read rows)."""
-    conn = sqlite3.connect(logged["gateway"].db_path)
-    try:
-        rolled = [conn.execute("SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests + other_calls) "
-                               "FROM %s" % table).fetchone() for table in ("usage_hours", "usage_days", "usage_weeks",
-                                                                           "usage_totals")]
-        settled = conn.execute("SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens), SUM(attempt = 1) FROM usage "
-                               "WHERE status != 'pending'").fetchone()
-    finally:
-        conn.close()
+    gateway = logged["gateway"]
+    rolled = [query(gateway, "SELECT SUM(attempts), SUM(cost_nanousd), SUM(output_tokens), SUM(requests + other_calls) "
+                             "FROM %s" % table)[0] for table in ("usage_hours", "usage_days", "usage_weeks", "usage_totals")]
+    [settled] = query(gateway, "SELECT COUNT(*), SUM(cost_nanousd), SUM(output_tokens), "
+                               "SUM(CASE WHEN attempt = 1 THEN 1 ELSE 0 END) FROM usage WHERE status != 'pending'")
     assert rolled == [settled] * 4
     assert settled[3] == logged["count"] - 1 and settled[1] > 0  # the fail500 calls were tried twice
 
@@ -272,9 +273,10 @@ def test_repricing_moves_the_rollups_with_the_rows(logged):
     for group_by in ("model", "key"):
         for since, until in RANGES[:4]:
             assert rollup_stats(gateway.store, group_by, since, until) == oracle_stats(
-                gateway.db_path, group_by, since, until)
+                gateway, group_by, since, until)
 
 
+@pytest.mark.sqlite_only("rewinds the SQLite file to schema 1 (PRAGMA user_version)")
 def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
     """A database from before rollups (schema 1) is migrated forward:
     new columns added, every settled row rolled up as its request's one
@@ -288,7 +290,7 @@ def test_version_1_database_gains_rollups_equal_to_its_rows(logged, tmp_path):
     conn.close()
     store = llmgw.SQLiteStore(gateway.db_path)
     try:
-        expected = {group: oracle_stats(gateway.db_path, group) for group in ("key", "day")}
+        expected = {group: oracle_stats(gateway, group) for group in ("key", "day")}
         for group in ("key", "day"):
             assert rollup_stats(store, group) == expected[group]
         totals = store.usage_totals()
@@ -304,6 +306,7 @@ DROP_ATTEMPT_COLUMNS = ("ALTER TABLE usage DROP COLUMN logical_request_id;"
                         "ALTER TABLE usage DROP COLUMN deployment;")
 
 
+@pytest.mark.sqlite_only("rewinds the SQLite file to schema 4 (PRAGMA user_version)")
 def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
     """A database from before routing (schema 4): its rows become first
     attempts, and its rollups and totals count each as one attempt."""
@@ -318,7 +321,7 @@ def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
     store = llmgw.SQLiteStore(gateway.db_path)
     try:
         for group in ("key", "day"):
-            assert rollup_stats(store, group) == oracle_stats(gateway.db_path, group)
+            assert rollup_stats(store, group) == oracle_stats(gateway, group)
         for row in store.usage_stats("key"):
             assert (row["attempts"], row["retries"], row["fallbacks"]) == (row["requests"] + row["other_calls"], 0, 0)
         names = [name for name, _ in llmgw.ROLLUP_MEASURES]
@@ -331,7 +334,7 @@ def test_version_4_database_gains_attempt_columns_and_counts(logged, tmp_path):
         store.close()
 
 
-def test_prune_keeps_rollups_and_budgets(make_gateway, clock, monkeypatch, capsys):
+def test_prune_keeps_rollups_and_budgets(make_gateway, clock, monkeypatch, capsys, tmp_path):
     gateway = make_gateway(clock=clock)
     record, key = gateway.create_key("p", max_budget=100, budget_period="never")
     for hour in range(3):
@@ -350,15 +353,13 @@ def test_prune_keeps_rollups_and_budgets(make_gateway, clock, monkeypatch, capsy
     gateway.store.update_key(record["id"], {"max_budget_nanousd": 100 * 10 ** 9}, clock.now)
     assert gateway.store.key_spend(gateway.store.find_key_by_id(record["id"]), clock.now)["spent_nanousd"] == spend
     # cli.py prune: --older-than, else logging.retention_days, else a clear error.
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    for name, value in cli_env(gateway, tmp_path, {"logging": {"level": "INFO"}}).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["prune", "--older-than", "1h"]) == 0
     assert "Pruned 2 request-log row(s)" in capsys.readouterr().out
     assert gateway.rows() == []
     assert rollup_stats(gateway.store, "key") == before
-    monkeypatch.setenv("CONFIG_PATH", str(gateway.db_path) + ".yaml")
-    with open(str(gateway.db_path) + ".yaml", "w") as f:
-        f.write("logging: {level: INFO}\n")
-    assert cli.main(["prune"]) == 1
+    assert cli.main(["prune"]) == 1  # the config names no retention_days
     assert "retention_days" in capsys.readouterr().err
 
 
@@ -380,12 +381,8 @@ def test_the_gateway_prunes_past_retention(make_gateway, monkeypatch):
     key = gateway.create_key("p")[1]
     assert post(gateway, CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
                 key=key).status == 200
-    conn = sqlite3.connect(gateway.db_path)
-    with conn:  # age the row and its rollup by three days, as if written then
-        conn.execute("UPDATE usage SET started_at = started_at - 3 * 86400")
-        conn.execute("UPDATE usage_hours SET hour = hour - 3 * 86400")
-        conn.execute("UPDATE usage_days SET day = day - 3 * 86400")
-    conn.close()
+    execute_sql(gateway, "UPDATE usage SET started_at = started_at - 3 * 86400",  # aged three days, as if written then
+                "UPDATE usage_hours SET hour = hour - 3 * 86400", "UPDATE usage_days SET day = day - 3 * 86400")
     before = rollup_stats(gateway.store, "key")
     assert gateway.wait_for_rows(lambda rows: not rows) == []
     assert rollup_stats(gateway.store, "key") == before
@@ -435,7 +432,7 @@ def test_log_entries_carry_what_a_log_needs(logged):
 @pytest.mark.parametrize("query", ["project=ads", "model=gpt-4o-mini", "status=upstream_error",
                                    "provider=anthropic", "since=%s" % llmgw.iso_time(T0 + HOUR + 1000),
                                    "until=%s&project=search" % llmgw.iso_time(T0 + 2 * HOUR)])
-def test_log_filters_match_the_rows(logged, query, monkeypatch, capsys):
+def test_log_filters_match_the_rows(logged, query, monkeypatch, capsys, tmp_path):
     gateway = logged["gateway"]
     reply = admin(gateway, "GET", "/admin/logs?limit=1000&" + query)
     assert reply.status == 200
@@ -457,7 +454,8 @@ def test_log_filters_match_the_rows(logged, query, monkeypatch, capsys):
         expected.append(row["id"])
     assert ids == expected and ids
     # The CLI gives the same page.
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    for name, value in cli_env(gateway, tmp_path).items():
+        monkeypatch.setenv(name, value)
     argv = []
     for part in query.split("&"):
         name, value = part.split("=")
@@ -481,7 +479,7 @@ def test_log_needs_the_admin_token(logged):
     assert vkey_reply.status == 401
 
 
-def test_log_csv_matches_json_and_defuses_formulas(logged, clock, monkeypatch, capsys):
+def test_log_csv_matches_json_and_defuses_formulas(logged, clock, monkeypatch, capsys, tmp_path):
     gateway = logged["gateway"]
     clock.now = T0 + 3 * DAY  # the newest row
     key = gateway.create_key("=HYPERLINK(\"http://evil\")")[1]
@@ -495,12 +493,13 @@ def test_log_csv_matches_json_and_defuses_formulas(logged, clock, monkeypatch, c
     assert list(table[0]) == list(data[0])
     assert table[0]["model"] == "'=1+1" and table[0]["project_name"] == "'=HYPERLINK(\"http://evil\")"
     assert table[1]["cost"] == str(data[1]["cost"])
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    for name, value in cli_env(gateway, tmp_path).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["logs", "--limit", "1000", "--output", "csv"]) == 0
     assert capsys.readouterr().out.replace("\r\n", "\n") == reply.body.decode("utf-8").replace("\r\n", "\n")
 
 
-def test_stats_csv_from_the_api_and_the_cli(logged, monkeypatch, capsys):
+def test_stats_csv_from_the_api_and_the_cli(logged, monkeypatch, capsys, tmp_path):
     gateway = logged["gateway"]
     rows = admin(gateway, "GET", "/admin/usage-stats?by=model").json()
     reply = admin(gateway, "GET", "/admin/usage-stats?by=model&format=csv")
@@ -510,11 +509,13 @@ def test_stats_csv_from_the_api_and_the_cli(logged, monkeypatch, capsys):
     assert [int(row["requests"]) for row in table] == [row["requests"] for row in rows]
     assert [int(row["other_calls"]) for row in table] == [row["other_calls"] for row in rows]
     assert [float(row["estimated_cost"]) for row in table] == [row["estimated_cost"] for row in rows]
-    monkeypatch.setenv("DB_PATH", gateway.db_path)
+    for name, value in cli_env(gateway, tmp_path).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["stats", "--by", "model", "--output", "csv"]) == 0
     assert capsys.readouterr().out.replace("\r\n", "\n") == reply.body.decode("utf-8").replace("\r\n", "\n")
 
 
+@pytest.mark.sqlite_only("SQLite's EXPLAIN QUERY PLAN")
 def test_log_pages_read_an_index_in_order(tmp_path):
     """A filtered log page walks an index newest first and stops at the page's
     end: no sort of the matching rows (what makes it fast at 10M rows)."""
