@@ -2,10 +2,12 @@
 
 ``gateway`` runs llmgw's own server (``llmgw.make_server``) in a thread,
 pointed at ``upstream`` (tests/fake_upstream.py) for both providers, with a
-database under ``tmp_path``. Tests talk to it over real sockets and read the
-usage rows back from the database file; no gateway internals are mocked.
+database on the test's backend (a SQLite file under ``tmp_path``, or
+PostgreSQL). Tests talk to it over real sockets and read the usage rows back
+from the database (``query``, as another process would); no gateway
+internals are mocked.
 
-Sections below: secrets and routes; environment; the in-process gateway;
+Sections below: secrets and routes; environment; the database backend; the in-process gateway;
 HTTP clients (http.client and raw sockets); waiting; expected usage and cost
 (computed here, independently of llmgw); common assertions; the CLI and
 gateway child processes; shared scenarios.
