@@ -1545,7 +1545,10 @@ INTERRUPT_ROW = """UPDATE usage SET status = 'interrupted', finished_at = ?, cos
 NON_BILLABLE_ENDPOINTS = ("/v1/messages/count_tokens", "/v1/models", "/v1/models/{model}", "/v1/moderations",
                           "/v1/responses/input_tokens", "/v1/responses/{response_id}",
                           "/v1/responses/{response_id}/cancel", "/v1/responses/{response_id}/input_items")
-_NON_BILLABLE = ", ".join("'%s'" % path for path in NON_BILLABLE_ENDPOINTS)
+#: 1 for a row of one of them, else 0: compared in turn, as a list after IN
+#: (of more than two values) costs SQLite a temporary index built each time
+#: a statement runs, which was a third of what settling a row cost.
+_NON_BILLABLE = "CASE endpoint %s ELSE 0 END" % " ".join("WHEN '%s' THEN 1" % path for path in NON_BILLABLE_ENDPOINTS)
 
 
 def _counted(condition):
@@ -1556,8 +1559,8 @@ def _counted(condition):
 
 #: What a rollup sums: (column, expression over one usage row).
 ROLLUP_MEASURES = (
-    ("requests", _counted("attempt = 1 AND endpoint NOT IN (%s)" % _NON_BILLABLE)),  # billable calls clients asked for
-    ("other_calls", _counted("attempt = 1 AND endpoint IN (%s)" % _NON_BILLABLE)),    # the calls that cost nothing
+    ("requests", _counted("attempt = 1 AND %s = 0" % _NON_BILLABLE)),  # billable calls clients asked for
+    ("other_calls", _counted("attempt = 1 AND %s = 1" % _NON_BILLABLE)),  # the calls that cost nothing
     ("attempts", "1"),                     # upstream calls, retries and fallbacks included
     ("retries", _counted("attempt_kind = 'retry'")),
     ("fallbacks", _counted("attempt_kind = 'fallback'")),
