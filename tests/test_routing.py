@@ -18,12 +18,16 @@ import time
 import pytest
 
 from conftest import (ADMIN_TOKEN, CHAT, MESSAGES, MODELS, RESPONSES, OPENAI_KEY, admin, body_for, call, post,
-                      execute_sql, settled_rows, sse_events, wait_until)
+                      execute_sql, query, settled_rows, sse_events, wait_until)
 from fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
-ROUTING = {"backoff_initial": 0.05, "backoff_max": 2, "cooldown": 5, "cooldown_max": 60}
+#: No affinity: the weights alone order the targets. With the default
+#: (``key``), one request that happened to be weighted to the healthy target
+#: (one in 1001) pinned every later request of the key to it, so
+#: ``until_first_attempt_on`` could never reach the faulty one again.
+ROUTING = {"backoff_initial": 0.05, "backoff_max": 2, "cooldown": 5, "cooldown_max": 60, "affinity": "none"}
 FAULTY_FIRST = 1000  # the weight that puts a faulty target first (almost always)
 
 
@@ -89,7 +93,11 @@ def until_first_attempt_on(gateway, fakes, name, send, tries=8):
 
 
 def clear_cooldowns(gateway):
+    """Delete every shared cooldown, then wait until the gateway took that
+    in (it reads them a few times a second: until then it still skips the
+    deployments it saw failing)."""
     execute_sql(gateway, "DELETE FROM deployment_cooldowns")
+    assert wait_until(lambda: all(entry["state"] == "ok" for entry in deployments(gateway).values()), 5.0)
 
 
 def deployments(gateway):
@@ -431,6 +439,21 @@ def test_aliases_are_listed_when_the_providers_list_fails(routed, upstream, faul
     assert (anthropic_list["first_id"], anthropic_list["last_id"], anthropic_list["has_more"]) == (
         "via-broken", "via-cutting", False)
     assert len(upstream.requests) == 2
+
+
+def test_faulty_target_comes_first_after_a_request_served_elsewhere(routed, fakes):
+    """The harness: a request the healthy target served (here because the
+    faulty one was cooling down) neither pins the next ones to it nor lets
+    the cleared cooldown linger (the flaky "never came first")."""
+    fakes["broken"].faults = "fail500"
+    gateway = routed()
+    query(gateway, "INSERT INTO deployment_cooldowns (deployment, until, failures, reason, updated_at) "
+                   "VALUES ('broken/default', ?, 1, 'HTTP 500', ?)", (time.time() + 60, time.time()))
+    assert wait_until(lambda: deployments(gateway)["broken/default"]["state"] == "cooling", 5.0)
+    response = post(gateway, CHAT, body_for(CHAT, "via-broken"), gateway.key)
+    assert response.header("x-llmgw-served-by") == "healthy/gpt-4o-mini" and not fakes["broken"].requests
+    until_first_attempt_on(gateway, fakes, "broken",
+                           lambda: post(gateway, CHAT, body_for(CHAT, "via-broken"), gateway.key))
 
 
 def test_stats_count_attempts_retries_and_fallbacks(routed, fakes):
