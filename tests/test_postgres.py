@@ -203,6 +203,39 @@ def test_instances_starting_together_migrate_once(postgres_databases):
         store.close()
 
 
+def test_a_schema_8_database_migrates_its_calls_that_cost_nothing_apart(postgres_databases):
+    """Schema 9's step on PostgreSQL: it failed there (an integer measure
+    as a WHERE condition), and grouped rows by hour with PostgreSQL's
+    rounding CAST, which put a row of 59.7 s past the hour in the next."""
+    url = postgres_databases.cluster.create_database("v8")
+    database = llmgw.parse_config({"database": {"url": url}}).database
+    store = llmgw.PostgresStore(database)
+    key_id = store.create_key("old", {})[0]["id"]
+    hour = int(time.time()) // 3600 * 3600 - 7200
+    result = dict.fromkeys(llmgw.USAGE_RESULT_COLUMNS, 0)
+    result.update(status="ok", http_status=200, usage_source="none", response_id=None, finished_at=hour + 3599.8)
+    for number, endpoint in enumerate(("/v1/messages/count_tokens", "/v1/messages")):
+        row_id, _ = store.begin_usage("r%d" % number, "o", key_id, "anthropic", endpoint, "claude-haiku-4-5", False,
+                                      hour + 3599.7)
+        store.finish_usage(row_id, result)
+    store.close()
+    conn = postgres_databases.cluster.connect(url.rsplit("/", 1)[1])  # back to schema 8: no other_calls
+    cursor = conn.cursor()
+    for table in ("usage_weeks", "usage_days", "usage_hours", "usage_totals"):
+        cursor.execute("UPDATE %s SET requests = requests + other_calls" % table)
+        cursor.execute("ALTER TABLE %s DROP COLUMN other_calls" % table)
+    cursor.execute("ALTER TABLE usage DROP COLUMN response_id")
+    cursor.execute("ALTER TABLE virtual_keys DROP COLUMN budget_admission")
+    cursor.execute("UPDATE settings SET value = '8' WHERE name = 'schema_version'")
+    conn.commit()
+    conn.close()
+    llmgw.PostgresStore(database).close()
+    assert query(url, "SELECT value FROM settings WHERE name = 'schema_version'") == [(str(llmgw.SCHEMA_VERSION),)]
+    for table, column in (("usage_hours", "hour"), ("usage_days", "day"), ("usage_weeks", "week")):
+        assert [tuple(row) for row in query(url, "SELECT requests, other_calls FROM %s" % table)] == [(1, 1)], table
+    assert sorted(tuple(row) for row in query(url, "SELECT requests, other_calls FROM usage_totals")) == [(1, 1)]
+
+
 def test_a_newer_schema_is_refused_with_a_clear_message(postgres_databases, tmp_path):
     url = postgres_databases.lease()
     try:
