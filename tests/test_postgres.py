@@ -31,6 +31,12 @@ def database(postgres_databases):
     postgres_databases.give_back(url)
 
 
+#: How long a request to a gateway process may take (conftest's answer() allows 2 s): a process's
+#: first request opens its pooled connection, and took longer at load 60 with the suite's four
+#: test processes running.
+PROCESS_TIMEOUT = 10
+
+
 @pytest.fixture
 def instances(tmp_path, upstream, database):
     """``start(n)``: n gateway processes (``python llmgw.py``) on ``database``,
@@ -63,7 +69,7 @@ def test_three_instances_admit_exactly_what_the_budget_allows(make_gateway, upst
     body = chat_body(model="gpt-4o-mini-held", max_tokens=100)
     _, probe_key = here.create_key(max_budget=100)
     upstream.release()
-    assert answer(hosts[0], CHAT, body, probe_key).status == 200
+    assert answer(hosts[0], CHAT, body, probe_key, timeout=PROCESS_TIMEOUT).status == 200
     reservation = here.rows()[0]["reserved_nanousd"]
     assert reservation > 0
     budget = 10 * reservation + reservation // 2
@@ -104,7 +110,7 @@ def test_kill9_mid_stream_is_recovered_once_by_a_live_instance(make_gateway, ups
     survivor = make_gateway(database={"url": database}, pricing=PRICING)
     record, key = survivor.create_key(max_budget=5)
     for host in hosts[1:]:
-        assert answer(host, CHAT, chat_body(max_tokens=50), key).status == 200
+        assert answer(host, CHAT, chat_body(max_tokens=50), key, timeout=PROCESS_TIMEOUT).status == 200
     victim = hosts[0]
     client = RawClient(victim, timeout=10)
     client.send(json_request(CHAT, key, chat_body(model="gpt-4o-mini-slowstream-events50", stream=True,
@@ -138,11 +144,11 @@ def test_a_revoke_through_one_instance_holds_on_the_others_from_the_next_request
     here = make_gateway(database={"url": database})
     record, key = here.create_key()
     for host in hosts:  # every instance has the key cached
-        assert answer(host, CHAT, body_for(CHAT), key).status == 200
+        assert answer(host, CHAT, body_for(CHAT), key, timeout=PROCESS_TIMEOUT).status == 200
     revoked = admin(hosts[0], "DELETE", "/admin/virtual-keys/" + record["id"])
     assert revoked.status == 200, revoked
     for host in hosts[1:] + hosts[:1]:
-        assert_json_error(answer(host, CHAT, body_for(CHAT), key), 401)
+        assert_json_error(answer(host, CHAT, body_for(CHAT), key, timeout=PROCESS_TIMEOUT), 401)
     assert len(upstream.requests) == 3
 
 
