@@ -13,13 +13,15 @@ Run it from the repository root (standard library only; not collected by pytest)
 ``--streams N[,N...]`` is a capacity run instead of the throughput run: per level, N calls start
 evenly over ``--ramp`` (2) seconds from an asyncio client (``_calls`` mode, one process on the load
 core), each a stream of ``--call-events`` (40) events paced over ``--call-seconds`` (10) by the
-fake upstream (or, with ``--non-streamed``, a completion the upstream answers after that long),
-against the upstream directly, the gateway (default config; ``--gateway-setting threads=4096``
-changes one) and the naive proxy, one after the other. Per target and level it reports calls
-completed and failed (with reasons), first-event p50/p99/max (the whole answer when not streamed),
-whole-call p99, and for the gateway and the naive proxy their peak RSS and threads (sampled
-every 50 ms) and CPU per relayed event (per call when not streamed). Every process gets a
-file-descriptor limit of 4N + 1024 (raising the hard limit needs root).
+fake upstream, the role chunk in one write with the first token and the others
+``--call-seconds / --call-events`` apart (or, with ``--non-streamed``, a completion the upstream
+answers after that long), against the upstream directly, the gateway (default config;
+``--gateway-setting threads=4096`` changes one) and the naive proxy, one after the other. Per
+target and level it reports calls completed and failed (with reasons), first-event p50/p99/max
+(the whole answer when not streamed), whole-call p99, and for the gateway and the naive proxy
+their peak RSS and threads (sampled every 50 ms) and CPU per relayed event (per call when not
+streamed). Every process gets a file-descriptor limit of 4N + 1024 (raising the hard limit
+needs root).
     python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
     python tests/bench.py --streams 10000 --baseline ../main   # the same for concurrent streams
 
@@ -272,7 +274,10 @@ def upstream_main(events, gap_ms, reply_delay_ms=0.0):
                     write(piece)
                 return
             self.busy = True
-            pieces = [stream_head + stream_chunks[0]] + stream_chunks[1:]
+            # The role chunk rides with the first token, as a provider sends it: the gateway holds
+            # a stream's preamble until its first output (its commit point), so a role chunk one
+            # gap ahead of any output would time the pacing here, not the gateway.
+            pieces = [stream_head + stream_chunks[0] + stream_chunks[1]] + stream_chunks[2:]
             pieces[-1] += b"".join(tail)  # the end rides with the last event
             loop = asyncio.get_running_loop()
 
