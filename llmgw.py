@@ -8464,15 +8464,16 @@ def printable(text):
 # Which thread may touch what:
 #
 # * A Connection's socket, ``buffer``, ``head``, ``admission``,
-#   ``exchange``, ``idle``, ``deadline``, ``queued_since`` and ``parked_fd``:
-#   its owner alone, one thread at a time. The readiness queue owns an armed
+#   ``exchange``, ``idle``, ``deadline`` and ``queued_since``: its owner
+#   alone, one thread at a time. The readiness queue owns an armed
 #   (or parked) connection; ``take`` (a worker), ``take_due`` (the
 #   timekeeper), ``take_ready`` (the sweep) and ``stop`` (the drain) hand it
 #   to one thread, which owns it until it arms, parks, hands over or closes
 #   it, and must not touch it after that.
-# * ``armed``, ``timer``, the heap, the fd map and the hand-over list: the
-#   queue, under its lock.
-# * The pool's thread, exchange and body counts: under the pool's lock.
+# * ``armed``, ``timer``, ``parked_fd``, the heap, the fd map and the
+#   hand-over list: the queue, under its lock.
+# * The pool's thread, exchange and body counts: changed under the pool's
+#   lock (``_retire`` glances at them without it before it takes it).
 # * OpenConnections' counts: under its own lock (accept loop and owners).
 # * An Exchange and the call it serves: the owner of its connection.
 
@@ -8585,7 +8586,7 @@ class Connection:
         self.queued_since = 0.0  # when first seen whole, waiting for a worker
         self.exchange = None    # the Exchange serving its request, while it lasts
         self.parked_fd = None   # the provider socket watched instead, while parked
-        self.timer = None       # its deadline's entry in the queue's timer heap, while armed
+        self.timer = None       # its deadline's entry in the queue's timer heap, while there
 
     def close(self):
         try:
@@ -8660,10 +8661,13 @@ class ReadinessQueue:
         self._watched = {}  # fd -> Connection: a client's fd, or its provider's while parked
         self.stopped = False
         # The deadlines of armed and parked connections: (deadline, sequence,
-        # connection) in a heap, the earliest first. An entry is live while it
-        # is its connection's ``timer`` and the connection armed; taken or
-        # armed anew, its old entry is left behind and dropped when it comes
-        # up (or when stale entries outnumber the live ones).
+        # connection) in a heap, the earliest first. A connection's entry is
+        # its ``timer``, and counts while the connection is armed. Armed anew
+        # with a deadline no earlier than its entry's (a stream's idle
+        # deadline, moved on by every event), it keeps that entry, which the
+        # timekeeper moves on when it comes up; armed with an earlier one, it
+        # gets a new entry, and the old is left behind, dropped when it comes
+        # up (or when stale entries outnumber the others).
         self._timers = []
         self._timer_numbers = itertools.count()
         self._timer_changed = threading.Condition(self._lock)
@@ -8723,14 +8727,17 @@ class ReadinessQueue:
 
     def _set_timer(self, connection):
         """Put an armed connection's deadline in the heap (the lock held),
-        waking the timekeeper when it is the new earliest."""
+        waking the timekeeper when it is the new earliest; an entry of the
+        connection's that comes up no later serves (see ``take_due``)."""
+        if connection.timer is not None and connection.timer[0] <= connection.deadline:
+            return
         entry = (connection.deadline, next(self._timer_numbers), connection)
         connection.timer = entry
         heapq.heappush(self._timers, entry)
         if self._timers[0] is entry:
             self._timer_changed.notify()
         if len(self._timers) > 2 * len(self._watched) + 64:
-            self._timers = [e for e in self._timers if e[2].timer is e and e[2].armed]
+            self._timers = [e for e in self._timers if e[2].timer is e]
             heapq.heapify(self._timers)
 
     def park(self, connection, wait):
@@ -8743,7 +8750,10 @@ class ReadinessQueue:
             if wait.sock is not None:
                 fd = wait.sock.fileno()
                 try:
-                    self._control(fd, new=True, writing=wait.writing)
+                    try:
+                        self._control(fd, writing=wait.writing)  # watched before: woken again
+                    except FileNotFoundError:
+                        self._control(fd, new=True, writing=wait.writing)
                 except (OSError, ValueError):
                     logger.warning("a provider connection could not be watched; its call is ended")
                     return False
@@ -8754,14 +8764,16 @@ class ReadinessQueue:
             return True
 
     def unpark(self, connection):
-        """Stop watching the provider socket of a parked connection its
-        owner took (to resume its call, or to close it)."""
-        fd, connection.parked_fd = connection.parked_fd, None
-        if fd is not None:
+        """Forget the provider socket of a parked connection its owner took
+        (to resume its call, or to close it). The kernel keeps it on its list
+        (a one-shot watch, spent or ignored once it is forgotten) until the
+        socket closes, so the call's next wait costs one call to the kernel,
+        not two."""
+        if connection.parked_fd is not None:  # not already unparked as it was taken (``_own``)
             with self._lock:
+                fd, connection.parked_fd = connection.parked_fd, None
                 if self._watched.get(fd) is connection:
                     del self._watched[fd]
-            self._unwatch(fd)
 
     def hand_over(self, connection):
         """Give a connection the timekeeper or the sweep owns to the next
@@ -8811,6 +8823,9 @@ class ReadinessQueue:
                 # or it is the stop signal.
                 if connection is not None and connection.armed:
                     connection.armed = False
+                    if connection.parked_fd == fd:  # its provider answered: unparked here, under this lock
+                        del self._watched[fd]
+                        connection.parked_fd = None
                     owned.append(connection)
         return owned
 
@@ -8826,9 +8841,16 @@ class ReadinessQueue:
                 while self._timers and self._timers[0][0] <= now:
                     entry = heapq.heappop(self._timers)
                     connection = entry[2]
-                    if connection.timer is entry and connection.armed:
-                        connection.armed, connection.timer = False, None
-                        due.append(connection)
+                    if connection.timer is not entry:
+                        continue  # left behind by an earlier deadline
+                    connection.timer = None
+                    if not connection.armed:
+                        continue  # its owner gives it a deadline when it arms it again
+                    if connection.deadline > now:
+                        self._set_timer(connection)  # armed again since, with a later deadline
+                        continue
+                    connection.armed = False
+                    due.append(connection)
                 if due:
                     return due
                 self._timer_changed.wait(self._timers[0][0] - now if self._timers else None)
@@ -8947,8 +8969,10 @@ class WorkerPool:
     def _retire(self):
         """Whether this thread, now waiting, is one more than recent peaks
         needed (it then leaves the pool)."""
+        now = time.monotonic()
+        if now < self._window_end and self._threads <= max(self._peak_busy, self._last_peak) + 1:
+            return False  # the usual answer, read without the lock (checked under it otherwise)
         with self._lock:
-            now = time.monotonic()
             if now >= self._window_end:
                 self._last_peak, self._peak_busy = self._peak_busy, self._busy
                 self._window_end = now + self.peak_window_seconds
