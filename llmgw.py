@@ -8799,6 +8799,7 @@ class ReadinessQueue:
         with self._lock:
             if self._watched.get(connection.fd) is connection:
                 del self._watched[connection.fd]
+            connection.timer = None  # its entry is stale now, for the heap's clean-up too
         self._unwatch(connection.fd)
 
     def take(self, timeout):
