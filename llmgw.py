@@ -1656,12 +1656,6 @@ def roll_up_weeks_from_days(measures):
 USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
                   FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
     "t." + m for m, _ in ROLLUP_MEASURES)
-#: The rows stats read, in one shape (key, model, provider, time, measures):
-#: rollups of the whole days and hours in a range, settled rows at its
-#: ragged ends, and pending rows (not rolled up yet).
-STATS_FROM_ROWS = "SELECT virtual_key_id, model, provider, started_at, %s FROM usage" % (
-    ", ".join(expression for _, expression in ROLLUP_MEASURES))
-STATS_FROM_TOTALS = "SELECT virtual_key_id, NULLIF(model, ''), provider, NULL, %s FROM usage_totals" % _MEASURE_NAMES
 
 #: A usage row's routing columns (schema 5): the attempt it records.
 ATTEMPT_COLUMNS = (
@@ -1771,8 +1765,12 @@ STATS_GROUPS = {
     "project": (("project_name",), ("k.project_name",)),
     "model": (("model",), ("u.model",)),
     "provider": (("provider",), ("u.provider",)),
-    "day": (("day",), ("u.day",)),  # days since the epoch, shown as dates
+    "day": (("day",), ("u.at / 86400",)),  # days since the epoch, shown as dates
 }
+#: What stats sum by below the grouping: (column of a rollup table, of the
+#: usage rows). Rollups keep a missing model as ''.
+STATS_DIMENSIONS = {"virtual_key_id": ("virtual_key_id", "virtual_key_id"), "model": ("NULLIF(model, '')", "model"),
+                    "provider": ("provider", "provider")}
 STATS_TOTAL_FIELDS = ("requests", "other_calls", "attempts", "retries", "fallbacks", "errors", "request_tokens",
                       "response_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "cost_nanousd",
                       "unpriced_requests", "estimated_usage_requests", "estimated_usage_cost_nanousd")
@@ -2322,13 +2320,16 @@ class Store:
                 _roll_up_row(conn, row_id, 1)
         self._write(reprice)
 
-    def usage_stats(self, group_by="key", since=None, until=None, project=None, step=None):
+    def usage_stats(self, group_by="key", since=None, until=None, project=None, step=None,
+                    fields=STATS_TOTAL_FIELDS):
         """Per-group totals of usage rows, as dicts ready for JSON.
 
         ``since``/``until`` are epoch seconds (until exclusive); ``group_by`` is
         one of STATS_GROUPS. With ``step`` (seconds, a whole number of hours
         or of days), each group is also cut into periods of that length from
         the epoch, each row's ``at`` its period's start (a chart's points).
+        Only ``fields`` (of STATS_TOTAL_FIELDS) are summed: a chart needs a
+        few, and each costs a sum per rollup read.
         """
         label = group_by[len("label:"):] if group_by.startswith("label:") else None
         if label is not None and LABEL_NAME.match(label):
@@ -2339,38 +2340,39 @@ class Store:
         else:
             raise BadRequestError("by: cannot group by %s (choose: %s, or label:NAME)"
                                   % (shown(group_by), ", ".join(STATS_GROUPS)), param="by")
+        # Each source sums by no more than the grouping and the filter need
+        # (key, model, provider; for a day or a step, periods from the epoch
+        # that make up both): the join with the keys then meets hundreds of
+        # rows, not every rollup, and the sorts key on little.
+        dimensions = {group_by} & {"model", "provider"}
+        if group_by not in ("model", "provider", "day") or project is not None:
+            dimensions.add("virtual_key_id")
+        periods = [length for length in (86400 if group_by == "day" else None, step) if length]
+        bucket = math.gcd(*periods) if periods else None
         if step is not None:
-            names, expressions = names + ("at",), expressions + ("u.step",)
-        sources, params = _stats_sources(self.sql, since, until, group_by == "day" or step is not None, step)
+            names = names + ("at",)
+            expressions = expressions + ("u.at" if bucket == step else "u.at / %d * %d" % (step, step),)
+        sources, params = _stats_sources(self.sql, since, until, dimensions, bucket, fields)
         where = ""
         if project is not None:
             where = " WHERE k.project_name = ?"
             params.append(project)
-        # Summed first by what the grouping and the filter need (the key,
-        # model, provider or day): the join with the keys then meets
-        # hundreds of rows, not every rollup; and the sort that sums them
-        # (most of a long range's cost) keys on no more than it needs.
-        needs = {"virtual_key_id": group_by not in ("model", "provider", "day") or project is not None,
-                 "model": group_by == "model", "provider": group_by == "provider",
-                 self.sql.WHOLE_SECONDS % "at" + " / 86400": group_by == "day",
-                 self.sql.WHOLE_SECONDS % "at" + " / %d * %d" % (step or 1, step or 1): step is not None}
-        sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s), "
-               "g (virtual_key_id, model, provider, day, step, %s) AS (SELECT %s, %s FROM u GROUP BY 1, 2, 3, 4, 5) "
-               "SELECT %s, %s FROM g u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
+        sql = ("WITH u (virtual_key_id, model, provider, at, %s) AS (%s) "
+               "SELECT %s, %s FROM u LEFT JOIN virtual_keys k ON k.id = u.virtual_key_id%s "
                "GROUP BY %s ORDER BY %s") % (
-            _MEASURE_NAMES, " UNION ALL ".join(sources), ", ".join(STATS_TOTAL_FIELDS),
-            ", ".join(column if needed else "NULL" for column, needed in needs.items()),
-            ", ".join("SUM(%s)" % name for name in STATS_TOTAL_FIELDS), ", ".join(expressions),
-            ", ".join("SUM(u.%s)" % name for name in STATS_TOTAL_FIELDS), where, ", ".join(expressions),
+            ", ".join(fields), " UNION ALL ".join(sources), ", ".join(expressions),
+            ", ".join("SUM(u.%s)" % name for name in fields), where, ", ".join(expressions),
             ", ".join(expression + " NULLS FIRST" for expression in expressions))  # as SQLite, unlike PostgreSQL
         result = []
         for row in self._read_apart(sql, params):
             entry = dict(zip(names, row[:len(names)]))
             if group_by == "day":
                 entry["day"] = (_EPOCH_DAY + datetime.timedelta(days=entry["day"])).isoformat()
-            entry.update(zip(STATS_TOTAL_FIELDS, (value or 0 for value in row[len(names):])))
-            entry["estimated_cost"] = nanousd_to_usd(entry.pop("cost_nanousd"))
-            entry["estimated_usage_cost"] = nanousd_to_usd(entry.pop("estimated_usage_cost_nanousd"))
+            entry.update(zip(fields, (value or 0 for value in row[len(names):])))
+            for nanos, usd in (("cost_nanousd", "estimated_cost"), ("estimated_usage_cost_nanousd",
+                                                                    "estimated_usage_cost")):
+                if nanos in entry:
+                    entry[usd] = nanousd_to_usd(entry.pop(nanos))
             result.append(entry)
         return result
 
@@ -2460,7 +2462,7 @@ class SQLiteSQL:
     names); every other statement above is written once for both."""
     SCHEMA = SCHEMA + ROLLUP_SCHEMA
     PERIOD_COST = _PERIOD_COST % " INDEXED BY usage_pending"
-    STATS_FROM_PENDING = STATS_FROM_ROWS + " INDEXED BY usage_pending"
+    INDEXED_PENDING = " INDEXED BY usage_pending"
     RESPONSE_ORIGIN = _RESPONSE_ORIGIN % " INDEXED BY usage_by_response"
     INSERT_USAGE = _INSERT_USAGE  # the row id is the cursor's lastrowid
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS"
@@ -2480,7 +2482,7 @@ class PostgresSQL:
     """The statements PostgreSQL spells its own way (see SQLiteSQL)."""
     SCHEMA = _postgres_ddl(SCHEMA + ROLLUP_SCHEMA)
     PERIOD_COST = _PERIOD_COST % ""
-    STATS_FROM_PENDING = STATS_FROM_ROWS
+    INDEXED_PENDING = ""
     RESPONSE_ORIGIN = _RESPONSE_ORIGIN % ""
     INSERT_USAGE = _INSERT_USAGE + " RETURNING id"
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS NOT DISTINCT FROM"
@@ -3100,29 +3102,39 @@ def _pages(store, table, columns):
         last = rows[-1][id_index]
 
 
-def _stats_sources(sql, since, until, by_time, step=None):
-    """The SELECTs (in STATS_FROM_ROWS' shape) and parameters that cover
-    [since, until) exactly: rollups for the whole weeks (not when grouped
-    by day), then days, then hours, inside it, settled rows for the ragged
-    ends, and every pending row in it. All time, unless grouped by time,
-    is the totals. With ``step``, only the rollups whose units it is made
-    of (days go for 6-hour steps, weeks for any step shorter than a week)."""
-    pending = (sql.STATS_FROM_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
-                                    ("started_at < ?", until)])
-    if since is None and until is None and not by_time:
-        parts = [(STATS_FROM_TOTALS, [])]
+def _stats_sources(sql, since, until, dimensions, bucket=None, fields=STATS_TOTAL_FIELDS):
+    """The SELECTs and parameters that cover [since, until) exactly, each
+    summing ``fields`` (of STATS_TOTAL_FIELDS) by ``dimensions`` (the names of
+    STATS_DIMENSIONS it needs) and, with ``bucket`` (seconds, whole hours
+    or days), by periods of that length from the epoch (``at``, each
+    period's start): rollups for the whole weeks, then days, then hours,
+    inside it, settled rows for the ragged ends, and every pending row in
+    it. All time, without a bucket, is the totals. A bucket reads only the
+    rollups whose units it is made of (days go for 6-hour buckets, weeks
+    for any bucket shorter than a week). Each SELECT sums its own rows, so
+    what is summed again across them is a few hundred rows, not every
+    rollup; a bucket of the level's own size is its time column itself."""
+    rows = ("usage", sql.WHOLE_SECONDS % "started_at", 1)
+    pending = (rows, sql.INDEXED_PENDING, [("status = 'pending'", None), ("started_at >= ?", since),
+                                           ("started_at < ?", until)])
+    if since is None and until is None and bucket is None:
+        parts = [(("usage_totals", None, None), "", [])]
     else:
-        parts = [(STATS_FROM_ROWS, [("status != 'pending'", None), ("started_at >= ?", lo), ("started_at < ?", hi)])
-                 if level is None else
-                 ("SELECT virtual_key_id, NULLIF(model, ''), provider, %s, %s FROM %s" % (
-                     level[1], _MEASURE_NAMES, level[0]), [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
+        parts = [(rows, "", [("status != 'pending'", None), ("started_at >= ?", lo), ("started_at < ?", hi)])
+                 if level is None else (level, "", [("%s >= ?" % level[1], lo), ("%s < ?" % level[1], hi)])
                  for level, lo, hi in _cover(since, until, tuple(
-                     level for level in ROLLUP_LEVELS
-                     if (step is None or step % level[2] == 0) and (not by_time or level[2] <= 86400)))]
+                     level for level in ROLLUP_LEVELS if bucket is None or bucket % level[2] == 0))]
     sources, params = [], []
-    for query, conditions in parts + [pending]:
+    for (table, at, size), hint, conditions in parts + [pending]:
+        measures = dict(ROLLUP_MEASURES) if table == "usage" else {}
+        columns = [STATS_DIMENSIONS[name][table == "usage"] if name in dimensions else "NULL"
+                   for name in STATS_DIMENSIONS]
+        columns.append("NULL" if bucket is None else at if size == bucket else "%s / %d * %d" % (at, bucket, bucket))
+        grouped = [str(number) for number, column in enumerate(columns, 1) if column != "NULL"]
         clauses = [clause for clause, value in conditions if value is not None or "?" not in clause]
-        sources.append(query + (" WHERE " + " AND ".join(clauses) if clauses else ""))
+        sources.append("SELECT %s, %s FROM %s%s%s GROUP BY %s" % (
+            ", ".join(columns), ", ".join("SUM(%s)" % measures.get(name, name) for name in fields), table, hint,
+            " WHERE " + " AND ".join(clauses) if clauses else "", ", ".join(grouped)))
         params.extend(value for clause, value in conditions if value is not None)
     return sources, params
 
@@ -5906,15 +5918,15 @@ def keys_with_budgets(store, now=None):
 MAX_SERIES_POINTS = 62
 
 
-def usage_series(store, group_by, since, until, step):
+def usage_series(store, group_by, since, until, step, fields=STATS_TOTAL_FIELDS):
     """Stats over [since, until) cut every ``step`` seconds (whole hours or
     days; ``since`` on a step): [(start, rows)], each ``rows`` as
-    Store.usage_stats groups them. One query over the rollups that stats
-    reads, so a chart and the stats never disagree."""
+    Store.usage_stats groups and sums them. One query over the rollups that
+    stats reads, so a chart and the stats never disagree."""
     if (until - since) / step > MAX_SERIES_POINTS:
         raise BadRequestError("a series has at most %d points" % MAX_SERIES_POINTS, param="step")
     points = {start: [] for start in range(int(since), int(until), int(step))}
-    for row in store.usage_stats(group_by, since, until, step=step):
+    for row in store.usage_stats(group_by, since, until, step=step, fields=fields):
         points[row.pop("at")].append(row)
     return list(points.items())
 
@@ -6041,6 +6053,9 @@ def reprice_usage(store, prices, since=None, until=None, project=None, apply=Fal
 UI_RANGES = {"24h": (86400, 3600), "7d": (7 * 86400, 86400), "30d": (30 * 86400, 86400)}
 #: Steps a chart's range may be cut into, finest first, and their names.
 UI_STEPS = {3600: "hour", 86400: "day", 7 * 86400: "week"}
+#: What the overview sums: its charts, and its table of totals.
+UI_CHART_FIELDS = ("requests", "cost_nanousd")
+UI_TOTAL_FIELDS = ("requests", "errors", "request_tokens", "response_tokens", "cost_nanousd")
 #: The groups a chart is drawn by: name -> (stats grouping, label of a stats row).
 UI_CHART_GROUPS = {
     "project": ("project", lambda row: row["project_name"] or "(deleted key)"),
@@ -6088,7 +6103,8 @@ def ui_chart_series(points, label, measure, order, limit=UI_CHART_SERIES):
     values = {name: [0] * len(points) for name in drawn + ["other"]}
     for index, (_, rows) in enumerate(points):
         for row in rows:
-            values[label(row) if label(row) in values else "other"][index] += row[measure]
+            name = label(row)
+            values[name if name in values else "other"][index] += row[measure]
     return [(name, values[name]) for name in drawn] + ([("other", values["other"])] if len(order) > limit else [])
 
 
@@ -7245,8 +7261,8 @@ class Dashboard:
             chosen = ui_range(options, self.gateway.clock())
             _, since, until, step = chosen
             group_by = UI_CHART_GROUPS[by][0]
-            points = usage_series(self.gateway.store, group_by, since, until, step)
-            totals = self.gateway.store.usage_stats(group_by, since, until)
+            points = usage_series(self.gateway.store, group_by, since, until, step, UI_CHART_FIELDS)
+            totals = self.gateway.store.usage_stats(group_by, since, until, fields=UI_TOTAL_FIELDS)
         except BadRequestError as exc:
             error, options = exc.message, {}
             chosen = ui_range(options, self.gateway.clock())

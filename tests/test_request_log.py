@@ -214,8 +214,9 @@ def test_stats_from_rollups_equal_the_rows(logged, group_by):
 @pytest.mark.parametrize("step", [HOUR, 6 * HOUR, DAY, 7 * DAY])
 def test_chart_series_equal_the_rows_point_by_point(logged, step):
     """usage_series (the dashboard's charts) is one query over the rollups a
-    step allows (hours for 6-hour steps, days too for days and weeks); each
-    point equals the plain sum over its rows, the pending row included."""
+    step allows (hours for 6-hour steps, days too for days, weeks too for
+    weeks); each point equals the plain sum over its rows, the pending row
+    included; summing only the fields the dashboard shows gives the same."""
     gateway = logged["gateway"]
     since = T0 // step * step
     until = since + step * min(llmgw.MAX_SERIES_POINTS, -(-3 * DAY // step) + 1)
@@ -223,6 +224,10 @@ def test_chart_series_equal_the_rows_point_by_point(logged, step):
         series = llmgw.usage_series(gateway.store, group_by, since, until, step)
         assert [start for start, _ in series] == list(range(since, until, step))
         assert sum(len(rows) for _, rows in series) > 0
+        kept = {"model", "virtual_key_id", "project_name", "requests", "estimated_cost"}
+        assert llmgw.usage_series(gateway.store, group_by, since, until, step, ("requests", "cost_nanousd")) == [
+            (start, [{name: value for name, value in row.items() if name in kept} for row in rows])
+            for start, rows in series]
         for start, rows in series:
             assert shaped_as_oracle(rows, group_by) == oracle_stats(gateway, group_by, start, start + step), (
                 group_by, start)
@@ -244,9 +249,9 @@ def test_stats_over_weeks_equal_the_rows(make_gateway, clock):
     ranges = [(first_week, first_week + 2 * week), (T0 + 1000.5, T0 + 26 * DAY + 5 * HOUR + 17.25),
               (first_week - 3 * HOUR - 5, first_week + 3 * week + DAY + 2 * HOUR + 9)]
     sql = gateway.store.sql
-    sources = [llmgw._stats_sources(sql, since, until, False)[0] for since, until in ranges]
+    sources = [llmgw._stats_sources(sql, since, until, {"model"})[0] for since, until in ranges]
     assert all(any("FROM usage_weeks" in source for source in part) for part in sources)
-    assert not any("usage_weeks" in source for source in llmgw._stats_sources(sql, *ranges[0], True)[0])
+    assert not any("usage_weeks" in source for source in llmgw._stats_sources(sql, *ranges[0], {"model"}, DAY)[0])
     for group_by in sorted(ORACLE_GROUPS):
         for since, until in ranges:
             expected = oracle_stats(gateway, group_by, since, until)
