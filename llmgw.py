@@ -1653,9 +1653,16 @@ def roll_up_weeks_from_days(measures):
                         ", ".join("SUM(%s)" % m if m in measures else "0" for m, _ in ROLLUP_MEASURES)))
 
 
-USAGE_TOTALS = """SELECT t.virtual_key_id, k.project_name, NULLIF(t.model, ''), t.provider, t.status, %s
-                  FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id""" % ", ".join(
-    "t." + m for m, _ in ROLLUP_MEASURES)
+#: Tokens by kind, as /metrics names them: (kind, rollup measure).
+TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"),
+               ("output", "output_tokens"), ("reasoning", "reasoning_tokens"))
+#: The all-time totals summed over statuses, per key, model and provider:
+#: the key's project, its calls as "status count ..." (the dialect's string
+#: aggregate goes in %s), errors, TOKEN_KINDS and cost.
+_USAGE_TOTALS = """SELECT t.virtual_key_id, MAX(k.project_name), NULLIF(t.model, ''), t.provider, %%s, %s
+                   FROM usage_totals t LEFT JOIN virtual_keys k ON k.id = t.virtual_key_id
+                   GROUP BY t.virtual_key_id, t.model, t.provider""" % ", ".join(
+    "SUM(t.%s)" % measure for measure in ("errors",) + tuple(column for _, column in TOKEN_KINDS) + ("cost_nanousd",))
 
 #: A usage row's routing columns (schema 5): the attempt it records.
 ATTEMPT_COLUMNS = (
@@ -2410,9 +2417,15 @@ class Store:
         return rows[0] if rows else None
 
     def usage_totals(self):
-        """All-time totals per key, model, provider and status (settled
-        rows): (key id, project, model, provider, status, ROLLUP_MEASURES...)."""
-        return self._read_apart(USAGE_TOTALS)
+        """All-time totals of the settled rows per key, model and provider:
+        (key id, project, model, provider, {status: calls}, errors, tokens
+        of each TOKEN_KINDS, cost in nano-USD). Summed by the database, so
+        /metrics formats a few hundred rows."""
+        totals = []
+        for row in self._read_apart(self.sql.USAGE_TOTALS):
+            words = row[4].split(" ")
+            totals.append(row[:4] + (dict(zip(words[::2], map(int, words[1::2]))),) + tuple(row[5:]))
+        return totals
 
     def budgeted_keys(self):
         """Active keys with a budget, as VirtualKeys."""
@@ -2464,6 +2477,7 @@ class SQLiteSQL:
     PERIOD_COST = _PERIOD_COST % " INDEXED BY usage_pending"
     INDEXED_PENDING = " INDEXED BY usage_pending"
     RESPONSE_ORIGIN = _RESPONSE_ORIGIN % " INDEXED BY usage_by_response"
+    USAGE_TOTALS = _USAGE_TOTALS % "group_concat(t.status || ' ' || t.attempts, ' ')"
     INSERT_USAGE = _INSERT_USAGE  # the row id is the cursor's lastrowid
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS"
     WHOLE_SECONDS = SQLITE_WHOLE_SECONDS
@@ -2484,6 +2498,7 @@ class PostgresSQL:
     PERIOD_COST = _PERIOD_COST % ""
     INDEXED_PENDING = ""
     RESPONSE_ORIGIN = _RESPONSE_ORIGIN % ""
+    USAGE_TOTALS = _USAGE_TOTALS % "string_agg(t.status || ' ' || t.attempts, ' ')"
     INSERT_USAGE = _INSERT_USAGE + " RETURNING id"
     ABANDONED_ROWS = _ABANDONED_ROWS % "IS NOT DISTINCT FROM"
     WHOLE_SECONDS = POSTGRES_WHOLE_SECONDS
@@ -6657,10 +6672,8 @@ METRICS = {
 }
 _LATENCY_METRICS = {"total": "llmgw_request_duration_seconds", "first_byte": "llmgw_upstream_first_byte_seconds",
                     "overhead": "llmgw_gateway_overhead_seconds"}
-#: A usage total's tokens by kind: kind -> ROLLUP_MEASURES column.
-_TOKEN_KINDS = (("input", "input_tokens"), ("cache_read", "cache_read_tokens"),
-                ("cache_write", "cache_write_tokens"), ("output", "output_tokens"),
-                ("reasoning", "reasoning_tokens"))
+#: One label set's tokens, a sample per TOKEN_KINDS: formatted at once.
+_TOKEN_SAMPLES = "\n".join('llmgw_tokens_total{%%s,kind="%s"} %%d' % kind for kind, _ in TOKEN_KINDS)
 
 
 class ProcessMetrics:
@@ -6723,25 +6736,23 @@ def metrics_text(store, prices, process, gauges, now):
     known_models = {model for model, _ in prices.items()}
     samples = {name: [] for name in METRICS}
     totals = {}
-    columns = {name: index for index, (name, _) in enumerate(ROLLUP_MEASURES, 1)}
-    for key_id, project, model, provider, status, *measures in store.usage_totals():
+    for key_id, project, model, provider, calls, *counts in store.usage_totals():
         labels = (key_id, project or "", provider, model if model in known_models else "other")
         entry = totals.get(labels)
         if entry is None:
-            entry = totals[labels] = [{}] + [0] * len(measures)
-        for index, value in enumerate(measures, 1):
-            entry[index] += value
-        entry[0][status] = entry[0].get(status, 0) + measures[columns["attempts"] - 1]  # each call's outcome
-    for labels, entry in sorted(totals.items()):
-        text = _labels(zip(("key_id", "project", "provider", "model"), labels))
+            totals[labels] = [calls] + counts
+        else:  # models the price table does not know, counted as one
+            for status, count in calls.items():
+                entry[0][status] = entry[0].get(status, 0) + count
+            entry[1:] = [total + count for total, count in zip(entry[1:], counts)]
+    for labels, (calls, errors, *tokens, nanousd) in sorted(totals.items()):
+        text = 'key_id="%s",project="%s",provider="%s",model="%s"' % tuple(map(_label_value, labels))
         samples["llmgw_requests_total"].extend('llmgw_requests_total{%s,status="%s"} %d' % (
-            text, _label_value(status), count) for status, count in sorted(entry[0].items()))
-        samples["llmgw_request_errors_total"].append("llmgw_request_errors_total{%s} %d" % (
-            text, entry[columns["errors"]]))
-        samples["llmgw_tokens_total"].extend('llmgw_tokens_total{%s,kind="%s"} %d' % (
-            text, kind, entry[columns[column]]) for kind, column in _TOKEN_KINDS)
-        samples["llmgw_cost_usd_total"].append("llmgw_cost_usd_total{%s} %r" % (
-            text, nanousd_to_usd(entry[columns["cost_nanousd"]])))
+            text, _label_value(status), count) for status, count in sorted(calls.items()))
+        samples["llmgw_request_errors_total"].append("llmgw_request_errors_total{%s} %d" % (text, errors))
+        samples["llmgw_tokens_total"].append(_TOKEN_SAMPLES % tuple(
+            item for count in tokens for item in (text, count)))
+        samples["llmgw_cost_usd_total"].append("llmgw_cost_usd_total{%s} %r" % (text, nanousd_to_usd(nanousd)))
     for key in store.budgeted_keys():
         spend = store.key_spend(key, now)
         labels = (("key_id", key.id), ("project", key.project_name))
