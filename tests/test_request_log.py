@@ -175,8 +175,9 @@ RANGES = [
 
 def test_postgresql_stats_and_log_equal_sqlites(make_gateway, postgres_databases):
     """The same traffic through a gateway on each backend: every grouping
-    over every range, the request log and the all-time totals agree (key
-    ids and request ids aside, which are random, and latencies)."""
+    over every range, charts by hour, day and week, the request log and the
+    all-time totals agree (key ids and request ids aside, which are random,
+    and latencies)."""
     backends = {}
     for name, database in (("sqlite", {}), ("postgresql", {"url": postgres_databases.lease()})):
         traffic = log_traffic(make_gateway, Clock(T0 + 600), database=database, db_name=name + ".db")
@@ -189,6 +190,10 @@ def test_postgresql_stats_and_log_equal_sqlites(make_gateway, postgres_databases
             ({k: named(v) for k, v in row.items()} for row in gateway.store.usage_stats(group, since, until)),
             key=repr) for group in ("key", "project", "model", "provider", "day", "label:team")
             for since, until in RANGES}
+        stats.update({(group, step): [(start, sorted(({k: named(v) for k, v in row.items()} for row in rows), key=repr))
+                                      for start, rows in llmgw.usage_series(gateway.store, group, T0 // step * step,
+                                                                            T0 // step * step + 4 * step, step)]
+                      for group in ("key", "day") for step in (HOUR, DAY, 7 * DAY)})
         timing = ("request_id", "logical_request_id", "latency_ms", "first_byte_ms", "overhead_ms")
         log = [{k: named(v) for k, v in entry.items() if k not in timing}
                for entry in gateway.store.usage_log({}, limit=1000)[0]]
@@ -219,11 +224,11 @@ def test_chart_series_equal_the_rows_point_by_point(logged, step):
     gateway = logged["gateway"]
     since = T0 // step * step
     until = since + step * min(llmgw.MAX_SERIES_POINTS, -(-3 * DAY // step) + 1)
-    for group_by in ("model", "key"):
+    for group_by in ("model", "key", "day"):
         series = llmgw.usage_series(gateway.store, group_by, since, until, step)
         assert [start for start, _ in series] == list(range(since, until, step))
         assert sum(len(rows) for _, rows in series) > 0
-        kept = {"model", "virtual_key_id", "project_name", "requests", "estimated_cost"}
+        kept = {"model", "virtual_key_id", "project_name", "day", "requests", "estimated_cost"}
         assert llmgw.usage_series(gateway.store, group_by, since, until, step, ("requests", "cost_nanousd")) == [
             (start, [{name: value for name, value in row.items() if name in kept} for row in rows])
             for start, rows in series]
