@@ -6672,6 +6672,12 @@ METRICS = {
 }
 _LATENCY_METRICS = {"total": "llmgw_request_duration_seconds", "first_byte": "llmgw_upstream_first_byte_seconds",
                     "overhead": "llmgw_gateway_overhead_seconds"}
+#: How long a process reuses the samples it read from the database for
+#: /metrics (metrics_books; the rest of the page is read for each scrape):
+#: scrapes within it (several scrapers, or a metrics token in a loop) cost
+#: one read between them, and no figure is older than this. A scraper every
+#: 15 s reads afresh each time.
+METRICS_BOOKS_SECONDS = 1
 #: One label set's tokens, a sample per TOKEN_KINDS: formatted at once.
 _TOKEN_SAMPLES = "\n".join('llmgw_tokens_total{%%s,kind="%s"} %%d' % kind for kind, _ in TOKEN_KINDS)
 
@@ -6730,11 +6736,12 @@ def _sample(name, labels, value):
     return "%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value)) if isinstance(value, float) else value)
 
 
-def metrics_text(store, prices, process, gauges, now):
-    """The /metrics page: the books' counters (from usage_totals), budget
-    gauges, this process's histograms, refusals and gauges."""
+def metrics_books(store, prices, now):
+    """The samples /metrics reads from the database: the books' counters
+    (from usage_totals) and budget gauges, {metric name: [sample lines]}."""
     known_models = {model for model, _ in prices.items()}
-    samples = {name: [] for name in METRICS}
+    samples = {name: [] for name in ("llmgw_requests_total", "llmgw_request_errors_total", "llmgw_tokens_total",
+                                     "llmgw_cost_usd_total", "llmgw_budget_spent_usd", "llmgw_budget_limit_usd")}
     totals = {}
     for key_id, project, model, provider, calls, *counts in store.usage_totals():
         labels = (key_id, project or "", provider, model if model in known_models else "other")
@@ -6760,6 +6767,14 @@ def metrics_text(store, prices, process, gauges, now):
                                                          nanousd_to_usd(spend["spent_nanousd"])))
         samples["llmgw_budget_limit_usd"].append(_sample("llmgw_budget_limit_usd", labels,
                                                          nanousd_to_usd(spend["allowance_nanousd"])))
+    return samples
+
+
+def metrics_text(books, process, gauges):
+    """The /metrics page: ``books`` (metrics_books' samples), this
+    process's histograms, refusals and gauges."""
+    samples = {name: [] for name in METRICS}
+    samples.update(books)
     latencies, refusals, streams = process.snapshot()
     for (latency, provider), counts in sorted(latencies.items()):
         name = _LATENCY_METRICS[latency]
@@ -7418,6 +7433,8 @@ class Gateway:
         self._metrics_token_hash = None
         self._secrets = []
         self.metrics = ProcessMetrics()
+        self._metrics_lock = threading.Lock()
+        self._metrics_books = (-math.inf, None)  # (read at, metrics_books' samples)
         #: The HTTP server's gauges (connections, workers); set by the server.
         self.server_gauges = dict
         self._unpriced_models = set()
@@ -8230,7 +8247,13 @@ class Gateway:
         if not any([hmac.compare_digest(presented, digest) for digest in accepted]):
             raise AuthenticationError("/metrics needs Authorization: Bearer <metrics token or admin token>",
                                       code="invalid_metrics_token")
-        text = metrics_text(self.store, self.prices, self.metrics, self.server_gauges(), self.clock())
+        with self._metrics_lock:  # scrapes at once wait for one read, not one read each
+            read_at, books = self._metrics_books
+            now = self.clock()
+            if not 0 <= now - read_at < METRICS_BOOKS_SECONDS:  # a clock set back reads afresh too
+                books = metrics_books(self.store, self.prices, now)
+                self._metrics_books = now, books
+        text = metrics_text(books, self.metrics, self.server_gauges())
         return Reply(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text.encode("utf-8"))
 
     def _admin_create_key(self, request):

@@ -150,6 +150,41 @@ def test_streams_in_flight(make_gateway):
     assert list(samples(scrape(gateway), "llmgw_streams_in_flight").values()) == [0]
 
 
+class Clock:
+    """The gateway's wall clock, moved by the test."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_books_are_read_at_most_once_a_second(make_gateway):
+    """Scrapes within METRICS_BOOKS_SECONDS of a read reuse the counters it
+    read from the database (this process's histograms stay live); the first
+    scrape after it, or after the clock was set back, reads them afresh."""
+    clock = Clock(1793577600.0)
+    gateway = make_gateway(environ={"LLMGW_METRICS_TOKEN": METRICS_TOKEN}, clock=clock)
+    key = gateway.create_key()[1]
+
+    def requests_and_observed():
+        families = scrape(gateway)
+        observed = samples(families, "llmgw_request_duration_seconds", "llmgw_request_duration_seconds_count")
+        return sum(samples(families, "llmgw_requests").values()), sum(observed.values())
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    assert post(gateway, CHAT, body, key=key).status == 200
+    assert requests_and_observed() == (1, 1)
+    assert post(gateway, CHAT, body, key=key).status == 200
+    clock.now += llmgw.METRICS_BOOKS_SECONDS - 0.001
+    assert requests_and_observed() == (1, 2)
+    clock.now += 0.001
+    assert requests_and_observed() == (2, 2)
+    assert post(gateway, CHAT, body, key=key).status == 200
+    clock.now -= 60
+    assert requests_and_observed() == (3, 3)
+
+
 def test_who_may_scrape(make_gateway, tmp_path, monkeypatch, capsys):
     gateway = make_gateway()
     # No token of either kind: off, and says how to turn it on.
