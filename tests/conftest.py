@@ -89,24 +89,29 @@ def clean_environment(monkeypatch):
 #   postgresql  PostgreSQL only, for every test that opens a database (its
 #               fixtures include ``backend``, ``module_databases`` or
 #               ``postgres_databases``); the rest never touch one and are
-#               deselected (CI runs them in the sqlite pass, which leaves
-#               out the PostgreSQL-only tests in turn).
+#               deselected (they ran in the sqlite pass, which leaves out
+#               the PostgreSQL-only tests in turn);
+#   both        every test that opens a database once per backend (the
+#               ``backend`` parameter, or ``module_databases``' for the
+#               module-scoped gateways), the rest once: what CI runs.
 # Tests about the SQLite file itself are marked ``sqlite_only(reason)`` and
 # skip on PostgreSQL. PostgreSQL is a throwaway cluster the session starts
 # (tests/pg_cluster.py); where none can start, those cases skip saying why.
 
 BACKENDS = ("sqlite", "postgresql")
 CHOSEN_BACKEND = os.environ.get("LLMGW_TEST_BACKEND") or None
-assert CHOSEN_BACKEND in BACKENDS + (None,), "LLMGW_TEST_BACKEND: sqlite or postgresql"
-DEFAULT_BACKEND = CHOSEN_BACKEND or "sqlite"
+assert CHOSEN_BACKEND in BACKENDS + ("both", None), "LLMGW_TEST_BACKEND: sqlite, postgresql or both"
+DEFAULT_BACKEND = CHOSEN_BACKEND if CHOSEN_BACKEND in BACKENDS else "sqlite"
 #: Fixtures through which a test opens a database.
 DATABASE_FIXTURES = {"backend", "module_databases", "postgres_databases"}
 
 
 def pytest_generate_tests(metafunc):
-    if ("backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends")
-            and CHOSEN_BACKEND is None):
-        metafunc.parametrize("backend", BACKENDS, indirect=True)
+    if CHOSEN_BACKEND == "both" or (CHOSEN_BACKEND is None and metafunc.definition.get_closest_marker("both_backends")):
+        if "backend" in metafunc.fixturenames:
+            metafunc.parametrize("backend", BACKENDS, indirect=True)
+        elif "module_databases" in metafunc.fixturenames:
+            metafunc.parametrize("module_databases", BACKENDS, indirect=True, scope="module")
 
 
 def pytest_configure(config):
@@ -127,15 +132,15 @@ def write_bytecode_for_children():
 
 def item_backend(item):
     """The backend a collected test runs on: its ``backend`` parameter, else LLMGW_TEST_BACKEND."""
-    callspec = getattr(item, "callspec", None)
-    return callspec.params.get("backend", DEFAULT_BACKEND) if callspec is not None else DEFAULT_BACKEND
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("backend", params.get("module_databases", DEFAULT_BACKEND))
 
 
 def pytest_collection_modifyitems(config, items):
     """A PostgreSQL run keeps the tests that open a database, a SQLite run
     leaves out those about PostgreSQL alone; tests about the SQLite file
     itself skip on PostgreSQL, saying why."""
-    if CHOSEN_BACKEND is not None:
+    if CHOSEN_BACKEND in BACKENDS:
         def kept(item):
             fixtures = set(getattr(item, "fixturenames", ()))
             if CHOSEN_BACKEND == "postgresql":
@@ -233,8 +238,9 @@ def databases(request, backend):
 
 @pytest.fixture(scope="module")
 def module_databases(request):
-    """DatabaseLeases for module-scoped gateways, on LLMGW_TEST_BACKEND's backend."""
-    leases = DatabaseLeases(request, DEFAULT_BACKEND)
+    """DatabaseLeases for module-scoped gateways, on the module's backend
+    (its parameter, else LLMGW_TEST_BACKEND's)."""
+    leases = DatabaseLeases(request, getattr(request, "param", DEFAULT_BACKEND))
     yield leases
     leases.give_back()
 
