@@ -503,3 +503,19 @@ def test_deadlines_fire_when_due_not_at_a_sweep(make_gateway, upstream, monkeypa
         client.close()
     assert sorted(row["status"] for row in settled_rows(gw, 5)) == ["ok", "timeout", "timeout", "upstream_error",
                                                                     "upstream_error"]  # both calls retried once
+
+
+def test_closed_connections_leave_no_deadline_in_the_timer_heap(make_gateway, upstream):
+    """A connection's deadline goes with it: 200 calls, each on a connection
+    of its own that the client then closes, leave the readiness queue's timer
+    heap about as small as the connections still open (a closed one's entry
+    held its Connection until keepalive_timeout, and each arm rebuilt a heap
+    that could drop none of them). Found in review of 0dd8930's first form."""
+    gw = make_gateway(server=SERVER, rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT)
+    key = gw.create_key()[1]
+    queue = gw.server.workers.ready
+    for _ in range(200):
+        assert post(gw, CHAT, body_for(CHAT), key).status == 200  # http.client: a connection per call, closed
+    assert wait_until(lambda: gw.server.connections.count == 0)
+    assert post(gw, CHAT, body_for(CHAT), key).status == 200  # one more arm: the heap is compacted if it can be
+    assert wait_until(lambda: len(queue._timers) <= 2 * len(queue._watched) + 65), len(queue._timers)
