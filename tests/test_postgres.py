@@ -413,11 +413,13 @@ GATEWAY_TLS = ("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid
 
 
 def test_sslmode_is_honoured_against_a_tls_server(tls_certificate, make_gateway, database, tmp_path):
-    """require: the gateway's connections are encrypted; disable: they are
-    not, though the server offers TLS; verify-full trusts only the CA
-    sslrootcert names, and checks the name; a refusal says why."""
-    for sslmode, encrypted in (("require", True), ("disable", False)):
-        gateway = make_gateway(database={"url": database + "?sslmode=" + sslmode})
+    """require, prefer and no sslmode (prefer is libpq's default): the
+    gateway's connections are encrypted where the server offers TLS;
+    disable: they are not, though it offers it; verify-full trusts only the
+    CA sslrootcert names, and checks the name; a refusal says why."""
+    for sslmode, encrypted in (("?sslmode=require", True), ("?sslmode=prefer", True), ("", True),
+                               ("?sslmode=disable", False)):
+        gateway = make_gateway(database={"url": database + sslmode})
         _, key = gateway.create_key()
         assert answer(gateway, CHAT, body_for(CHAT), key).status == 200
         assert {row[0] for row in query(database, GATEWAY_TLS)} == {encrypted}, sslmode
