@@ -20,8 +20,13 @@ answers after that long), against the upstream directly, the gateway (default co
 target and level it reports calls completed and failed (with reasons), first-event p50/p99/max
 (the whole answer when not streamed), whole-call p99, and for the gateway and the naive proxy
 their peak RSS and threads (sampled every 50 ms) and CPU per relayed event (per call when not
-streamed). Every process gets a file-descriptor limit of 4N + 1024 (raising the hard limit
-needs root).
+streamed); a failed call says why (``HTTP 503 gateway_full``: the gateway refused it as full).
+Every process asks for a file-descriptor limit of 4N + 1024; where the hard limit cannot be
+raised (no CAP_SYS_RESOURCE, root or not: containers, sandboxed VMs) it gets the hard limit, and
+the run prints the limit the gateway got and how many calls that leaves it room for at once: a
+call holds two descriptors in the gateway (client and provider), one in the direct client and
+one in the upstream, so a hard limit of 20,000 holds 10,000 direct calls but not 10,000 calls
+through one gateway process (``--workers 2``: the limit is per process).
     python tests/bench.py --baseline ../main   # also the gateway of another tree: before vs after
     python tests/bench.py --streams 10000 --baseline ../main   # the same for concurrent streams
 
@@ -523,7 +528,11 @@ def calls_client_main(port, count, ramp, timeout, request_hex):
 
         def check(self, status, body):
             if status != 200:
-                self.finish("HTTP %d" % status)
+                try:
+                    code = json.loads(body)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = None
+                self.finish("HTTP %d" % status + (" %s" % code if code else ""))
             elif streamed and not body.rstrip().endswith(b"data: [DONE]"):
                 self.finish("stream without [DONE]")
             elif not streamed and b'"usage"' not in body:
@@ -683,6 +692,30 @@ def cpu_seconds(leader):
         except OSError:
             pass
     return total / CLK_TCK
+
+
+def open_file_limit(pid):
+    """The open-file limit (soft) process ``pid`` runs with."""
+    with open("/proc/%d/limits" % pid) as f:
+        return next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+
+
+def room_for_calls(leader, workers):
+    """(the gateway's open-file limit, how many calls it can hold at once by that limit): a call
+    holds two descriptors in one process (its client's and its provider's), beside those open now
+    (database, log, listening socket, ...). With ``workers``, per worker process, summed."""
+    pids = group_pids(leader)
+    if workers > 1:
+        pids = [pid for pid in pids if pid != leader] or pids  # the supervisor serves no call
+    limit, room = None, 0
+    for pid in pids:
+        try:
+            pid_limit, open_now = open_file_limit(pid), len(os.listdir("/proc/%d/fd" % pid))
+        except OSError:
+            continue
+        limit = pid_limit if limit is None else min(limit, pid_limit)
+        room += (pid_limit - open_now) // 2
+    return limit, room
 
 
 def start_gateway(procs, workdir, up_port, cpu, workers, server=None, nofile=None, root=ROOT, database_url=None):
@@ -1153,6 +1186,20 @@ def calls_main(args, levels, gw_cpu, load_cpu, pinning, procs, workdir):
     gw, gw_port, vkey, db_path = start_gateway(procs, workdir, up_port, gw_cpu, args.workers, settings,
                                                nofile=nofile)
     naive, naive_port = start_naive(procs, gw_cpu, up_port, workdir, nofile=nofile)
+    # Asked for, not promised: without CAP_SYS_RESOURCE (a container, a VM's sandbox) no process may
+    # go past the hard limit, root or not. The gateway holds two descriptors a call, the direct
+    # client and the upstream one each, so a limit of 2N descriptors stops the gateway alone short
+    # of N calls at once: the calls past its room get an honest 503 gateway_full, direct ones none.
+    limit, room = room_for_calls(gw.pid, args.workers)
+    print("files:     asked %d open files a process, got %d%s; the gateway has room for %d calls at once "
+          "(two descriptors a call)" % (nofile, limit, " (the hard limit)" if limit < nofile else "", room))
+    for count in levels:
+        if count > room:
+            # A refused call holds its client's descriptor until it has its answer: while the gateway
+            # accepts ahead of its calls, each descriptor short refuses one call, not half of one.
+            print("           %d calls: %d to %d of them get 503 gateway_full (raise the hard limit, or "
+                  "--workers 2: the limit is per process)" % (count, count - room, 2 * (count - room)))
+    print(flush=True)
     targets = [("direct", up_port, PROVIDER_KEY, None), ("gateway", gw_port, vkey, gw),
                ("naive", naive_port, "-", naive)]
     if args.baseline:  # the gateway of another tree (before a change), same core and settings
