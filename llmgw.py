@@ -9584,6 +9584,9 @@ class GatewayServer(http.server.ThreadingHTTPServer):
     """
 
     request_queue_size = 4096  # the listen backlog; http.server's 5 drops bursts
+    #: Connections taken from the backlog at one wake-up of the accept loop,
+    #: at most: the sweep still runs between batches.
+    accept_batch = 64
 
     def __init__(self, address, gateway, reuse_port=False):
         self.gateway = gateway
@@ -9600,6 +9603,7 @@ class GatewayServer(http.server.ThreadingHTTPServer):
         # every other descriptor is taken (else it would wait in the backlog).
         self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         self._warned_fds_at = -math.inf
+        self._accepted = 0  # connections accepted, counted by the accept loop
         self.workers = WorkerPool(gateway, self.connections, gateway.config.server.threads)
         gateway.server_gauges = self.gauges
 
@@ -9608,13 +9612,31 @@ class GatewayServer(http.server.ThreadingHTTPServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def server_activate(self):
+        super().server_activate()
+        self.socket.setblocking(False)  # an accept finding the backlog empty ends a batch, never waits
+
+    def _handle_request_noblock(self):
+        """Take the connections waiting in the backlog when the listening
+        socket is readable, up to ``accept_batch``: socketserver's step
+        takes one, so a burst would cost a poll, a sweep and a wait for the
+        interpreter lock per connection. Each is taken by that step (its
+        error handling with it) until one finds nothing to accept."""
+        for _ in range(self.accept_batch):
+            accepted = self._accepted
+            super()._handle_request_noblock()
+            if self._accepted == accepted:
+                return
+
     def get_request(self):
         try:
-            return self.socket.accept()
+            request = self.socket.accept()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self._refuse_without_fds()
             raise
+        self._accepted += 1
+        return request
 
     def _refuse_without_fds(self):
         """Out of file descriptors: accept one connection on the spare
