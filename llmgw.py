@@ -4374,6 +4374,8 @@ MAX_CHUNK_LINE = 4096
 #: A chunk's size line in its plain form (no extension), as providers send it.
 _PLAIN_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")
 _LINE_END_BYTES = re.compile(rb"\r?\n")
+#: The most a TLS record carries: a read of less took all there was.
+TLS_RECORD_BYTES = 16384
 
 
 class UpstreamConnection:
@@ -4395,12 +4397,13 @@ class UpstreamConnection:
     ``events``): nothing above this section catches socket or http.client
     exceptions.
     """
-    __slots__ = ("sock", "buffer", "ended", "response", "provider_name")
+    __slots__ = ("sock", "buffer", "ended", "response", "provider_name", "drained")
 
     def __init__(self, sock, provider_name="?"):
         sock.setblocking(False)
         self.sock, self.buffer, self.ended, self.response = sock, bytearray(), False, None
         self.provider_name = provider_name
+        self.drained = False  # the last read took all there was (see ``_receive``)
 
     def _waits_for(self, action, deadline, sending=False):
         """Try ``action`` (a receive, or a send) until it does not have to
@@ -4460,10 +4463,22 @@ class UpstreamConnection:
 
     def _receive(self, deadline):
         """Read what the provider sent next into ``buffer``, or note the end
-        of its side (``ended``), waiting for it up to ``deadline``."""
+        of its side (``ended``), waiting for it up to ``deadline``.
+
+        A read shorter than a TLS record's most (no decrypted bytes left
+        inside TLS) took all there was: the next read waits for the socket
+        to be readable before it tries, since trying would find nothing and
+        cost an exception (on every event relayed). Bytes that arrived in
+        the meantime make the wait end at once."""
+        if self.drained:
+            self.drained = False
+            yield ProviderWait(self.sock, deadline)
         data = yield from self._waits_for(lambda: self.sock.recv(65536), deadline)
         if data:
             self.buffer += data
+            sock = self.sock
+            self.drained = len(data) < TLS_RECORD_BYTES and not (
+                isinstance(sock, ssl.SSLSocket) and sock.pending())
         else:
             self.ended = True
 
