@@ -8759,7 +8759,8 @@ class ReadinessQueue:
         self._handed = []
         self._hand_reader, self._hand_writer = socket.socketpair()
         self._hand_reader.setblocking(False)
-        self._control(self._hand_reader.fileno(), new=True)
+        self._hand_fd = self._hand_reader.fileno()
+        self._control(self._hand_fd, new=True)
 
     def _control(self, fd, oneshot=True, new=False, writing=False):
         if self._epoll is not None:
@@ -8892,7 +8893,7 @@ class ReadinessQueue:
         owned = []
         with self._lock:
             for fd in ready:
-                if fd == self._hand_reader.fileno():
+                if fd == self._hand_fd:
                     if self._handed:
                         owned.append(self._handed.pop(0))
                     if not self._handed:
@@ -9199,7 +9200,8 @@ class WorkerPool:
         with self._lock:
             self._busy += 1
             self._waiting -= 1
-            self._peak_busy = max(self._peak_busy, self._busy)
+            if self._busy > self._peak_busy:
+                self._peak_busy = self._busy
             if self._waiting == 0 and self._threads < self._size:
                 self._start_thread()  # someone must wait for the other connections
         exchange = connection.exchange
@@ -9210,10 +9212,9 @@ class WorkerPool:
             logger.debug("traceback", exc_info=True)
             wait, exchange.close_connection = None, True
         finally:
-            with self._lock:
+            with self._lock:  # (the drain waits for threads, not for this: no notify)
                 self._busy -= 1
                 self._waiting += 1
-                self._drained.notify_all()
         if wait is not None:
             if self.ready.park(connection, wait):
                 return False
