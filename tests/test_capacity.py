@@ -217,10 +217,12 @@ def test_a_reload_leaves_parked_streams_running(make_gateway, upstream):
     assert post(gw, CHAT, body_for(CHAT), key).status == 200
 
 
-def tls_stream_provider(tmp_path, events=4, gap=0.2, halting=None):
+def tls_stream_provider(tmp_path, events=4, gap=0.2, halting=None, burst=None):
     """(base URL, CA file): a provider on TLS (a certificate for localhost
     made here) answering every request with a stream of ``events`` chat
-    chunks ``gap`` seconds apart, usage, then [DONE]. ``halting``: every TLS
+    chunks ``gap`` seconds apart (each its own TLS record), usage, then
+    [DONE]; before the usage it waits for the event ``burst``, if given
+    (up to 10 s). ``halting``: every TLS
     record of an answer leaves in two halves ``gap`` seconds apart, so the
     reader holds part of a record while the provider stalls, except that
     after the first half of the first answer's first event the provider
@@ -252,6 +254,8 @@ def tls_stream_provider(tmp_path, events=4, gap=0.2, halting=None):
         for _ in range(events):
             time.sleep(gap)
             send(framed(chunk))
+        if burst is not None:
+            burst.wait(10)
         send(framed(usage) + framed(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
     def halting_tls(raw):
@@ -332,6 +336,36 @@ def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatc
     assert peak["in_flight"] > 20, peak
     rows = settled_rows(gw, 40)
     assert {(row["status"], row["output_tokens"]) for row in rows} == {("ok", 4)}
+
+
+def test_a_burst_of_tls_records_is_relayed_before_the_provider_goes_on(make_gateway, tmp_path, monkeypatch):
+    """A TLS provider sends four events as four records back to back, then
+    waits until the client has all four before it ends its stream. After a
+    read that took all there was, the gateway waits for its provider's
+    socket to be readable before it reads again: no record, and no bytes
+    decrypted but not yet read, may be left behind, or the client would
+    wait for the provider and the provider for the client."""
+    burst = threading.Event()
+    url, ca_file = tls_stream_provider(tmp_path, gap=0, burst=burst)
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
+                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
+    key = gw.create_key()[1]
+    client = RawClient(gw, timeout=15)
+    client.send(json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)))
+    assert client.read_head(timeout=10)[0] == 200
+    relayed = b""
+    while relayed.count(b'"content":"tls"') < 4:
+        chunk = client.next_chunk(timeout=5)  # TimeoutError: an event was left unread
+        assert chunk, relayed
+        relayed += chunk
+    burst.set()
+    while chunk:
+        chunk = client.next_chunk(timeout=5)
+        relayed += chunk or b""
+    assert chunk == b"" and relayed.endswith(b"data: [DONE]\n\n"), relayed[-200:]
+    client.close()
+    assert [(row["status"], row["output_tokens"]) for row in settled_rows(gw, 1)] == [("ok", 4)]
 
 
 def test_a_provider_that_stalls_inside_a_chunk_holds_no_worker(make_gateway, upstream):
