@@ -4397,13 +4397,14 @@ class UpstreamConnection:
     ``events``): nothing above this section catches socket or http.client
     exceptions.
     """
-    __slots__ = ("sock", "buffer", "ended", "response", "provider_name", "drained")
+    __slots__ = ("sock", "buffer", "ended", "response", "provider_name", "drained", "read_wait")
 
     def __init__(self, sock, provider_name="?"):
         sock.setblocking(False)
         self.sock, self.buffer, self.ended, self.response = sock, bytearray(), False, None
         self.provider_name = provider_name
         self.drained = False  # the last read took all there was (see ``_receive``)
+        self.read_wait = None
 
     def _waits_for(self, action, deadline, sending=False):
         """Try ``action`` (a receive, or a send) until it does not have to
@@ -4472,7 +4473,11 @@ class UpstreamConnection:
         the meantime make the wait end at once."""
         if self.drained:
             self.drained = False
-            yield ProviderWait(self.sock, deadline)
+            wait = self.read_wait  # one for every such wait: read by the pool as it parks, then done with
+            if wait is None or wait.sock is not self.sock:
+                wait = self.read_wait = ProviderWait(self.sock, deadline)
+            wait.deadline = deadline
+            yield wait
         data = yield from self._waits_for(lambda: self.sock.recv(65536), deadline)
         if data:
             self.buffer += data
@@ -4547,9 +4552,10 @@ class UpstreamConnection:
         split = split or split_sse
         buffer = b""
         while True:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise UpstreamTimeoutError("The provider's stream outlived the request deadline")
-            data = yield from self.read_chunk(min(deadline, time.monotonic() + idle_timeout))
+            data = yield from self.read_chunk(min(deadline, now + idle_timeout))
             if not data:
                 if buffer.strip():
                     raise UpstreamCutError("The provider's stream was cut mid-event")
@@ -4681,6 +4687,8 @@ class UpstreamResponse:
         http.client.HTTPException for a body cut short or malformed."""
         if self.complete:
             return b""
+        if not buffer and not ended:
+            return None  # nothing to decode (a stream's every look after its last event)
         if not self.chunked:
             if buffer:
                 size = len(buffer) if self.length is None else min(self.length, len(buffer))
@@ -4697,7 +4705,7 @@ class UpstreamResponse:
             self.complete = True  # the body ended with the connection
             return b""
         parts, taken = [], 0  # every chunk that arrived, whole or in part, is taken at once
-        while self.chunk_left is None:  # whole chunks of the plain form, the usual case, in few steps
+        while self.chunk_left is None and taken < len(buffer):  # whole chunks of the plain form, the usual case
             size_line = _PLAIN_CHUNK_SIZE.match(buffer, taken)
             if size_line is None:
                 break
@@ -4708,6 +4716,8 @@ class UpstreamResponse:
             parts.append(buffer[start:end])
             taken = end + 2
         del buffer[:taken]
+        if parts and not buffer:
+            return b"".join(parts)  # whole chunks and nothing after them: the usual read of a stream
         while True:
             if self.chunk_left:  # inside a chunk's data
                 if not buffer:
