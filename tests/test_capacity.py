@@ -316,16 +316,23 @@ def tls_stream_provider(tmp_path, events=4, gap=0.2, halting=None, burst=None):
     return "https://localhost:%d" % listener.getsockname()[1], cert
 
 
+def tls_gateway(make_gateway, monkeypatch, provider, threads):
+    """(gateway, virtual key): a gateway on ``threads`` workers whose
+    provider ``tls`` (models tls-*) is ``provider`` (tls_stream_provider's
+    URL and CA file, the CA trusted through SSL_CERT_FILE)."""
+    url, ca_file = provider
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    gw = make_gateway(server=dict(SERVER, threads=threads), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
+                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
+    return gw, gw.create_key()[1]
+
+
 def test_streams_from_a_tls_provider_park_too(make_gateway, tmp_path, monkeypatch):
     """40 concurrent streams from a provider on TLS (verified against its
     own CA), an event every 0.2 s, on two threads: each call parks between
     events (TLS bytes already decrypted count as readable), and every
     stream arrives whole and metered."""
-    url, ca_file = tls_stream_provider(tmp_path)
-    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
-                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
-    key = gw.create_key()[1]
+    gw, key = tls_gateway(make_gateway, monkeypatch, tls_stream_provider(tmp_path), threads=2)
     requests = [json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)) for _ in range(40)]
     peak = {"in_flight": 0}
     answers = crowd(gw, requests, on_tick=lambda: peak.update(in_flight=max(peak["in_flight"], gw.gateway.in_flight)))
@@ -346,11 +353,7 @@ def test_a_burst_of_tls_records_is_relayed_before_the_provider_goes_on(make_gate
     decrypted but not yet read, may be left behind, or the client would
     wait for the provider and the provider for the client."""
     burst = threading.Event()
-    url, ca_file = tls_stream_provider(tmp_path, gap=0, burst=burst)
-    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
-    gw = make_gateway(server=dict(SERVER, threads=2), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
-                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
-    key = gw.create_key()[1]
+    gw, key = tls_gateway(make_gateway, monkeypatch, tls_stream_provider(tmp_path, gap=0, burst=burst), threads=2)
     client = RawClient(gw, timeout=15)
     client.send(json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)))
     assert client.read_head(timeout=10)[0] == 200
@@ -403,11 +406,7 @@ def test_a_tls_provider_that_stalls_inside_a_record_holds_no_worker(make_gateway
     meanwhile, the 10 end whole, and the stalled one once it goes on. (A
     blocking TLS read held the only worker until the idle timeout.)"""
     halting = {"stalled": threading.Event(), "resume": threading.Event()}
-    url, ca_file = tls_stream_provider(tmp_path, gap=0.2, halting=halting)
-    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
-    gw = make_gateway(server=dict(SERVER, threads=1), rate_limits=RATE_LIMITS, routing=ONE_ATTEMPT,
-                      providers={"tls": {"base_url": url, "api_key": "sk-tls", "models": ["tls-*"]}})
-    key = gw.create_key()[1]
+    gw, key = tls_gateway(make_gateway, monkeypatch, tls_stream_provider(tmp_path, gap=0.2, halting=halting), threads=1)
     stalled = RawClient(gw, timeout=15)
     stalled.send(json_request(CHAT, key, body_for(CHAT, "tls-model", stream=True)))
     assert halting["stalled"].wait(10)
