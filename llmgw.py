@@ -8895,14 +8895,15 @@ class ReadinessQueue:
         return self._own(self._poll(0, most))
 
     def _poll(self, timeout, most):
+        """(fd, events) of the ready file descriptors (the events unread)."""
         if self._epoll is not None:
-            return [fd for fd, _ in self._epoll.poll(timeout, most)]
-        return [event.ident for event in self._kqueue.control(None, most, timeout)]
+            return self._epoll.poll(timeout, most)
+        return [(event.ident, 0) for event in self._kqueue.control(None, most, timeout)]
 
     def _own(self, ready):
         owned = []
         with self._lock:
-            for fd in ready:
+            for fd, _ in ready:
                 if fd == self._hand_fd:
                     if self._handed:
                         owned.append(self._handed.pop(0))
@@ -9062,7 +9063,7 @@ class WorkerPool:
         """Whether this thread, now waiting, is one more than recent peaks
         needed (it then leaves the pool)."""
         now = time.monotonic()
-        if now < self._window_end and self._threads <= max(self._peak_busy, self._last_peak) + 1:
+        if now < self._window_end and (self._threads <= self._peak_busy + 1 or self._threads <= self._last_peak + 1):
             return False  # the usual answer, read without the lock (checked under it otherwise)
         with self._lock:
             if now >= self._window_end:
