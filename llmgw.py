@@ -8173,6 +8173,7 @@ class Gateway:
         held = []
         outcome = OUTCOME_CLIENT_DISCONNECTED  # if the handler closes this generator
         reusable = False
+        status = upstream.response.status  # read now: once given back, the connection is another call's
         self.metrics.stream(1)
         try:
             outcome = yield from self._forward_events(meter, preamble, first, events, held)
@@ -8188,7 +8189,7 @@ class Gateway:
                 try:
                     usage = meter.usage if meter.usage_final else attempt.estimate(meter.usage, meter.text_bytes)
                     attempt.response_id = meter.response_id and meter.response_id[:256]
-                    attempt.settle(outcome, upstream.response.status, usage)
+                    attempt.settle(outcome, status, usage)
                 finally:
                     attempt.logical.release()
         if outcome == OUTCOME_CLIENT_DISCONNECTED:
